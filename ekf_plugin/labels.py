@@ -1,0 +1,50 @@
+"""Label errors ξ = ŷ − y of a SchNetPack model output, one entry per label (energy or force component).
+
+Shared by the EKF training task and the Fisher-information analysis. Units are the model's working
+units (eV, eV/Å by default); energies can be taken per atom.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+IDX_M = "_idx_m"
+N_ATOMS = "_n_atoms"
+
+
+def energy_errors(
+    outputs: Dict[str, torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    key: str = "energy",
+    per_atom: bool = False,
+) -> torch.Tensor:
+    """Energy errors, one per structure: shape (B,), in energy units (per atom if ``per_atom``)."""
+    err = (outputs[key] - batch[key]).reshape(-1)  # (B,)
+    if per_atom:
+        err = err / batch[N_ATOMS].to(err.dtype)  # (B,)
+    return err
+
+
+def force_errors(
+    outputs: Dict[str, torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    key: str = "forces",
+    n_components: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Force-component errors: shape (k,), in force units.
+
+    Args:
+        n_components: draw this many of the 3N Cartesian components at random without
+            replacement (all of them if ``None`` or larger than 3N).
+        generator: CPU ``torch.Generator`` for reproducible draws.
+    """
+    err = (outputs[key] - batch[key]).reshape(-1)  # (3N,)
+    if n_components is None or n_components >= err.numel():
+        return err
+    if n_components < 1:
+        raise ValueError(f"n_components must be >= 1, got {n_components}")
+    pick = torch.randperm(err.numel(), generator=generator)[:n_components].to(err.device)  # (k,)
+    return err[pick]  # (k,)
