@@ -150,6 +150,7 @@ def _make_contiguous_forces() -> type:
             return inputs
 
     ContiguousForces.__module__ = __name__  # pickles as ekf_plugin.compat.ContiguousForces
+    ContiguousForces.__qualname__ = "ContiguousForces"
     return ContiguousForces
 
 

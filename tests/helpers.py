@@ -1,0 +1,52 @@
+"""Test helpers: location of the real data beside the checkout, fake installed plugins, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EKF_PLUGIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+VENV_BIN = Path(sys.executable).parent
+
+
+def shared_data_path(*parts: str) -> Path:
+    """Path under ``../shared/data``; skips the calling test with a reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the shared data set {path} (present beside the checkout in CI; not shipped)")
+    return path
+
+
+def make_fake_distribution(root: Path, name: str, module_source: str, entry_points: Optional[Dict[str, str]] = None) -> Path:
+    """Write an importable module plus a ``*.dist-info`` with ``ekf_plugin`` entry points into ``root``.
+
+    This is what ``pip install`` leaves in site-packages, so putting ``root`` on ``sys.path``
+    (or ``PYTHONPATH``) exercises the same discovery path third-party plugins use.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    module = name.replace("-", "_")
+    (root / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    eps = entry_points or {module: module}
+    lines = ["[ekf_plugin]"] + [f"{k} = {v}" for k, v in eps.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run_cli(args, env_extra: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None, timeout: int = 300):
+    """Run a console script of this venv (``ekf-plugin``, ``spktrain``) and return the CompletedProcess."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    exe = str(VENV_BIN / args[0])
+    return subprocess.run(
+        [exe, *args[1:]], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
