@@ -1,0 +1,1 @@
+"""Speed benchmarks (scripts, not tests). ``python -m benchmarks`` runs them all and prints one table."""
