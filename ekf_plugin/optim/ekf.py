@@ -1,0 +1,418 @@
+"""Extended Kalman Filter optimizer for neural networks (plain PyTorch; no chemistry, no SchNetPack).
+
+Algorithm (Shao et al., J. Chem. Phys. 155, 204108 (2021), Algorithm 2; notation of Singraber et al.,
+JCTC 15, 3075 (2019))::
+
+    ξ = closure()                      # error vector ŷ − y, shape (m,), built with an autograd graph
+    J = ∂ξ/∂w                          # (m, n), batched autograd (double backward for force labels)
+    A = [J P Jᵀ + R]⁻¹,  R = I/η       # (m, m), Cholesky
+    K = P Jᵀ A                         # (n, m)
+    P ← (I − K J) P + Q,  Q = q·I      # (n, n), float64
+    w ← w − K ξ
+
+Sign: the study writes ``w + Kξ``, which is right for ξ = y − ŷ. Here ξ = ŷ − y (prediction minus
+label) and J = ∂ξ/∂w, so the step that reduces the error is ``w − Kξ`` (the Gauss–Newton direction).
+
+Implementation (in place, one n×n temporary-free pass over each P block)::
+
+    X = P Jᵀ                     (n, m)   reads P once
+    L = chol(J X + R)            (m, m)
+    V = L⁻¹ Xᵀ                   (m, n)   so that K = Vᵀ L⁻¹ and K Xᵀ = Vᵀ V (symmetric by construction)
+    w ← w − Vᵀ (L⁻¹ ξ)
+    P ← P − Vᵀ V                 reads and writes P once (addmm_)
+    diag(P) += q
+
+Block-decoupled P (``blocks``): P is block-diagonal, P = diag(P_1, …, P_B), with one *shared*
+innovation A = Σ_b J_b P_b J_bᵀ + R (ED-GEKF / NDEKF of Gastegger & Marquetand, JCTC 11, 2187 (2015);
+n2p2 PR #61's decoupling taxonomy; the greedy ≤ B packing of the LKF, Hu et al., AAAI 2023). A single
+block is exactly the dense filter.
+
+Options and their sources:
+
+* ``lr`` = η, R = I/η (study, Algorithm 2; PiNN). It lives in ``param_groups[0]["lr"]``, so any
+  ``torch.optim.lr_scheduler`` may drive it (PiNN's ExponentialDecay(0.03, 1e4, 0.994) is
+  ``StepLR(step_size=10000, gamma=0.994)`` stepped per update).
+* ``eta_growth``, ``eta_max``: η ← min(η·eta_growth, eta_max) after every update (n2p2
+  ``kalman_etatau``/``kalman_etamax``; eta_growth = exp(2.302/updates_per_epoch) is one decade per epoch).
+* ``q``, ``q_decay``, ``q_min``: Q = q_t·I with q_t = max(q·q_decayᵗ, q_min) (n2p2 ``kalman_q0``,
+  ``kalman_qtau``, ``kalman_qmin``; PiNN ``q_0``, ``q_tau``, ``q_min``). Study: q = 0.
+* ``fading_lambda``, ``fading_nu``: n2p2's fading-memory filter (``kalman_type 1``): R = λ·I replaces I/η,
+  P ← P/λ after each update, λ ← ν·λ + 1 − ν. n2p2 marks it "not recommended"; λ 0.96–0.99, ν 0.99–0.9995.
+* ``p0``: P(0) = p0·I (study: 1; n2p2 1/kalman_epsilon).
+* ``symmetrize_every``: P ← (P + Pᵀ)/2 every k updates (0 = never). The update itself is symmetric by
+  construction (Vᵀ V); this only removes round-off drift.
+
+Multistream (n2p2's multistream EKF, JCTC 2019): under an initialised ``torch.distributed`` process
+group with more than one process, each process's ξ and J rows are all-gathered and every process
+applies the identical update with m = Σ m_rank labels, so weights and P stay identical everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ekf_plugin.jacobian import flat_jacobian
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EKF", "EKFDivergenceError", "plan_blocks"]
+
+_STATE_KEY = "ekf"
+
+
+class EKFDivergenceError(RuntimeError):
+    """Raised after ``max_failures`` consecutive rejected (non-finite) updates."""
+
+
+def plan_blocks(
+    sizes: Sequence[int], groups: Sequence[int], blocks: Union[str, int]
+) -> List[Tuple[int, int]]:
+    """Split the flat weight vector into contiguous blocks ``[(start, stop), ...]``.
+
+    Args:
+        sizes: element count of each parameter tensor, in flat order.
+        groups: param-group index of each tensor (same length as ``sizes``).
+        blocks: ``"dense"`` (one block), ``"group"`` (one block per param group), ``"tensor"`` (one per
+            parameter tensor) or an int B: greedy packing of consecutive tensors into blocks of ≤ B
+            weights, tensors larger than B are cut into chunks of B (LKF).
+    """
+    n = int(sum(sizes))
+    if isinstance(blocks, bool) or not (isinstance(blocks, (str, int))):
+        raise ValueError(f"blocks must be 'dense', 'group', 'tensor' or a positive int, got {blocks!r}")
+    if blocks == "dense":
+        return [(0, n)] if n else []
+    bounds: List[Tuple[int, int]] = []
+    start = 0
+    if blocks in ("group", "tensor"):
+        pos = 0
+        for i, s in enumerate(sizes):
+            if i > 0 and (blocks == "tensor" or groups[i] != groups[i - 1]) and pos > start:
+                bounds.append((start, pos))
+                start = pos
+            pos += int(s)
+        bounds.append((start, n))
+        return [b for b in bounds if b[1] > b[0]]
+    if isinstance(blocks, int):
+        if blocks < 1:
+            raise ValueError(f"block size must be >= 1, got {blocks}")
+        cur, pos = 0, 0
+        for s in sizes:
+            if cur + s <= blocks:
+                cur += s
+                pos += s
+                continue
+            if cur:
+                bounds.append((pos - cur, pos))
+                cur = 0
+            while s > blocks:
+                bounds.append((pos, pos + blocks))
+                pos += blocks
+                s -= blocks
+            cur, pos = s, pos + s
+        if cur:
+            bounds.append((pos - cur, pos))
+        return bounds
+    raise ValueError(f"blocks must be 'dense', 'group', 'tensor' or a positive int, got {blocks!r}")
+
+
+class EKF(torch.optim.Optimizer):
+    """Extended Kalman Filter optimizer (see the module docstring for the algorithm and sources).
+
+    Use::
+
+        opt = EKF(model.parameters(), lr=1e-3)
+        def closure():
+            return model(x).reshape(-1) - y      # ξ = ŷ − y, shape (m,), with a graph
+        opt.step(closure)
+
+    ``loss.backward(); opt.step()`` is rejected: the filter needs the per-label errors, not a loss.
+
+    Args:
+        params: parameters or param groups (groups matter only for ``blocks="group"``; the filter
+            hyper-parameters are global and read from the first group).
+        lr: η, R = I/η (study: 1e-3 for EKF). > 0.
+        p0: P(0) = p0·I. > 0.
+        q: process noise q₀ ≥ 0 (Q = q·I; study: 0).
+        q_decay: per-update factor of q in (0, 1]. q_min: floor of q.
+        eta_growth: per-update factor of η (≥ 1 grows, n2p2). eta_max: cap of η.
+        fading_lambda, fading_nu: fading-memory filter (R = λI, P ← P/λ, λ ← νλ + 1 − ν); None = off.
+        blocks: ``"dense"``, ``"group"``, ``"tensor"`` or int B (see :func:`plan_blocks`).
+        dtype: dtype of P and the filter algebra (default float64 regardless of the model dtype).
+        max_dense_bytes: refuse a P larger than this (bytes) with advice to use blocks.
+        max_failures: raise :class:`EKFDivergenceError` after this many consecutive rejected updates.
+        symmetrize_every: P ← (P + Pᵀ)/2 every k accepted updates (0 = never).
+        multistream: gather ξ and J over ``torch.distributed`` when it is initialised (world size > 1).
+        process_group: the process group for multistream (default: the world).
+        vectorize_jacobian: batched Jacobian (``is_grads_batched``) instead of m backward calls.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        p0: float = 1.0,
+        q: float = 0.0,
+        q_decay: float = 1.0,
+        q_min: float = 0.0,
+        eta_growth: float = 1.0,
+        eta_max: float = math.inf,
+        fading_lambda: Optional[float] = None,
+        fading_nu: float = 0.9995,
+        blocks: Union[str, int] = "dense",
+        dtype: torch.dtype = torch.float64,
+        max_dense_bytes: float = 8 * 2**30,
+        max_failures: int = 10,
+        symmetrize_every: int = 100,
+        multistream: bool = True,
+        process_group: Any = None,
+        vectorize_jacobian: bool = True,
+    ) -> None:
+        _check(lr > 0 and math.isfinite(lr), f"lr (η) must be a finite number > 0, got {lr}")
+        _check(p0 > 0 and math.isfinite(p0), f"p0 must be a finite number > 0, got {p0}")
+        _check(q >= 0 and q_min >= 0, f"q and q_min must be >= 0, got q={q}, q_min={q_min}")
+        _check(0 < q_decay <= 1, f"q_decay must be in (0, 1], got {q_decay}")
+        _check(eta_growth > 0 and eta_max > 0, f"eta_growth and eta_max must be > 0, got {eta_growth}, {eta_max}")
+        if fading_lambda is not None:
+            _check(0 < fading_lambda <= 1, f"fading_lambda must be in (0, 1], got {fading_lambda}")
+            _check(0 < fading_nu <= 1, f"fading_nu must be in (0, 1], got {fading_nu}")
+        _check(max_failures >= 1, f"max_failures must be >= 1, got {max_failures}")
+        _check(symmetrize_every >= 0, f"symmetrize_every must be >= 0, got {symmetrize_every}")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        _check(dtype in (torch.float32, torch.float64), f"dtype must be float32 or float64, got {dtype}")
+        defaults = dict(lr=lr)
+        super().__init__(params, defaults)
+        self.p0, self.q0, self.q_decay, self.q_min = float(p0), float(q), float(q_decay), float(q_min)
+        self.eta_growth, self.eta_max = float(eta_growth), float(eta_max)
+        self.fading_lambda, self.fading_nu = fading_lambda, float(fading_nu)
+        self.dtype, self.max_failures, self.symmetrize_every = dtype, int(max_failures), int(symmetrize_every)
+        self.multistream, self.process_group = multistream, process_group
+        self.vectorize_jacobian = vectorize_jacobian
+        self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        _check(len(self._params) > 0, "EKF got no parameters that require grad")
+        sizes = [p.numel() for p in self._params]
+        gidx = [i for i, g in enumerate(self.param_groups) for p in g["params"] if p.requires_grad]
+        self.blocks = plan_blocks(sizes, gidx, blocks)
+        self.n = int(sum(sizes))
+        nbytes = sum((b - a) ** 2 for a, b in self.blocks) * torch.finfo(dtype).bits // 8
+        log.info(
+            "EKF: n = %d weights, %d P block(s) (largest %d), P memory %.1f MiB (%s)",
+            self.n, len(self.blocks), max(b - a for a, b in self.blocks), nbytes / 2**20, dtype,
+        )
+        if nbytes > max_dense_bytes:
+            raise ValueError(
+                f"EKF: P would take {nbytes / 2**30:.1f} GiB for n = {self.n} weights with blocks={blocks!r} "
+                f"(limit max_dense_bytes = {max_dense_bytes / 2**30:.1f} GiB). Use a block-decoupled P, e.g. "
+                f"blocks=5120 (greedy blocks of <= 5120 weights, ~200 MiB each) or blocks='tensor', "
+                f"or raise max_dense_bytes."
+            )
+        self.memory_bytes = nbytes
+        self._init_state()
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self) -> None:
+        dev = self._params[0].device
+        P = [torch.eye(b - a, dtype=self.dtype, device=dev).mul_(self.p0) for a, b in self.blocks]
+        self.state[_STATE_KEY] = {
+            "P": P,  # list of (n_b, n_b)
+            "step": 0,
+            "q": self.q0,
+            "lam": self.fading_lambda,
+            "failures": 0,
+            "rejected": 0,
+            "last_error": "",
+        }
+
+    @property
+    def ekf_state(self) -> Dict[str, Any]:
+        """The filter state: ``P`` (list of blocks), ``step``, ``q``, ``lam``, ``failures``, ``rejected``."""
+        return self.state[_STATE_KEY]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Torch optimizer state dict; the filter state (P blocks, counters) is copied, not aliased."""
+        sd = super().state_dict()
+        st = sd["state"][_STATE_KEY]
+        sd["state"][_STATE_KEY] = {**st, "P": [p.detach().clone() for p in st["P"]]}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore P and all counters (copied; P moved to the parameters' device and the filter dtype)."""
+        super().load_state_dict(state_dict)
+        st = dict(self.state[_STATE_KEY])
+        dev = self._params[0].device
+        st["P"] = [p.to(device=dev, dtype=self.dtype).clone() for p in st["P"]]
+        if [tuple(p.shape) for p in st["P"]] != [(b - a, b - a) for a, b in self.blocks]:
+            raise ValueError("EKF.load_state_dict: the saved P blocks do not match this optimizer's blocks")
+        self.state[_STATE_KEY] = st
+
+    def covariance(self) -> torch.Tensor:
+        """Dense P (n, n) assembled from the blocks (for analysis and tests; costs n² memory)."""
+        st = self.ekf_state
+        out = torch.zeros(self.n, self.n, dtype=self.dtype, device=st["P"][0].device)
+        for (a, b), Pb in zip(self.blocks, st["P"]):
+            out[a:b, a:b] = Pb
+        return out
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:  # type: ignore[override]
+        """One filter update. ``closure()`` must return ξ = ŷ − y (1-D, m labels) with its graph.
+
+        Returns ξ (detached, before the update; the gathered ξ under multistream). A non-finite ξ, J or
+        gain rejects the update (weights and P unchanged), logs a warning and counts a failure; after
+        ``max_failures`` consecutive failures :class:`EKFDivergenceError` is raised.
+        """
+        if closure is None:
+            raise RuntimeError(
+                "EKF.step() needs a closure that returns the error vector ξ = ŷ − y (1-D, one entry per "
+                "label) built with an autograd graph; `loss.backward(); opt.step()` is not supported, "
+                "because the Kalman filter needs per-label errors and Jacobians, not a loss gradient."
+            )
+        with torch.enable_grad():
+            xi = closure()
+            if not isinstance(xi, torch.Tensor) or xi.dim() != 1:
+                shape = tuple(xi.shape) if isinstance(xi, torch.Tensor) else type(xi).__name__
+                raise RuntimeError(
+                    f"EKF closure must return the 1-D error vector ξ = ŷ − y (m labels), got {shape}; "
+                    "return the per-label errors, not a scalar loss."
+                )
+            if not xi.requires_grad:
+                raise RuntimeError("EKF closure returned ξ without an autograd graph (build it with grad enabled)")
+            J = flat_jacobian(xi, self._params, vectorize=self.vectorize_jacobian)  # (m, n)
+        xi = xi.detach().to(self.dtype)  # (m,)
+        J = J.to(self.dtype)  # (m, n)
+        xi, J = self._gather(xi, J)
+        self._update(xi, J)
+        return xi
+
+    def _gather(self, xi: torch.Tensor, J: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Multistream: all-gather ξ (m_r,) and J (m_r, n) of every process, in rank order."""
+        dist = torch.distributed
+        if not (self.multistream and dist.is_available() and dist.is_initialized()):
+            return xi, J
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return xi, J
+        m = torch.tensor([xi.numel()], device=xi.device, dtype=torch.long)
+        ms = [torch.zeros_like(m) for _ in range(world)]
+        dist.all_gather(ms, m, group=self.process_group)
+        ms = [int(v.item()) for v in ms]
+        mmax = max(ms)
+        buf = torch.zeros(mmax, 1 + self.n, dtype=self.dtype, device=xi.device)  # (mmax, 1+n)
+        buf[: xi.numel(), 0] = xi
+        buf[: xi.numel(), 1:] = J
+        out = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(out, buf, group=self.process_group)
+        full = torch.cat([o[:k] for o, k in zip(out, ms)])  # (Σm, 1+n)
+        return full[:, 0].contiguous(), full[:, 1:].contiguous()
+
+    def _reject(self, why: str) -> None:
+        st = self.ekf_state
+        st["failures"] += 1
+        st["rejected"] += 1
+        st["last_error"] = why
+        log.warning("EKF: update %d rejected (%s); weights and P unchanged", st["step"], why)
+        if st["failures"] >= self.max_failures:
+            raise EKFDivergenceError(
+                f"EKF: {st['failures']} consecutive updates rejected, last: {why}. Check the labels and "
+                "inputs for NaN/inf, lower the learning rate η (lr) or p0."
+            )
+
+    def _noise(self) -> float:
+        """Observation noise r of R = r·I: 1/η, or λ for the fading-memory filter."""
+        st = self.ekf_state
+        return float(st["lam"]) if st["lam"] is not None else 1.0 / float(self.param_groups[0]["lr"])
+
+    def _update(self, xi: torch.Tensor, J: torch.Tensor) -> None:
+        st = self.ekf_state
+        m = xi.numel()
+        if m == 0:
+            return
+        if not bool(torch.isfinite(xi).all()):
+            return self._reject("non-finite error vector ξ")
+        if not bool(torch.isfinite(J).all()):
+            return self._reject("non-finite Jacobian J")
+        Ps = st["P"]
+        Js = [J[:, a:b] for a, b in self.blocks]  # each (m, n_b)
+        Xs = [Pb @ Jb.T for Pb, Jb in zip(Ps, Js)]  # each (n_b, m) = P_b J_bᵀ
+        A = torch.zeros(m, m, dtype=self.dtype, device=J.device)  # (m, m)
+        for Jb, Xb in zip(Js, Xs):
+            A.addmm_(Jb, Xb)
+        A = 0.5 * (A + A.T)
+        A.diagonal().add_(self._noise())
+        L, info = torch.linalg.cholesky_ex(A)  # (m, m) lower
+        if int(info.item()) != 0 or not bool(torch.isfinite(L).all()):
+            return self._reject("innovation matrix A = JPJᵀ + R not positive definite")
+        u = torch.linalg.solve_triangular(L, xi.unsqueeze(1), upper=False)  # (m, 1) = L⁻¹ ξ
+        Vs = [torch.linalg.solve_triangular(L, Xb.T, upper=False) for Xb in Xs]  # each (m, n_b) = L⁻¹ X_bᵀ
+        big = torch.finfo(self.dtype).max ** 0.25
+        for Vb in Vs:
+            if not bool(torch.isfinite(Vb).all()) or float(Vb.abs().max()) > big:
+                return self._reject("non-finite or overflowing Kalman gain K")
+        if not bool(torch.isfinite(u).all()):
+            return self._reject("non-finite scaled innovation L⁻¹ξ")
+        dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
+        for Pb, Vb in zip(Ps, Vs):
+            Pb.addmm_(Vb.T, Vb, alpha=-1.0)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
+        if not all(bool(torch.isfinite(Pb.diagonal()).all()) for Pb in Ps):
+            for Pb, Vb in zip(Ps, Vs):
+                Pb.addmm_(Vb.T, Vb)  # undo
+            return self._reject("non-finite covariance P after the update")
+        self._apply_dw(torch.cat(dws))
+        self._advance(Ps)
+
+    def _apply_dw(self, dw: torch.Tensor) -> None:
+        """w ← w − Kξ (dw = Kξ, shape (n,), filter dtype) written into the parameters."""
+        off = 0
+        for p in self._params:
+            k = p.numel()
+            p.sub_(dw[off : off + k].view_as(p).to(device=p.device, dtype=p.dtype))
+            off += k
+
+    def _advance(self, Ps: List[torch.Tensor]) -> None:
+        """Fading memory, process noise, symmetrisation and schedules after an accepted update."""
+        st = self.ekf_state
+        lam = st["lam"]
+        if lam is not None:
+            for Pb in Ps:
+                Pb.div_(lam)
+            st["lam"] = self.fading_nu * lam + 1.0 - self.fading_nu
+        if st["q"] > 0:
+            for Pb in Ps:
+                Pb.diagonal().add_(st["q"])
+        st["step"] += 1
+        st["failures"] = 0
+        if self.symmetrize_every and st["step"] % self.symmetrize_every == 0:
+            for Pb in Ps:
+                Pb.copy_(0.5 * (Pb + Pb.T))
+        st["q"] = max(st["q"] * self.q_decay, self.q_min) if self.q0 > 0 else 0.0
+        if self.eta_growth != 1.0:
+            for g in self.param_groups:
+                g["lr"] = min(g["lr"] * self.eta_growth, self.eta_max)
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self) -> Dict[str, float]:
+        """n2p2-style status: mean |diag P|, min diag P, mean |offdiag P| (first block), η, q, step."""
+        st = self.ekf_state
+        diag = torch.cat([Pb.diagonal() for Pb in st["P"]])
+        P0 = st["P"][0]
+        nb = P0.shape[0]
+        off = (P0.abs().sum() - P0.diagonal().abs().sum()) / max(nb * nb - nb, 1)
+        return {
+            "ekf_step": float(st["step"]),
+            "ekf_diagP_mean": float(diag.abs().mean()),
+            "ekf_diagP_min": float(diag.min()),
+            "ekf_offdiagP_mean": float(off),
+            "ekf_eta": float(self.param_groups[0]["lr"]),
+            "ekf_q": float(st["q"]),
+            "ekf_rejected": float(st["rejected"]),
+        }
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
