@@ -1,0 +1,57 @@
+"""Drive an i-PI simulation with a trained model over i-PI's socket protocol.
+
+Start i-PI first (its XML's <ffsocket> names the address), then for example::
+
+    ekf-plugin ipi --model runs/best_model --template init.xyz --unix water
+
+Exit codes: 0 i-PI sent EXIT; 1 bad arguments; 2 connection lost (or i-PI never came up);
+3 protocol error; 4 model error (exception, wrong atom count, non-finite values); 143 SIGTERM.
+On 3, 4 and 143 the client drains and closes cleanly, so i-PI re-queues the step for a new client.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "ipi"
+HELP = "run an i-PI socket client (NPT/NVT MD) with a trained model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model: spktrain best_model, exported model or n2p2 directory")
+    parser.add_argument("--template", required=True, help="structure file with the species in i-PI's atom order")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--unix", metavar="NAME", help="unix socket name (i-PI <address>), path <prefix><NAME>")
+    where.add_argument("--host", help="TCP host of i-PI (with --port)")
+    parser.add_argument("--port", type=int, help="TCP port of i-PI")
+    parser.add_argument("--sockets-prefix", default="/tmp/ipi_", help="unix socket path prefix (i-PI's default)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1, at most 8)")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    parser.add_argument("--cutoff", type=float, default=None, help="neighbor cutoff in Å (default: the model's)")
+    parser.add_argument("--reconnect", type=float, default=0.0, metavar="SECONDS",
+                        help="after a lost connection keep reconnecting this long while the socket exists")
+    parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for i-PI's socket at start")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.host is not None and args.port is None:
+        print("ekf-plugin ipi: error: --host needs --port")
+        return 1
+    from ..md.ipi_client import run_client
+
+    return run_client(
+        args.model,
+        args.template,
+        unix=args.unix,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        threads=args.threads,
+        dtype=args.dtype,
+        cutoff=args.cutoff,
+        sockets_prefix=args.sockets_prefix,
+        reconnect=args.reconnect,
+        connect_timeout=args.connect_timeout,
+    )

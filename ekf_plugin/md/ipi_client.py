@@ -1,0 +1,342 @@
+"""The hardened i-PI client loop: :func:`run_client` (console: ``ekf-plugin ipi``).
+
+Behaviour (see ``docs/md.md``):
+
+* connects over a unix socket (``<sockets_prefix><name>``, i-PI's default prefix ``/tmp/ipi_``)
+  or TCP, waiting up to ``connect_timeout`` s for i-PI to create it;
+* answers the first ``STATUS`` with ``NEEDINIT``, reads ``INIT`` (and refuses i-PI's batched
+  protocol), then ``READY``/``HAVEDATA``; reads ``POSDATA`` and ``GETFORCE`` with exact reads,
+  so i-PI's pipelined messages are handled;
+* ``EXIT`` → returns 0;
+* connection lost → returns 2 with a clear message, unless ``reconnect`` > 0 s, in which case it
+  retries with exponential backoff while the unix socket file exists (i-PI re-queues the step);
+* garbage on the socket → 3; model error, wrong atom count or non-finite result → 4;
+  SIGTERM → 143. In all three cases it first drains the bytes i-PI still sends and closes with a
+  FIN, never an RST, so that i-PI drops this client and re-queues the step for another one.
+
+The loop imports numpy only; the model is any callable
+``compute(cell_h (3,3) Bohr, pos (nat,3) Bohr) -> (E Ha, F (nat,3) Ha/Bohr, W (3,3) Ha, extras str)``
+(e.g. :class:`ekf_plugin.md.pes.AtomicUnitsModel`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+
+from . import protocol as proto
+
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_DISCONNECTED = 2
+EXIT_PROTOCOL = 3
+EXIT_MODEL = 4
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+Compute = Callable[[np.ndarray, np.ndarray], Tuple[float, np.ndarray, np.ndarray, Any]]
+
+
+class Terminated(Exception):
+    """Raised in the main thread by the SIGTERM handler."""
+
+
+class ModelFailure(RuntimeError):
+    """The model raised, returned non-finite values, or got the wrong number of atoms."""
+
+
+def _log(msg: str) -> None:
+    print(f"ekf-plugin ipi: {msg}", file=sys.stderr, flush=True)
+
+
+class Address:
+    """Where i-PI listens: a unix socket path or a TCP ``(host, port)``."""
+
+    def __init__(self, unix: Optional[str] = None, host: Optional[str] = None, port: Optional[int] = None,
+                 sockets_prefix: str = "/tmp/ipi_") -> None:
+        if (unix is None) == (host is None and port is None):
+            raise ValueError("give either a unix socket name, or host and port")
+        if unix is not None:
+            self.path: Optional[str] = sockets_prefix + unix
+            if len(self.path.encode()) > 107:
+                raise ValueError(f"unix socket path {self.path!r} is longer than Linux's 107-byte limit")
+            self.inet = None
+        else:
+            if port is None or not 0 < int(port) < 65536:
+                raise ValueError(f"a TCP connection needs a port in 1..65535, got {port!r}")
+            self.path = None
+            self.inet = (host or "localhost", int(port))
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path else f"tcp:{self.inet[0]}:{self.inet[1]}"
+
+    def exists(self) -> bool:
+        """Whether reconnecting makes sense (the unix socket file is still there; always for TCP)."""
+        return os.path.exists(self.path) if self.path else True
+
+    def connect(self) -> socket.socket:
+        if self.path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = self.path
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = self.inet
+        try:
+            sock.connect(target)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+def connect_with_retry(address: Address, timeout: float, require_file: bool = False) -> socket.socket:
+    """Connect, retrying with backoff (0.05 s doubling to 2 s) for up to ``timeout`` s.
+
+    With ``require_file`` (reconnecting), give up as soon as the unix socket file is gone.
+    Raises ``ConnectionError`` with a clear message on failure.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    last: Optional[BaseException] = None
+    while True:
+        if require_file and not address.exists():
+            raise ConnectionError(f"socket {address} no longer exists: i-PI has gone")
+        try:
+            return address.connect()
+        except OSError as exc:
+            last = exc
+        if time.monotonic() + delay > deadline:
+            hint = " (is i-PI running, with the same address and sockets_prefix?)"
+            raise ConnectionError(f"could not connect to i-PI at {address} within {timeout:g} s: {last}{hint}")
+        time.sleep(delay)
+        delay = min(2.0 * delay, 2.0)
+
+
+def check_result(result: Any, natoms: int) -> Tuple[float, np.ndarray, np.ndarray, bytes]:
+    """Validate a model result before it goes on the wire (Ha, Ha/Bohr, Ha)."""
+    energy, forces, virial, extras = result
+    energy = float(energy)
+    forces = np.asarray(forces, dtype=np.float64).reshape(-1, 3)
+    virial = np.asarray(virial, dtype=np.float64).reshape(3, 3)
+    if forces.shape[0] != natoms:
+        raise ModelFailure(f"the model returned forces for {forces.shape[0]} atoms, i-PI sent {natoms}")
+    if not (math.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(virial).all()):
+        raise ModelFailure("the model returned non-finite energy, forces or virial; refusing to send them to i-PI")
+    virial = 0.5 * (virial + virial.T)  # i-PI keeps only the upper triangle
+    if isinstance(extras, (dict, list)):
+        import json
+
+        extras = json.dumps(extras)
+    extra = (extras or "").encode() if not isinstance(extras, bytes) else extras
+    return energy, forces, virial, extra
+
+
+class IPIClient:
+    """One client: serve i-PI's requests with ``compute`` until ``EXIT``.
+
+    Args:
+        compute: callable in atomic units (see module docstring).
+        address: where i-PI listens.
+        natoms: expected atom count (from the template); ``None`` skips the check.
+        reconnect: seconds to keep trying to reconnect after a lost connection (0: never).
+        connect_timeout: seconds to wait for i-PI at start.
+        drain_timeout: seconds to wait for i-PI to close after we shut down our side.
+    """
+
+    def __init__(self, compute: Compute, address: Address, natoms: Optional[int] = None, reconnect: float = 0.0,
+                 connect_timeout: float = 30.0, drain_timeout: float = 1.0) -> None:
+        self.compute = compute
+        self.address = address
+        self.natoms = natoms
+        self.reconnect = float(reconnect)
+        self.connect_timeout = float(connect_timeout)
+        self.drain_timeout = float(drain_timeout)
+        self.n_calls = 0
+        self.init_string = b""
+
+    # -- one connection -----------------------------------------------------------------
+    def serve(self, sock: socket.socket) -> None:
+        """Answer requests on ``sock`` until ``EXIT`` (returns) or an error (raises)."""
+        initialized = False
+        reply: Optional[bytes] = None
+        while True:
+            word = proto.recv_header(sock)
+            if word == b"STATUS":
+                status = "HAVEDATA" if reply is not None else ("READY" if initialized else "NEEDINIT")
+                proto.send(sock, proto.header(status))
+            elif word == b"INIT":
+                _, self.init_string = proto.recv_init(sock)
+                if b"batch_size" in self.init_string:
+                    raise proto.ProtocolError(
+                        "i-PI asked for the batched protocol (batch_size in INIT); this client serves one "
+                        "structure per request: remove <batch_size> from the <ffsocket>"
+                    )
+                initialized = True
+            elif word == b"POSDATA":
+                cell_h, pos = proto.recv_posdata(sock)
+                initialized = True
+                reply = self._evaluate(cell_h, pos)
+            elif word == b"GETFORCE":
+                if reply is None:
+                    raise proto.ProtocolError("GETFORCE before any POSDATA")
+                with _no_sigterm():  # never leave half a message on the wire
+                    proto.send(sock, reply)
+                reply = None
+                self.n_calls += 1
+            elif word == b"EXIT":
+                return
+
+    def _evaluate(self, cell_h: np.ndarray, pos: np.ndarray) -> bytes:
+        nat = pos.shape[0]
+        if self.natoms is not None and nat != self.natoms:
+            raise ModelFailure(
+                f"i-PI sent {nat} atoms but the template has {self.natoms}: "
+                "use the same structure file for i-PI and the client"
+            )
+        try:
+            result = self.compute(cell_h, pos)
+        except (Terminated, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise ModelFailure(f"model evaluation failed: {type(exc).__name__}: {exc}") from exc
+        return proto.forceready_message(*check_result(result, nat))
+
+    # -- the whole run ----------------------------------------------------------------------
+    def run(self) -> int:
+        """Connect, serve, handle failures; return the exit code (see module docstring)."""
+        previous = _install_sigterm()
+        try:
+            try:
+                sock = connect_with_retry(self.address, self.connect_timeout)
+            except ConnectionError as exc:
+                _log(str(exc))
+                return EXIT_DISCONNECTED
+            _log(f"connected to i-PI at {self.address}")
+            while True:
+                code = self._serve_once(sock)
+                if code != EXIT_DISCONNECTED or self.reconnect <= 0:
+                    return code
+                try:
+                    sock = connect_with_retry(self.address, self.reconnect, require_file=True)
+                except ConnectionError as exc:
+                    _log(f"{exc}; giving up")
+                    return EXIT_DISCONNECTED
+                _log(f"reconnected to i-PI at {self.address}")
+        finally:
+            _restore_sigterm(previous)
+
+    def _serve_once(self, sock: socket.socket) -> int:
+        try:
+            self.serve(sock)
+            _log(f"received EXIT from i-PI after {self.n_calls} force calls; done")
+            sock.close()
+            return EXIT_OK
+        except proto.Disconnected as exc:
+            _log(f"connection to i-PI lost: {exc} (after {self.n_calls} force calls, no EXIT received)")
+            sock.close()
+            return EXIT_DISCONNECTED
+        except proto.ProtocolError as exc:
+            return self._abort(sock, f"protocol error: {exc}", EXIT_PROTOCOL)
+        except ModelFailure as exc:
+            return self._abort(sock, str(exc), EXIT_MODEL)
+        except Terminated:
+            return self._abort(sock, "terminated by SIGTERM", EXIT_SIGTERM)
+        except KeyboardInterrupt:
+            return self._abort(sock, "interrupted", 130)
+
+    def _abort(self, sock: socket.socket, message: str, code: int) -> int:
+        n = proto.drain(sock, self.drain_timeout)
+        sock.close()
+        _log(f"{message}; drained {n} bytes and closed the connection cleanly so that i-PI re-queues the step")
+        return code
+
+
+_STATE = {"critical": False, "pending": False}
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    if _STATE["critical"]:
+        _STATE["pending"] = True
+        return
+    raise Terminated()
+
+
+class _no_sigterm:
+    """Defer SIGTERM until the block ends (used around a send)."""
+
+    def __enter__(self):
+        _STATE["critical"] = True
+
+    def __exit__(self, *exc):
+        _STATE["critical"] = False
+        if _STATE["pending"]:
+            _STATE["pending"] = False
+            if exc[0] is None:
+                raise Terminated()
+        return False
+
+
+def _install_sigterm():
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not in the main thread: leave signals alone
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except ValueError:
+            pass
+
+
+def run_client(
+    model: Any,
+    template: str,
+    unix: Optional[str] = None,
+    host: Optional[str] = None,
+    port: Optional[int] = None,
+    *,
+    device: Optional[str] = None,
+    threads: Optional[int] = None,
+    dtype: str = "float64",
+    cutoff: Optional[float] = None,
+    sockets_prefix: str = "/tmp/ipi_",
+    reconnect: float = 0.0,
+    connect_timeout: float = 30.0,
+) -> int:
+    """Drive an i-PI simulation with a trained model until i-PI sends ``EXIT``.
+
+    Args:
+        model: model path (``spktrain`` ``best_model``, export, n2p2 directory: anything
+            :func:`ekf_plugin.models.load_model` reads) or an ``AtomisticModel``.
+        template: structure file with the species in i-PI's atom order.
+        unix: unix socket name (i-PI ``<address>``; path ``sockets_prefix + unix``).
+        host, port: TCP address instead.
+        device: torch device; threads: torch threads (default: cores − 1, at most 8);
+        dtype: ``"float64"``/``"float32"``; cutoff: Å (default: the model's).
+        reconnect: seconds to keep reconnecting after a lost connection (0: exit at once).
+        connect_timeout: seconds to wait for i-PI's socket at start.
+
+    Returns:
+        The process exit code: 0 after EXIT, 1 bad arguments, 2 connection lost,
+        3 protocol error, 4 model error, 143 SIGTERM.
+    """
+    try:
+        address = Address(unix, host, port, sockets_prefix)
+        from .pes import AtomicUnitsModel
+
+        pes = AtomicUnitsModel(template, model, device=device, threads=threads, dtype=dtype, cutoff=cutoff)
+    except ValueError as exc:
+        _log(f"error: {exc}")
+        return EXIT_USAGE
+    client = IPIClient(pes, address, natoms=pes.natoms, reconnect=reconnect, connect_timeout=connect_timeout)
+    return client.run()

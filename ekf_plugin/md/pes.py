@@ -1,0 +1,174 @@
+"""A trained model as an i-PI potential energy surface, in atomic units.
+
+:class:`AtomicUnitsModel` maps i-PI's ``(cell_h, positions)`` (Bohr; ``cell_h`` has the lattice
+vectors as **columns**) to ``(energy Ha, forces Ha/Bohr (nat, 3), virial Ha (3, 3), extras)``
+with ``W = −∂E/∂ε`` symmetrized, through :class:`ekf_plugin.evaluation.ModelEvaluator`
+(Å and eV inside; converted once here with :mod:`ase.units`). Species come from a template
+structure file (any ASE-readable file, in i-PI's atom order), since the protocol sends none.
+
+The same file is an i-PI python-driver PES (``__DRIVER_CLASS__``)::
+
+    i-pi-py_driver -u -a water -m custom -P $(python -c 'import ekf_plugin.md.pes as p; print(p.__file__)') \\
+        -o template=init.xyz,model=/path/to/best_model,threads=1
+
+or in-process, with no socket::
+
+    <ffdirect name='nnp'> <pes>custom</pes> <pes_path>/abs/path/ekf_plugin/md/pes.py</pes_path>
+      <parameters>{template: init.xyz, model: /path/to/best_model}</parameters> </ffdirect>
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional, Tuple
+
+import numpy as np
+from ase import units
+
+try:  # only the PES class needs i-PI; the client loop does not
+    from ipi.pes.dummy import Dummy_driver
+except ImportError:  # pragma: no cover - i-PI is a dependency, but keep the adaptor usable without it
+
+    class Dummy_driver:  # type: ignore[no-redef]
+        def __init__(self, verbose: bool = False, *args: Any, **kwargs: Any) -> None:
+            self.verbose = verbose
+            self.check_parameters()
+
+        def check_parameters(self) -> None:
+            pass
+
+
+__DRIVER_NAME__ = "ekf_plugin"
+__DRIVER_CLASS__ = "EkfPluginDriver"
+
+BOHR = units.Bohr  # Å per Bohr
+HARTREE = units.Hartree  # eV per Hartree
+
+
+class ModelError(RuntimeError):
+    """The model cannot produce a valid answer (wrong atom count, non-finite values)."""
+
+
+def read_species(template: str) -> np.ndarray:
+    """Atomic numbers (nat,) from an ASE-readable structure file (first frame)."""
+    from ase.io import read
+
+    if not os.path.exists(template):
+        raise ValueError(f"template structure {template!r} does not exist")
+    return np.asarray(read(template, index=0).get_atomic_numbers(), dtype=np.int64)
+
+
+class AtomicUnitsModel:
+    """Model evaluation in i-PI's units and conventions.
+
+    Args:
+        template: structure file giving the species in i-PI's atom order.
+        model: path for :func:`ekf_plugin.models.load_model`, or an ``AtomisticModel``.
+        device: torch device (``"cpu"``, ``"cuda"``; default CPU).
+        threads: torch threads (default :func:`ekf_plugin.evaluation.default_threads`).
+        dtype: ``"float64"`` (default) or ``"float32"``.
+        cutoff: neighbor-list cutoff in Å (default: the model's).
+        neighbor_list: see :class:`ekf_plugin.evaluation.ModelEvaluator`.
+    """
+
+    def __init__(
+        self,
+        template: str,
+        model: Any,
+        device: Optional[str] = None,
+        threads: Optional[int] = None,
+        dtype: str = "float64",
+        cutoff: Optional[float] = None,
+        neighbor_list: str = "auto",
+    ) -> None:
+        import torch
+
+        from ekf_plugin.evaluation import ModelEvaluator, set_threads
+
+        set_threads(threads)
+        if dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+        self.numbers = read_species(template)
+        self.evaluator = ModelEvaluator(
+            model,
+            device=device,
+            dtype=getattr(torch, dtype),
+            cutoff=cutoff,
+            neighbor_list=neighbor_list,
+        )
+
+    @property
+    def natoms(self) -> int:
+        return int(self.numbers.shape[0])
+
+    def __call__(self, cell_h: np.ndarray, pos: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray, str]:
+        """Evaluate one i-PI structure.
+
+        Args:
+            cell_h: (3, 3) Bohr, lattice vectors as columns (i-PI's ``h``).
+            pos: (nat, 3) or (3·nat,) Bohr, possibly unwrapped.
+
+        Returns:
+            ``(energy Ha, forces (nat, 3) Ha/Bohr, virial (3, 3) Ha, extras JSON str)``.
+
+        Raises:
+            ModelError: atom count differs from the template, or a result is not finite.
+        """
+        pos = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
+        if pos.shape[0] != self.natoms:
+            raise ModelError(
+                f"i-PI sent {pos.shape[0]} atoms but the template has {self.natoms}: "
+                "use the same structure file for i-PI and the client"
+            )
+        cell = np.asarray(cell_h, dtype=np.float64).reshape(3, 3).T * BOHR  # rows, Å
+        res = self.evaluator(self.numbers, pos * BOHR, cell, pbc=True)
+        energy = res.energy / HARTREE
+        forces = res.forces * (BOHR / HARTREE)  # (nat, 3) Ha/Bohr
+        virial = res.virial / HARTREE  # (3, 3) Ha
+        if not (math.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(virial).all()):
+            raise ModelError("the model returned non-finite energy, forces or virial; refusing to send them to i-PI")
+        return energy, forces, virial, json.dumps({})
+
+
+class EkfPluginDriver(Dummy_driver):
+    """i-PI python-driver PES for ekf-plugin models (``-m custom -P pes.py``, ``<ffdirect>``).
+
+    Arguments (``-o key=value,...`` or ``<parameters>{key: value}``): ``template`` (structure
+    file, required), ``model`` (model path, required), ``device``, ``threads``, ``dtype``,
+    ``cutoff`` (Å), ``neighbor_list``. Extra keywords (``verbosity`` from ``<ffdirect>``) are
+    accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        template: Optional[str] = None,
+        model: Optional[str] = None,
+        device: Optional[str] = None,
+        threads: Optional[int] = None,
+        dtype: str = "float64",
+        cutoff: Optional[float] = None,
+        neighbor_list: str = "auto",
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        if template is None or model is None:
+            raise ValueError("EkfPluginDriver needs template=<structure file> and model=<model path>")
+        self._settings = dict(
+            template=str(template),
+            model=str(model),
+            device=device,
+            threads=None if threads is None else int(threads),
+            dtype=dtype,
+            cutoff=None if cutoff is None else float(cutoff),
+            neighbor_list=neighbor_list,
+        )
+        kwargs.pop("verbosity", None)
+        super().__init__(*args, **kwargs)
+
+    def check_parameters(self) -> None:
+        self.model = AtomicUnitsModel(**self._settings)
+
+    def compute_structure(self, cell, pos):
+        return self.model(cell, pos)
