@@ -49,3 +49,14 @@ class EkfCalculator(Calculator):
 def calculator(path: Union[str, os.PathLike, Any], device: Optional[str] = None, **kw: Any) -> EkfCalculator:
     """An ASE calculator for a trained model (path or ``AtomisticModel``); see :class:`EkfCalculator`."""
     return EkfCalculator(path, device=device, **kw)
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """``ekf_plugin.calculator`` is both this module and the public function: once the module is
+    imported, the package attribute is the module, so calling it must still work."""
+
+    def __call__(self, path: Union[str, os.PathLike, Any], device: Optional[str] = None, **kw: Any) -> EkfCalculator:
+        return calculator(path, device=device, **kw)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -123,6 +123,8 @@ class AtomicUnitsModel:
                 "use the same structure file for i-PI and the client"
             )
         cell = np.asarray(cell_h, dtype=np.float64).reshape(3, 3).T * BOHR  # rows, Å
+        if not (np.isfinite(cell).all() and np.isfinite(pos).all()):
+            raise ModelError("i-PI sent non-finite positions or cell (has the simulation blown up?)")
         res = self.evaluator(self.numbers, pos * BOHR, cell, pbc=True)
         energy = res.energy / HARTREE
         forces = res.forces * (BOHR / HARTREE)  # (nat, 3) Ha/Bohr

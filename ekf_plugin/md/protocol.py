@@ -80,6 +80,11 @@ def recv_header(sock: socket.socket) -> bytes:
     return word
 
 
+def recv_header_any(sock: socket.socket) -> bytes:
+    """Next header word (stripped), whatever it is (for servers and tests)."""
+    return recvall(sock, HDRLEN).strip()
+
+
 def _i4(sock: socket.socket) -> int:
     return int(np.frombuffer(recvall(sock, 4), dtype=np.int32)[0])
 

@@ -1,0 +1,260 @@
+"""The client loop against a hand-written protocol server on a real unix socket (no i-PI):
+handshake, pipelined messages, EXIT, lost connection, garbage, wrong sizes, non-finite results,
+clean draining (FIN, never RST), reconnect."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from ekf_plugin.md import protocol as proto
+from ekf_plugin.md.ipi_client import (
+    EXIT_DISCONNECTED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_PROTOCOL,
+    Address,
+    IPIClient,
+)
+
+NAT = 4
+H = np.diag([10.0, 11.0, 12.0])  # Bohr, columns
+
+
+def harmonic(cell_h, pos):
+    """E = ½ Σ r² (Ha, Bohr), F = −r, W = Σ r⊗F: a tiny numpy potential for protocol tests."""
+    f = -pos
+    return 0.5 * float((pos**2).sum()), f, pos.T @ f, '{"ok": 1}'
+
+
+def posdata(nat=NAT, seed=0):
+    pos = np.random.default_rng(seed).normal(size=(nat, 3))
+    msg = proto.header("POSDATA") + H.tobytes() + np.linalg.inv(H).tobytes() + np.int32(nat).tobytes() + pos.tobytes()
+    return msg, pos
+
+
+def read_forceready(conn, nat=NAT):
+    assert proto.recv_header_any(conn) == b"FORCEREADY"
+    e = np.frombuffer(proto.recvall(conn, 8), np.float64)[0]
+    n = np.frombuffer(proto.recvall(conn, 4), np.int32)[0]
+    f = np.frombuffer(proto.recvall(conn, 24 * n), np.float64).reshape(n, 3)
+    w = np.frombuffer(proto.recvall(conn, 72), np.float64).reshape(3, 3)
+    k = np.frombuffer(proto.recvall(conn, 4), np.int32)[0]
+    extra = proto.recvall(conn, k)
+    return e, f, w, extra
+
+
+class Server:
+    """Listens on a fresh unix socket; ``script(conn)`` runs in a thread per accepted connection."""
+
+    def __init__(self, *scripts):
+        self.name = f"ekft_{uuid.uuid4().hex[:10]}"
+        self.path = "/tmp/ipi_" + self.name
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(2)
+        self.sock.settimeout(10)
+        self.results, self.errors = [], []
+        self.thread = threading.Thread(target=self._serve, args=(scripts,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, scripts):
+        try:
+            for script in scripts:
+                conn, _ = self.sock.accept()
+                conn.settimeout(10)
+                with conn:
+                    self.results.append(script(conn))
+        except Exception as exc:  # reported by the test
+            self.errors.append(exc)
+
+    def close(self):
+        self.thread.join(15)
+        self.sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        assert not self.errors, self.errors
+
+
+def client(server, compute=harmonic, natoms=NAT, **kw):
+    return IPIClient(compute, Address(unix=server.name), natoms=natoms, connect_timeout=5, **kw)
+
+
+
+def test_handshake_pipelined_steps_and_exit():
+    def script(conn):
+        conn.sendall(proto.header("STATUS"))
+        assert proto.recvall(conn, 12) == proto.header("NEEDINIT")
+        conn.sendall(proto.header("INIT") + np.int32(0).tobytes() + np.int32(5).tobytes() + b"a : b")
+        conn.sendall(proto.header("STATUS"))
+        assert proto.recvall(conn, 12) == proto.header("READY")
+        out = []
+        for step in range(3):
+            msg, pos = posdata(seed=step)
+            conn.sendall(msg + proto.header("GETFORCE"))  # i-PI >= 3.2: one write, no STATUS between
+            out.append((pos, read_forceready(conn)))
+            conn.sendall(proto.header("STATUS"))
+            assert proto.recvall(conn, 12) == proto.header("READY")
+        # the older, unconsolidated sequence: POSDATA, STATUS → HAVEDATA, GETFORCE
+        msg, pos = posdata(seed=9)
+        conn.sendall(msg + proto.header("STATUS"))
+        assert proto.recvall(conn, 12) == proto.header("HAVEDATA")
+        conn.sendall(proto.header("GETFORCE"))
+        out.append((pos, read_forceready(conn)))
+        conn.sendall(proto.header("EXIT"))
+        return out
+
+    srv = Server(script)
+    c = client(srv)
+    assert c.run() == EXIT_OK
+    srv.close()
+    assert c.init_string == b"a : b"
+    assert len(srv.results[0]) == 4
+    for pos, (e, f, w, extra) in srv.results[0]:
+        assert e == pytest.approx(0.5 * (pos**2).sum())
+        np.testing.assert_allclose(f, -pos)
+        np.testing.assert_allclose(w, w.T)
+        np.testing.assert_allclose(w, -(pos.T @ pos))
+        assert extra == b'{"ok": 1}'
+
+
+def test_lost_connection_exits_nonzero_fast(capfd):
+    def script(conn):
+        conn.sendall(proto.header("STATUS"))
+        proto.recvall(conn, 12)
+        msg, _ = posdata()
+        conn.sendall(msg[:50])  # dies in the middle of a message
+
+    srv = Server(script)
+    t0 = time.monotonic()
+    assert client(srv).run() == EXIT_DISCONNECTED
+    assert time.monotonic() - t0 < 5
+    srv.close()
+    assert "connection to i-PI lost" in capfd.readouterr().err
+
+
+def test_garbage_is_a_clear_error(capfd):
+    def script(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        return conn.recv(100)  # the client closes cleanly: EOF, no reset
+
+    srv = Server(script)
+    assert client(srv).run() == EXIT_PROTOCOL
+    srv.close()
+    assert srv.results == [b""]
+    err = capfd.readouterr().err
+    assert "protocol error: unexpected header 'HTTP/1.1 200'" in err and "is the other end i-PI?" in err
+
+
+def test_absurd_atom_count_is_a_protocol_error(capfd):
+    def script(conn):
+        conn.sendall(proto.header("POSDATA") + H.tobytes() + H.tobytes() + np.int32(-7).tobytes())
+
+    srv = Server(script)
+    assert client(srv).run() == EXIT_PROTOCOL
+    srv.close()
+    assert "POSDATA announces -7 atoms" in capfd.readouterr().err
+
+
+def test_wrong_atom_count_is_refused_and_connection_drained(capfd):
+    def script(conn):
+        msg, _ = posdata(nat=NAT + 2)
+        conn.sendall(msg + proto.header("GETFORCE"))
+        return conn.recv(100)  # EOF after the client drained: FIN, not RST
+
+    srv = Server(script)
+    assert client(srv).run() == EXIT_MODEL
+    srv.close()
+    assert srv.results == [b""]
+    assert "i-PI sent 6 atoms but the template has 4" in capfd.readouterr().err
+
+
+def test_non_finite_results_are_never_sent(capfd):
+    def nan_model(cell_h, pos):
+        e, f, w, x = harmonic(cell_h, pos)
+        f[1, 2] = np.inf
+        return e, f, w, x
+
+    def script(conn):
+        msg, _ = posdata()
+        conn.sendall(msg + proto.header("GETFORCE"))
+        return conn.recv(100)
+
+    srv = Server(script)
+    assert client(srv, compute=nan_model).run() == EXIT_MODEL
+    srv.close()
+    assert srv.results == [b""]  # no FORCEREADY, clean EOF
+    assert "non-finite" in capfd.readouterr().err
+
+
+def test_model_exception_drains_pending_bytes(capfd):
+    """Pipelined bytes still unread when the model fails are read before closing (no RST)."""
+
+    def failing(cell_h, pos):
+        time.sleep(0.2)  # the server's extra bytes arrive meanwhile
+        raise RuntimeError("CUDA out of memory")
+
+    def script(conn):
+        msg, _ = posdata()
+        conn.sendall(msg + proto.header("GETFORCE") + proto.header("STATUS") * 3)
+        return conn.recv(100)
+
+    srv = Server(script)
+    assert client(srv, compute=failing).run() == EXIT_MODEL
+    srv.close()
+    assert srv.results == [b""]
+    err = capfd.readouterr().err
+    assert "model evaluation failed: RuntimeError: CUDA out of memory" in err
+    assert "drained 48 bytes" in err  # GETFORCE + 3 STATUS, unread while the model ran
+
+
+def test_batched_protocol_is_refused(capfd):
+    def script(conn):
+        conn.sendall(proto.header("STATUS"))
+        proto.recvall(conn, 12)
+        conn.sendall(proto.header("INIT") + np.int32(0).tobytes() + np.int32(12).tobytes() + b"batch_size:4")
+        return conn.recv(100)
+
+    srv = Server(script)
+    assert client(srv).run() == EXIT_PROTOCOL
+    srv.close()
+    assert "batched protocol" in capfd.readouterr().err
+
+
+def test_reconnect_after_lost_connection():
+    def dies(conn):
+        conn.sendall(proto.header("STATUS"))
+        proto.recvall(conn, 12)
+
+    def finishes(conn):
+        msg, _ = posdata()
+        conn.sendall(msg + proto.header("GETFORCE"))
+        read_forceready(conn)
+        conn.sendall(proto.header("EXIT"))
+
+    srv = Server(dies, finishes)
+    c = client(srv, reconnect=5.0)
+    assert c.run() == EXIT_OK
+    srv.close()
+    assert c.n_calls == 1
+
+
+def test_no_server_is_a_clear_error(capfd):
+    c = IPIClient(harmonic, Address(unix=f"ekft_missing_{uuid.uuid4().hex[:8]}"), connect_timeout=0.3)
+    assert c.run() == EXIT_DISCONNECTED
+    assert "could not connect to i-PI" in capfd.readouterr().err
+
+
+def test_address_validation():
+    with pytest.raises(ValueError, match="either a unix socket name, or host and port"):
+        Address()
+    with pytest.raises(ValueError, match="port"):
+        Address(host="localhost", port=0)
+    with pytest.raises(ValueError, match="107-byte"):
+        Address(unix="x" * 120)
