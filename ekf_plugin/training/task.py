@@ -1,0 +1,237 @@
+"""SchNetPack task with the study's update schedule and manual optimization (EKF or a torch optimizer).
+
+``PaperScheduleTask`` is an ``schnetpack.AtomisticTask`` (select it with ``task=ekf_paper`` or
+``task=adam_paper``). Every training step is one weight update:
+
+1. for each structure of the batch draw ENERGY (probability ``energy_fraction``, study: 0.5) or FORCES;
+2. ξ = √(c/n)(ŷ − y): one total-energy label, or ``n_force_components`` (study: 10) random force
+   components, see :mod:`ekf_plugin.training.schedule` for c_E, c_F and their units (eV, Å);
+3. EKF: ``optimizer.step(closure)`` with the closure returning ξ; any other torch optimizer (the Adam
+   baseline) minimises L2 = Σ ξ² with gradient-norm clipping (study: 0.01) and the LR scheduler stepped
+   once per update (study: ×0.994 every 10⁴ updates, ``StepLR``).
+
+With the study's batch size of 1 this is exactly its schedule; with B > 1 each structure draws its own
+kind and all labels join one update (m = Σ labels, like multistream).
+
+Logged: ``{train,val,test}_energy_per_atom_rmse`` (eV/atom) and ``{train,val,test}_forces_rmse_all``
+(eV/Å, all components), besides SchNetPack's usual per-output metrics and ``val_loss``. The label-draw
+RNG is stored in Lightning checkpoints, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Dict, List, Optional, Type
+
+import torch
+from torchmetrics import MeanSquaredError
+
+import schnetpack as spk
+from ekf_plugin.optim import EKF
+from ekf_plugin.training.schedule import (
+    C_ENERGY_EV,
+    C_FORCES_EV_ANG,
+    ENERGY,
+    atoms_per_structure,
+    draw_kinds,
+    weighted_errors,
+)
+
+_RNG_KEY = "ekf_plugin_label_rng"
+
+
+class PaperScheduleTask(spk.task.AtomisticTask):
+    """AtomisticTask with the study's batch schedule (see module docstring).
+
+    Args (besides ``AtomisticTask``'s):
+        energy_key, forces_key: output/target names (eV, eV/Å).
+        energy_fraction: probability of an energy update (study: 0.5). In [0, 1].
+        n_force_components: force components per force update (study: 10).
+        c_energy, c_forces: weights c_E [eV⁻²] and c_F [Å²/eV²] (default: SI Table S3 converted).
+        energy_per_atom: energy label per atom (E/N) instead of the total energy.
+        clip_grad_norm: gradient-norm clipping for non-EKF optimizers (study's Adam: 0.01); None = off.
+        param_blocks: EKF only: ``None`` (use ``optimizer_args``), ``"layer"`` (one P block per module)
+            or ``"element"`` (one P block per parameter whose dotted name has a component matching
+            ``element_pattern``, e.g. an element symbol or atomic number; the rest share one block).
+        seed: seed of the label-draw generator.
+        skip_forces_on_energy_updates: drop force output modules from the forward of energy-only updates.
+    """
+
+    def __init__(
+        self,
+        model: spk.model.AtomisticModel,
+        outputs: List[spk.task.ModelOutput],
+        optimizer_cls: Type[torch.optim.Optimizer] = EKF,
+        optimizer_args: Optional[Dict[str, Any]] = None,
+        scheduler_cls: Optional[Type] = None,
+        scheduler_args: Optional[Dict[str, Any]] = None,
+        scheduler_monitor: Optional[str] = None,
+        warmup_steps: int = 0,
+        energy_key: str = "energy",
+        forces_key: str = "forces",
+        energy_fraction: float = 0.5,
+        n_force_components: int = 10,
+        c_energy: float = C_ENERGY_EV,
+        c_forces: float = C_FORCES_EV_ANG,
+        energy_per_atom: bool = False,
+        clip_grad_norm: Optional[float] = None,
+        param_blocks: Optional[str] = None,
+        element_pattern: str = r"^([A-Z][a-z]?|\d+)$",
+        seed: int = 0,
+        skip_forces_on_energy_updates: bool = True,
+    ) -> None:
+        optimizer_args = dict(optimizer_args or {"lr": 1e-3})
+        if "lr" not in optimizer_args:
+            raise ValueError("optimizer_args must contain 'lr' (η of R = I/η for the EKF)")
+        if not 0.0 <= energy_fraction <= 1.0:
+            raise ValueError(f"energy_fraction must be in [0, 1], got {energy_fraction}")
+        if n_force_components < 1:
+            raise ValueError(f"n_force_components must be >= 1, got {n_force_components}")
+        if c_energy < 0 or c_forces < 0:
+            raise ValueError(f"c_energy and c_forces must be >= 0, got {c_energy}, {c_forces}")
+        if param_blocks not in (None, "layer", "element"):
+            raise ValueError(f"param_blocks must be None, 'layer' or 'element', got {param_blocks!r}")
+        if warmup_steps:
+            raise ValueError("warmup_steps is not supported by PaperScheduleTask (use a scheduler)")
+        super().__init__(
+            model=model, outputs=outputs, optimizer_cls=optimizer_cls, optimizer_args=optimizer_args,
+            scheduler_cls=scheduler_cls, scheduler_args=scheduler_args, scheduler_monitor=scheduler_monitor,
+            warmup_steps=0,
+        )
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.energy_key, self.forces_key = energy_key, forces_key
+        self.energy_fraction, self.n_force_components = float(energy_fraction), int(n_force_components)
+        self.c_energy, self.c_forces, self.energy_per_atom = float(c_energy), float(c_forces), energy_per_atom
+        self.clip_grad_norm, self.param_blocks, self.element_pattern = clip_grad_norm, param_blocks, element_pattern
+        self.skip_forces_on_energy_updates = skip_forces_on_energy_updates
+        self.label_rng = torch.Generator().manual_seed(int(seed))
+        self.rmse = torch.nn.ModuleDict(
+            {f"{s}_{k}": MeanSquaredError(squared=False) for s in ("train", "val", "test") for k in ("e", "f")}
+        )
+
+    # ------------------------------------------------------------------ optimizer
+    def _is_ekf(self) -> bool:
+        return isinstance(self.optimizer_cls, type) and issubclass(self.optimizer_cls, EKF)
+
+    def _param_groups(self) -> List[Dict[str, Any]]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.param_blocks == "layer":
+            key = lambda name: name.rsplit(".", 1)[0]  # noqa: E731
+        else:
+            pat = re.compile(self.element_pattern)
+            key = lambda name: next((c for c in name.split(".") if pat.match(c)), "")  # noqa: E731
+        groups: Dict[str, List[torch.nn.Parameter]] = {}
+        for n, p in named:
+            groups.setdefault(key(n), []).append(p)
+        return [{"params": ps} for ps in groups.values()]
+
+    def configure_optimizers(self):
+        if not self._is_ekf() or self.param_blocks is None:
+            return super().configure_optimizers()
+        opt = self.optimizer_cls(self._param_groups(), **{**self.optimizer_kwargs, "blocks": "group"})
+        if self.scheduler_cls:
+            return [opt], [{"scheduler": self.scheduler_cls(optimizer=opt, **self.scheduler_kwargs), "name": "lr_schedule"}]
+        return opt
+
+    # ------------------------------------------------------------------ training
+    @contextlib.contextmanager
+    def _energy_only(self, active: bool):
+        """Temporarily drop output modules that compute forces (energy-only update: no force graph)."""
+        mods = getattr(self.model, "output_modules", None)
+        if not active or mods is None:
+            yield
+            return
+        keep = torch.nn.ModuleList([m for m in mods if not hasattr(m, "force_key")])
+        self.model.output_modules = keep
+        try:
+            yield
+        finally:
+            self.model.output_modules = mods
+
+    def _errors(self, batch: Dict[str, torch.Tensor], kinds: List[int], store: Dict[str, Any]) -> torch.Tensor:
+        energy_only = self.skip_forces_on_energy_updates and all(k == ENERGY for k in kinds)
+        with self._energy_only(energy_only):
+            pred = self.predict_without_postprocessing(dict(batch))  # the model writes into its input dict
+        store["pred"] = pred
+        return weighted_errors(
+            pred, batch, kinds, self.label_rng, self.energy_key, self.forces_key,
+            self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom,
+        )
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        n_struct = int(batch[spk.properties.n_atoms].shape[0])
+        kinds = draw_kinds(n_struct, self.energy_fraction, self.label_rng)
+        store: Dict[str, Any] = {}
+        if self._is_ekf():
+            xi = opt.step(closure=lambda: self._errors(batch, kinds, store))
+            loss = (xi.detach() ** 2).sum()
+        else:
+            xi = self._errors(batch, kinds, store)
+            loss = (xi**2).sum()  # L2 = Σ ξ²
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if self.clip_grad_norm:
+                self.clip_gradients(opt, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+        self._step_scheduler()
+        self._update_rmse(store["pred"], batch, "train")
+        self.log("train_loss", loss.detach().to(torch.float32), on_step=True, on_epoch=False, batch_size=n_struct)
+        if self._is_ekf():
+            st = opt.optimizer.ekf_state if hasattr(opt, "optimizer") else opt.ekf_state
+            self.log("ekf_rejected", float(st["rejected"]), on_step=True, on_epoch=False, batch_size=n_struct)
+        return loss
+
+    def _step_scheduler(self) -> None:
+        sch = self.lr_schedulers()
+        if sch is not None and not isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sch.step()
+
+    def on_validation_epoch_end(self) -> None:
+        sch = self.lr_schedulers() if self.trainer is not None else None
+        if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.schedule_monitor:
+            metric = self.trainer.callback_metrics.get(self.schedule_monitor)
+            if metric is not None:
+                sch.step(metric)
+
+    # ------------------------------------------------------------------ metrics
+    def _update_rmse(self, pred: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor], subset: str) -> None:
+        n = int(batch[spk.properties.n_atoms].shape[0])
+        if self.energy_key in pred:
+            nat = atoms_per_structure(batch).to(pred[self.energy_key].device)
+            e_pred = pred[self.energy_key].detach().reshape(-1) / nat
+            e_ref = batch[self.energy_key].reshape(-1) / nat
+            m = self.rmse[f"{subset}_e"]
+            m(e_pred.double(), e_ref.double())
+            self.log(f"{subset}_energy_per_atom_rmse", m, on_step=False, on_epoch=True, batch_size=n)
+        if self.forces_key in pred:
+            m = self.rmse[f"{subset}_f"]
+            m(pred[self.forces_key].detach().reshape(-1).double(), batch[self.forces_key].reshape(-1).double())
+            self.log(f"{subset}_forces_rmse_all", m, on_step=False, on_epoch=True, batch_size=n)
+
+    def _eval_step(self, batch, subset: str):
+        torch.set_grad_enabled(self.grad_enabled)
+        targets = {o.target_property: batch[o.target_property] for o in self.outputs}
+        pred = self.predict_without_postprocessing(dict(batch))
+        pred, targets = self.apply_constraints(pred, targets)
+        loss = self.loss_fn(pred, targets)
+        self.log(f"{subset}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["_idx"]))
+        self.log_metrics(pred, targets, subset)
+        self._update_rmse(pred, batch, subset)
+        return {f"{subset}_loss": loss}
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[_RNG_KEY] = self.label_rng.get_state()
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if _RNG_KEY in checkpoint:
+            self.label_rng.set_state(checkpoint[_RNG_KEY])

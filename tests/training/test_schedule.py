@@ -1,0 +1,70 @@
+"""The study's label schedule: unit conversion of c_E/c_F, draw frequencies, and ξ = √(c/n)(ŷ − y)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ase import units
+
+from ekf_plugin.training.schedule import (
+    C_ENERGY_EV,
+    C_FORCES_EV_ANG,
+    ENERGY,
+    FORCES,
+    draw_kinds,
+    weighted_errors,
+)
+
+
+def test_weights_keep_the_tables_ratio_and_atomic_unit_errors():
+    # c_E/c_F = 0.28 Bohr⁻² (SI Table S3) expressed in Å⁻²
+    assert C_ENERGY_EV / C_FORCES_EV_ANG == pytest.approx(0.28 / units.Bohr**2, rel=1e-12)
+    assert C_ENERGY_EV / C_FORCES_EV_ANG == pytest.approx(1.0, abs=2e-4)
+    # ξ in working units equals ξ in atomic units with c_E = 0.28 Ha⁻², c_F = 1 Bohr²/Ha²
+    dE_ev, dF_ev_ang = 0.37, 0.05
+    assert C_ENERGY_EV**0.5 * dE_ev == pytest.approx(0.28**0.5 * dE_ev / units.Hartree, rel=1e-12)
+    assert C_FORCES_EV_ANG**0.5 * dF_ev_ang == pytest.approx(dF_ev_ang / (units.Hartree / units.Bohr), rel=1e-12)
+
+
+def test_energy_and_force_updates_in_about_equal_numbers():
+    g = torch.Generator().manual_seed(0)
+    kinds = draw_kinds(4000, 0.5, g)
+    frac = sum(k == ENERGY for k in kinds) / len(kinds)
+    assert 0.47 < frac < 0.53
+    assert all(k == FORCES for k in draw_kinds(50, 0.0, g))
+
+
+def _fake(n_atoms=(3, 4)):
+    g = torch.Generator().manual_seed(1)
+    idx = torch.cat([torch.full((n,), b) for b, n in enumerate(n_atoms)])
+    N = idx.numel()
+    batch = {
+        "_idx_m": idx, "_n_atoms": torch.tensor(n_atoms),
+        "energy": torch.randn(len(n_atoms), generator=g, dtype=torch.float64),
+        "forces": torch.randn(N, 3, generator=g, dtype=torch.float64),
+    }
+    pred = {
+        "energy": torch.randn(len(n_atoms), generator=g, dtype=torch.float64),
+        "forces": torch.randn(N, 3, generator=g, dtype=torch.float64),
+    }
+    return pred, batch
+
+
+def test_weighted_errors_energy_then_forces():
+    pred, batch = _fake()
+    xi = weighted_errors(pred, batch, [ENERGY, FORCES], torch.Generator().manual_seed(2), n_force_components=10)
+    assert xi.shape == (11,)
+    assert float(xi[0]) == pytest.approx(C_ENERGY_EV**0.5 * float(pred["energy"][0] - batch["energy"][0]))
+    dF = (pred["forces"][3:] - batch["forces"][3:]).reshape(-1) * (C_FORCES_EV_ANG / 10) ** 0.5  # structure 1: atoms 3..6
+    matches = [int(torch.isclose(dF, v).nonzero().numel()) for v in xi[1:]]
+    assert matches == [1] * 10, "each force entry is one distinct component of structure 1"
+    assert len({float(v) for v in xi[1:]}) == 10
+
+
+def test_weighted_errors_per_atom_energy_and_all_components():
+    pred, batch = _fake()
+    xi = weighted_errors(pred, batch, [FORCES, ENERGY], torch.Generator(), n_force_components=100, energy_per_atom=True,
+                         c_energy=1.0, c_forces=1.0)
+    assert xi.shape == (9 + 1,)  # 3 atoms × 3 components (fewer than 100: all of them), then one energy
+    assert float(xi[-1]) == pytest.approx(float(pred["energy"][1] - batch["energy"][1]) / 4)
+    torch.testing.assert_close(xi[:9], (pred["forces"][:3] - batch["forces"][:3]).reshape(-1) / 3.0)
