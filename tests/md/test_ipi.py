@@ -1,0 +1,193 @@
+"""End-to-end with a real i-PI 3.3.1 server on a unix socket with a unique temporary name:
+NPT run, step-0 agreement with a direct evaluation (socket client, <ffdirect>, i-PI's python
+driver), and the failure modes (server killed, client SIGTERMed, wrong atom count)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+
+import ekf_plugin.md.pes as pes_module
+from ekf_plugin.evaluation import ModelEvaluator
+from ekf_plugin.md.runner import FORCEFIELD_DIRECT, FORCEFIELD_SOCKET, IPIServer, npt_xml, read_properties, write_ipi_xyz
+
+from ._toy import gentle_toy_model, water_box
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+def to_ipi_bar(p_ev_per_a3):
+    """eV/Å³ → bar with i-PI's own constant (3.398827377e-9 Ha/Bohr³, 3e-5 off ASE's CODATA bar)."""
+    from ipi.utils.units import unit_to_user
+
+    return unit_to_user("pressure", "bar", p_ev_per_a3 / units.Hartree * units.Bohr**3)
+TRICLINIC = np.array([[9.4, 0.0, 0.0], [1.9, 9.1, 0.0], [-1.2, 1.4, 9.6]])  # Å, rows
+
+
+def symbols(z):
+    return ["O" if a == 8 else "H" for a in z]
+
+
+class Setup:
+    """A model file, an i-PI xyz start structure and a fresh socket name in ``tmp``."""
+
+    def __init__(self, tmp: Path, cell=None, n_side: int = 3):
+        self.tmp = tmp
+        self.model = gentle_toy_model()
+        self.model_path = tmp / "model.pt"
+        torch.save(self.model, self.model_path)
+        self.z, r, h = water_box(n_side, seed=1)
+        self.cell_rows = h if cell is None else cell
+        if cell is not None:  # same fractional coordinates in the triclinic cell
+            r = np.linalg.solve(h.T, r.T).T @ cell
+        self.positions = write_ipi_xyz(tmp / "init.xyz", symbols(self.z), r, self.cell_rows)
+        from ekf_plugin.md.runner import standard_frame
+
+        _, self.cell_ipi, _ = standard_frame(r, self.cell_rows)  # the cell i-PI builds (rows, Å)
+        self.name = f"ekft_{uuid.uuid4().hex[:12]}"
+        self.socket = "/tmp/ipi_" + self.name
+
+    def socket_xml(self, steps, **kw):
+        return npt_xml("init.xyz", FORCEFIELD_SOCKET.format(address=self.name, timeout=0), steps=steps, **kw)
+
+    def client(self, template="init.xyz", extra=()):
+        cmd = [str(BIN / "ekf-plugin"), "ipi", "--model", str(self.model_path), "--template", template,
+               "--unix", self.name, "--threads", "1", *extra]
+        return subprocess.Popen(cmd, cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def direct(self):
+        return ModelEvaluator(self.model)(self.z, self.positions, self.cell_ipi)
+
+
+def wait_for_step(out: Path, step: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists():
+            lines = [ln for ln in out.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            if lines and float(lines[-1].split()[0]) >= step:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"i-PI did not reach step {step}")
+
+
+def check_step0(props, ref, volume):
+    """i-PI's step-0 potential, virial and pressure against the direct evaluation."""
+    assert props["potential"][0] == pytest.approx(ref.energy, rel=1e-6, abs=1e-8)
+    assert props["volume"][0] == pytest.approx(volume, rel=1e-6)
+    w = to_ipi_bar(ref.virial / volume)  # bar
+    expect = np.array([w[0, 0], w[1, 1], w[2, 2], w[0, 1], w[0, 2], w[1, 2]])
+    np.testing.assert_allclose(props["virial_md"][0], expect, rtol=1e-6, atol=1e-6 * np.abs(expect).max())
+    kinetic = props["kinetic_md"][0]  # eV, from i-PI
+    pressure = to_ipi_bar((np.trace(ref.virial) + 2 * kinetic) / (3 * volume))
+    assert props["pressure_md"][0] == pytest.approx(pressure, rel=1e-6)
+
+
+def test_npt_water_run(tmp_path):
+    """i-PI finishes, client exits 0, the volume changes, the conserved quantity is conserved,
+    step 0 equals a direct evaluation of the model."""
+    s = Setup(tmp_path)
+    steps = 200
+    with IPIServer(tmp_path, s.socket_xml(steps, stride=10), socket_path=s.socket) as server:
+        proc = s.client()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert server.wait(30) == 0
+    assert "received EXIT" in err
+    props = read_properties(tmp_path / "npt.out")
+    assert props["step"][-1] == steps
+    vol = props["volume"]
+    assert abs(vol[-1] / vol[0] - 1) > 0.02, vol  # the barostat moves the box
+    drift = np.abs(props["conserved"] - props["conserved"][0]).max()
+    assert drift < 5e-3, drift  # eV over 100 fs for 81 atoms (measured ~1e-5)
+    check_step0(props, s.direct(), abs(np.linalg.det(s.cell_ipi)))
+
+
+@pytest.mark.parametrize("route", ["client", "ffdirect", "py_driver"])
+def test_triclinic_step0_matches_direct_evaluation(tmp_path, route):
+    """A triclinic cell catches a transposed cell and wrong virial components (a cube cannot)."""
+    s = Setup(tmp_path, cell=TRICLINIC, n_side=3)
+    if route == "ffdirect":
+        ff = FORCEFIELD_DIRECT.format(pes_path=pes_module.__file__, template="init.xyz",
+                                      model=s.model_path, extra=", threads: 1")
+        xml = npt_xml("init.xyz", ff, steps=2, stride=1)
+        server = IPIServer(tmp_path, xml).start()
+        assert server.wait(120) == 0, server.log.read_text()[-3000:]
+    else:
+        server = IPIServer(tmp_path, s.socket_xml(2, stride=1), socket_path=s.socket).start()
+        try:
+            if route == "client":
+                proc = s.client()
+            else:
+                cmd = [str(BIN / "i-pi-py_driver"), "-u", "-a", s.name, "-m", "custom", "-P", pes_module.__file__,
+                       "-o", f"template=init.xyz,model={s.model_path},threads=1"]
+                proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            assert server.wait(30) == 0
+        finally:
+            server.stop()
+    check_step0(read_properties(tmp_path / "npt.out"), s.direct(), abs(np.linalg.det(s.cell_ipi)))
+
+
+def test_server_killed_client_exits_nonzero_without_spinning(tmp_path):
+    s = Setup(tmp_path)
+    server = IPIServer(tmp_path, s.socket_xml(100000, stride=10), socket_path=s.socket).start()
+    try:
+        proc = s.client()
+        wait_for_step(tmp_path / "npt.out", 20)
+        server.proc.kill()  # SIGKILL: no EXIT, the socket file stays behind
+        t0 = time.monotonic()
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read()
+    finally:
+        server.stop()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert elapsed < 5
+    assert "connection to i-PI lost" in err and "no EXIT received" in err
+    # never spins: user CPU is the start-up (imports, model) plus the steps, not a busy loop
+    assert usage.ru_utime < 60
+
+
+def test_sigterm_mid_run_then_second_client_finishes(tmp_path):
+    s = Setup(tmp_path)
+    steps = 150
+    with IPIServer(tmp_path, s.socket_xml(steps, stride=10), socket_path=s.socket) as server:
+        first = s.client()
+        wait_for_step(tmp_path / "npt.out", 30)
+        first.send_signal(signal.SIGTERM)
+        _, err1 = first.communicate(timeout=30)
+        second = s.client()
+        _, err2 = second.communicate(timeout=120)
+        assert server.wait(30) == 0
+    assert first.returncode == 128 + signal.SIGTERM, err1
+    assert "terminated by SIGTERM" in err1 and "closed the connection cleanly" in err1
+    assert second.returncode == 0, err2
+    props = read_properties(tmp_path / "npt.out")
+    assert props["step"][-1] == steps
+    assert np.all(np.diff(props["step"]) > 0)
+
+
+def test_wrong_atom_count_is_a_clear_error(tmp_path):
+    s = Setup(tmp_path)
+    other = tmp_path / "other.xyz"
+    write_ipi_xyz(other, symbols(s.z[:-3]), s.positions[:-3], s.cell_ipi)
+    with IPIServer(tmp_path, s.socket_xml(10), socket_path=s.socket):
+        proc = s.client(template=str(other))
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 4, err
+    assert "i-PI sent 81 atoms but the template has 78" in err
