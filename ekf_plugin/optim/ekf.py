@@ -327,7 +327,9 @@ class EKF(torch.optim.Optimizer):
         st = self.ekf_state
         return float(st["lam"]) if st["lam"] is not None else 1.0 / float(self.param_groups[0]["lr"])
 
+    @torch.no_grad()
     def _update(self, xi: torch.Tensor, J: torch.Tensor) -> None:
+        """The filter algebra for given ξ (m,) and J (m, n), both in the filter dtype."""
         st = self.ekf_state
         m = xi.numel()
         if m == 0:
@@ -347,8 +349,9 @@ class EKF(torch.optim.Optimizer):
         L, info = torch.linalg.cholesky_ex(A)  # (m, m) lower
         if int(info.item()) != 0 or not bool(torch.isfinite(L).all()):
             return self._reject("innovation matrix A = JPJᵀ + R not positive definite")
-        u = torch.linalg.solve_triangular(L, xi.unsqueeze(1), upper=False)  # (m, 1) = L⁻¹ ξ
-        Vs = [torch.linalg.solve_triangular(L, Xb.T, upper=False) for Xb in Xs]  # each (m, n_b) = L⁻¹ X_bᵀ
+        Linv = torch.linalg.solve_triangular(L, torch.eye(m, dtype=L.dtype, device=L.device), upper=False)  # (m, m)
+        u = Linv @ xi.unsqueeze(1)  # (m, 1) = L⁻¹ ξ
+        Vs = [torch.mm(Linv, Xb.T) for Xb in Xs]  # each (m, n_b) = L⁻¹ X_bᵀ
         big = torch.finfo(self.dtype).max ** 0.25
         for Vb in Vs:
             if not bool(torch.isfinite(Vb).all()) or float(Vb.abs().max()) > big:
@@ -357,10 +360,10 @@ class EKF(torch.optim.Optimizer):
             return self._reject("non-finite scaled innovation L⁻¹ξ")
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
         for Pb, Vb in zip(Ps, Vs):
-            Pb.addmm_(Vb.T, Vb, alpha=-1.0)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
+            _sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
         if not all(bool(torch.isfinite(Pb.diagonal()).all()) for Pb in Ps):
             for Pb, Vb in zip(Ps, Vs):
-                Pb.addmm_(Vb.T, Vb)  # undo
+                _sub_gram_(Pb, Vb, sign=1.0)  # undo
             return self._reject("non-finite covariance P after the update")
         self._apply_dw(torch.cat(dws))
         self._advance(Ps)
@@ -411,6 +414,14 @@ class EKF(torch.optim.Optimizer):
             "ekf_q": float(st["q"]),
             "ekf_rejected": float(st["rejected"]),
         }
+
+
+def _sub_gram_(P: torch.Tensor, V: torch.Tensor, sign: float = -1.0) -> None:
+    """In place P += sign·VᵀV for V (m, n): a rank-1 ``addr_`` for m = 1, else ``addmm_`` (one pass over P)."""
+    if V.shape[0] == 1:
+        P.addr_(V[0], V[0], alpha=sign)
+    else:
+        P.addmm_(V.T, V, alpha=sign)
 
 
 def _check(ok: bool, msg: str) -> None:
