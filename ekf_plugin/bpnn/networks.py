@@ -143,8 +143,12 @@ class ElementNetworks(Transform):
         return inputs
 
     def fit_atom_energies(self, counts: np.ndarray, energies: np.ndarray) -> None:
-        """Least-squares per-element energies (eV) from element counts (S, E) and energies (S,) in eV."""
-        sol, *_ = np.linalg.lstsq(np.asarray(counts, float), np.asarray(energies, float), rcond=None)
+        """Per-element energies (eV): mean energy per atom plus the minimum-norm least-squares correction,
+        from element counts (S, E) and energies (S,) in eV."""
+        counts, energies = np.asarray(counts, float), np.asarray(energies, float)
+        mean = energies.sum() / counts.sum()  # eV per atom; the min-norm correction below keeps
+        resid, *_ = np.linalg.lstsq(counts, energies - counts.sum(1) * mean, rcond=None)  # fixed compositions sane
+        sol = mean + resid
         self.atom_energy.copy_(torch.as_tensor(sol, dtype=self.atom_energy.dtype))
         self.atom_energy_fitted.fill_(True)
 

@@ -1,7 +1,7 @@
 """Complete models: ``water_bpnn`` builder, ``save_model``/``load_model`` and model helpers."""
 
-from .builders import bpnn_potential, water_bpnn
+from .builders import bpnn_model, bpnn_potential, water_bpnn
 from .io import build_from_config, enable_stress, load_model, model_config, model_cutoff, model_elements, save_model
 
-__all__ = ["water_bpnn", "bpnn_potential", "save_model", "load_model", "model_cutoff", "model_elements",
+__all__ = ["water_bpnn", "bpnn_model", "bpnn_potential", "save_model", "load_model", "model_cutoff", "model_elements",
            "model_config", "build_from_config", "enable_stress"]

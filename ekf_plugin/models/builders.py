@@ -84,3 +84,25 @@ def water_bpnn(
                            angular_convention=angular_convention, **representation_kwargs)
     nets = ElementNetworks(rep.elements, rep.n_features, n_hidden, activation, init, atom_energies, energy_scale, seed=seed)
     return bpnn_potential(rep, nets, forces=forces, stress=stress, dtype=dtype)
+
+
+def bpnn_model(
+    representation: BehlerParrinello,
+    n_hidden: Sequence[int] = (25, 25),
+    activation: str = "tanh",
+    init: str = "xavier",
+    atom_energies: Optional[Dict[str, float]] = None,
+    energy_scale: float = 1.0,
+    energy_key: str = "energy",
+    forces: bool = True,
+    stress: bool = False,
+    seed: Optional[int] = None,
+):
+    """Complete a ``BehlerParrinello`` representation with its element networks (config ``model=bpnn``).
+
+    The networks' input sizes come from the representation (30 O / 27 H for the water preset), so
+    a ``model/representation`` config alone is enough to choose the functions. float32, eV/Å.
+    """
+    nets = ElementNetworks(representation.elements, representation.n_features, n_hidden, activation, init,
+                           atom_energies, energy_scale, output_key=energy_key, seed=seed)
+    return bpnn_potential(representation, nets, forces=forces, stress=stress, dtype=torch.float32)
