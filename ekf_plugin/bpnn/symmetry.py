@@ -188,7 +188,10 @@ class SymmetryFunctions(nn.Module):
         angular = self._angular(species, r_ij, d, fc, idx_i, idx_j, n_atoms)  # (N, E*E*U_a)
         slots = torch.cat([radial, angular], dim=1)  # (N, S)
         sel = self.feature_slot[species]  # (N, W)
-        return torch.gather(slots, 1, sel) * self.feature_prefactor.to(dtype)[species]  # (N, W)
+        g = torch.gather(slots, 1, sel) * self.feature_prefactor.to(dtype)[species]  # (N, W)
+        if d.numel() == 0:  # no neighbours in range: keep the graph to the positions (forces = 0)
+            g = g + 0.0 * r_ij.sum()
+        return g
 
     def _radial(self, species, d, fc, idx_i, idx_j, n_atoms) -> torch.Tensor:
         E, U = len(self.elements), self.n_rad_keys
