@@ -160,6 +160,7 @@ class IPIClient:
         self.drain_timeout = float(drain_timeout)
         self.n_calls = 0
         self.init_string = b""
+        self.call_times: list = []  # monotonic time of each FORCEREADY sent (for steps/s)
 
     # -- one connection -----------------------------------------------------------------
     def serve(self, sock: socket.socket) -> None:
@@ -190,6 +191,7 @@ class IPIClient:
                     proto.send(sock, reply)
                 reply = None
                 self.n_calls += 1
+                self.call_times.append(time.monotonic())
             elif word == b"EXIT":
                 return
 
@@ -235,7 +237,7 @@ class IPIClient:
     def _serve_once(self, sock: socket.socket) -> int:
         try:
             self.serve(sock)
-            _log(f"received EXIT from i-PI after {self.n_calls} force calls; done")
+            _log(f"received EXIT from i-PI after {self.n_calls} force calls{self._rate()}; done")
             sock.close()
             return EXIT_OK
         except proto.Disconnected as exc:
@@ -250,6 +252,13 @@ class IPIClient:
             return self._abort(sock, "terminated by SIGTERM", EXIT_SIGTERM)
         except KeyboardInterrupt:
             return self._abort(sock, "interrupted", 130)
+
+    def _rate(self) -> str:
+        t = self.call_times
+        if len(t) < 3:
+            return ""
+        per = (t[-1] - t[0]) / (len(t) - 1)
+        return f" ({per * 1e3:.2f} ms per call, {1 / per:.1f} calls/s after the first)"
 
     def _abort(self, sock: socket.socket, message: str, code: int) -> int:
         n = proto.drain(sock, self.drain_timeout)

@@ -191,3 +191,37 @@ def test_wrong_atom_count_is_a_clear_error(tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 4, err
     assert "i-PI sent 81 atoms but the template has 78" in err
+
+
+def test_trained_n2p2_water_potential_step0_and_short_npt(tmp_path, shared_data):
+    """The real RPBE-D3 n2p2 water potential on a revPBE0-D3 liquid frame (192 atoms):
+    client exits 0 and i-PI's step-0 potential, virial and pressure equal the direct evaluation."""
+    pytest.importorskip("ekf_plugin.n2p2", reason="needs the n2p2 loader (ekf_plugin.n2p2)")
+    potential = shared_data("n2p2-h2o-potentials", "H2O_RPBE-D3")
+    frames = shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
+    from ase.io import read
+
+    from ekf_plugin.models import load_model
+
+    atoms = read(frames, index=0)
+    z = atoms.numbers
+    positions = write_ipi_xyz(tmp_path / "init.xyz", atoms.get_chemical_symbols(),
+                              atoms.positions * units.Bohr, atoms.cell.array * units.Bohr)
+    from ekf_plugin.md.runner import standard_frame
+
+    _, cell, _ = standard_frame(atoms.positions * units.Bohr, atoms.cell.array * units.Bohr)
+    name = f"ekft_{uuid.uuid4().hex[:12]}"
+    steps = 4
+    xml = npt_xml("init.xyz", FORCEFIELD_SOCKET.format(address=name, timeout=0), steps=steps, stride=1)
+    with IPIServer(tmp_path, xml, socket_path="/tmp/ipi_" + name) as server:
+        cmd = [str(BIN / "ekf-plugin"), "ipi", "--model", str(potential), "--template", "init.xyz",
+               "--unix", name, "--threads", "1"]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert server.wait(30) == 0
+    props = read_properties(tmp_path / "npt.out")
+    assert props["step"][-1] == steps
+    ref = ModelEvaluator(load_model(potential))(z, positions, cell)
+    check_step0(props, ref, abs(np.linalg.det(cell)))
+    assert np.ptp(props["volume"]) > 0  # the barostat acts
+    assert np.abs(np.diff(props["conserved"])).max() < 0.05  # eV per step, 192 atoms

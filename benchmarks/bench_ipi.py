@@ -1,0 +1,175 @@
+"""i-PI MD speed for the 192-atom water box (64 H2O, NPT, 0.5 fs): steps/s with our socket client
+(``ekf-plugin ipi``), with ``<ffdirect>`` (same PES class in-process, no socket) and with i-PI's own
+python driver (``i-pi-py_driver -m custom -P ekf_plugin/md/pes.py``); socket overhead per step;
+torch threads 1 vs 2 for the client.
+
+Per-step cost = Δ(wall time of the whole i-PI run) / Δ(steps) between a short and a long run, so
+start-up (imports, model loading, i-PI set-up) cancels. Models: a small SchNet (light: exposes the
+socket/i-PI overhead) and the trained n2p2 RPBE-D3 water BPNN from ../shared/data (real cost),
+if present. The machine is shared (2 cores, other jobs running): expect ±30 % noise.
+
+    python benchmarks/bench_ipi.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+N2P2 = DATA / "n2p2-h2o-potentials" / "H2O_RPBE-D3"
+FRAMES = DATA / "revpbe0-d3-cheng2019" / "dataset_1400_au.extxyz"
+BIN = Path(sys.executable).parent
+
+
+def light_model_file(path: Path) -> Path:
+    """A small SchNet (16 features, 2 interactions, 4 Å) with tiny output weights, saved with torch.save."""
+    import schnetpack as spk
+    import torch
+
+    from ekf_plugin.compat import ContiguousForces
+
+    torch.manual_seed(0)
+    rep = spk.representation.SchNet(n_atom_basis=16, n_interactions=2, radial_basis=spk.nn.GaussianRBF(16, 4.0),
+                                    cutoff_fn=spk.nn.CosineCutoff(4.0))
+    out = spk.atomistic.Atomwise(n_in=16, output_key="energy")
+    with torch.no_grad():
+        out.outnet[-1].weight.mul_(1e-3)
+    model = spk.model.NeuralNetworkPotential(
+        representation=rep, input_modules=[spk.atomistic.Strain(), spk.atomistic.PairwiseDistances()],
+        output_modules=[out, ContiguousForces(calc_stress=True)])
+    torch.save(model.double().eval(), path)
+    return path
+
+
+def start_structure(path: Path):
+    """192-atom water: revPBE0-D3 frame 0 if the shared data is there, else the demo water box."""
+    from ase import units
+
+    from ekf_plugin.md.runner import write_ipi_xyz
+
+    if FRAMES.exists():
+        from ase.io import read
+
+        atoms = read(FRAMES, index=0)
+        pos, cell, source = atoms.positions * units.Bohr, atoms.cell.array * units.Bohr, "revPBE0-D3 frame 0"
+    else:
+        from ekf_plugin.demo import water_box
+
+        atoms = water_box(4, density=1.0)
+        pos, cell, source = atoms.positions, atoms.cell.array, "demo water box"
+    pos = write_ipi_xyz(path, atoms.get_chemical_symbols(), pos, cell)
+    return atoms.numbers, pos, cell, source
+
+
+def run_ipi(workdir: Path, route: str, model: Path, steps: int, threads: int) -> float:
+    """Wall time (s) of one i-PI run of ``steps`` NPT steps via ``route``."""
+    import ekf_plugin.md.pes as pes_module
+    from ekf_plugin.md.runner import FORCEFIELD_DIRECT, FORCEFIELD_SOCKET, IPIServer, npt_xml
+
+    name = f"ekfb_{uuid.uuid4().hex[:10]}"
+    if route == "ffdirect":
+        ff = FORCEFIELD_DIRECT.format(pes_path=pes_module.__file__, template="init.xyz", model=model,
+                                      extra=f", threads: {threads}")
+    else:
+        ff = FORCEFIELD_SOCKET.format(address=name, timeout=0)
+    xml = npt_xml("init.xyz", ff, steps=steps, temperature=320.0, stride=1000)
+    t0 = time.perf_counter()
+    server = IPIServer(workdir, xml, socket_path=None if route == "ffdirect" else "/tmp/ipi_" + name).start()
+    try:
+        if route == "client":
+            cmd = [str(BIN / "ekf-plugin"), "ipi", "--model", str(model), "--template", "init.xyz", "--unix", name,
+                   "--threads", str(threads)]
+        elif route == "py_driver":
+            cmd = [str(BIN / "i-pi-py_driver"), "-u", "-a", name, "-m", "custom", "-P", pes_module.__file__,
+                   "-o", f"template=init.xyz,model={model},threads={threads}"]
+        else:
+            cmd = None
+        if cmd:
+            proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{route} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        if server.wait(1800) != 0:
+            raise RuntimeError(f"i-PI failed:\n{server.log.read_text()[-2000:]}")
+    finally:
+        server.stop()
+    return time.perf_counter() - t0
+
+
+def per_step(workdir: Path, route: str, model: Path, short: int, long: int, threads: int = 1) -> float:
+    """Seconds per MD step from two runs of different length."""
+    t_short = run_ipi(workdir, route, model, short, threads)
+    t_long = run_ipi(workdir, route, model, long, threads)
+    return max(t_long - t_short, 1e-9) / (long - short)
+
+
+def direct_cost(model_path: Path, numbers, positions, cell, repeats: int) -> Dict[str, float]:
+    """In-process model call and neighbor-list times (ms), 1 torch thread."""
+    import torch
+
+    from ekf_plugin.evaluation import ModelEvaluator, neighbor_pairs
+
+    torch.set_num_threads(1)
+    ev = ModelEvaluator(str(model_path))
+    ev(numbers, positions, cell)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        ev(numbers, positions, cell)
+    call = (time.perf_counter() - t) / repeats
+    t = time.perf_counter()
+    for _ in range(repeats):
+        neighbor_pairs(positions, cell, np.ones(3, bool), ev.cutoff, ev.neighbor_list)
+    nl = (time.perf_counter() - t) / repeats
+    return {"model_call_ms": call * 1e3, "neighbor_list_ms": nl * 1e3}
+
+
+def run(quick: bool = False, device: Optional[str] = None) -> dict:
+    """Headline figures (see module docstring). ``device`` is accepted for the common runner; MD runs on CPU."""
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ipi_") as tmp:
+        work = Path(tmp)
+        numbers, positions, cell, source = start_structure(work / "init.xyz")
+        results["structure"] = f"{len(numbers)} atoms, {source}"
+        light = light_model_file(work / "light.pt")
+        short, long = (10, 210) if quick else (20, 1020)
+        for k, v in direct_cost(light, numbers, positions, cell, 20).items():
+            results[f"light_{k}"] = v
+        for route in ("ffdirect", "client", "py_driver"):
+            results[f"light_{route}_ms_per_step"] = per_step(work, route, light, short, long) * 1e3
+        results["light_client_2threads_ms_per_step"] = per_step(work, "client", light, short, (long + short) // 2,
+                                                                threads=2) * 1e3
+        results["socket_overhead_ms_per_step"] = results["light_client_ms_per_step"] - results["light_ffdirect_ms_per_step"]
+        if N2P2.exists():
+            try:
+                for k, v in direct_cost(N2P2, numbers, positions, cell, 2 if quick else 5).items():
+                    results[f"n2p2_{k}"] = v
+                s2, l2 = (2, 6) if quick else (3, 23)
+                for route in ("ffdirect", "client", "py_driver"):
+                    results[f"n2p2_{route}_ms_per_step"] = per_step(work, route, N2P2, s2, l2) * 1e3
+            except Exception as exc:  # the n2p2 loader belongs to another module; report, do not die
+                results["n2p2_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    for key in list(results):
+        if key.endswith("_ms_per_step"):
+            results[key.replace("_ms_per_step", "_steps_per_s")] = 1e3 / results[key]
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    out = run(quick=args.quick)
+    width = max(map(len, out))
+    for k, v in out.items():
+        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    print(json.dumps(out))
