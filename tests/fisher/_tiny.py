@@ -26,7 +26,7 @@ def cu_frames(n: int = 6, seed: int = 0):
     return frames
 
 
-def tiny_model(n_atom_basis: int = 4, n_hidden: int = 4, seed: int = 0, dtype=torch.float64):
+def tiny_model(n_atom_basis: int = 4, n_hidden: int = 4, seed: int = 0, dtype=torch.float64, n_rbf: int = 6):
     """SchNet (1 interaction) + Atomwise + ContiguousForces: a few hundred weights."""
     import schnetpack as spk
 
@@ -36,7 +36,7 @@ def tiny_model(n_atom_basis: int = 4, n_hidden: int = 4, seed: int = 0, dtype=to
     rep = spk.representation.SchNet(
         n_atom_basis=n_atom_basis,
         n_interactions=1,
-        radial_basis=spk.nn.GaussianRBF(n_rbf=6, cutoff=CUTOFF),
+        radial_basis=spk.nn.GaussianRBF(n_rbf=n_rbf, cutoff=CUTOFF),
         cutoff_fn=spk.nn.CosineCutoff(CUTOFF),
     )
     model = spk.model.NeuralNetworkPotential(
