@@ -59,12 +59,13 @@ def neighbor_pairs_of_centers(idx_i: torch.Tensor, n_atoms: int) -> Tuple[torch.
         return empty, empty, empty
     center = torch.repeat_interleave(torch.arange(n_atoms, device=device), n_tri)  # (T,)
     tri_start = torch.cumsum(n_tri, 0) - n_tri  # (N,)
-    local = torch.arange(total, device=device) - tri_start[center]  # (T,)
+    sel = torch.index_select
+    local = torch.arange(total, device=device) - sel(tri_start, 0, center)  # (T,)
     m = int(counts.max())
     tri = torch.tril_indices(m, m, -1, device=device)  # (2, m(m-1)/2): rows a > b, row-major
-    base = start[center]  # (T,)
-    p1 = order[base + tri[1][local]]  # (T,)
-    p2 = order[base + tri[0][local]]  # (T,)
+    base = sel(start, 0, center)  # (T,)
+    p1 = sel(order, 0, base + sel(tri[1], 0, local))  # (T,)
+    p2 = sel(order, 0, base + sel(tri[0], 0, local))  # (T,)
     return center, p1, p2
 
 
@@ -210,21 +211,25 @@ class SymmetryFunctions(nn.Module):
         if U == 0 or d.numel() < 2:
             return out[:, :U].reshape(n_atoms, E * E * U)
         center, p1, p2 = neighbor_pairs_of_centers(idx_i, n_atoms)  # (T,) each
-        ej, ek = species[idx_j[p1]], species[idx_j[p2]]  # (T,)
-        combo = (species[center] * E + ej) * E + ek  # (T,)
-        v1, v2 = r_ij[p1], r_ij[p2]  # (T, 3)
-        v3 = v2 - v1  # (T, 3) r_jk
-        r3sq = (v3 * v3).sum(-1)  # (T,)
+        sel = torch.index_select
+        sj = sel(species, 0, idx_j)  # (P,) neighbour element per pair
+        ej, ek = sel(sj, 0, p1), sel(sj, 0, p2)  # (T,)
+        combo = (sel(species, 0, center) * E + ej) * E + ek  # (T,)
+        used = torch.nonzero(sel(self.triplet_used, 0, combo)).squeeze(-1)  # (T1,) triplets with functions
+        center, p1, p2, ej, ek = (sel(t, 0, used) for t in (center, p1, p2, ej, ek))
+        v1, v2 = sel(r_ij, 0, p1), sel(r_ij, 0, p2)  # (T1, 3)
+        v3 = v2 - v1  # (T1, 3) r_jk
+        r3sq = (v3 * v3).sum(-1)  # (T1,)
         rc = self.cutoff_fn.cutoff.to(d.dtype)
-        ok = torch.nonzero((r3sq.detach() < rc * rc) & self.triplet_used[combo]).squeeze(-1)  # (T',)
+        ok = torch.nonzero(r3sq.detach() < rc * rc).squeeze(-1)  # (T,) r_jk inside the cutoff
         if ok.numel() == 0:
             return out[:, :U].reshape(n_atoms, E * E * U)
-        center, p1, p2, v1, v2, v3, r3sq = (t[ok] for t in (center, p1, p2, v1, v2, v3, r3sq))
-        a = torch.minimum(ej[ok], ek[ok])
-        b = torch.maximum(ej[ok], ek[ok])
-        r1, r2 = d[p1], d[p2]  # (T,)
+        center, p1, p2, v1, v2, r3sq, ej, ek = (sel(t, 0, ok) for t in (center, p1, p2, v1, v2, r3sq, ej, ek))
+        a = torch.minimum(ej, ek)
+        b = torch.maximum(ej, ek)
+        r1, r2 = sel(d, 0, p1), sel(d, 0, p2)  # (T,)
         r3 = torch.sqrt(r3sq)  # (T,)
-        fcp = fc[p1] * fc[p2] * self.cutoff_fn(r3)  # (T,)
+        fcp = sel(fc, 0, p1) * sel(fc, 0, p2) * self.cutoff_fn(r3)  # (T,)
         cos = (v1 * v2).sum(-1) / (r1 * r2)  # (T,)
         dtype = d.dtype
         eta = self.ang_eta.to(dtype)
