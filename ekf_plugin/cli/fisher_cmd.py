@@ -154,11 +154,11 @@ def run(args: argparse.Namespace) -> int:
         spectrum.save(args.out / f"{name}.npz")
         spectra[name] = spectrum
         rows.append(_row(name, spectrum))
-    plot_spectra({n: s.eigenvalues["all"] for n, s in spectra.items()}, args.out / "fisher_overlay.png",
+    plot_spectra({n: s.nonzero("all") for n, s in spectra.items()}, args.out / "fisher_overlay.png",
                  title=f"Fisher spectra, {len(labels)} labels ({args.kind}), {args.data.name}")
     for g in ("energy", "forces"):
         if all(g in s.eigenvalues for s in spectra.values()) and args.kind == "both":
-            plot_spectra({n: s.eigenvalues[g] for n, s in spectra.items()}, args.out / f"fisher_overlay_{g}.png",
+            plot_spectra({n: s.nonzero(g) for n, s in spectra.items()}, args.out / f"fisher_overlay_{g}.png",
                          title=f"Fisher spectra, {g} labels")
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(args.out / "fisher_table.csv", "w", newline="") as fh:

@@ -131,7 +131,8 @@ def fisher_spectrum(
                                energy_key, forces_key, energy_per_atom, chunk_size, progress, done)
     eig = acc.eigenvalues()
     n_lab = {"all": len(labels), "energy": labels.n_energy, "forces": labels.n_forces}
-    meta = {"energy_per_atom": energy_per_atom, "n_structures": len(order)}
+    jac_dtype = str(params[0].dtype).replace("torch.", "") if params else "float64"
+    meta = {"energy_per_atom": energy_per_atom, "n_structures": len(order), "jacobian_dtype": jac_dtype}
     return FisherSpectrum(eig, {g: n_lab[g] for g in eig}, n_weights, acc.method, time.perf_counter() - t0, meta)
 
 

@@ -21,7 +21,7 @@ def _pyplot():
 
 
 def log_bins(spectra: Sequence[np.ndarray], n_bins: int = 40) -> np.ndarray:
-    """Common log10-spaced bin edges (eigenvalue units) covering the nonzero eigenvalues of all spectra."""
+    """Common log10-spaced bin edges (eigenvalue units) covering the given (nonzero) eigenvalues."""
     logs = [np.log10(nonzero(s)) for s in spectra]
     logs = [x for x in logs if x.size]
     if not logs:
@@ -39,7 +39,10 @@ def plot_spectra(
     xlabel: str = r"eigenvalue $\lambda_I$ of the L1 Fisher information",
     n_bins: int = 40,
 ) -> Path:
-    """Overlay of eigenvalue distributions: one step histogram (density in log10 λ) per named curve."""
+    """Overlay of eigenvalue distributions: one step histogram (density in log10 λ) per named curve.
+
+    Pass numerically nonzero eigenvalues (``FisherSpectrum.nonzero(group)``); zeros are dropped.
+    """
     plt = _pyplot()
     bins = log_bins(list(curves.values()), n_bins)
     width = np.diff(np.log10(bins))  # (n_bins,) bin widths in decades
@@ -65,5 +68,5 @@ def plot_spectra(
 
 def plot_spectrum(spectrum: FisherSpectrum, path: Union[str, Path], title: Optional[str] = None) -> Path:
     """Histogram of one spectrum, one curve per label group ('all', 'energy', 'forces')."""
-    curves = {f"{g} ({spectrum.n_labels.get(g, '?')} labels)": v for g, v in spectrum.eigenvalues.items()}
+    curves = {f"{g} ({spectrum.n_labels.get(g, '?')} labels)": spectrum.nonzero(g) for g in spectrum.eigenvalues}
     return plot_spectra(curves, path, title=title or f"Fisher spectrum, {spectrum.n_weights} weights")

@@ -128,20 +128,36 @@ class GramAccumulator:
         return out
 
 
-def summarize(eigenvalues: np.ndarray) -> Dict[str, float]:
+def rank_tolerance(n_labels: int, n_weights: int, jacobian_dtype: str = "float64") -> float:
+    """Relative eigenvalue tolerance: eigenvalues below ``tol · λ_max`` are numerically zero.
+
+    It is NumPy's ``matrix_rank`` rule applied to J (σ_i ≤ σ_max · max(N, n) · ε_J) and squared,
+    since λ = σ²/N: with a float32 model, eigenvalues under ~(max(N, n)·1.2e-7)² λ_max are noise.
+    """
+    eps = float(np.finfo(np.dtype(jacobian_dtype)).eps)
+    return (max(n_labels, n_weights) * eps) ** 2
+
+
+def nonzero(eigenvalues: np.ndarray, rel_tol: float = 0.0) -> np.ndarray:
+    """Eigenvalues above ``rel_tol · λ_max`` and above float64 round-off (λ_max · k · ε₆₄)."""
+    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+    if lam.size == 0 or not lam.max() > 0:
+        return lam[:0]
+    tol = lam.max() * max(rel_tol, lam.size * np.finfo(np.float64).eps)
+    return lam[lam > tol]
+
+
+def summarize(eigenvalues: np.ndarray, rel_tol: float = 0.0) -> Dict[str, float]:
     """Summary scalars of one spectrum (eigenvalues ≥ 0, any order).
 
-    Eigenvalues at or below the numerical-rank tolerance λ_max·k·ε (k = their number) count as
-    zero. Over the nonzero ones: log10 of the median, mean and largest eigenvalue; the numerical
-    ``rank``; ``effective_rank`` = exp(−Σ p_i ln p_i) with p_i = λ_i / Σλ (Roy & Vetterli 2007),
-    between 1 and ``rank``.
+    Eigenvalues at or below the tolerance of :func:`nonzero` count as zero. Over the nonzero ones:
+    log10 of the median, mean and largest eigenvalue; the numerical ``rank``; ``effective_rank`` =
+    exp(−Σ p_i ln p_i) with p_i = λ_i / Σλ (Roy & Vetterli 2007), between 1 and ``rank``.
     """
-    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).reshape(-1))[::-1]
-    if lam.size == 0 or not lam[0] > 0:
+    pos = np.sort(nonzero(eigenvalues, rel_tol))[::-1]
+    if pos.size == 0:
         nan = float("nan")
         return {"log10_median": nan, "log10_mean": nan, "log10_max": nan, "effective_rank": 0.0, "rank": 0.0}
-    tol = lam[0] * lam.size * np.finfo(np.float64).eps
-    pos = lam[lam > tol]
     p = pos / pos.sum()
     return {
         "log10_median": float(np.log10(np.median(pos))),
@@ -150,14 +166,6 @@ def summarize(eigenvalues: np.ndarray) -> Dict[str, float]:
         "effective_rank": float(math.exp(-(p * np.log(p)).sum())),
         "rank": float(pos.size),
     }
-
-
-def nonzero(eigenvalues: np.ndarray) -> np.ndarray:
-    """The eigenvalues above the numerical-rank tolerance (see :func:`summarize`)."""
-    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
-    if lam.size == 0 or not lam.max() > 0:
-        return lam[:0]
-    return lam[lam > lam.max() * lam.size * np.finfo(np.float64).eps]
 
 
 @dataclass
@@ -184,11 +192,20 @@ class FisherSpectrum:
     def groups(self):
         return tuple(self.eigenvalues)
 
+    def rel_tol(self, group: str = "all") -> float:
+        """Relative zero tolerance of a group (:func:`rank_tolerance`, precision of J from ``meta``)."""
+        dtype = str(self.meta.get("jacobian_dtype", "float64"))
+        return rank_tolerance(self.n_labels.get(group, 1), self.n_weights, dtype)
+
+    def nonzero(self, group: str = "all") -> np.ndarray:
+        """The numerically nonzero eigenvalues of a group (descending)."""
+        return nonzero(self.eigenvalues[group], self.rel_tol(group))
+
     def summary(self, group: str = "all") -> Dict[str, float]:
         """Summary scalars of one group (see :func:`summarize`)."""
         if group not in self.eigenvalues:
             raise ValueError(f"no {group!r} labels in this spectrum; groups: {self.groups}")
-        return summarize(self.eigenvalues[group])
+        return summarize(self.eigenvalues[group], self.rel_tol(group))
 
     def metrics(self, prefix: str = "fisher") -> Dict[str, float]:
         """Flat scalars: ``{prefix}/{stat}`` for all labels, ``{prefix}/{group}/{stat}`` per group."""
