@@ -124,13 +124,18 @@ def _torch_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutof
     ranges = [torch.arange(-k, k + 1, device=dev) for k in reps]
     shifts = torch.cartesian_prod(*ranges).to(torch.float64)  # (S, 3)
     n = r.shape[0]
-    d = r[None, None, :, :] - r[None, :, None, :] + (shifts @ h)[:, None, None, :]  # (S, N, N, 3)
-    dist2 = (d * d).sum(-1)  # (S, N, N)
-    mask = dist2 < cutoff * cutoff
-    zero = (shifts == 0).all(-1)  # (S,)
     eye = torch.eye(n, dtype=torch.bool, device=dev)
-    mask &= ~(zero[:, None, None] & eye[None])
-    s_idx, i, j = mask.nonzero(as_tuple=True)
+    found_i, found_j, found_s = [], [], []
+    for k, shift in enumerate(shifts):  # one (N, N) block per lattice shift: memory O(N²)
+        d = r[None, :, :] - r[:, None, :] + shift @ h  # (N, N, 3): r_j - r_i + S·h
+        mask = (d * d).sum(-1) < cutoff * cutoff  # (N, N)
+        if not bool(shift.any()):
+            mask &= ~eye
+        i, j = mask.nonzero(as_tuple=True)
+        found_i.append(i)
+        found_j.append(j)
+        found_s.append(torch.full_like(i, k))
+    i, j, s_idx = torch.cat(found_i), torch.cat(found_j), torch.cat(found_s)
     order = torch.argsort(i * n + j, stable=True)
     i, j, s_idx = i[order], j[order], s_idx[order]
     return i.cpu().numpy(), j.cpu().numpy(), shifts[s_idx].round().long().cpu().numpy()

@@ -111,6 +111,27 @@ def test_npt_water_run(tmp_path):
     drift = np.abs(props["conserved"] - props["conserved"][0]).max()
     assert drift < 5e-3, drift  # eV over 100 fs for 81 atoms (measured ~1e-5)
     check_step0(props, s.direct(), abs(np.linalg.det(s.cell_ipi)))
+    # the example's plotting script turns this output into a PNG
+    script = Path(__file__).resolve().parents[2] / "examples" / "ipi_npt_water" / "plot_density.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "npt.out"), "--out", str(tmp_path / "d.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_example_start_structure(tmp_path, shared_data):
+    """make_init.py writes an i-PI xyz with 192 atoms and a CELL line from the revPBE0-D3 set."""
+    shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
+    script = Path(__file__).resolve().parents[2] / "examples" / "ipi_npt_water" / "make_init.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "init.xyz")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "init.xyz").read_text().splitlines()
+    assert lines[0] == "192" and lines[1].startswith("# CELL(abcABC):") and len(lines) == 194
+    a, b, c = map(float, lines[1].split()[2:5])
+    density = 64 * 18.015 / (units.mol * 1e-24) / (a * b * c)
+    assert abs(density - 1.0) < 0.03
+    assert [ln.split()[0] for ln in lines[2:5]] == ["O", "H", "H"]
 
 
 @pytest.mark.parametrize("route", ["client", "ffdirect", "py_driver"])
