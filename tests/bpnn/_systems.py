@@ -36,7 +36,7 @@ def water_cluster(n: int = 3, seed: int = 0) -> Atoms:
 def converter(model, dtype=torch.float64):
     """SchNetPack AtomsConverter with a neighbour list at the model's cutoff."""
     cutoff = float(model.representation.cutoff) + 0.01
-    return spk.interfaces.AtomsConverter(spk.transform.ASENeighborList(cutoff=cutoff), dtype=dtype)
+    return spk.interfaces.AtomsConverter(spk.transform.MatScipyNeighborList(cutoff=cutoff), dtype=dtype)
 
 
 def randomise_scaling(model, seed: int = 0) -> None:
