@@ -68,7 +68,7 @@ def water_box(n_side: int = 2, density: float = 1.0, seed: int = 0):
     return atoms
 
 
-def make_frames(n_frames: int = 60, n_side: int = 2, rattle: float = 0.08, seed: int = 0) -> List:
+def make_frames(n_frames: int = 60, n_side: int = 2, rattle: float = 0.03, seed: int = 0) -> List:
     """Rattled, slightly strained water boxes labelled with flexible TIP3P (eV, eV/Å)."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.calculators.tip3p import TIP3P
@@ -87,23 +87,18 @@ def make_frames(n_frames: int = 60, n_side: int = 2, rattle: float = 0.08, seed:
     return frames
 
 
-def write_demo_database(path: Path, n_frames: int = 60, seed: int = 0) -> Path:
-    """Write the demo set as a SchNetPack ``ASEAtomsData`` database (Å, eV, eV/Å)."""
-    from schnetpack.data import ASEAtomsData
+def write_demo_extxyz(path: Path, n_frames: int = 60, seed: int = 0) -> Path:
+    """Write the demo set as extended XYZ (Å, eV, eV/Å); kept if it already exists.
+
+    Written to a temporary name first and renamed, so a crash never leaves a truncated file behind.
+    """
+    from ase.io import write
 
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = make_frames(n_frames=n_frames, seed=seed)
-    props = [
-        {"energy": np.array([a.get_potential_energy()]), "forces": a.get_forces()} for a in frames
-    ]
-    tmp = path.with_suffix(".tmp.db")
-    tmp.unlink(missing_ok=True)
-    db = ASEAtomsData.create(
-        str(tmp), distance_unit="Ang", property_unit_dict={"energy": "eV", "forces": "eV/Ang"}
-    )
-    db.add_systems(props, frames)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written database under the final name
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp, make_frames(n_frames=n_frames, seed=seed), format="extxyz")
+    tmp.replace(path)
     return path

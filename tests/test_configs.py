@@ -66,8 +66,16 @@ def test_option_composes_and_its_targets_import(hydra_schnetpack, option):
 
 @pytest.mark.slow
 def test_spktrain_cfg_job_with_our_options(tmp_path):
-    args = ["spktrain", "--cfg", "job", "model=nnp", "+globals.cutoff=5.0", "+globals.lr=1e-3"]
-    args += [_override(o) for o in OPTIONS if str(o.parent) in ("model/representation", "callbacks")][:2]
+    """One console-script run with a representation, a model, a task and a callback of ours together."""
+    chosen = {}
+    for option in OPTIONS:
+        chosen.setdefault(str(option.parent), option)  # one option per group (Hydra takes one +callbacks=)
+    groups = ("model", "model/representation", "task", "callbacks")
+    args = ["spktrain", "--cfg", "job", "+globals.cutoff=5.0", "+globals.lr=1e-3"]
+    args += [_override(chosen[g]) for g in groups if g in chosen]
     res = run_cli(args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "ekf_plugin" in res.stdout
+    for g in groups:
+        if g in chosen:
+            assert chosen[g].name in " ".join(args)
+    assert res.stdout.count("ekf_plugin.") >= len([g for g in groups if g in chosen])

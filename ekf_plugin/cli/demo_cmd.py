@@ -22,13 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides passed to spktrain, e.g. trainer.max_steps=50")
 
 
-def spktrain_command(workdir: Path, db: Path, epochs: int, optimizer: str, overrides: list) -> list:
+def spktrain_command(workdir: Path, source: Path, epochs: int, optimizer: str, overrides: list) -> list:
     """The ``spktrain`` command line the demo runs (printed, so users can rerun or edit it)."""
     spktrain = str(Path(sys.executable).parent / "spktrain")
     return [
         spktrain,
         f"experiment=demo_water_{optimizer}",
-        f"data.datapath={db}",
+        f"data.source={source}",
         f"run.path={workdir / 'runs'}",
         f"run.id={optimizer}",
         f"trainer.max_epochs={epochs}",
@@ -37,12 +37,12 @@ def spktrain_command(workdir: Path, db: Path, epochs: int, optimizer: str, overr
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import write_demo_database
+    from ..demo import write_demo_extxyz
 
     workdir = args.workdir.resolve()
-    db = write_demo_database(workdir / "data" / "water_demo.db", n_frames=args.frames)
-    print(f"[demo] data: {db} ({args.frames} frames of 8 flexible TIP3P waters; Å, eV)")
-    cmd = spktrain_command(workdir, db, args.epochs, args.optimizer, args.overrides)
+    source = write_demo_extxyz(workdir / "data" / "water_demo.extxyz", n_frames=args.frames)
+    print(f"[demo] data: {source} ({args.frames} frames of 8 flexible TIP3P waters; Å, eV)")
+    cmd = spktrain_command(workdir, source, args.epochs, args.optimizer, args.overrides)
     print("[demo] running:", " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rc = subprocess.call(cmd, cwd=workdir, env=env)
