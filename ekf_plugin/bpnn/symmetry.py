@@ -79,6 +79,8 @@ class SymmetryFunctions(nn.Module):
         cutoff_type: name or n2p2 number (:mod:`ekf_plugin.bpnn.cutoff`).
         cutoff_alpha: inner-radius fraction of the core cutoff types.
         angular_convention: ``"n2p2"`` or ``"ordered"`` (module docstring).
+        fast_angular: use the hand-written triple gradient (:class:`_AngularTerms`) when all angular
+            r_s are 0 and all ζ integers; otherwise (or ``False``) plain autograd.
 
     ``n_features[e]`` functions for element e, padded with zeros to ``width = max(n_features)``.
     """
@@ -91,12 +93,14 @@ class SymmetryFunctions(nn.Module):
         cutoff_type="tanhu",
         cutoff_alpha: float = 0.0,
         angular_convention: str = "n2p2",
+        fast_angular: bool = True,
     ) -> None:
         super().__init__()
         if angular_convention not in ANGULAR_CONVENTIONS:
             raise ValueError(f"angular_convention must be one of {ANGULAR_CONVENTIONS}, got {angular_convention!r}")
         self.elements = list(elements)
         self.angular_convention = angular_convention
+        self.fast_angular = fast_angular
         self.cutoff_fn = CutoffFunction(cutoff, cutoff_type, cutoff_alpha)
         by_element = per_element(functions, self.elements)
         self.functions: Dict[str, List[SymmetryFunction]] = by_element
@@ -186,7 +190,10 @@ class SymmetryFunctions(nn.Module):
             r_ij, d, idx_i, idx_j = r_ij[keep], d[keep], idx_i[keep], idx_j[keep]
         fc = self.cutoff_fn(d)  # (P,)
         radial = self._radial(species, d, fc, idx_i, idx_j, n_atoms)  # (N, E*U_r)
-        angular = self._angular(species, r_ij, d, fc, idx_i, idx_j, n_atoms)  # (N, E*E*U_a)
+        if self.fast_angular and self.ang_rs_zero and self.ang_zeta_int is not None:
+            angular = self._angular_fast(species, r_ij, idx_i, idx_j, n_atoms)  # (N, E*E*U_a)
+        else:
+            angular = self._angular(species, r_ij, d, fc, idx_i, idx_j, n_atoms)  # (N, E*E*U_a)
         slots = torch.cat([radial, angular], dim=1)  # (N, S)
         sel = self.feature_slot[species]  # (N, W)
         g = torch.gather(slots, 1, sel) * self.feature_prefactor.to(dtype)[species]  # (N, W)
@@ -204,6 +211,37 @@ class SymmetryFunctions(nn.Module):
         terms = torch.exp(-eta[None, :] * x * x) * fc[:, None]  # (P, U_r)
         out.index_add_(0, idx_i * E + species[idx_j], terms)
         return out.reshape(n_atoms, E * U)
+
+    def _triples(self, species, r_ij, idx_i, idx_j, n_atoms):
+        """Triples with functions and r_jk < r_c: (center, p1, p2, row) each (T,), or None."""
+        E = len(self.elements)
+        sel = torch.index_select
+        center, p1, p2 = neighbor_pairs_of_centers(idx_i, n_atoms)  # (T,) each
+        if center.numel() == 0:
+            return None
+        sj = sel(species, 0, idx_j)  # (P,)
+        ej, ek = sel(sj, 0, p1), sel(sj, 0, p2)  # (T,)
+        combo = (sel(species, 0, center) * E + ej) * E + ek  # (T,)
+        used = torch.nonzero(sel(self.triplet_used, 0, combo)).squeeze(-1)  # (T1,)
+        center, p1, p2, ej, ek = (sel(t, 0, used) for t in (center, p1, p2, ej, ek))
+        v3 = sel(r_ij, 0, p2) - sel(r_ij, 0, p1)  # (T1, 3)
+        rc = self.cutoff_fn.cutoff.to(r_ij.dtype)
+        ok = torch.nonzero((v3 * v3).sum(-1) < rc * rc).squeeze(-1)  # (T,)
+        if ok.numel() == 0:
+            return None
+        center, p1, p2, ej, ek = (sel(t, 0, ok) for t in (center, p1, p2, ej, ek))
+        row = (center * E + torch.minimum(ej, ek)) * E + torch.maximum(ej, ek)  # (T,) slot row
+        return center, p1, p2, row
+
+    def _angular_fast(self, species, r_ij, idx_i, idx_j, n_atoms) -> torch.Tensor:
+        E, U = len(self.elements), self.n_ang_keys
+        with torch.no_grad():
+            tri = self._triples(species, r_ij.detach(), idx_i, idx_j, n_atoms)
+        if tri is None or U == 0:
+            return r_ij.new_zeros(n_atoms, E * E * U) + 0.0 * r_ij.sum()
+        _, p1, p2, row = tri
+        slots = _AngularTerms.apply(r_ij, p1, p2, row, n_atoms * E * E, self)  # (N*E*E, U_a)
+        return slots.reshape(n_atoms, E * E * U)
 
     def _angular(self, species, r_ij, d, fc, idx_i, idx_j, n_atoms) -> torch.Tensor:
         E, U = len(self.elements), self.n_ang_keys
@@ -254,3 +292,79 @@ class SymmetryFunctions(nn.Module):
         if all(z == 1 for z in zetas):
             return base
         return torch.cat([base[:, a:b] if z == 1 else torch.pow(base[:, a:b], z) for z, a, b in self._zeta_runs], dim=1)
+
+
+class _AngularTerms(torch.autograd.Function):
+    """Narrow G3 slot sums with a hand-written gradient (r_s = 0, integer ζ).
+
+    forward: ``r_ij`` (P, 3) → slots (R, U_a): Σ over triples (rows) of
+    exp(−η s) (1 + λ cos)^ζ f_c(r_ij) f_c(r_ik) f_c(r_jk), s = r_ij² + r_ik² + r_jk².
+    backward: grad (R, U_a) → grad r_ij (P, 3), written with differentiable torch ops that are linear
+    in the incoming gradient, so forces can be trained (``create_graph=True``: gradients of forces
+    and stress w.r.t. the weights are exact). Second derivatives w.r.t. positions (Hessians) are not
+    provided by this path (use ``fast_angular=False``).
+    """
+
+    @staticmethod
+    def forward(ctx, r_ij, p1, p2, row, n_rows, sf):
+        sel = torch.index_select
+        v1, v2 = sel(r_ij, 0, p1), sel(r_ij, 0, p2)  # (T, 3)
+        v3 = v2 - v1  # (T, 3)
+        r1 = torch.linalg.vector_norm(v1, dim=-1)  # (T,)
+        r2 = torch.linalg.vector_norm(v2, dim=-1)  # (T,)
+        r3 = torch.linalg.vector_norm(v3, dim=-1)  # (T,)
+        f1, df1 = sf.cutoff_fn.value_and_derivative(r1)
+        f2, df2 = sf.cutoff_fn.value_and_derivative(r2)
+        f3, df3 = sf.cutoff_fn.value_and_derivative(r3)
+        cos = (v1 * v2).sum(-1).div_(r1 * r2)  # (T,)
+        eta = sf.ang_eta.to(r_ij.dtype)  # (U,)
+        lam = sf.ang_lam.to(r_ij.dtype)  # (U,)
+        s = r1 * r1 + r2 * r2 + r3 * r3  # (T,)
+        expo = torch.outer(s, -eta).exp_()  # (T, U)
+        base = torch.outer(cos, lam).add_(1.0).clamp_(min=0.0)  # (T, U)
+        ang = _AngularTerms._power(base, sf._zeta_runs)  # (T, U)
+        fcp = f1 * f2 * f3  # (T,)
+        terms = expo * ang  # (T, U)
+        terms.mul_(fcp[:, None])
+        out = r_ij.new_zeros(n_rows, expo.shape[1]).index_add_(0, row, terms)  # (R, U)
+        ctx.save_for_backward(p1, p2, row, v1, v2, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, expo, base, ang, eta, lam)
+        ctx.zeta_runs = sf._zeta_runs
+        ctx.n_pairs = r_ij.shape[0]
+        return out
+
+    @staticmethod
+    def _power(base, runs):
+        """(T, U) base^ζ per column (columns grouped in runs of equal integer ζ)."""
+        if all(z == 1 for z, _, _ in runs):
+            return base
+        ang = base.clone()
+        for z, a, b in runs:
+            if z != 1:
+                ang[:, a:b] = torch.pow(base[:, a:b], z)
+        return ang
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p1, p2, row, v1, v2, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, expo, base, ang, eta, lam) = ctx.saved_tensors
+        q = torch.index_select(grad, 0, row) * expo  # (T, U)
+        ga = q * ang  # (T, U)
+        fcp = f1 * f2 * f3  # (T,)
+        c_f = ga.sum(1)  # (T,) coefficient of dF
+        c_s = (ga @ eta) * fcp  # (T,) coefficient of −ds
+        c_cos = None  # (T,) coefficient of dcos: Σ_u q_u ζ_u λ_u base_u^(ζ_u − 1) · F
+        for z, a, b in ctx.zeta_runs:
+            if z == 1:
+                part = q[:, a:b] @ lam[a:b]
+            else:
+                pw = base[:, a:b] if z == 2 else torch.pow(base[:, a:b], z - 1)
+                part = (q[:, a:b] * pw) @ (z * lam[a:b])
+            c_cos = part if c_cos is None else c_cos + part
+        c_cos = c_cos * fcp
+        u1, u2, u3 = v1 / r1[:, None], v2 / r2[:, None], v3 / r3[:, None]  # (T, 3)
+        h3 = (c_f * f1 * f2 * df3)[:, None] * u3 - (2.0 * c_s)[:, None] * v3  # (T, 3) terms through r_jk
+        cc1 = (c_cos / r1)[:, None]
+        cc2 = (c_cos / r2)[:, None]
+        g1 = (c_f * f2 * df1 * f3 - cc1[:, 0] * cos - 2.0 * c_s * r1)[:, None] * u1 + cc1 * u2 - h3  # (T, 3)
+        g2 = (c_f * f1 * df2 * f3 - cc2[:, 0] * cos - 2.0 * c_s * r2)[:, None] * u2 + cc2 * u1 + h3  # (T, 3)
+        out = g1.new_zeros(ctx.n_pairs, 3).index_add(0, p1, g1).index_add(0, p2, g2)  # (P, 3)
+        return out, None, None, None, None, None
