@@ -52,8 +52,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         energy_per_atom: energy label per atom (E/N) instead of the total energy.
         clip_grad_norm: gradient-norm clipping for non-EKF optimizers (study's Adam: 0.01); None = off.
         param_blocks: EKF only: ``None`` (use ``optimizer_args``), ``"layer"`` (one P block per module)
-            or ``"element"`` (one P block per parameter whose dotted name has a component matching
-            ``element_pattern``, e.g. an element symbol or atomic number; the rest share one block).
+            or ``"element"`` (one P block per element network: parameters grouped by the first group of
+            the regex ``element_pattern`` searched in their names, default ``networks\.(\w+)\.`` =
+            ekf_plugin's BPNN ``...networks.<element index>...``; unmatched parameters share one block).
         seed: seed of the label-draw generator.
         skip_forces_on_energy_updates: drop force output modules from the forward of energy-only updates.
     """
@@ -77,7 +78,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         energy_per_atom: bool = False,
         clip_grad_norm: Optional[float] = None,
         param_blocks: Optional[str] = None,
-        element_pattern: str = r"^([A-Z][a-z]?|\d+)$",
+        element_pattern: str = r"networks\.(\w+)\.",
         seed: int = 0,
         skip_forces_on_energy_updates: bool = True,
     ) -> None:
@@ -121,7 +122,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             key = lambda name: name.rsplit(".", 1)[0]  # noqa: E731
         else:
             pat = re.compile(self.element_pattern)
-            key = lambda name: next((c for c in name.split(".") if pat.match(c)), "")  # noqa: E731
+            key = lambda name: (lambda mt: mt.group(1) if mt else "")(pat.search(name))  # noqa: E731
         groups: Dict[str, List[torch.nn.Parameter]] = {}
         for n, p in named:
             groups.setdefault(key(n), []).append(p)

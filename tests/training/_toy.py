@@ -1,4 +1,4 @@
-"""A tiny SchNet potential and the lead's built-in flexible-water data for the task tests (Å, eV)."""
+"""A tiny SchNet potential and a small rattled-copper EMT data set for the task tests (Å, eV, eV/Å)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import schnetpack as spk
 import schnetpack.transform as trn
 from ekf_plugin.compat import ContiguousForces
-from ekf_plugin.demo import write_demo_database
 
 CUTOFF = 3.0  # Å
 
@@ -36,9 +35,30 @@ def outputs():
     ]
 
 
+def write_copper_database(path: Path, n_frames: int = 12, seed: int = 0) -> Path:
+    """Rattled, strained 2×2×2 fcc Cu cells (32 atoms) labelled with ASE's EMT, as an ASEAtomsData db."""
+    import numpy as np
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    frames, props = [], []
+    for k in range(n_frames):
+        a = bulk("Cu", "fcc", a=3.6 * rng.uniform(0.97, 1.03), cubic=True).repeat((2, 2, 2))
+        a.rattle(0.12, seed=seed + k)
+        a.calc = EMT()
+        props.append({"energy": np.array([a.get_potential_energy()]), "forces": a.get_forces()})
+        frames.append(a)
+    db = spk.data.ASEAtomsData.create(
+        str(path), distance_unit="Ang", property_unit_dict={"energy": "eV", "forces": "eV/Ang"}
+    )
+    db.add_systems(props, frames)
+    return path
+
+
 def toy_loaders(tmp: Path, n_frames: int = 12):
-    """(train, val) loaders without shuffling over the demo water set (2³ molecules)."""
-    db = write_demo_database(Path(tmp) / "water.db", n_frames=n_frames)
+    """(train, val) loaders without shuffling (75/25) over the rattled-copper set."""
+    db = write_copper_database(Path(tmp) / "cu.db", n_frames=n_frames)
     data = spk.data.ASEAtomsData(
         str(db), transforms=[trn.ASENeighborList(cutoff=CUTOFF), trn.CastTo32()],
     )

@@ -114,3 +114,13 @@ def test_hparams_round_trip_load_from_checkpoint(loaders, tmp_path):
 def test_bad_task_arguments(kw):
     with pytest.raises(ValueError):
         _ekf_task(**kw)
+
+
+def test_element_and_layer_blocks_of_the_water_bpnn():
+    from ekf_plugin.models import water_bpnn
+
+    task = PaperScheduleTask(water_bpnn(stress=False), outputs(), param_blocks="element")
+    sizes = sorted(sum(p.numel() for p in g["params"]) for g in task._param_groups())
+    assert sizes == [27 * 25 + 25 + 25 * 25 + 25 + 25 + 1, 30 * 25 + 25 + 25 * 25 + 25 + 25 + 1]  # H 1376, O 1451
+    task.param_blocks = "layer"
+    assert len(task._param_groups()) == 6  # 3 linear layers per element network
