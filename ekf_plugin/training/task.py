@@ -175,7 +175,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             opt.zero_grad()
             self.manual_backward(loss)
             if self.clip_grad_norm:
-                self.clip_gradients(opt, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
+                # our own clipping: SchNetPack's trainer config sets gradient_clip_val=0, which Lightning's
+                # clip_gradients refuses to combine with a per-call value
+                torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.clip_grad_norm)
             opt.step()
         self._step_scheduler()
         self._update_rmse(store["pred"], batch, "train")

@@ -64,7 +64,7 @@ def test_adam_baseline_steps_scheduler_per_update_and_clips(loaders):
         float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in task.parameters() if p.grad is not None])))
     )
     before = _val_rmse(task, val)
-    fit = _trainer(max_epochs=2)
+    fit = _trainer(max_epochs=2, gradient_clip_val=0)  # as SchNetPack's default trainer config
     fit.fit(task, train, val)
     n_updates = 2 * len(train)
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** (n_updates // 4))
