@@ -41,6 +41,21 @@ from ekf_plugin.training.schedule import (
 _RNG_KEY = "ekf_plugin_label_rng"
 
 
+@contextlib.contextmanager
+def energy_only(model: torch.nn.Module, active: bool = True):
+    """Temporarily drop output modules that compute forces (those with a ``force_key``), so an
+    energy-only update builds no force graph (no double backward in its Jacobian)."""
+    mods = getattr(model, "output_modules", None)
+    if not active or mods is None:
+        yield
+        return
+    model.output_modules = torch.nn.ModuleList([m for m in mods if not hasattr(m, "force_key")])
+    try:
+        yield
+    finally:
+        model.output_modules = mods
+
+
 class PaperScheduleTask(spk.task.AtomisticTask):
     """AtomisticTask with the study's batch schedule (see module docstring).
 
@@ -137,23 +152,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         return opt
 
     # ------------------------------------------------------------------ training
-    @contextlib.contextmanager
-    def _energy_only(self, active: bool):
-        """Temporarily drop output modules that compute forces (energy-only update: no force graph)."""
-        mods = getattr(self.model, "output_modules", None)
-        if not active or mods is None:
-            yield
-            return
-        keep = torch.nn.ModuleList([m for m in mods if not hasattr(m, "force_key")])
-        self.model.output_modules = keep
-        try:
-            yield
-        finally:
-            self.model.output_modules = mods
-
     def _errors(self, batch: Dict[str, torch.Tensor], kinds: List[int], store: Dict[str, Any]) -> torch.Tensor:
-        energy_only = self.skip_forces_on_energy_updates and all(k == ENERGY for k in kinds)
-        with self._energy_only(energy_only):
+        energy_only_update = self.skip_forces_on_energy_updates and all(k == ENERGY for k in kinds)
+        with energy_only(self.model, energy_only_update):
             pred = self.predict_without_postprocessing(dict(batch))  # the model writes into its input dict
         store["pred"] = pred
         return weighted_errors(
