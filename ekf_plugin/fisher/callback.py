@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from .compute import fisher_spectrum, trainable_parameters
 from .labels import KINDS, LabelSet, sample_labels, split_counts
@@ -128,6 +128,11 @@ class FisherSpectrumCallback(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        saved = state_dict.get("settings", {})
+        mine = {"n_labels": self.n_labels, "kind": self.kind, "seed": self.seed}
+        if saved and saved != mine:
+            rank_zero_warn(f"FisherSpectrumCallback: resuming with {mine}, but the checkpoint's labels were drawn with "
+                           f"{saved}; keeping the checkpoint's labels so the spectra stay comparable")
         labels = state_dict.get("labels")
         self.labels = LabelSet(labels["structure"], labels["component"]) if labels else None
         self.last_metrics = dict(state_dict.get("last_metrics", {}))

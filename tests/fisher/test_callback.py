@@ -66,13 +66,15 @@ def test_state_dict_round_trip():
     cb.last_metrics = {"fisher/log10_median": -2.5}
     cb.last_epoch, cb.history = 6, [{"epoch": 6, "fisher/log10_median": -2.5}]
     other = FisherSpectrumCallback(seed=99)
-    other.load_state_dict(torch.load(_save(cb.state_dict()), weights_only=True))
+    with pytest.warns(UserWarning, match="keeping the checkpoint's labels"):
+        other.load_state_dict(torch.load(_save(cb.state_dict()), weights_only=True))
     assert other.labels.state() == cb.labels.state()
     assert (other.last_epoch, other.last_metrics, other.history) == (6, cb.last_metrics, cb.history)
     assert cb.state_key == "FisherSpectrumCallback{'prefix': 'fisher'}"
 
 
-def _save(obj, _box=[]):  # noqa: B006 - a torch.save/torch.load round trip, as in a checkpoint
+def _save(obj):
+    """A torch.save/torch.load round trip, as in a checkpoint."""
     import io
 
     buf = io.BytesIO()
