@@ -6,6 +6,7 @@ Times (median of ``reps`` after warm-up) for 1 and 2 threads, float32 and float6
 * ``symmetry_functions``: raw G2/G3 forward only;
 * ``networks``: element networks forward on precomputed features;
 * ``inference``: full model, energy + forces + stress (eval mode, no graph kept);
+* ``*_compiled``: the per-triple math fused with ``torch.compile`` (``compile_kernels=True``);
 * ``training``: same in train mode (forces with ``create_graph=True``) plus the backward pass of
   a loss on energy and forces to the weights.
 
@@ -48,14 +49,14 @@ def _median_ms(fn, reps: int, warmup: int = 2) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(threads: int, dtype: torch.dtype, reps: int) -> dict:
+def measure(threads: int, dtype: torch.dtype, reps: int, compile_kernels: bool = False) -> dict:
     import ekf_plugin.compat  # noqa: F401
     import schnetpack as spk
     from ekf_plugin.models import water_bpnn
 
     torch.set_num_threads(threads)
     atoms, _ = _frame()
-    model = water_bpnn(dtype=dtype, stress=True, seed=0)
+    model = water_bpnn(dtype=dtype, stress=True, seed=0, compile_kernels=compile_kernels)
     rep = model.representation
     nl = spk.transform.MatScipyNeighborList(cutoff=float(rep.cutoff))
     conv = spk.interfaces.AtomsConverter(nl, dtype=dtype)
@@ -97,6 +98,8 @@ def run(quick: bool = False) -> dict:
     for dtype in (torch.float32, torch.float64):
         for threads in (1, 2):
             results[f"{str(dtype).split('.')[-1]}_{threads}thr"] = measure(threads, dtype, reps)
+    if not quick:
+        results["float32_1thr_compiled"] = measure(1, torch.float32, reps, compile_kernels=True)
     _, label = _frame()
     results["frame"] = label
     results["n2p2_anchor_ms"] = N2P2_MS
@@ -110,10 +113,10 @@ def main() -> None:
     res = run(args.quick)
     print(f"frame: {res['frame']}  (n2p2 anchor: {N2P2_MS} ms/frame energy+forces, 1 process)")
     keys = ["neighbor_list", "symmetry_functions", "networks", "inference", "training"]
-    print(f"{'config':<14}" + "".join(f"{k:>20}" for k in keys) + f"{'inf us/atom':>14}{'train us/atom':>15}")
+    print(f"{'config':<22}" + "".join(f"{k:>20}" for k in keys) + f"{'inf us/atom':>14}{'train us/atom':>15}")
     for name, r in res.items():
         if isinstance(r, dict):
-            print(f"{name:<14}" + "".join(f"{r[k]:>17.1f} ms" for k in keys)
+            print(f"{name:<22}" + "".join(f"{r[k]:>17.1f} ms" for k in keys)
                   + f"{r['inference_us_per_atom']:>14.0f}{r['training_us_per_atom']:>15.0f}")
 
 

@@ -93,7 +93,6 @@ class CutoffFunction(nn.Module):
                 f = (x * (x * ((315.0 - 70.0 * x) * x - 540.0) + 420.0) - 126.0) * x**5 + 1.0
         return torch.where(inside, f, torch.zeros_like(f))
 
-    @torch.no_grad()
     def value_and_derivative(self, r: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """(f_c(r), df_c/dr) analytically (no graph), same shape as ``r``; both 0 for r >= r_c.
 

@@ -65,6 +65,8 @@ class BehlerParrinello(Transform):
             :mod:`ekf_plugin.bpnn.symmetry`.
         scale_range: (s_min, s_max) of the min/max scaling (study: (−1, 1)).
         n_atom_basis: optional check; must equal the widest element's number of functions.
+        compile_kernels: fuse the per-triple math with ``torch.compile`` (opt-in; see
+            :class:`~ekf_plugin.bpnn.symmetry.SymmetryFunctions`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class BehlerParrinello(Transform):
         angular_convention: str = "n2p2",
         scale_range: Tuple[float, float] = (-1.0, 1.0),
         n_atom_basis: Optional[int] = None,
+        compile_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.elements = [element_symbol(e) for e in elements]
@@ -85,7 +88,8 @@ class BehlerParrinello(Transform):
             raise ValueError(f"duplicate elements in {self.elements}")
         functions = resolve(symmetry_functions, parameter_unit)
         cutoff = WATER_CUTOFF_BOHR * BOHR if cutoff is None else float(cutoff)
-        self.sf = SymmetryFunctions(self.elements, functions, cutoff, cutoff_type, cutoff_alpha, angular_convention)
+        self.sf = SymmetryFunctions(self.elements, functions, cutoff, cutoff_type, cutoff_alpha, angular_convention,
+                                    compile_kernels=compile_kernels)
         self.n_features = list(self.sf.n_features)
         self.n_atom_basis = self.sf.width
         if n_atom_basis is not None and int(n_atom_basis) != self.n_atom_basis:

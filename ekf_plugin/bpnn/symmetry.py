@@ -81,6 +81,8 @@ class SymmetryFunctions(nn.Module):
         angular_convention: ``"n2p2"`` or ``"ordered"`` (module docstring).
         fast_angular: use the hand-written triple gradient (:class:`_AngularTerms`) when all angular
             r_s are 0 and all ζ integers; otherwise (or ``False``) plain autograd.
+        compile_kernels: fuse the per-triple element-wise math with ``torch.compile`` (needs a C++
+            compiler; ~40 s compile on first use per process; ~2-4x faster angular terms on CPU).
 
     ``n_features[e]`` functions for element e, padded with zeros to ``width = max(n_features)``.
     """
@@ -94,6 +96,7 @@ class SymmetryFunctions(nn.Module):
         cutoff_alpha: float = 0.0,
         angular_convention: str = "n2p2",
         fast_angular: bool = True,
+        compile_kernels: bool = False,
     ) -> None:
         super().__init__()
         if angular_convention not in ANGULAR_CONVENTIONS:
@@ -101,6 +104,7 @@ class SymmetryFunctions(nn.Module):
         self.elements = list(elements)
         self.angular_convention = angular_convention
         self.fast_angular = fast_angular
+        self.compile_kernels = compile_kernels
         self.cutoff_fn = CutoffFunction(cutoff, cutoff_type, cutoff_alpha)
         by_element = per_element(functions, self.elements)
         self.functions: Dict[str, List[SymmetryFunction]] = by_element
@@ -163,6 +167,7 @@ class SymmetryFunctions(nn.Module):
                     a, b = sorted(index[n] for n in f.neighbors)
                     used[index[e], a, b] = used[index[e], b, a] = True
         self.register_buffer("triplet_used", used.reshape(-1), persistent=False)
+        self.triplet_list = [(c, a, b) for c in range(E) for a in range(E) for b in range(a, E) if bool(used[c, a, b])]
 
     @property
     def cutoff(self) -> torch.Tensor:
@@ -213,25 +218,51 @@ class SymmetryFunctions(nn.Module):
         return out.reshape(n_atoms, E * U)
 
     def _triples(self, species, r_ij, idx_i, idx_j, n_atoms):
-        """Triples with functions and r_jk < r_c: (center, p1, p2, row) each (T,), or None."""
+        """Triples with functions and r_jk < r_c: (center, p1, p2, row) each (T,), or None.
+
+        Pairs are grouped by (centre, neighbour element); candidates are generated only for the
+        element triplets that carry functions (no H–HH in water), as a dense block per triplet.
+        """
         E = len(self.elements)
         sel = torch.index_select
-        center, p1, p2 = neighbor_pairs_of_centers(idx_i, n_atoms)  # (T,) each
-        if center.numel() == 0:
-            return None
+        device = idx_i.device
         sj = sel(species, 0, idx_j)  # (P,)
-        ej, ek = sel(sj, 0, p1), sel(sj, 0, p2)  # (T,)
-        combo = (sel(species, 0, center) * E + ej) * E + ek  # (T,)
-        used = torch.nonzero(sel(self.triplet_used, 0, combo)).squeeze(-1)  # (T1,)
-        center, p1, p2, ej, ek = (sel(t, 0, used) for t in (center, p1, p2, ej, ek))
+        key = idx_i * E + sj  # (P,)
+        order = torch.argsort(key, stable=True)  # (P,)
+        cnt = torch.bincount(key, minlength=n_atoms * E)  # (N*E,)
+        start = torch.cumsum(cnt, 0) - cnt  # (N*E,)
+        cnt2 = cnt.view(n_atoms, E)  # (N, E)
+        max_e = cnt2.max(0).values.tolist() if n_atoms else [0] * E
+        parts = []
+        for c, a, b in self.triplet_list:
+            ma, mb = max_e[a], max_e[b]
+            if ma == 0 or mb == 0 or (a == b and ma < 2):
+                continue
+            centers = torch.nonzero(species == c).squeeze(-1)  # (N_c,)
+            if centers.numel() == 0:
+                continue
+            if a == b:
+                tri = torch.tril_indices(ma, ma, -1, device=device)  # (2, K): y > x
+                x, y = tri[1], tri[0]
+            else:
+                x = torch.arange(ma, device=device).repeat_interleave(mb)  # (K,)
+                y = torch.arange(mb, device=device).repeat(ma)  # (K,)
+            ca, cb = sel(cnt2[:, a], 0, centers), sel(cnt2[:, b], 0, centers)  # (N_c,)
+            valid = (x[None, :] < ca[:, None]) & (y[None, :] < cb[:, None])  # (N_c, K)
+            n, k = torch.nonzero(valid).unbind(1)  # (T_c,)
+            cen = sel(centers, 0, n)  # (T_c,)
+            q1 = sel(order, 0, sel(start, 0, cen * E + a) + sel(x, 0, k))  # (T_c,)
+            q2 = sel(order, 0, sel(start, 0, cen * E + b) + sel(y, 0, k))  # (T_c,)
+            parts.append((cen, q1, q2, (cen * E + a) * E + b))
+        if not parts:
+            return None
+        center, p1, p2, row = (torch.cat(t) for t in zip(*parts))
         v3 = sel(r_ij, 0, p2) - sel(r_ij, 0, p1)  # (T1, 3)
         rc = self.cutoff_fn.cutoff.to(r_ij.dtype)
         ok = torch.nonzero((v3 * v3).sum(-1) < rc * rc).squeeze(-1)  # (T,)
         if ok.numel() == 0:
             return None
-        center, p1, p2, ej, ek = (sel(t, 0, ok) for t in (center, p1, p2, ej, ek))
-        row = (center * E + torch.minimum(ej, ek)) * E + torch.maximum(ej, ek)  # (T,) slot row
-        return center, p1, p2, row
+        return tuple(sel(t, 0, ok) for t in (center, p1, p2, row))
 
     def _angular_fast(self, species, r_ij, idx_i, idx_j, n_atoms) -> torch.Tensor:
         E, U = len(self.elements), self.n_ang_keys
@@ -294,6 +325,70 @@ class SymmetryFunctions(nn.Module):
         return torch.cat([base[:, a:b] if z == 1 else torch.pow(base[:, a:b], z) for z, a, b in self._zeta_runs], dim=1)
 
 
+def _angular_forward_math(v1, v2, eta, lam, cutoff_fn, runs):
+    """Per-triple terms (T, U) and what the gradient needs, from r_ij = v1 and r_ik = v2 (T, 3)."""
+    v3 = v2 - v1  # (T, 3)
+    r1 = torch.linalg.vector_norm(v1, dim=-1)  # (T,)
+    r2 = torch.linalg.vector_norm(v2, dim=-1)  # (T,)
+    r3 = torch.linalg.vector_norm(v3, dim=-1)  # (T,)
+    f1, df1 = cutoff_fn.value_and_derivative(r1)
+    f2, df2 = cutoff_fn.value_and_derivative(r2)
+    f3, df3 = cutoff_fn.value_and_derivative(r3)
+    cos = (v1 * v2).sum(-1) / (r1 * r2)  # (T,)
+    s = r1 * r1 + r2 * r2 + r3 * r3  # (T,)
+    expo = torch.exp(s[:, None] * (-eta)[None, :])  # (T, U)
+    base = (cos[:, None] * lam[None, :] + 1.0).clamp(min=0.0)  # (T, U)
+    ang = _power_runs(base, runs)  # (T, U)
+    fcp = f1 * f2 * f3  # (T,)
+    terms = expo * ang * fcp[:, None]  # (T, U)
+    return terms, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, expo, base, ang
+
+
+def _power_runs(base, runs):
+    """(T, U) base^ζ per column (columns grouped in runs of equal integer ζ)."""
+    if all(z == 1 for z, _, _ in runs):
+        return base
+    return torch.cat([base[:, a:b] if z == 1 else torch.pow(base[:, a:b], z) for z, a, b in runs], dim=1)
+
+
+def _angular_backward_math(q, v1, v2, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, base, ang, eta, lam, runs):
+    """grad r_ij, r_ik (T, 3) each from q = grad[row] · exp(−η s) (T, U); linear in q."""
+    ga = q * ang  # (T, U)
+    fcp = f1 * f2 * f3  # (T,)
+    c_f = ga.sum(1)  # (T,) coefficient of dF
+    c_s = (ga * eta[None, :]).sum(1) * fcp  # (T,) coefficient of −ds
+    parts = []
+    for z, a, b in runs:  # coefficient of dcos: Σ_u q_u ζ_u λ_u base_u^(ζ_u − 1) · F
+        if z == 1:
+            parts.append((q[:, a:b] * lam[None, a:b]).sum(1))
+        else:
+            pw = base[:, a:b] if z == 2 else torch.pow(base[:, a:b], z - 1)
+            parts.append((q[:, a:b] * pw * (z * lam[None, a:b])).sum(1))
+    c_cos = parts[0]
+    for part in parts[1:]:
+        c_cos = c_cos + part
+    c_cos = c_cos * fcp
+    u1, u2, u3 = v1 / r1[:, None], v2 / r2[:, None], v3 / r3[:, None]  # (T, 3)
+    h3 = (c_f * f1 * f2 * df3)[:, None] * u3 - (2.0 * c_s)[:, None] * v3  # (T, 3) terms through r_jk
+    cc1 = c_cos / r1
+    cc2 = c_cos / r2
+    g1 = (c_f * f2 * df1 * f3 - cc1 * cos - 2.0 * c_s * r1)[:, None] * u1 + cc1[:, None] * u2 - h3  # (T, 3)
+    g2 = (c_f * f1 * df2 * f3 - cc2 * cos - 2.0 * c_s * r2)[:, None] * u2 + cc2[:, None] * u1 + h3  # (T, 3)
+    return g1, g2
+
+
+_COMPILED: dict = {}
+
+
+def _maybe_compiled(fn, enabled: bool):
+    """``torch.compile(fn, dynamic=True)`` once per process when ``enabled`` (needs a C++ compiler)."""
+    if not enabled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 class _AngularTerms(torch.autograd.Function):
     """Narrow G3 slot sums with a hand-written gradient (r_s = 0, integer ζ).
 
@@ -302,69 +397,29 @@ class _AngularTerms(torch.autograd.Function):
     backward: grad (R, U_a) → grad r_ij (P, 3), written with differentiable torch ops that are linear
     in the incoming gradient, so forces can be trained (``create_graph=True``: gradients of forces
     and stress w.r.t. the weights are exact). Second derivatives w.r.t. positions (Hessians) are not
-    provided by this path (use ``fast_angular=False``).
+    provided by this path (use ``fast_angular=False``). With ``sf.compile_kernels`` the element-wise
+    parts run through ``torch.compile`` (forward, and backward when no graph is being built).
     """
 
     @staticmethod
     def forward(ctx, r_ij, p1, p2, row, n_rows, sf):
-        sel = torch.index_select
-        v1, v2 = sel(r_ij, 0, p1), sel(r_ij, 0, p2)  # (T, 3)
-        v3 = v2 - v1  # (T, 3)
-        r1 = torch.linalg.vector_norm(v1, dim=-1)  # (T,)
-        r2 = torch.linalg.vector_norm(v2, dim=-1)  # (T,)
-        r3 = torch.linalg.vector_norm(v3, dim=-1)  # (T,)
-        f1, df1 = sf.cutoff_fn.value_and_derivative(r1)
-        f2, df2 = sf.cutoff_fn.value_and_derivative(r2)
-        f3, df3 = sf.cutoff_fn.value_and_derivative(r3)
-        cos = (v1 * v2).sum(-1).div_(r1 * r2)  # (T,)
+        v1, v2 = torch.index_select(r_ij, 0, p1), torch.index_select(r_ij, 0, p2)  # (T, 3)
         eta = sf.ang_eta.to(r_ij.dtype)  # (U,)
         lam = sf.ang_lam.to(r_ij.dtype)  # (U,)
-        s = r1 * r1 + r2 * r2 + r3 * r3  # (T,)
-        expo = torch.outer(s, -eta).exp_()  # (T, U)
-        base = torch.outer(cos, lam).add_(1.0).clamp_(min=0.0)  # (T, U)
-        ang = _AngularTerms._power(base, sf._zeta_runs)  # (T, U)
-        fcp = f1 * f2 * f3  # (T,)
-        terms = expo * ang  # (T, U)
-        terms.mul_(fcp[:, None])
-        out = r_ij.new_zeros(n_rows, expo.shape[1]).index_add_(0, row, terms)  # (R, U)
-        ctx.save_for_backward(p1, p2, row, v1, v2, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, expo, base, ang, eta, lam)
-        ctx.zeta_runs = sf._zeta_runs
+        fwd = _maybe_compiled(_angular_forward_math, sf.compile_kernels)
+        terms, *saved = fwd(v1, v2, eta, lam, sf.cutoff_fn, sf._zeta_runs)
+        out = r_ij.new_zeros(n_rows, terms.shape[1]).index_add_(0, row, terms)  # (R, U)
+        ctx.save_for_backward(p1, p2, row, v1, v2, eta, lam, *saved)
+        ctx.runs = sf._zeta_runs
+        ctx.compile_kernels = sf.compile_kernels
         ctx.n_pairs = r_ij.shape[0]
         return out
 
     @staticmethod
-    def _power(base, runs):
-        """(T, U) base^ζ per column (columns grouped in runs of equal integer ζ)."""
-        if all(z == 1 for z, _, _ in runs):
-            return base
-        ang = base.clone()
-        for z, a, b in runs:
-            if z != 1:
-                ang[:, a:b] = torch.pow(base[:, a:b], z)
-        return ang
-
-    @staticmethod
     def backward(ctx, grad):
-        (p1, p2, row, v1, v2, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, expo, base, ang, eta, lam) = ctx.saved_tensors
+        p1, p2, row, v1, v2, eta, lam, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, expo, base, ang = ctx.saved_tensors
         q = torch.index_select(grad, 0, row) * expo  # (T, U)
-        ga = q * ang  # (T, U)
-        fcp = f1 * f2 * f3  # (T,)
-        c_f = ga.sum(1)  # (T,) coefficient of dF
-        c_s = (ga @ eta) * fcp  # (T,) coefficient of −ds
-        c_cos = None  # (T,) coefficient of dcos: Σ_u q_u ζ_u λ_u base_u^(ζ_u − 1) · F
-        for z, a, b in ctx.zeta_runs:
-            if z == 1:
-                part = q[:, a:b] @ lam[a:b]
-            else:
-                pw = base[:, a:b] if z == 2 else torch.pow(base[:, a:b], z - 1)
-                part = (q[:, a:b] * pw) @ (z * lam[a:b])
-            c_cos = part if c_cos is None else c_cos + part
-        c_cos = c_cos * fcp
-        u1, u2, u3 = v1 / r1[:, None], v2 / r2[:, None], v3 / r3[:, None]  # (T, 3)
-        h3 = (c_f * f1 * f2 * df3)[:, None] * u3 - (2.0 * c_s)[:, None] * v3  # (T, 3) terms through r_jk
-        cc1 = (c_cos / r1)[:, None]
-        cc2 = (c_cos / r2)[:, None]
-        g1 = (c_f * f2 * df1 * f3 - cc1[:, 0] * cos - 2.0 * c_s * r1)[:, None] * u1 + cc1 * u2 - h3  # (T, 3)
-        g2 = (c_f * f1 * df2 * f3 - cc2[:, 0] * cos - 2.0 * c_s * r2)[:, None] * u2 + cc2 * u1 + h3  # (T, 3)
+        bwd = _maybe_compiled(_angular_backward_math, ctx.compile_kernels and not torch.is_grad_enabled())
+        g1, g2 = bwd(q, v1, v2, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, base, ang, eta, lam, ctx.runs)
         out = g1.new_zeros(ctx.n_pairs, 3).index_add(0, p1, g1).index_add(0, p2, g2)  # (P, 3)
         return out, None, None, None, None, None
