@@ -1,6 +1,7 @@
 """Lightning callback: the Fisher spectrum of the L1 loss on fixed validation labels during training.
 
-Every ``every_n_epochs`` validation epochs (and at the first one) it computes the spectrum on a fixed,
+At the first validation epoch, and then whenever ``every_n_epochs`` epochs have passed since the last
+computation, it computes the spectrum on a fixed,
 seeded random subset of validation labels (:func:`ekf_plugin.fisher.labels.sample_labels`), logs summary
 scalars, and writes ``epoch_XXXX.npz`` + ``epoch_XXXX.png`` into ``dirpath``. Between computations it
 logs the latest values again, so the keys are present at every validation epoch and can be monitored
@@ -52,7 +53,7 @@ class FisherSpectrumCallback(pl.Callback):
     Args:
         n_labels: number of labels N (energy + force components), ≥ 1.
         kind: 'energy', 'forces' or 'both' (split by ``energy_fraction``).
-        every_n_epochs: compute at validation epochs 0, k, 2k, ... (k ≥ 1).
+        every_n_epochs: compute at the first validation epoch, then once ≥ k epochs have passed (k ≥ 1).
         seed: seed of the label subset (fixed for the whole run, kept through resume).
         energy_fraction: share of energy labels for kind='both'.
         forces_per_structure: force components drawn per validation structure.
@@ -157,7 +158,7 @@ class FisherSpectrumCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         epoch = trainer.current_epoch
-        if not self.last_metrics or epoch % self.every_n_epochs == 0 and epoch != self.last_epoch:
+        if not self.last_metrics or epoch - self.last_epoch >= self.every_n_epochs:
             self._compute(trainer, pl_module, epoch)
         for name, value in self.last_metrics.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True, prog_bar=False, logger=True)

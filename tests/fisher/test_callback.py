@@ -134,3 +134,23 @@ def test_spktrain_logs_fisher_keys_selects_a_checkpoint_and_resumes(tmp_path):
     assert second["history"][:2] == first["history"]
     with open(run / "fisher" / "history.csv") as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1, 2]
+
+
+class _Recorder(FisherSpectrumCallback):
+    """The callback with its spectrum computation replaced by a record of when it would run."""
+
+    def _compute(self, trainer, pl_module, epoch):
+        self.computed = getattr(self, "computed", []) + [epoch]
+        self.last_metrics, self.last_epoch = {"fisher/log10_median": float(epoch)}, epoch
+
+
+def test_cadence_and_keys_logged_at_every_validation_epoch():
+    cb = _Recorder(every_n_epochs=3)
+    logged = []
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.append((name, value)))
+    for epoch in (1, 3, 5, 7, 9, 11):  # e.g. check_val_every_n_epoch=2
+        cb.on_validation_epoch_end(SimpleNamespace(sanity_checking=False, current_epoch=epoch), module)
+    assert cb.computed == [1, 5, 9]
+    medians = [v for k, v in logged if k == "fisher/log10_median"]
+    assert medians == [1.0, 1.0, 5.0, 5.0, 9.0, 9.0], "latest values are re-logged between computations"
+    assert [v for k, v in logged if k == "fisher/epoch"] == [1.0, 1.0, 5.0, 5.0, 9.0, 9.0]
