@@ -215,24 +215,30 @@ class IPIClient:
         """Connect, serve, handle failures; return the exit code (see module docstring)."""
         previous = _install_sigterm()
         try:
-            try:
-                sock = connect_with_retry(self.address, self.connect_timeout)
-            except ConnectionError as exc:
-                _log(str(exc))
-                return EXIT_DISCONNECTED
-            _log(f"connected to i-PI at {self.address}")
-            while True:
-                code = self._serve_once(sock)
-                if code != EXIT_DISCONNECTED or self.reconnect <= 0:
-                    return code
-                try:
-                    sock = connect_with_retry(self.address, self.reconnect, require_file=True)
-                except ConnectionError as exc:
-                    _log(f"{exc}; giving up")
-                    return EXIT_DISCONNECTED
-                _log(f"reconnected to i-PI at {self.address}")
+            return self._run()
+        except Terminated:  # while connecting: nothing to drain
+            _log("terminated by SIGTERM while connecting")
+            return EXIT_SIGTERM
         finally:
             _restore_sigterm(previous)
+
+    def _run(self) -> int:
+        try:
+            sock = connect_with_retry(self.address, self.connect_timeout)
+        except ConnectionError as exc:
+            _log(str(exc))
+            return EXIT_DISCONNECTED
+        _log(f"connected to i-PI at {self.address}")
+        while True:
+            code = self._serve_once(sock)
+            if code != EXIT_DISCONNECTED or self.reconnect <= 0:
+                return code
+            try:
+                sock = connect_with_retry(self.address, self.reconnect, require_file=True)
+            except ConnectionError as exc:
+                _log(f"{exc}; giving up")
+                return EXIT_DISCONNECTED
+            _log(f"reconnected to i-PI at {self.address}")
 
     def _serve_once(self, sock: socket.socket) -> int:
         try:

@@ -79,17 +79,23 @@ def npt_xml(
     thermostat_tau_fs: float = 50.0,
     barostat_tau_fs: float = 100.0,
     velocities_k: Optional[float] = None,
+    barostat: bool = True,
 ) -> str:
     """i-PI input for NPT MD (SVR thermostat, isotropic Bussi–Zykova–Parrinello barostat).
 
     ``forcefield`` is the ``<ffsocket>``/``<ffdirect>`` block named ``nnp`` (see
     :data:`FORCEFIELD_SOCKET`, :data:`FORCEFIELD_DIRECT`). Properties go to ``<prefix>.out``:
     step, time/ps, conserved/eV, temperature/K, potential/eV, kinetic_md/eV, pressure_md/bar,
-    volume/Å³, density/(g/cm³), virial_md/bar (6).
+    volume/Å³, density/(g/cm³), virial_md/bar (6). ``barostat=False`` gives NVT (same thermostat).
     """
     traj = (f"    <trajectory filename='pos' stride='{traj_stride}' format='xyz' cell_units='angstrom'>"
             " positions{angstrom} </trajectory>\n") if traj_stride else ""
     vel = temperature if velocities_k is None else velocities_k
+    baro = f"""
+        <barostat mode='isotropic'>
+          <tau units='femtosecond'> {barostat_tau_fs} </tau>
+          <thermostat mode='langevin'> <tau units='femtosecond'> {barostat_tau_fs} </tau> </thermostat>
+        </barostat>""" if barostat else ""
     return f"""<simulation verbosity='low' safe_stride='{max(stride, 10)}'>
   <output prefix='{prefix}'>
     <properties stride='{stride}' filename='out'> [ step, time{{picosecond}}, conserved{{electronvolt}},
@@ -108,13 +114,9 @@ def npt_xml(
     <forces> <force forcefield='nnp'/> </forces>
     <ensemble> <temperature units='kelvin'> {temperature} </temperature> <pressure units='bar'> {pressure_bar} </pressure> </ensemble>
     <motion mode='dynamics'>
-      <dynamics mode='npt'>
+      <dynamics mode='{"npt" if barostat else "nvt"}'>
         <timestep units='femtosecond'> {timestep_fs} </timestep>
-        <thermostat mode='svr'> <tau units='femtosecond'> {thermostat_tau_fs} </tau> </thermostat>
-        <barostat mode='isotropic'>
-          <tau units='femtosecond'> {barostat_tau_fs} </tau>
-          <thermostat mode='langevin'> <tau units='femtosecond'> {barostat_tau_fs} </tau> </thermostat>
-        </barostat>
+        <thermostat mode='svr'> <tau units='femtosecond'> {thermostat_tau_fs} </tau> </thermostat>{baro}
       </dynamics>
     </motion>
   </system>

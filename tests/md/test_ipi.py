@@ -261,4 +261,4 @@ def test_trained_n2p2_water_potential_step0_and_short_npt(tmp_path, shared_data)
     check_step0(props, ref, abs(np.linalg.det(cell)))
     assert np.ptp(props["volume"]) > 0  # the barostat acts
     drift = np.abs(props["conserved"] - props["conserved"][0]).max()
-    assert drift < 0.02, drift  # eV over 2 fs, 192 atoms (measured ~3 meV)
+    assert drift < 0.05, drift  # eV over 2 fs, 192 atoms (measured 12 meV, thermostat + barostat on)
