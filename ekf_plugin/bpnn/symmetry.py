@@ -220,19 +220,30 @@ class SymmetryFunctions(nn.Module):
     def _triples(self, species, r_ij, idx_i, idx_j, n_atoms):
         """Triples with functions and r_jk < r_c: (center, p1, p2, row) each (T,), or None.
 
-        Pairs are grouped by (centre, neighbour element); candidates are generated only for the
-        element triplets that carry functions (no H–HH in water), as a dense block per triplet.
+        Pairs are grouped by (centre, neighbour element) into padded tables; for each element
+        triplet that carries functions (no H–HH in water) r_jk² of all candidate neighbour pairs is
+        one batched Gram product, and a single mask keeps the valid ones (call under no_grad).
         """
         E = len(self.elements)
         sel = torch.index_select
         device = idx_i.device
+        n_pairs = idx_i.shape[0]
+        if n_pairs < 2:
+            return None
         sj = sel(species, 0, idx_j)  # (P,)
         key = idx_i * E + sj  # (P,)
-        order = torch.argsort(key, stable=True)  # (P,)
+        key_sorted, order = torch.sort(key, stable=True)  # (P,)
         cnt = torch.bincount(key, minlength=n_atoms * E)  # (N*E,)
         start = torch.cumsum(cnt, 0) - cnt  # (N*E,)
+        pos = torch.arange(n_pairs, device=device) - sel(start, 0, key_sorted)  # (P,) slot in group
+        m = int(cnt.max())
+        ptab = torch.zeros(n_atoms * E, m, dtype=torch.long, device=device)  # (N*E, M) pair index
+        ptab[key_sorted, pos] = order
+        vtab = r_ij.new_zeros(n_atoms * E, m, 3)  # (N*E, M, 3) pair vectors, zero-padded
+        vtab[key_sorted, pos] = sel(r_ij, 0, order)
         cnt2 = cnt.view(n_atoms, E)  # (N, E)
-        max_e = cnt2.max(0).values.tolist() if n_atoms else [0] * E
+        max_e = cnt2.max(0).values.tolist()
+        rc2 = float(self.cutoff_fn.cutoff) ** 2
         parts = []
         for c, a, b in self.triplet_list:
             ma, mb = max_e[a], max_e[b]
@@ -241,28 +252,27 @@ class SymmetryFunctions(nn.Module):
             centers = torch.nonzero(species == c).squeeze(-1)  # (N_c,)
             if centers.numel() == 0:
                 continue
+            va = vtab[centers * E + a, :ma]  # (N_c, Ma, 3)
+            vb = vtab[centers * E + b, :mb]  # (N_c, Mb, 3)
+            r3sq = (va * va).sum(-1)[:, :, None] + (vb * vb).sum(-1)[:, None, :] - 2.0 * torch.bmm(va, vb.transpose(1, 2))
+            ok = r3sq < rc2  # (N_c, Ma, Mb)
+            xa = torch.arange(ma, device=device)
+            yb = torch.arange(mb, device=device)
+            ok &= (xa[None, :] < sel(cnt2[:, a], 0, centers)[:, None])[:, :, None]
+            ok &= (yb[None, :] < sel(cnt2[:, b], 0, centers)[:, None])[:, None, :]
             if a == b:
-                tri = torch.tril_indices(ma, ma, -1, device=device)  # (2, K): y > x
-                x, y = tri[1], tri[0]
-            else:
-                x = torch.arange(ma, device=device).repeat_interleave(mb)  # (K,)
-                y = torch.arange(mb, device=device).repeat(ma)  # (K,)
-            ca, cb = sel(cnt2[:, a], 0, centers), sel(cnt2[:, b], 0, centers)  # (N_c,)
-            valid = (x[None, :] < ca[:, None]) & (y[None, :] < cb[:, None])  # (N_c, K)
-            n, k = torch.nonzero(valid).unbind(1)  # (T_c,)
+                ok &= (xa[:, None] < yb[None, :])[None]
+            n, x, y = torch.nonzero(ok).unbind(1)  # (T_c,)
             cen = sel(centers, 0, n)  # (T_c,)
-            q1 = sel(order, 0, sel(start, 0, cen * E + a) + sel(x, 0, k))  # (T_c,)
-            q2 = sel(order, 0, sel(start, 0, cen * E + b) + sel(y, 0, k))  # (T_c,)
+            q1 = ptab[cen * E + a, x]  # (T_c,)
+            q2 = ptab[cen * E + b, y]  # (T_c,)
             parts.append((cen, q1, q2, (cen * E + a) * E + b))
         if not parts:
             return None
         center, p1, p2, row = (torch.cat(t) for t in zip(*parts))
-        v3 = sel(r_ij, 0, p2) - sel(r_ij, 0, p1)  # (T1, 3)
-        rc = self.cutoff_fn.cutoff.to(r_ij.dtype)
-        ok = torch.nonzero((v3 * v3).sum(-1) < rc * rc).squeeze(-1)  # (T,)
-        if ok.numel() == 0:
+        if center.numel() == 0:
             return None
-        return tuple(sel(t, 0, ok) for t in (center, p1, p2, row))
+        return center, p1, p2, row
 
     def _angular_fast(self, species, r_ij, idx_i, idx_j, n_atoms) -> torch.Tensor:
         E, U = len(self.elements), self.n_ang_keys
