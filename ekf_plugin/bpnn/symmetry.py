@@ -168,6 +168,20 @@ class SymmetryFunctions(nn.Module):
                     used[index[e], a, b] = used[index[e], b, a] = True
         self.register_buffer("triplet_used", used.reshape(-1), persistent=False)
         self.triplet_list = [(c, a, b) for c in range(E) for a in range(E) for b in range(a, E) if bool(used[c, a, b])]
+        # per element triplet: the angular columns its functions use, and their runs of equal ζ
+        self.triplet_columns = {}
+        for c, a, b in self.triplet_list:
+            cols = sorted({ang_keys.index((f.eta, f.rs, f.lam, f.zeta)) for f in by_element[self.elements[c]]
+                           if isinstance(f, G3) and sorted(index[n] for n in f.neighbors) == [a, b]})
+            runs = []
+            for n, u in enumerate(cols):
+                z = ang_keys[u][3]
+                z = int(z) if float(z).is_integer() else z
+                if runs and runs[-1][0] == z:
+                    runs[-1][2] = n + 1
+                else:
+                    runs.append([z, n, n + 1])
+            self.triplet_columns[(c, a, b)] = (cols, [tuple(r) for r in runs])
 
     @property
     def cutoff(self) -> torch.Tensor:
@@ -217,7 +231,7 @@ class SymmetryFunctions(nn.Module):
         out.index_add_(0, idx_i * E + species[idx_j], terms)
         return out.reshape(n_atoms, E * U)
 
-    def _triples(self, species, r_ij, idx_i, idx_j, n_atoms):
+    def _triples(self, species, r_ij, idx_i, idx_j, n_atoms, split: bool = False):
         """Triples with functions and r_jk < r_c: (center, p1, p2, row) each (T,), or None.
 
         Pairs are grouped by (centre, neighbour element) into padded tables; for each element
@@ -266,10 +280,13 @@ class SymmetryFunctions(nn.Module):
             cen = sel(centers, 0, n)  # (T_c,)
             q1 = ptab[cen * E + a, x]  # (T_c,)
             q2 = ptab[cen * E + b, y]  # (T_c,)
-            parts.append((cen, q1, q2, (cen * E + a) * E + b))
+            if cen.numel():
+                parts.append(((c, a, b), cen, q1, q2, (cen * E + a) * E + b))
         if not parts:
             return None
-        center, p1, p2, row = (torch.cat(t) for t in zip(*parts))
+        if split:
+            return parts
+        center, p1, p2, row = (torch.cat(t) for t in list(zip(*parts))[1:])
         if center.numel() == 0:
             return None
         return center, p1, p2, row
@@ -277,11 +294,12 @@ class SymmetryFunctions(nn.Module):
     def _angular_fast(self, species, r_ij, idx_i, idx_j, n_atoms) -> torch.Tensor:
         E, U = len(self.elements), self.n_ang_keys
         with torch.no_grad():
-            tri = self._triples(species, r_ij.detach(), idx_i, idx_j, n_atoms)
-        if tri is None or U == 0:
-            return r_ij.new_zeros(n_atoms, E * E * U) + 0.0 * r_ij.sum()
-        _, p1, p2, row = tri
-        slots = _AngularTerms.apply(r_ij, p1, p2, row, n_atoms * E * E, self)  # (N*E*E, U_a)
+            parts = self._triples(species, r_ij.detach(), idx_i, idx_j, n_atoms, split=True)
+        slots = r_ij.new_zeros(n_atoms * E * E, U) + 0.0 * r_ij.sum()  # (N*E*E, U_a)
+        for combo, _, p1, p2, row in parts or []:
+            cols, runs = self.triplet_columns[combo]
+            part = _AngularTerms.apply(r_ij, p1, p2, row, n_atoms * E * E, self, cols, runs)  # (N*E*E, U_c)
+            slots = slots.index_add(1, torch.tensor(cols, device=r_ij.device), part)
         return slots.reshape(n_atoms, E * E * U)
 
     def _angular(self, species, r_ij, d, fc, idx_i, idx_j, n_atoms) -> torch.Tensor:
@@ -402,7 +420,7 @@ def _maybe_compiled(fn, enabled: bool):
 class _AngularTerms(torch.autograd.Function):
     """Narrow G3 slot sums with a hand-written gradient (r_s = 0, integer ζ).
 
-    forward: ``r_ij`` (P, 3) → slots (R, U_a): Σ over triples (rows) of
+    forward: ``r_ij`` (P, 3) → slots (R, U_c) for the columns ``cols`` of one element triplet: Σ over triples (rows) of
     exp(−η s) (1 + λ cos)^ζ f_c(r_ij) f_c(r_ik) f_c(r_jk), s = r_ij² + r_ik² + r_jk².
     backward: grad (R, U_a) → grad r_ij (P, 3), written with differentiable torch ops that are linear
     in the incoming gradient, so forces can be trained (``create_graph=True``: gradients of forces
@@ -412,15 +430,16 @@ class _AngularTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r_ij, p1, p2, row, n_rows, sf):
+    def forward(ctx, r_ij, p1, p2, row, n_rows, sf, cols, runs):
         v1, v2 = torch.index_select(r_ij, 0, p1), torch.index_select(r_ij, 0, p2)  # (T, 3)
-        eta = sf.ang_eta.to(r_ij.dtype)  # (U,)
-        lam = sf.ang_lam.to(r_ij.dtype)  # (U,)
+        idx = torch.tensor(cols, device=r_ij.device)
+        eta = sf.ang_eta.to(r_ij.dtype)[idx]  # (U_c,)
+        lam = sf.ang_lam.to(r_ij.dtype)[idx]  # (U_c,)
         fwd = _maybe_compiled(_angular_forward_math, sf.compile_kernels)
-        terms, *saved = fwd(v1, v2, eta, lam, sf.cutoff_fn, sf._zeta_runs)
+        terms, *saved = fwd(v1, v2, eta, lam, sf.cutoff_fn, runs)
         out = r_ij.new_zeros(n_rows, terms.shape[1]).index_add_(0, row, terms)  # (R, U)
         ctx.save_for_backward(p1, p2, row, v1, v2, eta, lam, *saved)
-        ctx.runs = sf._zeta_runs
+        ctx.runs = runs
         ctx.compile_kernels = sf.compile_kernels
         ctx.n_pairs = r_ij.shape[0]
         return out
@@ -432,4 +451,4 @@ class _AngularTerms(torch.autograd.Function):
         bwd = _maybe_compiled(_angular_backward_math, ctx.compile_kernels and not torch.is_grad_enabled())
         g1, g2 = bwd(q, v1, v2, v3, r1, r2, r3, f1, f2, f3, df1, df2, df3, cos, base, ang, eta, lam, ctx.runs)
         out = g1.new_zeros(ctx.n_pairs, 3).index_add(0, p1, g1).index_add(0, p2, g2)  # (P, 3)
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None, None
