@@ -201,10 +201,10 @@ def test_server_killed_client_exits_nonzero_without_spinning(tmp_path):
 
 def test_sigterm_mid_run_then_second_client_finishes(tmp_path):
     s = Setup(tmp_path)
-    steps = 150
+    steps = 100
     with IPIServer(tmp_path, s.socket_xml(steps, stride=10), socket_path=s.socket) as server:
         first = s.client()
-        wait_for_step(tmp_path / "npt.out", 30)
+        wait_for_step(tmp_path / "npt.out", 20)
         first.send_signal(signal.SIGTERM)
         _, err1 = first.communicate(timeout=30)
         second = s.client()
