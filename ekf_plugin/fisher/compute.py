@@ -123,6 +123,7 @@ def fisher_spectrum(
     order = sorted(per_structure)
     t0 = time.perf_counter()
     done = 0
+    # force_graph also for energy-only batches: SchNetPack's Forces frees the energy graph unless training
     with torch.inference_mode(False), torch.enable_grad(), force_graph(model):
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
