@@ -178,22 +178,23 @@ class IPIServer:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """SIGTERM (i-PI writes a restartable RESTART), SIGKILL after ``timeout`` s; then remove
+        the socket file if i-PI left it behind (a stale file blocks the next bind)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.socket_path and os.path.exists(self.socket_path):
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
 
     def __enter__(self) -> "IPIServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        if self.socket_path and os.path.exists(self.socket_path) and (self.proc is None or self.proc.poll() is not None):
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
