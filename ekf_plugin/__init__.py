@@ -20,7 +20,7 @@ from .hookspecs import hookimpl
 
 _LAZY = {
     "EKF": ("ekf_plugin.optim.ekf", "EKF"),
-    "calculator": ("ekf_plugin.calculator", "calculator"),
+    "calculator": ("ekf_plugin.ase_calculator", "calculator"),
     "get_plugin_manager": ("ekf_plugin.plugins", "get_plugin_manager"),
 }
 

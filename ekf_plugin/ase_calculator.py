@@ -1,5 +1,6 @@
 """An ASE calculator for any model the plugin can load (``spktrain`` ``best_model``, our export,
-n2p2 potential directories): ``ekf_plugin.calculator(path)``.
+n2p2 potential directories): ``ekf_plugin.calculator(path)`` (this module is named
+``ase_calculator`` so that the package attribute ``calculator`` stays the function).
 
 Results in ASE units: ``energy``/``free_energy`` in eV, ``forces`` in eV/Å (N, 3) and ``stress``
 in eV/Å³ (Voigt, 6; ASE's sign: ``dE/dε / V``), computed in float64 with a minimum-image
@@ -49,14 +50,3 @@ class EkfCalculator(Calculator):
 def calculator(path: Union[str, os.PathLike, Any], device: Optional[str] = None, **kw: Any) -> EkfCalculator:
     """An ASE calculator for a trained model (path or ``AtomisticModel``); see :class:`EkfCalculator`."""
     return EkfCalculator(path, device=device, **kw)
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """``ekf_plugin.calculator`` is both this module and the public function: once the module is
-    imported, the package attribute is the module, so calling it must still work."""
-
-    def __call__(self, path: Union[str, os.PathLike, Any], device: Optional[str] = None, **kw: Any) -> EkfCalculator:
-        return calculator(path, device=device, **kw)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
