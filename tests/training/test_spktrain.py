@@ -17,7 +17,7 @@ def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment
     args = [
         "spktrain", f"experiment={experiment}", f"data.source={src}", "data.max_frames=10",
         f"data.datapath={tmp_path}/water10.db", "trainer.max_epochs=2", f"run.path={tmp_path}/runs", "run.id=t",
-        "logger=csv", "trainer.enable_progress_bar=false",
+        "logger=csv", "+trainer.enable_progress_bar=false",
     ]
     res = run_cli(args, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
