@@ -15,8 +15,8 @@ from tests.helpers import REPO, run_cli
 def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment):
     src = shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
     args = [
-        "spktrain", f"experiment={experiment}", f"data.source={src}", "data.max_frames=10",
-        f"data.datapath={tmp_path}/water10.db", "trainer.max_epochs=2", f"run.path={tmp_path}/runs", "run.id=t",
+        "spktrain", f"experiment={experiment}", f"data.source={src}", "data.max_frames=5",
+        f"data.datapath={tmp_path}/water5.db", "trainer.max_epochs=1", f"run.path={tmp_path}/runs", "run.id=t",
         "logger=csv", "+trainer.enable_progress_bar=false",
     ]
     res = run_cli(args, cwd=REPO, timeout=600)
@@ -25,7 +25,7 @@ def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment
     assert (run / "best_model").exists()
     rows = list(csv.DictReader(open(next(run.glob("csv/**/metrics.csv")))))
     val = [r for r in rows if r.get("val_forces_rmse_all")]
-    assert len(val) == 2, "one validation per epoch"
+    assert len(val) == 1, "one validation per epoch"
     for r in val:
         assert math.isfinite(float(r["val_forces_rmse_all"])) and math.isfinite(float(r["val_energy_per_atom_rmse"]))
-    assert max(float(r["step"]) for r in rows if r.get("train_loss")) >= 8  # 8 training frames per epoch
+    assert max(float(r["step"]) for r in rows if r.get("val_loss")) >= 3  # 4 training frames: 4 updates
