@@ -27,3 +27,4 @@ autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 nitpicky = False
 suppress_warnings = ["myst.header"]
+autodoc_inherit_docstrings = False  # host classes (Lightning) have docstrings that are not valid reST here

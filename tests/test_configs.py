@@ -52,7 +52,7 @@ def test_there_are_options_to_check():
 
 @pytest.mark.parametrize("option", OPTIONS, ids=[str(o) for o in OPTIONS])
 def test_option_composes_and_its_targets_import(hydra_schnetpack, option):
-    overrides = [_override(option), "+globals.cutoff=5.0", "+globals.lr=1e-3"]
+    overrides = [_override(option), "++globals.cutoff=5.0", "++globals.lr=1e-3"]
     if str(option.parent) not in ("model", "experiment"):
         overrides.insert(0, "model=nnp")
     cfg = compose(config_name="train", overrides=overrides)
@@ -71,7 +71,7 @@ def test_spktrain_cfg_job_with_our_options(tmp_path):
     for option in OPTIONS:
         chosen.setdefault(str(option.parent), option)  # one option per group (Hydra takes one +callbacks=)
     groups = ("model", "model/representation", "task", "callbacks")
-    args = ["spktrain", "--cfg", "job", "+globals.cutoff=5.0", "+globals.lr=1e-3"]
+    args = ["spktrain", "--cfg", "job", "++globals.cutoff=5.0", "++globals.lr=1e-3"]
     args += [_override(chosen[g]) for g in groups if g in chosen]
     res = run_cli(args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

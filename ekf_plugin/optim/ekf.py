@@ -400,7 +400,7 @@ class EKF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> Dict[str, float]:
-        """n2p2-style status: mean |diag P|, min diag P, mean |offdiag P| (first block), η, q, step."""
+        """n2p2-style status: mean ``|diag P|``, min ``diag P``, mean ``|offdiag P|`` (first block), η, q, step."""
         st = self.ekf_state
         diag = torch.cat([Pb.diagonal() for Pb in st["P"]])
         P0 = st["P"][0]

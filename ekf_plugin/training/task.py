@@ -59,16 +59,17 @@ def energy_only(model: torch.nn.Module, active: bool = True):
 class PaperScheduleTask(spk.task.AtomisticTask):
     """AtomisticTask with the study's batch schedule (see module docstring).
 
-    Args (besides ``AtomisticTask``'s):
+    Args:
         energy_key, forces_key: output/target names (eV, eV/Å).
         energy_fraction: probability of an energy update (study: 0.5). In [0, 1].
         n_force_components: force components per force update (study: 10).
-        c_energy, c_forces: weights c_E [eV⁻²] and c_F [Å²/eV²] (default: SI Table S3 converted).
+        c_energy, c_forces: weights c_E [eV⁻²] and c_F [Å²/eV²] (default: the SI Table S3 ratio with
+            c_F = 1000 Å²/eV², see :mod:`ekf_plugin.training.schedule`).
         energy_per_atom: energy label per atom (E/N) instead of the total energy.
         clip_grad_norm: gradient-norm clipping for non-EKF optimizers (study's Adam: 0.01); None = off.
         param_blocks: EKF only: ``None`` (use ``optimizer_args``), ``"layer"`` (one P block per module)
             or ``"element"`` (one P block per element network: parameters grouped by the first group of
-            the regex ``element_pattern`` searched in their names, default ``networks\.(\w+)\.`` =
+            the regex ``element_pattern`` searched in their names, default ``networks\.(\w+)\.``, i.e.
             ekf_plugin's BPNN ``...networks.<element index>...``; unmatched parameters share one block).
         seed: seed of the label-draw generator.
         skip_forces_on_energy_updates: drop force output modules from the forward of energy-only updates.
