@@ -3,7 +3,8 @@
 #   ./run.sh [MODEL] [STEPS]
 # MODEL: spktrain best_model, an exported model, or an n2p2 potential directory
 #        (default: the RPBE-D3 n2p2 water potential in ../shared/data beside the checkout).
-# Environment: DEVICE (cpu|cuda, default cpu), THREADS (torch threads, default 1), PYTHON.
+# Environment: DEVICE (cpu|cuda, default cpu), THREADS (torch threads, default 1), PYTHON,
+#              RUN_DIR (default ./run) and SOCKET_NAME (default ekf_npt_water) for several runs at once.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -11,14 +12,15 @@ MODEL="${1:-$REPO/../shared/data/n2p2-h2o-potentials/H2O_RPBE-D3}"
 STEPS="${2:-2000}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 BIN="$(dirname "$PYTHON")"
-NAME="ekf_npt_water"
+NAME="${SOCKET_NAME:-ekf_npt_water}"
 SOCKET="/tmp/ipi_$NAME"
-RUN="$HERE/run"
+RUN="${RUN_DIR:-$HERE/run}"
 
 mkdir -p "$RUN"
 cd "$RUN"
 [ -f init.xyz ] || "$PYTHON" "$HERE/make_init.py" --out init.xyz
-sed "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" "$HERE/input.xml" > input.xml
+sed -e "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" \
+    -e "s|<address>ekf_npt_water</address>|<address>$NAME</address>|" "$HERE/input.xml" > input.xml
 rm -f RESTART EXIT npt.out npt.pos_0.xyz npt.chk
 if [ -S "$SOCKET" ] || [ -e "$SOCKET" ]; then
   echo "removing stale socket $SOCKET"; rm -f "$SOCKET"

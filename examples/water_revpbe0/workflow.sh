@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The study's comparison on revPBE0-D3 water with ekf-plugin, end to end:
+#   bash workflow.sh [train|evaluate|fisher|md|plots|all]     (default: all)
+# Environment:
+#   DATA        extxyz in Bohr/Hartree (default: ../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz
+#               beside the checkout)
+#   WORK        working directory (default: ./work)
+#   TRAIN_MIN   wall-clock minutes per training run (default 30); runs go in parallel, 1 thread each
+#   MD_STEPS    i-PI NPT steps per model (0.5 fs each; default 400)
+#   FISHER_LABELS  labels for the Fisher spectra (default 200)
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+BIN="${BIN:-$REPO/.venv/bin}"
+DATA="${DATA:-$REPO/../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz}"
+WORK="${WORK:-$HERE/work}"
+RUNS=(ekf_lr1e-3_s0 adam_lr1e-4_s0 adam_lr1e-3_s0)
+stage="${1:-all}"
+mkdir -p "$WORK/data"
+cd "$WORK"
+export OMP_NUM_THREADS=1
+
+if [[ $stage == train || $stage == all ]]; then
+  # one database for all runs (Å, eV), the same 80/20 split (+seed=0), one update per step
+  [ -f data/water.db ] || "$BIN/python" -c "import sys; from ekf_plugin.data import read_frames, frames_to_db; frames_to_db(read_frames(sys.argv[1]), 'data/water.db')" "$DATA"
+  common=(data.datapath="$WORK/data/water.db" +seed=0 logger=csv trainer.accelerator=cpu data.num_workers=0
+          trainer.limit_val_batches=40 trainer.val_check_interval=100 trainer.max_epochs=1000
+          "+trainer.max_time=00:00:${TRAIN_MIN:-30}:00" model.seed=0 task.seed=0)
+  "$BIN/spktrain" experiment=water_bpnn_ekf "${common[@]}" run.id=ekf_lr1e-3_s0 > ekf_lr1e-3_s0.log 2>&1 &
+  "$BIN/spktrain" experiment=water_bpnn_adam "${common[@]}" task.optimizer_args.lr=1e-4 run.id=adam_lr1e-4_s0 > adam_lr1e-4_s0.log 2>&1 &
+  "$BIN/spktrain" experiment=water_bpnn_adam "${common[@]}" task.optimizer_args.lr=1e-3 run.id=adam_lr1e-3_s0 > adam_lr1e-3_s0.log 2>&1 &
+  wait
+fi
+if [[ $stage == evaluate || $stage == all ]]; then
+  "$BIN/python" "$HERE/evaluate.py" "${RUNS[@]/#/runs/}" --db data/water.db --models "$HERE/models" --json errors.json
+fi
+if [[ $stage == fisher || $stage == all ]]; then
+  "$BIN/ekf-plugin" fisher "${RUNS[@]/#/$HERE/models/}" --data "$DATA" --length-unit Bohr --index :100 --labels "${FISHER_LABELS:-200}" --out fisher
+fi
+if [[ $stage == md || $stage == all ]]; then
+  for r in "${RUNS[@]}"; do
+    RUN_DIR="$WORK/md_$r" SOCKET_NAME="ekf_w7_$r" bash "$REPO/examples/ipi_npt_water/run.sh" "$HERE/models/$r.pt" "${MD_STEPS:-400}" > "md_$r.log" 2>&1 &
+  done
+  wait
+fi
+if [[ $stage == plots || $stage == all ]]; then
+  "$BIN/python" "$HERE/analyze.py" curves "${RUNS[@]/#/runs/}" --out learning_curves.png
+  "$BIN/python" "$HERE/analyze.py" density "${RUNS[@]/#/md_}" --labels "${RUNS[@]}" --out density.png --json density.json || true
+fi
