@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("curves", help="learning curves of several spktrain runs, one figure")
     c.add_argument("runs", nargs="+", type=Path)
     c.add_argument("--out", type=Path, default=Path("learning_curves.png"))
-    c.add_argument("--energy-key", default="val_energy_rmse_per_atom")
+    c.add_argument("--energy-key", default="val_energy_per_atom_rmse")
     c.add_argument("--force-key", default="val_forces_rmse")
     d = sub.add_parser("density", help="density traces of i-PI runs with block averages")
     d.add_argument("files", nargs="+", type=Path)

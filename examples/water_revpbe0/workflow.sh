@@ -35,7 +35,8 @@ if [[ $stage == evaluate || $stage == all ]]; then
   "$BIN/python" "$HERE/evaluate.py" "${RUNS[@]/#/runs/}" --db data/water.db --models "$HERE/models" --json errors.json
 fi
 if [[ $stage == fisher || $stage == all ]]; then
-  "$BIN/ekf-plugin" fisher "${RUNS[@]/#/$HERE/models/}" --data "$DATA" --length-unit Bohr --index :100 --labels "${FISHER_LABELS:-200}" --out fisher
+  models=(); for r in "${RUNS[@]}"; do models+=("$HERE/models/$r.pt"); done
+  "$BIN/ekf-plugin" fisher "${models[@]}" --data "$DATA" --length-unit Bohr --index :100 --labels "${FISHER_LABELS:-200}" --out fisher
 fi
 if [[ $stage == md || $stage == all ]]; then
   for r in "${RUNS[@]}"; do
