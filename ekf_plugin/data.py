@@ -68,7 +68,11 @@ def read_frames(path: Union[str, Path], fmt: Optional[str] = None, max_frames: O
 
 
 def frames_to_db(frames: Sequence, db_path: Union[str, Path]):
-    """Write frames (Å, eV, eV/Å on their calculators) into a new SchNetPack ``ASEAtomsData``."""
+    """Write frames (Å, eV, eV/Å on their calculators) into a new SchNetPack ``ASEAtomsData``.
+
+    The database is written under a temporary name and renamed when complete, so a crash never leaves a
+    truncated database that a later run would take for finished.
+    """
     import ekf_plugin.compat  # noqa: F401
     from schnetpack.data import ASEAtomsData
 
@@ -76,11 +80,14 @@ def frames_to_db(frames: Sequence, db_path: Union[str, Path]):
     if db_path.exists():
         raise FileExistsError(f"{db_path} exists; remove it first")
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    data = ASEAtomsData.create(str(db_path), distance_unit="Ang", property_unit_dict=dict(PROPERTY_UNITS))
+    tmp = db_path.with_name(db_path.name + ".partial.db")
+    tmp.unlink(missing_ok=True)
+    data = ASEAtomsData.create(str(tmp), distance_unit="Ang", property_unit_dict=dict(PROPERTY_UNITS))
     props = [{"energy": np.array([a.get_potential_energy()]), "forces": np.asarray(a.get_forces())} for a in frames]
     plain = [a.copy() for a in frames]  # without calculators
     data.add_systems(props, plain)
-    return data
+    tmp.replace(db_path)
+    return ASEAtomsData(str(db_path))
 
 
 def atoms_data(source: Union[str, Path], db_path: Union[str, Path], fmt: Optional[str] = None,
