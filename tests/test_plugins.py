@@ -133,3 +133,13 @@ def test_spktrain_help_shows_our_options_and_third_party_configs(fake_site, tmp_
     groups = {line.split(":")[0]: line for line in res.stdout.splitlines() if ":" in line}
     assert "toyrep" in groups["model/representation"]
     assert "bpnn_water" in groups["model/representation"]
+
+
+def test_our_registered_targets_import():
+    import importlib
+
+    for comp in components(pm=get_plugin_manager(reload=True)):
+        if comp.distribution != "ekf-plugin" or comp.kind == "config_dirs":
+            continue
+        module, _, attr = comp.target.replace(":", ".").rpartition(".")
+        assert getattr(importlib.import_module(module), attr) is not None, comp
