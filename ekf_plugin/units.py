@@ -10,7 +10,6 @@ from ase import units
 BOHR = units.Bohr  # Å per Bohr (0.52917721...)
 HARTREE = units.Hartree  # eV per Hartree (27.2113862...)
 HARTREE_PER_BOHR = units.Hartree / units.Bohr  # eV/Å per Hartree/Bohr
-EV = 1.0
 
 LENGTH_TO_ANGSTROM = {"Angstrom": 1.0, "Ang": 1.0, "A": 1.0, "Bohr": BOHR, "bohr": BOHR, "au": BOHR}
 ENERGY_TO_EV = {"eV": 1.0, "Hartree": HARTREE, "Ha": HARTREE, "hartree": HARTREE, "au": HARTREE}

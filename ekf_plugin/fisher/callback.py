@@ -33,11 +33,11 @@ from typing import Any, Dict, List, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from ..labels import N_ATOMS
 from .compute import fisher_spectrum, trainable_parameters
 from .labels import KINDS, LabelSet, sample_labels, split_counts
 from .spectrum import METHODS, STATS, FisherSpectrum
 
-N_ATOMS = "_n_atoms"
 
 
 def metric_names(prefix: str = "fisher", kind: str = "both") -> List[str]:

@@ -19,13 +19,11 @@ import numpy as np
 import torch
 
 from ..jacobian import flat_jacobian
-from ..labels import energy_errors, force_errors
+from ..labels import IDX_M, N_ATOMS, energy_errors, force_errors
 from .labels import ENERGY, LabelSet
 from .spectrum import FisherSpectrum, GramAccumulator
 
 Batch = Dict[str, torch.Tensor]
-N_ATOMS = "_n_atoms"
-IDX_M = "_idx_m"
 
 
 def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
