@@ -26,6 +26,7 @@ import schnetpack.properties as props
 from schnetpack.transform import Transform
 
 from .presets import WATER_CUTOFF_BOHR, element_symbol, resolve
+from .feature_derivatives import feature_columns
 from .symmetry import SymmetryFunctions
 from ..units import BOHR
 
@@ -48,6 +49,13 @@ def species_of(z: torch.Tensor, table: torch.Tensor, elements: Sequence[str]) ->
             f"(model elements: {', '.join(elements)})"
         )
     return species
+
+
+def pair_vectors(inputs: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(P, 3) r_ij = R[j] − R[i] + offsets in Å from a SchNetPack batch with a neighbour list."""
+    r = inputs[props.R] if dtype is None else inputs[props.R].to(dtype)  # (N, 3)
+    idx_i, idx_j = inputs[props.idx_i].to(r.device), inputs[props.idx_j].to(r.device)  # (P,)
+    return r[idx_j] - r[idx_i] + inputs[props.offsets].to(device=r.device, dtype=r.dtype)  # (P, 3)
 
 
 class BehlerParrinello(Transform):
@@ -124,6 +132,17 @@ class BehlerParrinello(Transform):
         inputs["scalar_representation"] = g * w + b  # (N, W)
         return inputs
 
+    def feature_columns(self, inputs: Dict[str, torch.Tensor], atoms: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+        """∂s_i/∂r_{a_l, α_l} of the scaled features for L (atom, Cartesian component) pairs: (L, N, W) per Å.
+
+        ``inputs`` needs ``_Rij`` (P, 3) in Å and the neighbour list; weights-independent, no graph
+        (see :mod:`ekf_plugin.bpnn.feature_derivatives`).
+        """
+        species = species_of(inputs[props.Z], self.species_table, self.elements)  # (N,)
+        cols = feature_columns(self.sf, species, inputs[props.Rij], inputs[props.idx_i], inputs[props.idx_j],
+                               atoms, components)  # (L, N, W)
+        return cols * self.scale_weight.to(cols.dtype)[species]  # (L, N, W)
+
     # ---- scaling -----------------------------------------------------------------------------
     def set_scaling(self, g_min: torch.Tensor, g_max: torch.Tensor, g_mean: Optional[torch.Tensor] = None) -> None:
         """Set the affine scaling from per-element statistics, each (E, n_atom_basis).
@@ -155,11 +174,10 @@ class BehlerParrinello(Transform):
         g_min = torch.full((E, W), float("inf"), dtype=torch.float64, device=device)
         g_max = torch.full((E, W), float("-inf"), dtype=torch.float64, device=device)
         for batch in batches:
-            r = batch[props.R].to(device=device, dtype=torch.float64)
-            idx_i, idx_j = batch[props.idx_i].to(device), batch[props.idx_j].to(device)
-            rij = r[idx_j] - r[idx_i] + batch[props.offsets].to(device=device, dtype=torch.float64)
-            z = batch[props.Z].to(device)
-            g = self.raw_features({props.Z: z, props.Rij: rij, props.idx_i: idx_i, props.idx_j: idx_j})
+            batch = {k: batch[k].to(device) for k in (props.R, props.Z, props.idx_i, props.idx_j, props.offsets)}
+            rij = pair_vectors(batch, torch.float64)  # (P, 3) Å
+            z = batch[props.Z]
+            g = self.raw_features({props.Z: z, props.Rij: rij, props.idx_i: batch[props.idx_i], props.idx_j: batch[props.idx_j]})
             species = self.species_table[z]
             for e in range(E):
                 ge = g[species == e]  # (N_e, W)

@@ -24,11 +24,11 @@ The energy label is the total energy of the structure (PiNN's default, ``use_e_p
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ekf_plugin.labels import IDX_M, N_ATOMS, energy_errors, force_errors
+from ekf_plugin.labels import IDX_M, N_ATOMS, draw_components
 from ekf_plugin.units import BOHR
 
 C_RATIO_AU = 0.28  # c_E/c_F in Bohr⁻² (SI Table S3, PiNN row)
@@ -56,25 +56,72 @@ def weighted_errors(
     c_forces: float = C_FORCES_EV_ANG,
     energy_per_atom: bool = False,
 ) -> torch.Tensor:
-    """ξ = √(c/n)(ŷ − y) for the labels drawn per structure; shape (m,), graph kept.
+    """ξ = √(c/n)(ŷ − y) for the labels drawn per structure from full model outputs ``pred``; (m,), graph kept.
 
     Energy structures contribute one entry √c_E·ΔE [ΔE in eV, or eV/atom]; force structures
     ``n_force_components`` entries √(c_F/k)·ΔF [ΔF in eV/Å], drawn without replacement.
     """
-    parts = []
-    e_err: Optional[torch.Tensor] = None
     idx_m = batch[IDX_M]  # (N_total,)
+
+    def forces_of(b: int, pick: torch.Tensor) -> torch.Tensor:
+        return pred[forces_key][idx_m == b].reshape(-1)[pick.to(idx_m.device)]  # (k,)
+
+    return label_errors(lambda: pred[energy_key].reshape(-1), forces_of, batch, kinds, generator, energy_key,
+                        forces_key, n_force_components, c_energy, c_forces, energy_per_atom)
+
+
+def label_errors(
+    energies: Callable[[], torch.Tensor],
+    force_components: Callable[[int, torch.Tensor], torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    kinds: List[int],
+    generator: torch.Generator,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    n_force_components: int = 10,
+    c_energy: float = C_ENERGY_EV,
+    c_forces: float = C_FORCES_EV_ANG,
+    energy_per_atom: bool = False,
+    record: Optional[Dict[str, List[torch.Tensor]]] = None,
+) -> torch.Tensor:
+    """:func:`weighted_errors` with the predictions supplied on demand, shape (m,).
+
+    Args:
+        energies: ``() -> (B,)`` predicted total energies in eV (called once, only if an energy label is drawn).
+        force_components: ``(b, pick) -> (k,)`` predicted force components in eV/Å of structure b at the flat
+            indices ``pick`` (k,) into its (N_b·3) components (atom ``pick // 3``, axis ``pick % 3``).
+        record: if given, gets the unweighted predicted and reference labels appended under
+            ``"energy"`` / ``"forces"`` as (pred, ref) pairs (eV/atom and eV/Å), for training metrics.
+
+    The random draws (one ``randperm`` per force structure, in batch order) are those of
+    :func:`weighted_errors`, so both give the same labels for the same generator state.
+    """
+    parts = []
+    e_pred: Optional[torch.Tensor] = None
+    idx_m = batch[IDX_M]  # (N_total,)
+    n_atoms = batch[N_ATOMS]  # (B,)
     for b, kind in enumerate(kinds):
         if kind == ENERGY:
-            if e_err is None:
-                e_err = energy_errors(pred, batch, key=energy_key, per_atom=energy_per_atom)  # (B,)
-            parts.append(e_err[b : b + 1] * c_energy**0.5)  # (1,)
+            if e_pred is None:
+                e_pred = energies()  # (B,)
+            ref = batch[energy_key].reshape(-1)[b : b + 1].to(e_pred.dtype)  # (1,)
+            err = e_pred[b : b + 1] - ref  # (1,)
+            nat = n_atoms[b : b + 1].to(err.dtype)
+            if energy_per_atom:
+                err = err / nat
+            if record is not None:
+                record.setdefault("energy", []).append((e_pred[b : b + 1].detach() / nat, ref / nat))
+            parts.append(err * c_energy**0.5)  # (1,)
         else:
-            sel = idx_m == b  # (N_total,)
-            sub_p = {forces_key: pred[forces_key][sel]}
-            sub_b = {forces_key: batch[forces_key][sel]}
-            f = force_errors(sub_p, sub_b, key=forces_key, n_components=n_force_components, generator=generator)
-            parts.append(f * (c_forces / f.numel()) ** 0.5)  # (k,)
+            ref_all = batch[forces_key][idx_m == b].reshape(-1)  # (3N_b,)
+            n_all = ref_all.numel()
+            pick = torch.arange(n_all) if n_force_components >= n_all else draw_components(n_all, n_force_components, generator)
+            k = pick.numel()  # (k,) CPU indices: all components in order, or k drawn at random
+            f = force_components(b, pick)  # (k,)
+            ref = ref_all[pick.to(ref_all.device)].to(f.dtype)  # (k,)
+            if record is not None:
+                record.setdefault("forces", []).append((f.detach(), ref))
+            parts.append((f - ref) * (c_forces / k) ** 0.5)  # (k,)
     return torch.cat(parts)
 
 

@@ -35,8 +35,10 @@ from ekf_plugin.training.schedule import (
     ENERGY,
     atoms_per_structure,
     draw_kinds,
+    label_errors,
     weighted_errors,
 )
+from ekf_plugin.training import bpnn_labels
 
 _RNG_KEY = "ekf_plugin_label_rng"
 
@@ -73,6 +75,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             ekf_plugin's BPNN ``...networks.<element index>...``; unmatched parameters share one block).
         seed: seed of the label-draw generator.
         skip_forces_on_energy_updates: drop force output modules from the forward of energy-only updates.
+        fast_labels: predict the drawn labels from cached symmetry functions
+            (:mod:`ekf_plugin.training.bpnn_labels`; same values, the Jacobian runs through the networks
+            only). ``None`` (default): on when the model's representation is ``BehlerParrinello``. The
+            training RMSEs are then those of the drawn labels (an unbiased sample); validation and test
+            RMSEs always use the full model.
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         element_pattern: str = r"networks\.(\w+)\.",
         seed: int = 0,
         skip_forces_on_energy_updates: bool = True,
+        fast_labels: Optional[bool] = None,
     ) -> None:
         optimizer_args = dict(optimizer_args or {"lr": 1e-3})
         if "lr" not in optimizer_args:
@@ -123,6 +131,10 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.c_energy, self.c_forces, self.energy_per_atom = float(c_energy), float(c_forces), energy_per_atom
         self.clip_grad_norm, self.param_blocks, self.element_pattern = clip_grad_norm, param_blocks, element_pattern
         self.skip_forces_on_energy_updates = skip_forces_on_energy_updates
+        if fast_labels and not bpnn_labels.supports(model):
+            raise ValueError("fast_labels=True needs a model with a BehlerParrinello representation")
+        use_fast = bpnn_labels.supports(model) if fast_labels is None else bool(fast_labels)
+        self.label_predictor = bpnn_labels.BPNNLabelPredictor(model, energy_key) if use_fast else None
         self.label_rng = torch.Generator().manual_seed(int(seed))
         self.rmse = torch.nn.ModuleDict(
             {f"{s}_{k}": MeanSquaredError(squared=False) for s in ("train", "val", "test") for k in ("e", "f")}
@@ -154,6 +166,14 @@ class PaperScheduleTask(spk.task.AtomisticTask):
 
     # ------------------------------------------------------------------ training
     def _errors(self, batch: Dict[str, torch.Tensor], kinds: List[int], store: Dict[str, Any]) -> torch.Tensor:
+        if self.label_predictor is not None:
+            predictor = self.label_predictor
+            store["labels"] = {}
+            return label_errors(
+                lambda: predictor.energies(batch), lambda b, pick: predictor.force_components(batch, b, pick),
+                batch, kinds, self.label_rng, self.energy_key, self.forces_key, self.n_force_components,
+                self.c_energy, self.c_forces, self.energy_per_atom, record=store["labels"],
+            )
         energy_only_update = self.skip_forces_on_energy_updates and all(k == ENERGY for k in kinds)
         with energy_only(self.model, energy_only_update):
             pred = self.predict_without_postprocessing(dict(batch))  # the model writes into its input dict
@@ -182,7 +202,10 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.clip_grad_norm)
             opt.step()
         self._step_scheduler()
-        self._update_rmse(store["pred"], batch, "train")
+        if "labels" in store:
+            self._update_label_rmse(store["labels"], n_struct)
+        else:
+            self._update_rmse(store["pred"], batch, "train")
         self.log("train_loss", loss.detach().to(torch.float32), on_step=True, on_epoch=False, batch_size=n_struct)
         if self._is_ekf():
             st = opt.optimizer.ekf_state if hasattr(opt, "optimizer") else opt.ekf_state
@@ -215,6 +238,20 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             m = self.rmse[f"{subset}_f"]
             m(pred[self.forces_key].detach().reshape(-1).double(), batch[self.forces_key].reshape(-1).double())
             self.log(f"{subset}_forces_rmse_all", m, on_step=False, on_epoch=True, batch_size=n)
+
+    def _update_label_rmse(self, labels: Dict[str, List], n: int) -> None:
+        """Training RMSEs from the labels of this update (fast path): eV/atom and eV/Å."""
+        for kind, short, name in (("energy", "e", "energy_per_atom_rmse"), ("forces", "f", "forces_rmse_all")):
+            if labels.get(kind):
+                pred = torch.cat([p for p, _ in labels[kind]]).double()
+                ref = torch.cat([r for _, r in labels[kind]]).double()
+                m = self.rmse[f"train_{short}"]
+                m(pred, ref)
+                self.log(f"train_{name}", m, on_step=False, on_epoch=True, batch_size=n)
+
+    def on_train_start(self) -> None:
+        if self.label_predictor is not None:
+            self.label_predictor.clear()  # scaling may have been fitted after construction
 
     def _eval_step(self, batch, subset: str):
         torch.set_grad_enabled(self.grad_enabled)

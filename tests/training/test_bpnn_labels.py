@@ -1,0 +1,98 @@
+"""Fast BPNN label path: same labels, errors, Jacobians and EKF updates as the full model, with a feature cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import schnetpack as spk
+import schnetpack.properties as props
+from ekf_plugin.jacobian import flat_jacobian
+from ekf_plugin.models import water_bpnn
+from ekf_plugin.optim import EKF
+from ekf_plugin.training import PaperScheduleTask
+from ekf_plugin.training.bpnn_labels import BPNNLabelPredictor, supports
+from ekf_plugin.training.schedule import draw_kinds
+from tests.bpnn._systems import converter, randomise_scaling, water_cluster, water_pair
+
+from ._toy import outputs, toy_model
+
+
+def _model():
+    model = water_bpnn(dtype=torch.float64, stress=False, seed=3)
+    randomise_scaling(model)
+    return model
+
+
+def _batch(model, seed=0):
+    """Two structures (periodic pair + cluster) with made-up labels (eV, eV/Å) and dataset indices."""
+    frames = [water_pair(seed=seed), water_cluster(3, seed=seed)]
+    batch = converter(model)(frames)
+    g = torch.Generator().manual_seed(seed)
+    batch["energy"] = torch.randn(2, generator=g, dtype=torch.float64)
+    batch["forces"] = torch.randn(batch[props.R].shape, generator=g, dtype=torch.float64)
+    batch[props.idx] = torch.tensor([5, 9])
+    return batch
+
+
+def test_energies_and_force_components_equal_the_full_model_with_their_jacobians():
+    model = _model()
+    batch = _batch(model)
+    full = model(dict(batch))
+    pred = BPNNLabelPredictor(model)
+    params = list(model.parameters())
+    e = pred.energies(batch)  # (2,)
+    torch.testing.assert_close(e, full["energy"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flat_jacobian(e, params), flat_jacobian(full["energy"], params), rtol=1e-10, atol=1e-12)
+    n0 = int(batch[props.n_atoms][0])
+    pick = torch.tensor([0, 4, 17, 2])  # flat (atom·3 + axis) indices into structure 1
+    f = pred.force_components(batch, 1, pick)  # (4,)
+    ref = full["forces"][n0:].reshape(-1)[pick]
+    torch.testing.assert_close(f, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_jacobian(f, params), flat_jacobian(ref, params), rtol=1e-9, atol=1e-11)
+
+
+def test_features_are_cached_by_index_and_recomputed_when_positions_change():
+    model = _model()
+    batch = _batch(model)
+    pred = BPNNLabelPredictor(model)
+    s = pred.features(batch, 0)
+    assert pred.features(batch, 0) is s, "second call is served from the cache"
+    moved = dict(batch)
+    moved[props.R] = batch[props.R].clone()
+    moved[props.R][1, 0] += 0.05  # one atom of structure 0
+    s2 = pred.features(moved, 0)
+    assert s2 is not s and not torch.equal(s2, s), "changed positions under the same _idx are recomputed"
+    pred.max_cache_bytes = 0
+    pred.clear()
+    assert pred.features(batch, 1) is not pred.features(batch, 1), "nothing cached beyond max_cache_bytes"
+
+
+def test_supports_only_bpnn_potentials():
+    assert supports(_model())
+    assert not supports(toy_model())
+    with pytest.raises(TypeError, match="BehlerParrinello"):
+        BPNNLabelPredictor(toy_model())
+    with pytest.raises(ValueError, match="fast_labels=True"):
+        PaperScheduleTask(toy_model(), outputs(), fast_labels=True)
+
+
+def test_ekf_updates_with_fast_labels_equal_the_full_model_path():
+    model = _model()
+    batch = _batch(model, seed=1)
+    tasks = {fast: PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=fast, seed=4) for fast in (True, False)}
+    assert tasks[True].label_predictor is not None and tasks[False].label_predictor is None
+    xis = {}
+    for fast, task in tasks.items():
+        opt = EKF(task.model.parameters(), lr=1e-2)
+        xis[fast] = []
+        for _ in range(6):  # both kinds drawn; B = 2 structures per update
+            kinds = draw_kinds(2, 0.5, task.label_rng)
+            xis[fast].append(opt.step(lambda: task._errors(batch, kinds, {})))
+    for a, b in zip(xis[True], xis[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(next(tasks[True].model.parameters()), next(model.parameters())), "weights moved"
