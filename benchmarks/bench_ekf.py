@@ -9,7 +9,9 @@ Figures (CPU timings on a shared 2-core VM are noisy):
   (P streamed 3×: read for X = PJᵀ, read + write for P −= VᵀV) and achieved GFLOP/s (≈ 4n²m FLOP);
 * dense vs blocked (greedy ≤ 2048) step time for n = 1e3 … 1e5 (dense only while P ≤ 4 GiB);
 * water BPNN (``ekf_plugin.models.water_bpnn``) on 192-atom revPBE0-D3 frames: energy and force
-  updates/s, labels/s, Jacobian vs filter time, peak RSS with the 1400 frames in memory.
+  updates/s, labels/s, Jacobian vs filter time with the fast label path of ``PaperScheduleTask``
+  (cached features, local dG/dr columns) and with the full model; peak RSS with the 1400 frames and
+  their cached features in memory.
 """
 
 from __future__ import annotations
@@ -142,23 +144,10 @@ def _batch(atoms, cutoff: float, device):
     return b
 
 
-def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
-    from ekf_plugin.models import water_bpnn
-    from ekf_plugin.optim import EKF
-    from ekf_plugin.training.schedule import ENERGY, FORCES, weighted_errors
-    from ekf_plugin.training.task import energy_only
+def _update_times(model, opt, batches, closure_for, device, k_updates: int):
+    """Mean wall time (s) of energy and force updates and their Jacobian share; alternating kinds, 2 warm-up."""
+    from ekf_plugin.training.schedule import ENERGY, FORCES
 
-    if not DATA.exists():
-        return {"bpnn_skipped_no_data": 1.0}
-    frames = _frames(8 if quick else None)
-    model = water_bpnn(stress=False).to(device)
-    model.train()
-    cutoff = float(getattr(model, "cutoff", 6.350124))
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = EKF(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    out: Dict[str, float] = _Figures()
-    out["bpnn_weights"] = float(n)
     t_jac = {ENERGY: [], FORCES: []}
     t_all = {ENERGY: [], FORCES: []}
     orig_update = opt._update
@@ -171,30 +160,76 @@ def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
         timed_update.dt = time.perf_counter() - t
 
     opt._update = timed_update
-    k_updates = 5 if quick else 20
     for i in range(2 * k_updates):
         kind = ENERGY if i % 2 == 0 else FORCES
-        b = _batch(frames[i % len(frames)], cutoff, device)
+        b = batches[i % len(batches)]
         t0 = time.perf_counter()
-        def closure():
-            with energy_only(model, kind == ENERGY):  # as PaperScheduleTask: no force graph for energy labels
-                return weighted_errors(model(dict(b)), b, [kind], g)
-
-        opt.step(closure)
+        opt.step(closure_for(b, kind))
         _sync(device)
         dt = time.perf_counter() - t0
         if i >= 2:  # warm-up
             t_all[kind].append(dt)
             t_jac[kind].append(dt - timed_update.dt)
+    opt._update = orig_update
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    out["energy_update_ms"] = 1e3 * mean(t_all[ENERGY])
-    out["force_update_ms"] = 1e3 * mean(t_all[FORCES])
-    out["energy_updates_per_s"] = 1 / mean(t_all[ENERGY])
-    out["force_updates_per_s"] = 1 / mean(t_all[FORCES])
-    out["labels_per_s_1E_1F"] = 11 / (mean(t_all[ENERGY]) + mean(t_all[FORCES]))
-    out["force_jacobian_ms"] = 1e3 * mean(t_jac[FORCES])
-    out["force_filter_ms"] = 1e3 * (mean(t_all[FORCES]) - mean(t_jac[FORCES]))
-    out["energy_jacobian_ms"] = 1e3 * mean(t_jac[ENERGY])
+    return {kind: (mean(t_all[kind]), mean(t_jac[kind])) for kind in (ENERGY, FORCES)}
+
+
+def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
+    """EKF updates of the study's water BPNN: fast label path (what ``PaperScheduleTask`` uses) and full model."""
+    import schnetpack.properties as props
+    from ekf_plugin.models import water_bpnn
+    from ekf_plugin.optim import EKF
+    from ekf_plugin.training.bpnn_labels import BPNNLabelPredictor
+    from ekf_plugin.training.schedule import ENERGY, FORCES, label_errors, weighted_errors
+    from ekf_plugin.training.task import energy_only
+
+    if not DATA.exists():
+        return {"bpnn_skipped_no_data": 1.0}
+    frames = _frames(8 if quick else None)
+    model = water_bpnn(stress=False).to(device)
+    model.train()
+    cutoff = float(getattr(model, "cutoff", 6.350124))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    g = torch.Generator().manual_seed(0)
+    out: Dict[str, float] = _Figures()
+    out["bpnn_weights"] = float(n)
+    batches = []
+    for k, atoms in enumerate(frames):
+        b = _batch(atoms, cutoff, device)
+        b[props.idx] = torch.tensor([k], device=device)
+        batches.append(b)
+    predictor = BPNNLabelPredictor(model)
+    t = time.perf_counter()
+    for b in batches:  # fill the feature cache (what the first training epoch does)
+        predictor.features(b, 0)
+    out["feature_cache_fill_s_per_frame"] = (time.perf_counter() - t) / len(batches)
+
+    def fast_closure(b, kind):
+        return lambda: label_errors(lambda: predictor.energies(b), lambda s, pick: predictor.force_components(b, s, pick),
+                                    b, [kind], g)
+
+    def full_closure(b, kind):
+        def closure():
+            with energy_only(model, kind == ENERGY):  # as PaperScheduleTask: no force graph for energy labels
+                return weighted_errors(model(dict(b)), b, [kind], g)
+        return closure
+
+    k_updates = 5 if quick else 20
+    fast = _update_times(model, EKF(model.parameters(), lr=1e-3), batches, fast_closure, device, k_updates)
+    (e_all, e_jac), (f_all, f_jac) = fast[ENERGY], fast[FORCES]
+    out["energy_update_ms"] = 1e3 * e_all
+    out["force_update_ms"] = 1e3 * f_all
+    out["energy_updates_per_s"] = 1 / e_all
+    out["force_updates_per_s"] = 1 / f_all
+    out["labels_per_s_1E_1F"] = 11 / (e_all + f_all)
+    out["energy_jacobian_ms"] = 1e3 * e_jac
+    out["force_jacobian_ms"] = 1e3 * f_jac
+    out["force_filter_ms"] = 1e3 * (f_all - f_jac)
+    full = _update_times(model, EKF(model.parameters(), lr=1e-3), batches, full_closure, device, 3 if quick else 5)
+    out["full_model_energy_update_ms"] = 1e3 * full[ENERGY][0]
+    out["full_model_force_update_ms"] = 1e3 * full[FORCES][0]
+    out["full_model_labels_per_s_1E_1F"] = 11 / (full[ENERGY][0] + full[FORCES][0])
     out["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     out["frames_in_memory"] = float(len(frames))
     return out

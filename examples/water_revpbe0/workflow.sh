@@ -5,7 +5,10 @@
 #   DATA        extxyz in Bohr/Hartree (default: ../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz
 #               beside the checkout)
 #   WORK        working directory (default: ./work)
+#   RUNS        run ids <ekf|adam>_lr<η>_s<seed> (default: EKF η=1e-3 and Adam η=1e-4, seeds 0 and 1; Adam η=1e-3, seed 0);
+#               the seed sets the initial weights and the label draws; the 80/20 split is the same for all runs
 #   TRAIN_MIN   wall-clock minutes per training run (default 30); runs go in parallel, 1 thread each
+#   VAL_EVERY   updates between validations on 30 validation frames (default 1000)
 #   MD_STEPS    i-PI NPT steps per model (0.5 fs each; default 400)
 #   FISHER_LABELS  labels for the Fisher spectra (default 200)
 set -euo pipefail
@@ -14,7 +17,7 @@ REPO="$(cd "$HERE/../.." && pwd)"
 BIN="${BIN:-$REPO/.venv/bin}"
 DATA="${DATA:-$REPO/../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz}"
 WORK="${WORK:-$HERE/work}"
-RUNS=(ekf_lr1e-3_s0 adam_lr1e-4_s0 adam_lr1e-3_s0)
+read -r -a RUNS <<< "${RUNS:-ekf_lr1e-3_s0 ekf_lr1e-3_s1 adam_lr1e-4_s0 adam_lr1e-4_s1 adam_lr1e-3_s0}"
 stage="${1:-all}"
 mkdir -p "$WORK/data"
 cd "$WORK"
@@ -24,11 +27,14 @@ if [[ $stage == train || $stage == all ]]; then
   # one database for all runs (Å, eV), the same 80/20 split (+seed=0), one update per step
   [ -f data/water.db ] || "$BIN/python" -c "import sys; from ekf_plugin.data import read_frames, frames_to_db; frames_to_db(read_frames(sys.argv[1]), 'data/water.db')" "$DATA"
   common=(data.datapath="$WORK/data/water.db" +seed=0 logger=csv trainer.accelerator=cpu data.num_workers=0
-          trainer.limit_val_batches=40 trainer.val_check_interval=100 trainer.max_epochs=1000
-          "+trainer.max_time=00:00:${TRAIN_MIN:-30}:00" model.seed=0 task.seed=0)
-  "$BIN/spktrain" experiment=water_bpnn_ekf "${common[@]}" run.id=ekf_lr1e-3_s0 > ekf_lr1e-3_s0.log 2>&1 &
-  "$BIN/spktrain" experiment=water_bpnn_adam "${common[@]}" task.optimizer_args.lr=1e-4 run.id=adam_lr1e-4_s0 > adam_lr1e-4_s0.log 2>&1 &
-  "$BIN/spktrain" experiment=water_bpnn_adam "${common[@]}" task.optimizer_args.lr=1e-3 run.id=adam_lr1e-3_s0 > adam_lr1e-3_s0.log 2>&1 &
+          trainer.limit_val_batches=30 trainer.val_check_interval="${VAL_EVERY:-1000}" trainer.max_epochs=1000
+          "+trainer.max_time=00:00:${TRAIN_MIN:-30}:00")
+  for r in "${RUNS[@]}"; do
+    [[ $r =~ ^(ekf|adam)_lr([0-9.e-]+)_s([0-9]+)$ ]] || { echo "bad run id $r (want <ekf|adam>_lr<eta>_s<seed>)" >&2; exit 2; }
+    opt=${BASH_REMATCH[1]} lr=${BASH_REMATCH[2]} seed=${BASH_REMATCH[3]}
+    "$BIN/spktrain" experiment=water_bpnn_$opt "${common[@]}" task.optimizer_args.lr="$lr" model.seed="$seed" \
+      task.seed="$seed" run.id="$r" > "$r.log" 2>&1 &
+  done
   wait
 fi
 if [[ $stage == evaluate || $stage == all ]]; then
