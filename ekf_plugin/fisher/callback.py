@@ -195,10 +195,16 @@ class FisherSpectrumCallback(pl.Callback):
         loader = self._val_loader(trainer)
         labels = self._ensure_labels(loader.dataset)
         structures = {s: self._structure(loader.dataset, s) for s in labels.structures()}
-        forward = getattr(pl_module, "predict_without_postprocessing", None) or pl_module
+        from ekf_plugin.bpnn.label_predictor import supports as supports_fast_labels
+
+        inner = getattr(pl_module, "model", None)
+        if inner is not None and supports_fast_labels(inner):  # BPNN: rows through the networks only
+            model, forward = inner, None
+        else:
+            model, forward = pl_module, getattr(pl_module, "predict_without_postprocessing", None) or pl_module
         t0 = time.perf_counter()
         spectrum = fisher_spectrum(
-            pl_module, structures, labels, forward=forward, params=trainable_parameters(pl_module),
+            model, structures, labels, forward=forward, params=trainable_parameters(pl_module),
             collate=loader.collate_fn, energy_key=self.energy_key, forces_key=self.forces_key,
             energy_per_atom=self.energy_per_atom, batch_size=self.batch_size, chunk_size=self.chunk_size,
             method=self.method, device=pl_module.device,

@@ -85,6 +85,7 @@ def fisher_spectrum(
     method: str = "auto",
     device: Optional[Union[str, torch.device]] = None,
     progress: Optional[Callable[[int], None]] = None,
+    fast_labels: Optional[bool] = None,
 ) -> FisherSpectrum:
     """Eigenvalues of the empirical L1 Fisher F = (1/N) Σ g_i g_iᵀ over ``labels``.
 
@@ -103,6 +104,9 @@ def fisher_spectrum(
         method: 'auto' (cheaper of JJᵀ and JᵀJ), 'JJt' or 'JtJ'.
         device: where batches go and the float64 buffers live (default: device of the weights).
         progress: called with the number of labels finished after each chunk.
+        fast_labels: rows from cached symmetry functions and local dG/dr columns
+            (:class:`~ekf_plugin.bpnn.label_predictor.BPNNLabelPredictor`: same rows, the Jacobian runs
+            through the networks only). ``None``: on for BPNN potentials when no ``forward`` is given.
 
     Returns:
         :class:`FisherSpectrum` with groups 'all' and 'energy'/'forces' as present.
@@ -114,6 +118,13 @@ def fisher_spectrum(
     params = list(params) if params is not None else trainable_parameters(model)
     n_weights = sum(p.numel() for p in params)
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    from ..bpnn.label_predictor import BPNNLabelPredictor, supports as supports_fast_labels
+
+    if fast_labels is None:
+        fast_labels = forward is None and supports_fast_labels(model)
+    elif fast_labels and not supports_fast_labels(model):
+        raise ValueError("fast_labels=True needs a model with a BehlerParrinello representation")
+    predictor = BPNNLabelPredictor(model, energy_key) if fast_labels else None
     forward = forward or model
     collate = collate or default_collate
     acc = GramAccumulator(n_weights, labels.n_energy, labels.n_forces, method=method, device=device)
@@ -126,13 +137,42 @@ def fisher_spectrum(
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([structures[s] for s in chosen]).items()}
-            done += _add_batch(acc, forward, batch, [per_structure[s] for s in chosen], params,
-                               energy_key, forces_key, energy_per_atom, chunk_size, progress, done)
+            comps = [per_structure[s] for s in chosen]
+            if predictor is not None:
+                done += _add_batch_fast(acc, predictor, batch, comps, params, energy_per_atom, chunk_size, progress, done)
+            else:
+                done += _add_batch(acc, forward, batch, comps, params,
+                                   energy_key, forces_key, energy_per_atom, chunk_size, progress, done)
     eig = acc.eigenvalues()
     n_lab = {"all": len(labels), "energy": labels.n_energy, "forces": labels.n_forces}
     jac_dtype = str(params[0].dtype).replace("torch.", "") if params else "float64"
     meta = {"energy_per_atom": energy_per_atom, "n_structures": len(order), "jacobian_dtype": jac_dtype}
     return FisherSpectrum(eig, {g: n_lab[g] for g in eig}, n_weights, acc.method, time.perf_counter() - t0, meta)
+
+
+def _add_batch_fast(acc, predictor, batch, comps, params, energy_per_atom, chunk_size, progress, done):
+    """:func:`_add_batch` for BPNN potentials through the label predictor (rows through the networks only)."""
+    added = 0
+
+    def add(errors: torch.Tensor, group: str) -> None:
+        nonlocal added
+        for rows in _rows(errors, params, chunk_size):
+            acc.add(rows, group)
+            added += rows.shape[0]
+            if progress:
+                progress(done + added)
+
+    e_pos = [b for b, c in enumerate(comps) if (c == ENERGY).any()]
+    if e_pos:
+        e = predictor.energies(batch)  # (B,) eV; J does not depend on the targets
+        if energy_per_atom:
+            e = e / batch[N_ATOMS].to(e.dtype)
+        add(e[torch.as_tensor(e_pos, device=e.device)], "energy")
+    for b, c in enumerate(comps):
+        pick = torch.as_tensor(c[c != ENERGY], dtype=torch.long)  # (k,) flat component indices of structure b
+        if pick.numel():
+            add(predictor.force_components(batch, b, pick), "forces")
+    return added
 
 
 def _add_batch(acc, forward, batch, comps, params, energy_key, forces_key, energy_per_atom, chunk_size, progress, done):

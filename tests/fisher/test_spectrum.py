@@ -156,3 +156,25 @@ def test_bad_arguments_give_clear_errors(setup):
         GramAccumulator(10, 0, 0)
     with pytest.raises(ValueError, match="same length"):
         LabelSet([0, 1], [0])
+
+
+def test_bpnn_fast_label_rows_give_the_same_spectrum():
+    """BPNN potentials use the label predictor by default; the full-model route gives the same spectrum."""
+    from ekf_plugin.models import water_bpnn
+    from tests.bpnn._systems import converter, randomise_scaling, water_cluster, water_pair
+
+    model = water_bpnn(dtype=torch.float64, stress=False, n_hidden=(3,), seed=2)  # 2 × (inputs·3 + 3 + 3 + 1) weights
+    randomise_scaling(model)
+    conv = converter(model)
+    structs = []
+    for atoms in [water_pair(seed=k) for k in range(4)] + [water_cluster(3, seed=k) for k in range(3)]:
+        s = {k: v for k, v in conv(atoms).items()}
+        s["_idx"] = torch.tensor([len(structs)])
+        structs.append(s)
+    labels = sample_labels(len(structs), lambda i: int(structs[i]["_n_atoms"]), 14, seed=1, forces_per_structure=3)
+    assert labels.n_energy and labels.n_forces
+    fast = fisher_spectrum(model, structs, labels, batch_size=2)
+    full = fisher_spectrum(model, structs, labels, batch_size=2, fast_labels=False)
+    for group in ("all", "energy", "forces"):
+        np.testing.assert_allclose(fast.eigenvalues[group], full.eigenvalues[group], rtol=1e-8, atol=1e-14)
+    assert float(np.max(fast.eigenvalues["forces"])) > 0

@@ -13,11 +13,11 @@ from ekf_plugin.jacobian import flat_jacobian
 from ekf_plugin.models import water_bpnn
 from ekf_plugin.optim import EKF
 from ekf_plugin.training import PaperScheduleTask
-from ekf_plugin.training.bpnn_labels import BPNNLabelPredictor, supports
+from ekf_plugin.bpnn.label_predictor import BPNNLabelPredictor, supports
 from ekf_plugin.training.schedule import draw_kinds
-from tests.bpnn._systems import converter, randomise_scaling, water_cluster, water_pair
+from ._systems import converter, randomise_scaling, water_cluster, water_pair
 
-from ._toy import outputs, toy_model
+from tests.training._toy import outputs, toy_model
 
 
 def _model():

@@ -12,7 +12,7 @@ representation is :class:`~ekf_plugin.bpnn.BehlerParrinello`:
   gradient ∇_s E (one backward through the networks with ``create_graph``), so each row of the force
   Jacobian is a backward pass through the networks, not through the symmetry functions.
 
-Values equal the full model's (tested to float32 round-off); the speed-up of an EKF force update on
+Values equal the full model's (tested in float64 to 1e-10); the speed-up of an EKF force update on
 192-atom water frames is reported by ``benchmarks/bench_ekf.py``. Only energies and forces: stress
 labels are not part of the study's schedule.
 """
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import schnetpack.properties as props
-from ekf_plugin.bpnn.representation import BehlerParrinello, pair_vectors
+from .representation import BehlerParrinello, pair_vectors
 
 _CHECKSUM_KEYS = (props.R, props.cell)
 
