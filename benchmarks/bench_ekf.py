@@ -180,7 +180,7 @@ def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     import schnetpack.properties as props
     from ekf_plugin.models import water_bpnn
     from ekf_plugin.optim import EKF
-    from ekf_plugin.training.bpnn_labels import BPNNLabelPredictor
+    from ekf_plugin.bpnn.label_predictor import BPNNLabelPredictor
     from ekf_plugin.training.schedule import ENERGY, FORCES, label_errors, weighted_errors
     from ekf_plugin.training.task import energy_only
 
