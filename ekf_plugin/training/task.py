@@ -249,6 +249,21 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 m(pred, ref)
                 self.log(f"train_{name}", m, on_step=False, on_epoch=True, batch_size=n)
 
+    def on_train_epoch_end(self) -> None:
+        """Multistream EKF under DDP: check that every process holds the same weights (logged, error if not)."""
+        dist = torch.distributed
+        if not (self._is_ekf() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        with torch.no_grad():
+            w = torch.cat([p.detach().reshape(-1).double() for p in self.parameters()])  # (n,)
+            probe = torch.stack([w.sum(), (w * torch.arange(1, w.numel() + 1, dtype=w.dtype, device=w.device)).sum()])
+            probes = [torch.zeros_like(probe) for _ in range(dist.get_world_size())]
+            dist.all_gather(probes, probe)
+        spread = float(torch.stack(probes).std(0).max()) if len(probes) > 1 else 0.0
+        self.log("ekf_multistream_spread", spread, on_step=False, on_epoch=True, rank_zero_only=True)
+        if spread > 1e-9 * max(1.0, float(probe.abs().max())):
+            raise RuntimeError(f"multistream EKF: the weights differ between processes (spread {spread:.3g})")
+
     def on_train_start(self) -> None:
         if self.label_predictor is not None:
             self.label_predictor.clear()  # scaling may have been fitted after construction

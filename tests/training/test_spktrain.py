@@ -29,3 +29,30 @@ def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment
     for r in val:
         assert math.isfinite(float(r["val_forces_rmse_all"])) and math.isfinite(float(r["val_energy_per_atom_rmse"]))
     assert max(float(r["step"]) for r in rows if r.get("val_loss")) >= 3  # 4 training frames: 4 updates
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multistream", [True, False])
+def test_spktrain_ddp_multistream_keeps_processes_identical(tmp_path, shared_data, multistream):
+    """Lightning DDP, 2 CPU processes (gloo): each contributes its own labels, all apply the same update.
+    Without multistream each process filters its own labels, the weights drift apart and the check says so."""
+    src = shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
+    args = [
+        "spktrain", "experiment=water_bpnn_ekf", f"data.source={src}", "data.max_frames=10",
+        f"data.datapath={tmp_path}/water10.db", "trainer.max_epochs=2", f"run.path={tmp_path}/runs", "run.id=t",
+        "logger=csv", "+trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=2",
+        "+trainer.strategy=ddp", f"+task.optimizer_args.multistream={str(multistream).lower()}",
+    ]
+    res = run_cli(args, cwd=REPO, timeout=600, env_extra={"OMP_NUM_THREADS": "1"})
+    if not multistream:
+        assert res.returncode != 0
+        assert "weights differ between processes" in res.stderr + res.stdout
+        return
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = list(csv.DictReader(open(next((tmp_path / "runs" / "t").glob("csv/**/metrics.csv")))))
+    spread = [float(r["ekf_multistream_spread"]) for r in rows if r.get("ekf_multistream_spread")]
+    assert len(spread) == 2, "checked after each epoch"
+    assert spread == [0.0, 0.0]
+    val = [float(r["val_forces_rmse_all"]) for r in rows if r.get("val_forces_rmse_all")]
+    assert len(val) == 2 and all(math.isfinite(v) for v in val)
+    assert (tmp_path / "runs" / "t" / "best_model").exists()
