@@ -38,9 +38,13 @@ def atoms_to_structure(atoms, transforms: Sequence, index: int = 0) -> Dict[str,
 def frames_to_structures(
     frames: Sequence, cutoff: float, dtype: torch.dtype = torch.float32, extra_transforms: Optional[Sequence] = None
 ) -> List[Dict[str, torch.Tensor]]:
-    """Frames → input dicts with an ASE neighbor list of radius ``cutoff`` (Å), cast to ``dtype``."""
-    from schnetpack.transform import ASENeighborList, CastTo32, CastTo64
+    """Frames → input dicts with a neighbor list of radius ``cutoff`` (Å), cast to ``dtype``.
+
+    matscipy's neighbour list (SchNetPack's ``MatScipyNeighborList``; 30× faster than ASE's on 192-atom
+    water) for periodic frames, ASE's for the others."""
+    from schnetpack.transform import ASENeighborList, CastTo32, CastTo64, MatScipyNeighborList
 
     cast = CastTo32() if dtype == torch.float32 else CastTo64()
-    transforms = [ASENeighborList(cutoff=cutoff), *(extra_transforms or []), cast]
-    return [atoms_to_structure(a, transforms, i) for i, a in enumerate(frames)]
+    periodic = [MatScipyNeighborList(cutoff=cutoff), *(extra_transforms or []), cast]
+    other = [ASENeighborList(cutoff=cutoff), *(extra_transforms or []), cast]
+    return [atoms_to_structure(a, periodic if a.pbc.all() else other, i) for i, a in enumerate(frames)]

@@ -66,11 +66,16 @@ def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    setups = list(dict.fromkeys(re.sub(r"_s\d+$", "", Path(run).name) for run in run_dirs))  # one colour per setup
     for run in run_dirs:
         m = read_metrics(run)
+        name = Path(run).name
+        setup = re.sub(r"_s\d+$", "", name)
+        seed = re.search(r"_s(\d+)$", name)
+        style = dict(color=f"C{setups.index(setup)}", ls=["-", "--", ":", "-."][int(seed.group(1)) % 4 if seed else 0])
         for ax, key in zip(axes, (energy_key, force_key)):
             if key in m:
-                ax.loglog(m[key][:, 0] + 1, m[key][:, 1] * 1000, marker=".", label=Path(run).name)
+                ax.loglog(m[key][:, 0] + 1, m[key][:, 1] * 1000, marker=".", label=name, **style)
     axes[0].set(xlabel="updates", ylabel="validation energy RMSE / meV/atom")
     axes[1].set(xlabel="updates", ylabel="validation force RMSE / meV/Å")
     for ax in axes:

@@ -10,7 +10,8 @@
 #   TRAIN_MIN   wall-clock minutes per training run (default 30); runs go in parallel, 1 thread each
 #   VAL_EVERY   updates between validations on 30 validation frames (default 1000)
 #   MD_STEPS    i-PI NPT steps per model (0.5 fs each; default 400)
-#   FISHER_LABELS  labels for the Fisher spectra (default 200)
+#   EVAL_FRAMES validation frames for the RMSE of each model (default 280: all of them)
+#   FISHER_LABELS  labels for the Fisher spectra (default 1000)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -38,11 +39,12 @@ if [[ $stage == train || $stage == all ]]; then
   wait
 fi
 if [[ $stage == evaluate || $stage == all ]]; then
-  "$BIN/python" "$HERE/evaluate.py" "${RUNS[@]/#/runs/}" --db data/water.db --models "$HERE/models" --json errors.json
+  "$BIN/python" "$HERE/evaluate.py" "${RUNS[@]/#/runs/}" --db data/water.db --models "$HERE/models" --json errors.json \
+    --max-frames "${EVAL_FRAMES:-280}"
 fi
 if [[ $stage == fisher || $stage == all ]]; then
   models=(); for r in "${RUNS[@]}"; do models+=("$HERE/models/$r.pt"); done
-  "$BIN/ekf-plugin" fisher "${models[@]}" --data "$DATA" --length-unit Bohr --index :100 --labels "${FISHER_LABELS:-200}" --out fisher
+  "$BIN/ekf-plugin" fisher "${models[@]}" --data "$DATA" --length-unit Bohr --index : --labels "${FISHER_LABELS:-1000}" --out fisher
 fi
 if [[ $stage == md || $stage == all ]]; then
   for r in "${RUNS[@]}"; do
