@@ -2,6 +2,7 @@
 
     python analyze.py curves RUN_DIR... --out learning_curves.png
     python analyze.py density IPI_OUT... --labels ekf adam --skip-ps 0.5 --out density.png
+    python analyze.py table RUN_DIR... --errors errors.json --fisher fisher/fisher_table.csv --density density.json
 
 Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps.
 """
@@ -100,7 +101,9 @@ def plot_density(files: List[Path], labels: List[str], out: Path, skip_ps: float
         ax.plot(t, rho, label=label)
         keep = t >= skip_ps
         mean, err = block_average(rho[keep]) if keep.sum() >= 5 else (float("nan"), float("nan"))
-        summary[label] = {"density_mean": mean, "density_err": err, "time_ps": float(t[-1]) if len(t) else 0.0}
+        temp = float(p["temperature"][keep].mean()) if keep.any() else float("nan")
+        summary[label] = {"density_mean": mean, "density_err": err, "temperature_mean_K": temp,
+                          "time_ps": float(t[-1]) if len(t) else 0.0, "averaged_from_ps": skip_ps}
     ax.axhline(REFERENCE_DENSITY, color="k", ls="--", label="revPBE0-D3 reference 0.92")
     ax.set(xlabel="time / ps", ylabel="density / g mL⁻¹", title="NPT, 320 K, 1 bar, 64 H₂O")
     ax.legend(fontsize=8)
@@ -108,6 +111,27 @@ def plot_density(files: List[Path], labels: List[str], out: Path, skip_ps: float
     fig.savefig(out, dpi=120)
     print(f"written: {out}")
     return summary
+
+
+def results_table(runs: List[Path], errors: Path, fisher: Path, density: Path) -> str:
+    """Markdown table: model, optimizer, η, updates, RMSEs, Fisher median, density (all inputs the workflow writes)."""
+    err = json.loads(Path(errors).read_text()) if Path(errors).exists() else {}
+    fis = {r["model"]: r for r in csv.DictReader(open(fisher))} if Path(fisher).exists() else {}
+    den = json.loads(Path(density).read_text()) if Path(density).exists() else {}
+    lines = ["| model | optimizer | η | updates | E RMSE (meV/atom) | F RMSE (meV/Å) | Fisher median (log10) "
+             "| density (g/mL) | T (K) | MD (ps) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        name = Path(run).name
+        m = re.match(r"(ekf|adam)_lr([0-9.e-]+)_s(\d+)$", name)
+        opt, lr = (m.group(1).upper() if m.group(1) == "ekf" else "Adam", m.group(2)) if m else ("?", "?")
+        steps = max((int(v[-1, 0]) + 1 for v in read_metrics(run).values() if len(v)), default=0)
+        e, f, d = err.get(name, {}), fis.get(name, {}), den.get(name, {})
+        fmt = lambda x, spec: format(float(x), spec) if x not in (None, "") else "—"  # noqa: E731
+        rho = f"{d['density_mean']:.3f} ± {d['density_err']:.3f}" if d else "—"
+        lines.append(f"| `{name}` | {opt} | {lr} | {steps:,} | {fmt(e.get('energy_rmse_meV_per_atom'), '.2f')} | "
+                     f"{fmt(e.get('forces_rmse_meV_per_A'), '.0f')} | {fmt(f.get('log10_median'), '.2f')} | {rho} | "
+                     f"{fmt(d.get('temperature_mean_K'), '.0f')} | {fmt(d.get('time_ps'), '.2f')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -124,8 +148,15 @@ def main(argv=None) -> int:
     d.add_argument("--skip-ps", type=float, default=0.0, help="equilibration time left out of the average (ps)")
     d.add_argument("--out", type=Path, default=Path("density.png"))
     d.add_argument("--json", type=Path, default=None)
+    tb = sub.add_parser("table", help="markdown results table from errors.json, the Fisher table and density.json")
+    tb.add_argument("runs", nargs="+", type=Path)
+    tb.add_argument("--errors", type=Path, default=Path("errors.json"))
+    tb.add_argument("--fisher", type=Path, default=Path("fisher/fisher_table.csv"))
+    tb.add_argument("--density", type=Path, default=Path("density.json"))
     args = parser.parse_args(argv)
-    if args.cmd == "curves":
+    if args.cmd == "table":
+        print(results_table(args.runs, args.errors, args.fisher, args.density))
+    elif args.cmd == "curves":
         plot_curves(args.runs, args.out, args.energy_key, args.force_key)
     else:
         labels = args.labels or [f.parent.name for f in args.files]

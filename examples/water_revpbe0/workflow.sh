@@ -54,5 +54,10 @@ if [[ $stage == md || $stage == all ]]; then
 fi
 if [[ $stage == plots || $stage == all ]]; then
   "$BIN/python" "$HERE/analyze.py" curves "${RUNS[@]/#/runs/}" --out learning_curves.png
-  "$BIN/python" "$HERE/analyze.py" density "${RUNS[@]/#/md_}" --labels "${RUNS[@]}" --out density.png --json density.json || true
+  half_ps=$(awk "BEGIN{print ${MD_STEPS:-400} * 0.0005 / 2}")   # average the second half of each trajectory
+  files=(); for r in "${RUNS[@]}"; do files+=("md_$r/npt.out"); done
+  "$BIN/python" "$HERE/analyze.py" density "${files[@]}" --labels "${RUNS[@]}" --skip-ps "$half_ps" --out density.png \
+    --json density.json || true
+  "$BIN/python" "$HERE/analyze.py" table "${RUNS[@]/#/runs/}" > results_table.md
+  cat results_table.md
 fi
