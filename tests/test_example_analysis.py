@@ -1,0 +1,58 @@
+"""examples/water_revpbe0/analyze.py: block averages, i-PI property files, learning-curve logs, results table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO
+
+spec = importlib.util.spec_from_file_location("analyze", REPO / "examples" / "water_revpbe0" / "analyze.py")
+analyze = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(analyze)
+
+NPT_HEADER = """# column   1     --> step : The current simulation time step.
+# column   2     --> time{picosecond} : The elapsed simulation time.
+# column   3     --> temperature{kelvin} : The current temperature.
+# column   4     --> density{g/cm3} : The mass density of the physical system.
+"""
+
+
+def test_block_average_of_known_blocks():
+    x = np.repeat([1.0, 2.0, 3.0, 4.0, 5.0], 4)  # five blocks with means 1..5
+    mean, err = analyze.block_average(x, n_blocks=5)
+    assert mean == pytest.approx(3.0)
+    assert err == pytest.approx(np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5))
+    with pytest.raises(ValueError, match="at least 5 samples"):
+        analyze.block_average(np.ones(3))
+
+
+def test_density_summary_averages_the_second_half(tmp_path):
+    t = np.linspace(0.0, 1.0, 21)
+    rho = np.where(t < 0.5, 1.2, 0.9 + 0.01 * np.sin(40 * t))
+    rows = "\n".join(f"{20 * k} {tk} {320 + k} {r}" for k, (tk, r) in enumerate(zip(t, rho)))
+    (tmp_path / "npt.out").write_text(NPT_HEADER + rows + "\n")
+    summary = analyze.plot_density([tmp_path / "npt.out"], ["ekf_lr1e-3_s0"], tmp_path / "d.png", skip_ps=0.5)
+    s = summary["ekf_lr1e-3_s0"]
+    assert (tmp_path / "d.png").exists()
+    assert s["density_mean"] == pytest.approx(rho[t >= 0.5].mean(), abs=2e-3)
+    assert s["temperature_mean_K"] == pytest.approx(np.mean([320 + k for k in range(21) if t[k] >= 0.5]))
+    assert s["time_ps"] == pytest.approx(1.0)
+
+
+def test_results_table_joins_all_outputs(tmp_path):
+    run = tmp_path / "runs" / "ekf_lr1e-3_s0"
+    (run / "csv" / "version_0").mkdir(parents=True)
+    (run / "csv" / "version_0" / "metrics.csv").write_text(
+        "epoch,step,val_forces_rmse_all\n0,999,0.2\n1,2499,0.15\n")
+    (tmp_path / "errors.json").write_text(json.dumps(
+        {"ekf_lr1e-3_s0": {"energy_rmse_meV_per_atom": 2.345, "forces_rmse_meV_per_A": 150.4}}))
+    (tmp_path / "fisher.csv").write_text("model,log10_median\nekf_lr1e-3_s0,-2.13\n")
+    (tmp_path / "density.json").write_text(json.dumps({"ekf_lr1e-3_s0": {
+        "density_mean": 0.931, "density_err": 0.004, "temperature_mean_K": 321.0, "time_ps": 2.0}}))
+    table = analyze.results_table([run], tmp_path / "errors.json", tmp_path / "fisher.csv", tmp_path / "density.json")
+    row = table.splitlines()[2]
+    assert row == "| `ekf_lr1e-3_s0` | EKF | 1e-3 | 2,500 | 2.35 | 150 | -2.13 | 0.931 ± 0.004 | 321 | 2.00 |"
