@@ -146,43 +146,63 @@ def feature_columns(
         (L, N, width) in the feature layout of :meth:`SymmetryFunctions.forward`, in feature units per Å.
     """
     n_atoms, n_labels = species.shape[0], atoms.shape[0]
-    E, dtype, device = len(sf.elements), r_ij.dtype, r_ij.device
     rc = float(sf.cutoff)
     inside = torch.linalg.vector_norm(r_ij, dim=-1) < rc  # (P,)
-    r_ij, idx_i, idx_j = r_ij[inside], idx_i[inside], idx_j[inside]  # (P',)
-    unit = torch.eye(3, dtype=dtype, device=device)[components]  # (L, 3) e_α per label
-
-    def moves(label, p):  # (K,) sign s of d r_ij[p] / d r_a of the label's atom
-        a = atoms[label]
-        return (idx_j[p] == a).to(dtype) - (idx_i[p] == a).to(dtype)
-
-    # radial: pairs with a_l as centre or neighbour
-    lab_r, p_r = torch.nonzero((idx_i[None, :] == atoms[:, None]) | (idx_j[None, :] == atoms[:, None]), as_tuple=True)
-    U_r = sf.n_rad_keys
-    rad = r_ij.new_zeros(n_labels * n_atoms * E, U_r)  # (L·N·E, U_r)
-    if U_r and p_r.numel():
-        tangent = moves(lab_r, p_r)[:, None] * unit[lab_r]  # (K, 3)
-        d_terms = radial_term_tangents(sf, r_ij[p_r], tangent)  # (K, U_r)
-        rows = (lab_r * n_atoms + idx_i[p_r]) * E + species[idx_j[p_r]]  # (K,)
-        rad.index_add_(0, rows, d_terms)
-    # angular: triples containing a_l
-    U_a = sf.n_ang_keys
-    ang = r_ij.new_zeros(n_labels * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
-    if U_a and r_ij.shape[0] >= 2 and n_labels:
-        label, p1, p2, valid = _label_triples(atoms, idx_i, idx_j, n_atoms)  # (T,) each
-        sj = species[idx_j]  # (P,) neighbour element of each pair
-        key = (species[idx_i] * E + sj) * E  # (P,) element-triplet key without the second neighbour
-        v1, v2 = r_ij[p1], r_ij[p2]  # (T, 3)
-        ok = valid & sf.triplet_used[key[p1] + sj[p2]] & (((v2 - v1) ** 2).sum(-1) < rc * rc)  # (T,)
-        keep = torch.nonzero(ok).squeeze(-1)  # (T',) triples that carry terms
-        label, p1, p2, v1, v2 = (x.index_select(0, keep) for x in (label, p1, p2, v1, v2))
-        if label.numel():
-            t1 = moves(label, p1)[:, None] * unit[label]  # (T', 3)
-            t2 = moves(label, p2)[:, None] * unit[label]  # (T', 3)
-            d_terms = angular_term_tangents(sf, v1, v2, t1, t2)  # (T', U_a)
-            ej, ek = sj[p1], sj[p2]  # (T',)
-            rows = ((label * n_atoms + idx_i[p1]) * E + torch.minimum(ej, ek)) * E + torch.maximum(ej, ek)  # (T',)
-            ang.index_add_(0, rows, d_terms)
-    slots = torch.cat([rad.view(n_labels, n_atoms, E * U_r), ang.view(n_labels, n_atoms, E * E * U_a)], 2)  # (L, N, S)
+    pairs = _LabelPairs(r_ij[inside], idx_i[inside], idx_j[inside], atoms, components)
+    E = len(sf.elements)
+    rad = _radial_columns(sf, species, pairs, n_atoms)  # (L·N·E, U_r)
+    ang = _angular_columns(sf, species, pairs, n_atoms)  # (L·N·E·E, U_a)
+    rad = rad.view(n_labels, n_atoms, E * sf.n_rad_keys)  # (L, N, E·U_r)
+    ang = ang.view(n_labels, n_atoms, E * E * sf.n_ang_keys)  # (L, N, E·E·U_a)
+    slots = torch.cat([rad, ang], 2)  # (L, N, S)
     sel = sf.feature_slot[species].expand(n_labels, -1, -1)  # (L, N, W)
-    return torch.gather(slots, 2, sel) * sf.feature_prefactor.to(dtype)[species]  # (L, N, W)
+    return torch.gather(slots, 2, sel) * sf.feature_prefactor.to(r_ij.dtype)[species]  # (L, N, W)
+
+
+class _LabelPairs:
+    """Pairs inside the cutoff and the labels' atoms/axes, with the tangent of a pair vector under a label."""
+
+    def __init__(self, r_ij, idx_i, idx_j, atoms, components):
+        self.r_ij, self.idx_i, self.idx_j, self.atoms = r_ij, idx_i, idx_j, atoms  # (P, 3), (P,), (P,), (L,)
+        self.unit = torch.eye(3, dtype=r_ij.dtype, device=r_ij.device)[components]  # (L, 3) e_α per label
+
+    def tangent(self, label: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """(K, 3) d r_ij[p] / d r_{a, α} of label ``label``: s·e_α with s = [j = a] − [i = a]."""
+        a = self.atoms[label]  # (K,)
+        s = (self.idx_j[p] == a).to(self.r_ij.dtype) - (self.idx_i[p] == a).to(self.r_ij.dtype)  # (K,)
+        return s[:, None] * self.unit[label]  # (K, 3)
+
+
+def _radial_columns(sf, species, pairs: _LabelPairs, n_atoms: int) -> torch.Tensor:
+    """(L·N·E, U_r) tangents of the radial slots from the pairs with a_l as centre or neighbour."""
+    E, L, U_r = len(sf.elements), pairs.atoms.shape[0], sf.n_rad_keys
+    rad = pairs.r_ij.new_zeros(L * n_atoms * E, U_r)  # (L·N·E, U_r)
+    a = pairs.atoms[:, None]  # (L, 1)
+    lab, p = torch.nonzero((pairs.idx_i[None, :] == a) | (pairs.idx_j[None, :] == a), as_tuple=True)  # (K,)
+    if U_r and p.numel():
+        d_terms = radial_term_tangents(sf, pairs.r_ij[p], pairs.tangent(lab, p))  # (K, U_r)
+        rows = (lab * n_atoms + pairs.idx_i[p]) * E + species[pairs.idx_j[p]]  # (K,)
+        rad.index_add_(0, rows, d_terms)
+    return rad
+
+
+def _angular_columns(sf, species, pairs: _LabelPairs, n_atoms: int) -> torch.Tensor:
+    """(L·N·E·E, U_a) tangents of the angular slots from the triples that contain a_l."""
+    E, L, U_a = len(sf.elements), pairs.atoms.shape[0], sf.n_ang_keys
+    ang = pairs.r_ij.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
+    if not (U_a and pairs.r_ij.shape[0] >= 2 and L):
+        return ang
+    idx_i, idx_j, rc = pairs.idx_i, pairs.idx_j, float(sf.cutoff)
+    label, p1, p2, valid = _label_triples(pairs.atoms, idx_i, idx_j, n_atoms)  # (T,) each
+    sj = species[idx_j]  # (P,) neighbour element of each pair
+    key = (species[idx_i] * E + sj) * E  # (P,) element-triplet key without the second neighbour
+    v1, v2 = pairs.r_ij[p1], pairs.r_ij[p2]  # (T, 3)
+    ok = valid & sf.triplet_used[key[p1] + sj[p2]] & (((v2 - v1) ** 2).sum(-1) < rc * rc)  # (T,)
+    keep = torch.nonzero(ok).squeeze(-1)  # (T',) triples that carry terms
+    label, p1, p2, v1, v2 = (x.index_select(0, keep) for x in (label, p1, p2, v1, v2))
+    if label.numel():
+        d_terms = angular_term_tangents(sf, v1, v2, pairs.tangent(label, p1), pairs.tangent(label, p2))  # (T', U_a)
+        ej, ek = sj[p1], sj[p2]  # (T',)
+        rows = ((label * n_atoms + idx_i[p1]) * E + torch.minimum(ej, ek)) * E + torch.maximum(ej, ek)  # (T',)
+        ang.index_add_(0, rows, d_terms)
+    return ang

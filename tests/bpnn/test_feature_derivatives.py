@@ -66,3 +66,13 @@ def test_columns_of_an_atom_without_neighbours_are_zero():
     assert float(cols[0, :3].abs().max()) > 0  # atom 0 moves its own molecule's features
     assert float(cols[0, 3:].abs().max()) == 0.0  # but not the far molecule's
     assert float(cols[1, :3].abs().max()) == 0.0
+
+
+def test_radial_only_functions():
+    rep = BehlerParrinello(("H", "O"), [G2("O", "H", 0.5), G2("H", "O", 0.3), G2("H", "H", 0.2)], cutoff=6.35).double()
+    model = water_bpnn(dtype=torch.float64)
+    model.representation = rep
+    batch = converter(model)(water_pair())
+    batch[props.Rij] = pair_vectors(batch)
+    flat = torch.arange(3 * len(water_pair()))
+    torch.testing.assert_close(rep.feature_columns(batch, flat // 3, flat % 3), _full_jacobian(rep, batch))
