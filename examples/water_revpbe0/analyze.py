@@ -128,6 +128,8 @@ def results_table(runs: List[Path], errors: Path, fisher: Path, density: Path) -
         e, f, d = err.get(name, {}), fis.get(name, {}), den.get(name, {})
         fmt = lambda x, spec: format(float(x), spec) if x not in (None, "") else "—"  # noqa: E731
         rho = f"{d['density_mean']:.3f} ± {d['density_err']:.3f}" if d else "—"
+        if d and not np.isfinite(d["density_mean"]):
+            rho, d = f"no average (run ended at {d['time_ps']:.2f} ps)", {**d, "temperature_mean_K": None}
         lines.append(f"| `{name}` | {opt} | {lr} | {steps:,} | {fmt(e.get('energy_rmse_meV_per_atom'), '.2f')} | "
                      f"{fmt(e.get('forces_rmse_meV_per_A'), '.0f')} | {fmt(f.get('log10_median'), '.2f')} | {rho} | "
                      f"{fmt(d.get('temperature_mean_K'), '.0f')} | {fmt(d.get('time_ps'), '.2f')} |")
