@@ -17,12 +17,18 @@ def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment
     args = [
         "spktrain", f"experiment={experiment}", f"data.source={src}", "data.max_frames=5",
         f"data.datapath={tmp_path}/water5.db", "trainer.max_epochs=1", f"run.path={tmp_path}/runs", "run.id=t",
-        "logger=csv", "+trainer.enable_progress_bar=false",
+        "logger=csv", "+trainer.enable_progress_bar=false", "callbacks.latest_checkpoint.every_n_train_steps=2",
     ]
     res = run_cli(args, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     run = tmp_path / "runs" / "t"
     assert (run / "best_model").exists()
+    import torch
+
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["global_step"] == 4, "the latest state is kept (every 2 updates), not only the best"
+    assert "P" in str(list(last["optimizer_states"][0]["state"]["ekf"].keys())), "with the EKF covariance"
+    assert not list((run / "checkpoints").glob("last-v*.ckpt")), "one last.ckpt, no versioned copies"
     rows = list(csv.DictReader(open(next(run.glob("csv/**/metrics.csv")))))
     val = [r for r in rows if r.get("val_forces_rmse_all")]
     assert len(val) == 1, "one validation per epoch"
