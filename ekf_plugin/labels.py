@@ -42,14 +42,19 @@ def force_errors(
         generator: CPU ``torch.Generator`` for reproducible draws.
     """
     err = (outputs[key] - batch[key]).reshape(-1)  # (3N,)
-    if n_components is None or n_components >= err.numel():
-        return err
     return err[draw_components(err.numel(), n_components, generator).to(err.device)]  # (k,)
 
 
-def draw_components(n_total: int, n_components: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(k,) distinct flat indices into the 3N force components (atom = i // 3, Cartesian axis = i % 3),
-    drawn at random without replacement; k = min(n_components, n_total). CPU tensor."""
+def draw_components(
+    n_total: int, n_components: Optional[int], generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """(k,) distinct flat indices into the 3N force components (atom = i // 3, Cartesian axis = i % 3), CPU.
+
+    All of them in order (no random draw) if ``n_components`` is ``None`` or >= ``n_total``; else
+    ``n_components`` drawn at random without replacement.
+    """
+    if n_components is None or n_components >= n_total:
+        return torch.arange(n_total)  # (3N,)
     if n_components < 1:
         raise ValueError(f"n_components must be >= 1, got {n_components}")
     return torch.randperm(n_total, generator=generator)[:n_components]  # (k,)

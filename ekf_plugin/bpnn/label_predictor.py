@@ -26,12 +26,21 @@ import torch
 import schnetpack.properties as props
 from .representation import BehlerParrinello, pair_vectors
 
-_CHECKSUM_KEYS = (props.R, props.cell)
-
 
 def supports(model: torch.nn.Module) -> bool:
     """True for SchNetPack potentials with a :class:`BehlerParrinello` representation and output modules."""
     return isinstance(getattr(model, "representation", None), BehlerParrinello) and hasattr(model, "output_modules")
+
+
+def label_predictor_for(
+    model: torch.nn.Module, fast_labels: Optional[bool], energy_key: str = "energy", auto: bool = True
+) -> Optional["BPNNLabelPredictor"]:
+    """The predictor a ``fast_labels`` option asks for: ``None`` → one if ``auto`` and the model is a BPNN,
+    ``False`` → none, ``True`` → one (ValueError if the model is not a BPNN)."""
+    if fast_labels and not supports(model):
+        raise ValueError("fast_labels=True needs a model with a BehlerParrinello representation")
+    use = (auto and supports(model)) if fast_labels is None else bool(fast_labels)
+    return BPNNLabelPredictor(model, energy_key) if use else None
 
 
 class BPNNLabelPredictor:

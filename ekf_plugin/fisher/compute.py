@@ -118,13 +118,9 @@ def fisher_spectrum(
     params = list(params) if params is not None else trainable_parameters(model)
     n_weights = sum(p.numel() for p in params)
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    from ..bpnn.label_predictor import BPNNLabelPredictor, supports as supports_fast_labels
+    from ..bpnn.label_predictor import label_predictor_for
 
-    if fast_labels is None:
-        fast_labels = forward is None and supports_fast_labels(model)
-    elif fast_labels and not supports_fast_labels(model):
-        raise ValueError("fast_labels=True needs a model with a BehlerParrinello representation")
-    predictor = BPNNLabelPredictor(model, energy_key) if fast_labels else None
+    predictor = label_predictor_for(model, fast_labels, energy_key, auto=forward is None)
     forward = forward or model
     collate = collate or default_collate
     acc = GramAccumulator(n_weights, labels.n_energy, labels.n_forces, method=method, device=device)

@@ -40,8 +40,8 @@ def frames_to_structures(
 ) -> List[Dict[str, torch.Tensor]]:
     """Frames → input dicts with a neighbor list of radius ``cutoff`` (Å), cast to ``dtype``.
 
-    matscipy's neighbour list (SchNetPack's ``MatScipyNeighborList``; 30× faster than ASE's on 192-atom
-    water) for periodic frames, ASE's for the others."""
+    matscipy's neighbour list (SchNetPack's ``MatScipyNeighborList``; about 0.1 s against 2 s for ASE's on a
+    192-atom water frame, measured on a loaded 2-core VM) for periodic frames, ASE's for the others."""
     from schnetpack.transform import ASENeighborList, CastTo32, CastTo64, MatScipyNeighborList
 
     cast = CastTo32() if dtype == torch.float32 else CastTo64()

@@ -114,9 +114,8 @@ def label_errors(
             parts.append(err * c_energy**0.5)  # (1,)
         else:
             ref_all = batch[forces_key][idx_m == b].reshape(-1)  # (3N_b,)
-            n_all = ref_all.numel()
-            pick = torch.arange(n_all) if n_force_components >= n_all else draw_components(n_all, n_force_components, generator)
-            k = pick.numel()  # (k,) CPU indices: all components in order, or k drawn at random
+            pick = draw_components(ref_all.numel(), n_force_components, generator)  # (k,) CPU
+            k = pick.numel()
             f = force_components(b, pick)  # (k,)
             ref = ref_all[pick.to(ref_all.device)].to(f.dtype)  # (k,)
             if record is not None:

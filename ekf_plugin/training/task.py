@@ -38,7 +38,7 @@ from ekf_plugin.training.schedule import (
     label_errors,
     weighted_errors,
 )
-from ekf_plugin.bpnn.label_predictor import BPNNLabelPredictor, supports as supports_fast_labels
+from ekf_plugin.bpnn.label_predictor import label_predictor_for
 
 _RNG_KEY = "ekf_plugin_label_rng"
 
@@ -131,10 +131,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.c_energy, self.c_forces, self.energy_per_atom = float(c_energy), float(c_forces), energy_per_atom
         self.clip_grad_norm, self.param_blocks, self.element_pattern = clip_grad_norm, param_blocks, element_pattern
         self.skip_forces_on_energy_updates = skip_forces_on_energy_updates
-        if fast_labels and not supports_fast_labels(model):
-            raise ValueError("fast_labels=True needs a model with a BehlerParrinello representation")
-        use_fast = supports_fast_labels(model) if fast_labels is None else bool(fast_labels)
-        self.label_predictor = BPNNLabelPredictor(model, energy_key) if use_fast else None
+        self.label_predictor = label_predictor_for(model, fast_labels, energy_key)
         self.label_rng = torch.Generator().manual_seed(int(seed))
         self.rmse = torch.nn.ModuleDict(
             {f"{s}_{k}": MeanSquaredError(squared=False) for s in ("train", "val", "test") for k in ("e", "f")}
