@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .units import energy_factor, length_factor
+from ..units import energy_factor, length_factor
 
 
 # ---- input.nn --------------------------------------------------------------------------------
@@ -137,9 +137,9 @@ def load_n2p2_potential(
     import torch
     from ase.data import atomic_numbers
 
-    from .bpnn import BehlerParrinello, ElementNetworks
-    from .bpnn.cutoff import cutoff_name
-    from .models.builders import bpnn_potential
+    from ..bpnn import BehlerParrinello, ElementNetworks
+    from ..bpnn.cutoff import cutoff_name
+    from ..models.builders import bpnn_potential
 
     directory = Path(directory)
     if not (directory / "input.nn").exists():
