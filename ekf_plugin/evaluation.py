@@ -166,6 +166,27 @@ def neighbor_pairs(
         ``R[idx_j] − R[idx_i] + offsets`` is the pair vector (any image within ``cutoff``) for the
         *given*, unwrapped positions.
     """
+    pbc = np.asarray(pbc, dtype=bool)
+    i, j, s = neighbor_shifts(positions, cell, pbc, cutoff, method, device)
+    offsets = s @ cell if pbc.any() else np.zeros((len(i), 3))  # (P, 3) Å
+    return i, j, offsets
+
+
+def neighbor_shifts(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    cutoff: float,
+    method: str = "matscipy",
+    device: Optional[Union[str, torch.device]] = None,
+):
+    """:func:`neighbor_pairs` with integer lattice shifts instead of offsets.
+
+    Returns ``(idx_i (P,), idx_j (P,), shifts (P, 3) int64)`` with the pair vector
+    ``R[idx_j] − R[idx_i] + shifts @ cell`` for the given (unwrapped) positions; shifts are 0
+    without PBC. The MD step (:mod:`ekf_plugin.bpnn.md_step`) keeps the shifts and re-applies them to
+    a deformed cell.
+    """
     if method not in NEIGHBOR_LISTS:
         raise ValueError(f"unknown neighbor list {method!r}; expected one of {sorted(NEIGHBOR_LISTS)}")
     pbc = np.asarray(pbc, dtype=bool)
@@ -177,9 +198,11 @@ def neighbor_pairs(
         wrapped, n = positions - lo + cutoff, np.zeros_like(positions, dtype=np.int64)
     kw = {"device": device} if method == "torch" else {}
     i, j, s = NEIGHBOR_LISTS[method](wrapped, cell, pbc, cutoff, **kw)
-    s = np.asarray(s, dtype=np.int64) + n[i] - n[j]  # (P, 3) shifts for the unwrapped positions
-    offsets = s @ cell if pbc.any() else np.zeros((len(i), 3))  # (P, 3) Å
-    return np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64), offsets
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64).reshape(-1, 3) + n[i] - n[j]  # (P, 3) shifts for the unwrapped positions
+    if not pbc.any():
+        s = np.zeros_like(s)
+    return i, j, s
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -206,6 +229,11 @@ class ModelEvaluator:
         threads: torch intra-op threads (``None``: leave torch's setting alone).
         transforms: extra SchNetPack per-structure transforms applied to the input dict after the
             neighbor list (e.g. ``CollectAtomTriples`` for models that need triples).
+        trust_pickle: for a path: allow a full unpickle of a ``best_model`` outside the allow-list
+            (see :func:`load_any_model`; only files you trust).
+
+    Calls refuse empty structures and non-finite numbers in or out with a ``ValueError`` (input) or
+    :class:`NonFiniteOutputError` (output).
     """
 
     def __init__(
@@ -217,11 +245,12 @@ class ModelEvaluator:
         neighbor_list: str = "auto",
         threads: Optional[int] = None,
         transforms: Iterable[Any] = (),
+        trust_pickle: bool = False,
     ) -> None:
         if threads is not None:
             set_threads(threads)
         if not isinstance(model, torch.nn.Module):
-            model = load_any_model(model, device or "cpu")
+            model = load_any_model(model, device or "cpu", trust_pickle=trust_pickle)
         if device is None:
             p = next(model.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
@@ -278,7 +307,13 @@ class ModelEvaluator:
 
     # -- evaluation -----------------------------------------------------------------------
     def __call__(self, numbers: ArrayLike, positions: ArrayLike, cell: Optional[ArrayLike] = None, pbc=None) -> Result:
-        """Evaluate one structure. Units in: Å. Units out: eV, eV/Å, eV/Å³, eV (see :class:`Result`)."""
+        """Evaluate one structure. Units in: Å. Units out: eV, eV/Å, eV/Å³, eV (see :class:`Result`).
+
+        Raises:
+            ValueError: no atoms, or non-finite positions/cell.
+            NonFiniteOutputError: the model returned non-finite energy, forces or stress.
+        """
+        check_structure(numbers, positions, cell)
         inputs = self.build_inputs(numbers, positions, cell, pbc)
         periodic = bool(inputs["_pbc"].any())
         out = self.model(inputs)
@@ -290,22 +325,52 @@ class ModelEvaluator:
             volume = abs(float(np.linalg.det(inputs["_cell"][0].detach().cpu().numpy())))
             w = -volume * stress
             virial = 0.5 * (w + w.T)
+        check_output(energy, forces, stress)
         return Result(energy, forces, stress, virial)
 
 
-def load_any_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
-    """Load a model file or directory with :func:`ekf_plugin.models.load_model` (``best_model``,
-    our export, n2p2 directories); a pickled ``torch.save(model)`` file is read directly if that
-    module is not available. Load only files you trust (pickle)."""
+class NonFiniteOutputError(ValueError):
+    """The model returned NaN/inf energy, forces or stress for a structure."""
+
+
+def check_structure(numbers: ArrayLike, positions: ArrayLike, cell: Optional[ArrayLike] = None) -> None:
+    """Refuse what no model can evaluate: no atoms, non-finite positions (Å) or cell (Å)."""
+    n = int(np.size(_as_numpy(numbers, np.int64)))
+    if n == 0:
+        raise ValueError("the structure has no atoms: nothing to evaluate")
+    r = _as_numpy(positions)
+    if not np.isfinite(r).all():
+        bad = np.unique(np.argwhere(~np.isfinite(r.reshape(-1, 3)))[:, 0])
+        raise ValueError(f"non-finite positions (NaN/inf) for atom(s) {bad[:10].tolist()}")
+    if cell is not None and not np.isfinite(_as_numpy(cell)).all():
+        raise ValueError("non-finite cell (NaN/inf)")
+
+
+def check_output(energy: float, forces: np.ndarray, stress: Optional[np.ndarray]) -> None:
+    """Raise :class:`NonFiniteOutputError` unless energy (eV), forces (eV/Å) and stress (eV/Å³) are finite."""
+    if math.isfinite(energy) and np.isfinite(forces).all() and (stress is None or np.isfinite(stress).all()):
+        return
+    raise NonFiniteOutputError(
+        "the model returned non-finite energy, forces or stress (NaN/inf): are two atoms on top of each "
+        "other, or is the structure far outside the training data?"
+    )
+
+
+def load_any_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+                   trust_pickle: bool = False) -> torch.nn.Module:
+    """Load a model file or directory with :func:`ekf_plugin.models.load_model` (``best_model``, our
+    export, n2p2 directories). No code from the file runs: pickles outside the allow-list of
+    :func:`ekf_plugin.models.model_safe_globals` need ``trust_pickle=True`` (files you trust only).
+
+    Raises:
+        ValueError: the path does not exist; :class:`ekf_plugin.models.ModelLoadError` (a ``ValueError``)
+            for empty, truncated, unreadable or untrusted files.
+    """
     if not os.path.exists(path):
         raise ValueError(f"model path {str(path)!r} does not exist")
-    try:
-        from ekf_plugin.models import load_model
-    except ImportError:
-        import schnetpack  # noqa: F401  - classes referenced by the pickle
+    from ekf_plugin.models import load_model
 
-        return torch.load(path, map_location=device, weights_only=False)
-    return load_model(path, device)
+    return load_model(path, device, trust_pickle=trust_pickle)
 
 
 def _default_cpu_list() -> str:

@@ -50,3 +50,36 @@ def run_cli(args, env_extra: Optional[Dict[str, str]] = None, cwd: Optional[Path
     return subprocess.run(
         [exe, *args[1:]], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
     )
+
+
+class _WritesMarker:
+    """Pickles as ``builtins.exec(<write marker>)``: what a malicious model file does on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def write_malicious_models(folder: Path, marker: Path) -> Dict[str, Path]:
+    """Model files that run code (write ``marker``) when unpickled with ``weights_only=False``:
+
+    ``pickle`` (a bare object), ``own_format`` (disguised as ekf-plugin's export format) and
+    ``best_model`` (a real SchNetPack model carrying the payload in an attribute, so the allow-list of
+    SchNetPack classes is not enough to load it).
+    """
+    import torch
+
+    from ekf_plugin.models.io import FORMAT
+    from tests.md._toy import toy_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    evil = _WritesMarker(marker)
+    files = {"pickle": folder / "evil.pt", "own_format": folder / "evil_export.pt", "best_model": folder / "best_model"}
+    torch.save(evil, files["pickle"])
+    torch.save({"format": FORMAT, "config": "{}", "state_dict": {"w": evil}}, files["own_format"])
+    model = toy_model()
+    model.payload = evil
+    torch.save(model, files["best_model"])
+    return files

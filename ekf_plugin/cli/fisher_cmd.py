@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="structures per forward pass")
     parser.add_argument("--chunk-size", type=int, default=32, help="Jacobian rows per backward pass")
     parser.add_argument("--out", type=Path, default=Path("fisher_compare"), help="output folder (default fisher_compare)")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="allow a full unpickle of a best_model that needs classes outside the allow-list: "
+                             "this can run code from the file, use it only for files you trust")
 
 
 def read_frames(path: Path, index: str = ":", length_unit: str = "Angstrom"):
@@ -81,10 +84,14 @@ def _default_name(path: Path) -> str:
     return path.parent.resolve().name if path.name.startswith("best_model") else path.stem
 
 
-def _load(path: Path, dtype, device):
+def _load(path: Path, dtype, device, trust_pickle: bool = False):
+    """The model at ``path``; an unreadable, empty, truncated or untrusted file ends the command with one line."""
     from ekf_plugin.models import load_model
 
-    return load_model(path, device=device, dtype=dtype, stress=False)
+    try:
+        return load_model(path, device=device, dtype=dtype, stress=False, trust_pickle=trust_pickle)
+    except (ValueError, OSError) as exc:  # ModelLoadError/UntrustedModelError are ValueErrors
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _cutoff(model) -> float:
@@ -128,7 +135,12 @@ def run(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else [_default_name(p) for p in args.models]
     if len(names) != len(args.models) or len(set(names)) != len(names):
         raise SystemExit(f"error: need {len(args.models)} distinct names, got {names}")
-    frames = read_frames(args.data, args.index, args.length_unit)
+    for path in args.models:  # fail on a bad model file before the long work starts
+        _load(path, None, "cpu", args.trust_model)
+    try:
+        frames = read_frames(args.data, args.index, args.length_unit)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     labels = sample_labels(len(frames), lambda s: len(frames[s]), args.labels, args.kind, args.seed,
                            args.energy_fraction, args.forces_per_structure)
     print(f"[fisher] {len(labels)} labels ({labels.n_energy} energy, {labels.n_forces} force components) "
@@ -137,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows, spectra, cache = [], {}, {}
     for name, path in zip(names, args.models):
-        model = _load(path, dtype, args.device)
+        model = _load(path, dtype, args.device, args.trust_model)
         in_dtype = next(p for p in model.parameters()).dtype
         key = (_cutoff(model), in_dtype)
         if key not in cache:

@@ -2,14 +2,18 @@
 
 Our export format is a ``torch.save``d dict ``{"format", "config" (JSON text), "state_dict"}``
 that loads with ``torch.load(weights_only=True)``. :func:`load_model` also accepts SchNetPack
-``best_model`` files (pickled whole models: load only files you trust) and n2p2/RuNNer potential
-directories. Loaded models compute ``energy`` (eV), ``forces`` (eV/Å) and, by default, ``stress``
-(eV/Å³, periodic cells only).
+``best_model`` files (pickled whole models) and n2p2/RuNNer potential directories. Nothing here runs
+code from a file: our format loads with ``weights_only=True`` only; ``best_model`` pickles load with
+``weights_only=True`` and a scoped allow-list of SchNetPack/ekf-plugin classes
+(:func:`model_safe_globals`), or, for classes outside it, only with ``trust_pickle=True``.
+Loaded models compute ``energy`` (eV), ``forces`` (eV/Å) and, by default, ``stress`` (eV/Å³, periodic
+cells only).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -21,6 +25,129 @@ from ekf_plugin.bpnn import BehlerParrinello, ElementNetworks
 from .builders import bpnn_potential, function_records
 
 FORMAT = "ekf_plugin.bpnn/1"
+
+
+class ModelLoadError(ValueError):
+    """A model file cannot be loaded: missing, empty, truncated, not a model, or not trusted."""
+
+
+class UntrustedModelError(ModelLoadError):
+    """A pickled model needs classes or functions outside the allow-list (see :func:`read_model_file`)."""
+
+
+# Callables a pickled SchNetPack model references besides its module classes (weight-init functions and
+# activations stored as attributes). Calling any of them during unpickling only computes on tensors.
+_ALLOWED_FUNCTIONS = {
+    "torch.nn.init": ("uniform_", "normal_", "constant_", "ones_", "zeros_", "eye_", "xavier_uniform_",
+                      "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "trunc_normal_"),
+    "torch.nn.functional": ("relu", "silu", "gelu", "elu", "celu", "selu", "softplus", "sigmoid", "tanh",
+                            "leaky_relu", "mish", "hardtanh", "softsign", "tanhshrink", "logsigmoid"),
+    "torch": ("tanh", "sigmoid", "relu", "exp", "sin", "cos"),
+    "schnetpack.nn.activations": ("shifted_softplus", "softplus_inverse"),
+}
+# Module classes of these packages may be rebuilt (their __init__/__setstate__ only set up tensors).
+_ALLOWED_MODULE_PREFIXES = ("torch.nn.modules.", "schnetpack.model.", "schnetpack.atomistic.", "schnetpack.nn.",
+                            "schnetpack.representation.", "schnetpack.transform.", "ekf_plugin.bpnn.",
+                            "ekf_plugin.compat")
+_DENIED = ("schnetpack.transform.neighborlist.CachedNeighborList",)  # writes a cache directory
+
+
+def _subclasses(cls: type) -> set:
+    out, todo = set(), [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in out:
+                out.add(sub)
+                todo.append(sub)
+    return out
+
+
+def model_safe_globals() -> List[Any]:
+    """The allow-list for pickled SchNetPack models (``best_model``): ``nn.Module`` classes of torch.nn,
+    SchNetPack's model/atomistic/nn/representation/transform packages and ekf-plugin's BPNN, the BPNN
+    symmetry-function records, and the init/activation functions above. Used only inside
+    ``torch.serialization.safe_globals`` around one ``torch.load(weights_only=True)``; nothing global."""
+    import importlib
+
+    import schnetpack  # noqa: F401  - registers SchNetPack's module classes
+    import ekf_plugin.bpnn.presets as presets
+    from ekf_plugin.compat import ContiguousForces
+
+    allowed: List[Any] = [ContiguousForces, presets.G2, presets.G3]
+    for cls in _subclasses(torch.nn.Module):
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if cls.__module__.startswith(_ALLOWED_MODULE_PREFIXES) and "<locals>" not in name and name not in _DENIED:
+            allowed.append(cls)
+    for module, names in _ALLOWED_FUNCTIONS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        allowed.extend(getattr(mod, n) for n in names if hasattr(mod, n))
+    return allowed
+
+
+def _is_refused_global(exc: BaseException) -> bool:
+    return isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc)
+
+
+def _refused_name(exc: BaseException) -> str:
+    import re
+
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    return m.group(1) if m else "a global"
+
+
+def read_model_file(path: Union[str, Path], trust_pickle: bool = False) -> Any:
+    """``torch.load`` a model file safely.
+
+    1. ``weights_only=True`` (our format and plain state dicts);
+    2. ``weights_only=True`` inside ``torch.serialization.safe_globals(model_safe_globals())``
+       (SchNetPack ``best_model`` files of known classes; the allow-list is scoped to this call);
+    3. only with ``trust_pickle=True``: ``weights_only=False`` (a pickle can run any code: your own files only).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UntrustedModelError: a pickle that needs more than the allow-list, without ``trust_pickle``.
+        ModelLoadError: empty, truncated or not a torch file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file {path} is empty (0 bytes)")
+
+    def load(**kw):
+        try:
+            return torch.load(path, map_location="cpu", **kw)
+        except pickle.UnpicklingError as exc:
+            if _is_refused_global(exc):
+                raise
+            raise ModelLoadError(f"model file {path} is not a readable torch file ({_first_line(exc)})") from None
+        except (EOFError, RuntimeError, OSError, ValueError, AttributeError, ImportError, KeyError) as exc:
+            raise ModelLoadError(f"model file {path} is truncated or not a torch file "
+                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+    try:
+        return load(weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    try:
+        with torch.serialization.safe_globals(model_safe_globals()):
+            return load(weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise UntrustedModelError(
+                f"{path} is a pickled model that needs {_refused_name(exc)}, which is not on ekf-plugin's "
+                "allow-list of SchNetPack/ekf-plugin classes; loading it could run code from the file. If you "
+                "trust it, pass trust_pickle=True (CLI: --trust-model)"
+            ) from None
+    return load(weights_only=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def _parts(model):
@@ -84,37 +211,38 @@ def enable_stress(model):
 
 
 def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
-               dtype: Optional[torch.dtype] = None, stress: bool = True):
+               dtype: Optional[torch.dtype] = None, stress: bool = True, trust_pickle: bool = False):
     """Load any model the plugin knows, as a ``NeuralNetworkPotential`` in eval mode.
 
     Args:
-        path: our saved file (:func:`save_model`), an ``spktrain`` ``best_model`` file, or an
+        path: our saved file (:func:`save_model`, read with ``weights_only=True`` only), an ``spktrain``
+            ``best_model`` file (read through the allow-list of :func:`model_safe_globals`), or an
             n2p2/RuNNer potential directory (``input.nn``, ``scaling.data``, ``weights.*.data``).
         device: target device (default: CPU).
         dtype: e.g. ``torch.float64`` (default: as saved; n2p2 potentials load in float64).
         stress: enable stress output (eV/Å³) if the model has a forces module.
+        trust_pickle: allow a full unpickle (``weights_only=False``) of a ``best_model`` that needs classes
+            outside the allow-list. A pickle can run any code: only for files you trust.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        UntrustedModelError: a pickle outside the allow-list without ``trust_pickle``.
+        ModelLoadError: empty, truncated, unreadable or not a model.
     """
     path = Path(path)
     if path.is_dir():
         from ekf_plugin.n2p2 import load_n2p2_potential
 
         model = load_n2p2_potential(path)
-    elif not path.exists():
-        raise FileNotFoundError(f"no model at {path}")
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # pickled whole model (spktrain best_model)
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = read_model_file(path, trust_pickle=trust_pickle)
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
-            state = obj["state_dict"]
-            some = next(iter(v for v in state.values() if v.is_floating_point()))
-            model = build_from_config(json.loads(obj["config"]), dtype=some.dtype)
-            model.load_state_dict(state)
+            model = _from_export(path, obj)
         elif isinstance(obj, torch.nn.Module):
             model = obj
         else:
-            raise ValueError(f"{path} is neither an ekf-plugin model file, a SchNetPack model nor an n2p2 directory")
+            raise ModelLoadError(f"{path} is neither an ekf-plugin model file ({FORMAT}), a SchNetPack model "
+                                 "nor an n2p2 directory")
     if stress:
         enable_stress(model)
     if dtype is not None:
@@ -122,6 +250,21 @@ def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]
         if hasattr(model, "input_dtype_str"):
             model.input_dtype_str = "float64" if dtype == torch.float64 else "float32"
     return model.to(device if device is not None else "cpu").eval()
+
+
+def _from_export(path: Path, obj: Dict[str, Any]):
+    """Rebuild a model of our export format (checked: JSON config, tensors only)."""
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: the state_dict of this {FORMAT} file is missing or holds non-tensors")
+    try:
+        config = json.loads(obj["config"])
+        floats = [v for v in state.values() if v.is_floating_point()]
+        model = build_from_config(config, dtype=floats[0].dtype if floats else torch.float32)
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: broken {FORMAT} file ({type(exc).__name__}: {_first_line(exc)})") from None
+    return model
 
 
 def model_cutoff(model) -> float:
