@@ -1,0 +1,168 @@
+"""The filter kernels (SciPy symmetric BLAS vs full-matrix torch), closed-form Jacobians, the innovation
+gate, the P-diagonal guard and state from other optimizers (float64 unless stated)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ekf_models import mlp, regression_data  # noqa: E402
+
+from ekf_plugin.jacobian import flat_jacobian  # noqa: E402
+from ekf_plugin.optim import EKF  # noqa: E402
+from ekf_plugin.optim.ekf import EKFDivergenceError  # noqa: E402
+from ekf_plugin.optim.kernels import BlasKernel, TorchKernel, select_kernel  # noqa: E402
+
+
+def _batches(m_rows=(1, 3, 2, 1, 4)):
+    x, y = regression_data()
+    out, i = [], 0
+    for r in m_rows:
+        out.append((x[i : i + r], y[i : i + r]))
+        i += r
+    return out
+
+
+def _train(kernel, blocks="dense", **kw):
+    net = mlp()
+    opt = EKF(net.parameters(), lr=0.3, kernel=kernel, blocks=blocks, symmetrize_every=0, **kw)
+    for xb, yb in _batches():
+        opt.step(lambda: (net(xb) - yb).reshape(-1))
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), opt
+
+
+def test_auto_kernel_is_blas_on_cpu_and_torch_elsewhere():
+    assert isinstance(select_kernel("auto", torch.device("cpu"), torch.float64), BlasKernel)
+    assert isinstance(select_kernel("torch", torch.device("cpu"), torch.float64), TorchKernel)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        select_kernel("fast", torch.device("cpu"), torch.float64)
+    with pytest.raises(ValueError, match="needs float32/float64 blocks on the CPU"):
+        select_kernel("blas", torch.device("meta"), torch.float64)
+
+
+@pytest.mark.parametrize("blocks", ["dense", 7])
+def test_blas_kernel_equals_torch_kernel(blocks):
+    """Same updates (m = 1 and m > 1, one or several blocks): weights and P agree to round-off."""
+    w_b, opt_b = _train("blas", blocks)
+    w_t, opt_t = _train("torch", blocks)
+    torch.testing.assert_close(w_b, w_t, rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt_b.covariance(), opt_t.covariance(), rtol=0, atol=1e-12)
+    P = opt_b.covariance()
+    assert torch.equal(P, P.T), "the BLAS kernel's P is exactly symmetric (one triangle kept)"
+    raw = opt_b.ekf_state["P"][0]
+    assert not torch.equal(raw, raw.T), "only the upper triangle is updated in place (the other is stale)"
+
+
+def test_blas_kernel_float32_blocks():
+    w_b, opt_b = _train("blas", dtype=torch.float32)
+    w_t, opt_t = _train("torch", dtype=torch.float32)
+    torch.testing.assert_close(w_b, w_t, rtol=0, atol=1e-5)
+
+
+def test_state_dict_holds_full_p_and_resumes_under_the_other_kernel():
+    net_a = mlp()
+    opt_a = EKF(net_a.parameters(), lr=0.3, kernel="blas")
+    batches = _batches()
+    for xb, yb in batches[:3]:
+        opt_a.step(lambda: (net_a(xb) - yb).reshape(-1))
+    sd = opt_a.state_dict()
+    P = sd["state"]["ekf"]["P"][0]
+    assert torch.equal(P, P.T)
+    net_b = mlp()
+    net_b.load_state_dict(net_a.state_dict())
+    opt_b = EKF(net_b.parameters(), lr=0.3, kernel="torch")
+    opt_b.load_state_dict(sd)
+    for xb, yb in batches[3:]:
+        opt_a.step(lambda: (net_a(xb) - yb).reshape(-1))
+        opt_b.step(lambda: (net_b(xb) - yb).reshape(-1))
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-12)
+
+
+def test_closure_may_return_its_own_jacobian():
+    """(ξ, J) from the closure gives the same update as the autograd Jacobian of ξ."""
+    net_a, net_b = mlp(), mlp()
+    opt_a = EKF(net_a.parameters(), lr=0.3)
+    opt_b = EKF(net_b.parameters(), lr=0.3)
+    params_b = list(net_b.parameters())
+    for xb, yb in _batches():
+        opt_a.step(lambda: (net_a(xb) - yb).reshape(-1))
+
+        def closure():
+            xi = (net_b(xb) - yb).reshape(-1)
+            return xi.detach(), flat_jacobian(xi, params_b)
+
+        opt_b.step(closure)
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-13)
+    with pytest.raises(RuntimeError, match="expected"):
+        opt_b.step(lambda: (torch.zeros(2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)))
+
+
+def test_innovation_gate_rejects_an_outlier_label_and_keeps_the_state(caplog):
+    net = mlp()
+    opt = EKF(net.parameters(), lr=0.3, innovation_gate=10.0, max_failures=3)
+    x, y = regression_data()
+    opt.step(lambda: (net(x[:2]) - y[:2]).reshape(-1))
+    w_before = [p.detach().clone() for p in net.parameters()]
+    P_before = opt.covariance()
+    bad = y[2:3].clone()
+    bad[0, 0] = 1e6  # an absurd label: |ξ|/√A ≈ 1e6·√η
+    with caplog.at_level("WARNING"):
+        opt.step(lambda: (net(x[2:3]) - bad).reshape(-1))
+    assert "innovation gate" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(w_before, net.parameters()))
+    assert torch.equal(opt.covariance(), P_before) and opt.ekf_state["rejected"] == 1
+    opt.step(lambda: (net(x[3:4]) - y[3:4]).reshape(-1))  # a good label passes the gate
+    assert opt.ekf_state["failures"] == 0 and opt.ekf_state["step"] == 2
+    with pytest.raises(EKFDivergenceError, match="innovation gate"):
+        for _ in range(3):
+            opt.step(lambda: (net(x[2:3]) - bad).reshape(-1))
+    # without the gate the same label is accepted and moves the weights far
+    net2 = mlp()
+    opt2 = EKF(net2.parameters(), lr=0.3)
+    opt2.step(lambda: (net2(x[2:3]) - bad).reshape(-1))
+    assert opt2.ekf_state["rejected"] == 0
+
+
+@pytest.mark.parametrize("kernel", ["blas", "torch"])
+def test_update_that_would_make_diag_p_non_positive_is_rejected(kernel, caplog):
+    """float32 P, huge η: P − VᵀV rounds to a zero diagonal; the update is refused, P stays positive."""
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = EKF([w], lr=1e12, dtype=torch.float32, kernel=kernel, max_failures=5)
+    with caplog.at_level("WARNING"):
+        opt.step(lambda: (w * 1.0 - 3.0).reshape(1))
+    assert "positive definiteness" in caplog.text
+    assert float(opt.covariance()[0, 0]) == 1.0 and opt.ekf_state["rejected"] == 1
+
+
+def test_loading_another_optimizers_state_says_so():
+    net = mlp()
+    adam = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = regression_data()
+    ((net(x) - y) ** 2).sum().backward()
+    adam.step()
+    opt = EKF(net.parameters(), lr=0.3)
+    with pytest.raises(ValueError, match="not written by the EKF .*no covariance P"):
+        opt.load_state_dict(adam.state_dict())
+
+
+def test_blas_kernel_leaves_the_flat_jacobian_path_exact():
+    """The default (auto) kernel still equals the closed-form Bayesian posterior of a linear model."""
+    g = torch.Generator().manual_seed(5)
+    N, d, p0, eta = 12, 4, 0.5, 3.0
+    X = torch.randn(N, d, generator=g, dtype=torch.float64)
+    y = torch.randn(N, generator=g, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    opt = EKF([w], lr=eta, p0=p0)
+    assert isinstance(opt.kernel, BlasKernel)
+    for i in range(0, N, 3):
+        opt.step(lambda: X[i : i + 3] @ w - y[i : i + 3])
+    prec = np.eye(d) / p0 + eta * X.numpy().T @ X.numpy()
+    np.testing.assert_allclose(w.detach().numpy(), np.linalg.solve(prec, eta * X.numpy().T @ y.numpy()), atol=1e-12)
+    np.testing.assert_allclose(opt.covariance().numpy(), np.linalg.inv(prec), atol=1e-12)
