@@ -19,12 +19,13 @@ labels are not part of the study's schedule.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import schnetpack.properties as props
-from .representation import BehlerParrinello, pair_vectors
+from .network_jacobian import NetworkJacobians, supports_closed_form
+from .representation import BehlerParrinello, pair_vectors, species_of
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -60,6 +61,7 @@ class BPNNLabelPredictor:
         self.max_cache_bytes = int(max_cache_bytes)
         self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # _idx → (features (N, W), checksum (2,))
         self._bytes = 0
+        self._rows: Optional[Tuple[Tuple[int, ...], Optional[NetworkJacobians]]] = None
 
     @property
     def representation(self) -> BehlerParrinello:
@@ -143,3 +145,45 @@ class BPNNLabelPredictor:
         pick = pick.to(s.device)
         cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
         return -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (k,) eV/Å
+
+    # ------------------------------------------------------------------ closed-form Jacobian rows
+    def closed_form(self, params: Sequence[torch.Tensor]) -> Optional[NetworkJacobians]:
+        """Closed-form row builder for the column order ``params`` (None if the networks do not qualify,
+        see :func:`~ekf_plugin.bpnn.network_jacobian.supports_closed_form`, or if a weight outside the
+        element networks requires grad)."""
+        key = tuple(id(p) for p in params)
+        if self._rows is not None and self._rows[0] == key:
+            return self._rows[1]
+        nets = self._energy_modules()
+        ok = len(nets) == 1 and supports_closed_form(nets[0])
+        if ok:
+            inside = {id(p) for p in nets[0].parameters()}
+            ok = all(id(p) in inside for p in params)
+        builder = NetworkJacobians(nets[0], params) if ok else None
+        self._rows = (key, builder)
+        return builder
+
+    def energies_and_rows(self, batch: Dict[str, torch.Tensor], rows: NetworkJacobians) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B,) energies in eV and their rows (B, n) = ∂E_b/∂θ, without autograd."""
+        values, out = [], []
+        for b in range(int(batch[props.n_atoms].shape[0])):
+            structure = self._structure(batch, b)
+            s = self.features(batch, b, structure)  # (N_b, W)
+            e, r = rows.energy(s, self._species(structure))  # (1,), (1, n)
+            values.append(e), out.append(r)
+        return torch.cat(values), torch.cat(out)  # (B,), (B, n)
+
+    def force_components_and_rows(
+        self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor, rows: NetworkJacobians
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`force_components` (k,) in eV/Å with their rows (k, n) = ∂F/∂θ, without autograd."""
+        structure = self._structure(batch, b)
+        s = self.features(batch, b, structure)  # (N_b, W)
+        pick = pick.to(s.device)
+        cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
+        return rows.forces(s, self._species(structure), cols)  # (k,), (k, n)
+
+    def _species(self, structure: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N_b,) element index of each atom in the networks' element order."""
+        nets = self._energy_modules()[0]
+        return species_of(structure[props.Z], nets.species_table, nets.elements)

@@ -83,7 +83,7 @@ def label_errors(
     c_forces: float = C_FORCES_EV_ANG,
     energy_per_atom: bool = False,
     record: Optional[Dict[str, List[torch.Tensor]]] = None,
-) -> torch.Tensor:
+):
     """:func:`weighted_errors` with the predictions supplied on demand, shape (m,).
 
     Args:
@@ -93,35 +93,49 @@ def label_errors(
         record: if given, gets the unweighted predicted and reference labels appended under
             ``"energy"`` / ``"forces"`` as (pred, ref) pairs (eV/atom and eV/Å), for training metrics.
 
+    Closed-form Jacobians: when ``energies`` returns ``(values (B,), rows (B, n))`` and
+    ``force_components`` returns ``(values (k,), rows (k, n))`` (rows = ∂prediction/∂θ), the result is
+    ``(ξ (m,), J (m, n))`` with J weighted like ξ, ready for ``EKF.step``; otherwise ξ with its graph.
+
     The random draws (one ``randperm`` per force structure, in batch order) are those of
     :func:`weighted_errors`, so both give the same labels for the same generator state.
     """
-    parts = []
+    parts, rows = [], []
     e_pred: Optional[torch.Tensor] = None
+    e_rows: Optional[torch.Tensor] = None
     idx_m = batch[IDX_M]  # (N_total,)
     n_atoms = batch[N_ATOMS]  # (B,)
     for b, kind in enumerate(kinds):
         if kind == ENERGY:
             if e_pred is None:
-                e_pred = energies()  # (B,)
+                e_pred, e_rows = _with_rows(energies())  # (B,), (B, n) or None
             ref = batch[energy_key].reshape(-1)[b : b + 1].to(e_pred.dtype)  # (1,)
             err = e_pred[b : b + 1] - ref  # (1,)
             nat = n_atoms[b : b + 1].to(err.dtype)
-            if energy_per_atom:
-                err = err / nat
+            weight = c_energy**0.5 / (nat if energy_per_atom else 1.0)  # (1,) or scalar
             if record is not None:
                 record.setdefault("energy", []).append((e_pred[b : b + 1].detach() / nat, ref / nat))
-            parts.append(err * c_energy**0.5)  # (1,)
+            parts.append(err * weight)  # (1,)
+            rows.append(None if e_rows is None else e_rows[b : b + 1] * weight)  # (1, n)
         else:
             ref_all = batch[forces_key][idx_m == b].reshape(-1)  # (3N_b,)
             pick = draw_components(ref_all.numel(), n_force_components, generator)  # (k,) CPU
             k = pick.numel()
-            f = force_components(b, pick)  # (k,)
+            f, f_rows = _with_rows(force_components(b, pick))  # (k,), (k, n) or None
             ref = ref_all[pick.to(ref_all.device)].to(f.dtype)  # (k,)
             if record is not None:
                 record.setdefault("forces", []).append((f.detach(), ref))
             parts.append((f - ref) * (c_forces / k) ** 0.5)  # (k,)
-    return torch.cat(parts)
+            rows.append(None if f_rows is None else f_rows * (c_forces / k) ** 0.5)  # (k, n)
+    xi = torch.cat(parts)  # (m,)
+    if rows and all(r is not None for r in rows):
+        return xi, torch.cat(rows)  # (m,), (m, n)
+    return xi
+
+
+def _with_rows(value):
+    """(values, rows) from a prediction that is either a tensor or a (tensor, Jacobian rows) pair."""
+    return value if isinstance(value, tuple) else (value, None)
 
 
 def atoms_per_structure(batch: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -162,14 +162,23 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         return opt
 
     # ------------------------------------------------------------------ training
-    def _errors(self, batch: Dict[str, torch.Tensor], kinds: List[int], store: Dict[str, Any]) -> torch.Tensor:
+    def _errors(self, batch: Dict[str, torch.Tensor], kinds: List[int], store: Dict[str, Any],
+                params: Optional[List[torch.Tensor]] = None):
+        """ξ (m,) with its graph, or (ξ, J) when ``params`` (the EKF's column order) is given and the BPNN
+        label predictor has closed-form rows for them (:mod:`ekf_plugin.bpnn.network_jacobian`)."""
         if self.label_predictor is not None:
             predictor = self.label_predictor
             store["labels"] = {}
+            rows = predictor.closed_form(params) if params is not None else None
+            if rows is not None:
+                energies = lambda: predictor.energies_and_rows(batch, rows)  # noqa: E731
+                forces = lambda b, pick: predictor.force_components_and_rows(batch, b, pick, rows)  # noqa: E731
+            else:
+                energies = lambda: predictor.energies(batch)  # noqa: E731
+                forces = lambda b, pick: predictor.force_components(batch, b, pick)  # noqa: E731
             return label_errors(
-                lambda: predictor.energies(batch), lambda b, pick: predictor.force_components(batch, b, pick),
-                batch, kinds, self.label_rng, self.energy_key, self.forces_key, self.n_force_components,
-                self.c_energy, self.c_forces, self.energy_per_atom, record=store["labels"],
+                energies, forces, batch, kinds, self.label_rng, self.energy_key, self.forces_key,
+                self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom, record=store["labels"],
             )
         energy_only_update = self.skip_forces_on_energy_updates and all(k == ENERGY for k in kinds)
         with energy_only(self.model, energy_only_update):
@@ -186,7 +195,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         kinds = draw_kinds(n_struct, self.energy_fraction, self.label_rng)
         store: Dict[str, Any] = {}
         if self._is_ekf():
-            xi = opt.step(closure=lambda: self._errors(batch, kinds, store))
+            ekf = opt.optimizer if hasattr(opt, "optimizer") else opt
+            xi = opt.step(closure=lambda: self._errors(batch, kinds, store, ekf.params))
             loss = (xi.detach() ** 2).sum()
         else:
             xi = self._errors(batch, kinds, store)

@@ -96,3 +96,51 @@ def test_ekf_updates_with_fast_labels_equal_the_full_model_path():
     for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
     assert not torch.equal(next(tasks[True].model.parameters()), next(model.parameters())), "weights moved"
+
+
+@pytest.mark.parametrize("hidden", [(25, 25), (7, 5, 4)])
+def test_closed_form_rows_equal_autograd_jacobians(hidden):
+    """Energy and force rows written out by hand (network_jacobian) = autograd through the networks."""
+    model = water_bpnn(dtype=torch.float64, stress=False, seed=3, n_hidden=hidden, energy_scale=0.37,
+                       atom_energies={"H": -1.3, "O": -7.0})
+    randomise_scaling(model)
+    batch = _batch(model)
+    pred = BPNNLabelPredictor(model)
+    params = list(model.parameters())
+    rows = pred.closed_form(params)
+    assert rows is not None and pred.closed_form(params) is rows
+    e, je = pred.energies_and_rows(batch, rows)  # (2,), (2, n)
+    e_ref = pred.energies(batch)
+    torch.testing.assert_close(e, e_ref.detach(), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(je, flat_jacobian(e_ref, params), rtol=1e-10, atol=1e-12)
+    pick = torch.tensor([0, 4, 17, 2, 26])
+    f, jf = pred.force_components_and_rows(batch, 1, pick, rows)
+    f_ref = pred.force_components(batch, 1, pick)
+    torch.testing.assert_close(f, f_ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jf, flat_jacobian(f_ref, params), rtol=1e-9, atol=1e-11)
+    assert float(jf.abs().sum()) > 0
+
+
+def test_closed_form_rows_refuse_foreign_parameters_and_activations():
+    model = _model()
+    pred = BPNNLabelPredictor(model)
+    assert pred.closed_form([torch.nn.Parameter(torch.zeros(3))]) is None, "a weight outside the networks"
+    soft = water_bpnn(dtype=torch.float64, stress=False, seed=3, activation="softplus")
+    assert BPNNLabelPredictor(soft).closed_form(list(soft.parameters())) is None
+
+
+def test_ekf_updates_with_closed_form_rows_equal_the_autograd_path():
+    model = _model()
+    batch = _batch(model, seed=2)
+    tasks = {cf: PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=True, seed=4) for cf in (True, False)}
+    xis = {}
+    for cf, task in tasks.items():
+        opt = EKF(task.model.parameters(), lr=1e-2)
+        xis[cf] = []
+        for _ in range(6):
+            kinds = draw_kinds(2, 0.5, task.label_rng)
+            xis[cf].append(opt.step(lambda: task._errors(batch, kinds, {}, opt.params if cf else None)))
+    for a, b in zip(xis[True], xis[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
