@@ -29,3 +29,6 @@ __all__ = [
     "read_scaling",
     "read_weights",
 ]
+from .writer import export_n2p2, write_input_data  # noqa: E402
+
+__all__ += ["export_n2p2", "write_input_data"]
