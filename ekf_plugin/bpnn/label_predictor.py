@@ -19,7 +19,7 @@ labels are not part of the study's schedule.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,6 +62,7 @@ class BPNNLabelPredictor:
         self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # _idx → (features (N, W), checksum (2,))
         self._bytes = 0
         self._rows: Optional[Tuple[Tuple[int, ...], Optional[NetworkJacobians]]] = None
+        self._scaling: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # scaling the cache was filled with
 
     @property
     def representation(self) -> BehlerParrinello:
@@ -71,6 +72,14 @@ class BPNNLabelPredictor:
         """Forget all cached features (call when the scaling or the data change)."""
         self._cache.clear()
         self._bytes = 0
+        self._scaling = None
+
+    def scaling_unchanged(self) -> bool:
+        """True if the representation's scaling is the one the cache was filled with by :meth:`prepare`."""
+        if self._scaling is None:
+            return False
+        rep = self.representation
+        return torch.equal(self._scaling[0], rep.scale_weight) and torch.equal(self._scaling[1], rep.scale_bias)
 
     # ------------------------------------------------------------------ features
     def _structure(self, batch: Dict[str, torch.Tensor], b: int) -> Dict[str, torch.Tensor]:
@@ -114,6 +123,59 @@ class BPNNLabelPredictor:
             self._cache[key] = (s, check)
             self._bytes += s.numel() * s.element_size()
         return s
+
+    @torch.no_grad()
+    def prepare(self, batches: Iterable[Dict[str, torch.Tensor]], fit_scaling: bool = False,
+                progress: bool = False, total: Optional[int] = None) -> int:
+        """Compute the features of every structure in ``batches`` once: fit the representation's scaling
+        from them (``fit_scaling``, the study's min/max Eq. S4, as ``BehlerParrinello.fit_scaling``) and fill
+        the cache with the scaled features, so training starts with one pass over the data, not two.
+
+        Raw functions are computed in float64 (as the scaling fit does) and cached in the dtype of the
+        positions. ``progress`` shows a tqdm bar on stderr. Returns the number of structures cached.
+        """
+        rep = self.representation
+        E, W = len(rep.elements), rep.n_atom_basis
+        raw = []  # (key, species (N_b,), raw features (N_b, W) float64, checksum (2,), dtype)
+        it = batches
+        if progress:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            it = tqdm(batches, total=total, desc="ekf-plugin: symmetry functions of the training frames",
+                      unit="batch", leave=False)
+        device = rep.scale_weight.device
+        g_min = torch.full((E, W), float("inf"), dtype=torch.float64, device=device)  # (E, W)
+        g_max = torch.full((E, W), float("-inf"), dtype=torch.float64, device=device)  # (E, W)
+        for batch in it:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for b in range(int(batch[props.n_atoms].shape[0])):
+                structure = self._structure(batch, b)
+                species = species_of(structure[props.Z], rep.species_table, rep.elements)  # (N_b,)
+                g = rep.raw_features({**structure, props.Rij: structure[props.Rij].to(torch.float64)})  # (N_b, W)
+                for e in range(E):
+                    ge = g[species == e]  # (N_e, W)
+                    if ge.numel():
+                        g_min[e] = torch.minimum(g_min[e], ge.min(0).values)
+                        g_max[e] = torch.maximum(g_max[e], ge.max(0).values)
+                key = int(batch[props.idx][b]) if props.idx in batch else None
+                raw.append((key, species, g, self._checksum(structure), structure[props.R].dtype))
+        if fit_scaling:
+            missing = [rep.elements[e] for e in range(E) if not torch.isfinite(g_min[e, 0])]
+            if missing:
+                raise ValueError(f"no atoms of element(s) {missing} in the data used for symmetry-function scaling")
+            rep.set_scaling(g_min, g_max)
+        self.clear()
+        self._scaling = (rep.scale_weight.clone(), rep.scale_bias.clone())
+        w, bias = rep.scale_weight.to(torch.float64), rep.scale_bias.to(torch.float64)  # (E, W) each
+        cached = 0
+        for key, species, g, check, dtype in raw:
+            s = (g * w[species] + bias[species]).to(dtype)  # (N_b, W) scaled, as BehlerParrinello.forward
+            if key is None or self._bytes + s.numel() * s.element_size() > self.max_cache_bytes:
+                continue
+            self._cache[key] = (s, check)
+            self._bytes += s.numel() * s.element_size()
+            cached += 1
+        return cached
 
     # ------------------------------------------------------------------ predictions
     def _energy_modules(self) -> List[torch.nn.Module]:

@@ -225,6 +225,14 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             sch.step()
 
     def on_validation_epoch_end(self) -> None:
+        bad, self._val_nonfinite = getattr(self, "_val_nonfinite", 0), 0
+        if bad:
+            step = int(self.trainer.global_step) if self._trainer is not None else 0
+            raise FloatingPointError(
+                f"validation loss is not finite (NaN or inf) on {bad} validation batch(es) after {step} updates: "
+                "the model or the validation data is broken (NaN/absurd labels, or a diverged model). Stopping "
+                "with an error; the checkpoints written before this validation are kept."
+            )
         sch = self.lr_schedulers() if self.trainer is not None else None
         if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.schedule_monitor:
             metric = self.trainer.callback_metrics.get(self.schedule_monitor)
@@ -271,9 +279,24 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         if spread > 1e-9 * max(1.0, float(probe.abs().max())):
             raise RuntimeError(f"multistream EKF: the weights differ between processes (spread {spread:.3g})")
 
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Before SchNetPack fits the transforms: with the BPNN label predictor, compute the training frames'
+        symmetry functions once, fit the scaling from them (if not fitted yet) and keep them cached, so the
+        first epoch does not compute them a second time (progress bar on stderr)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.label_predictor is not None and dm is not None:
+            rep = self.label_predictor.representation
+            loader = dm.train_dataloader()
+            try:
+                total = len(loader)
+            except TypeError:
+                total = None
+            self.label_predictor.prepare(loader, fit_scaling=not bool(rep.scaling_fitted), progress=True, total=total)
+        super().setup(stage)
+
     def on_train_start(self) -> None:
-        if self.label_predictor is not None:
-            self.label_predictor.clear()  # scaling may have been fitted after construction
+        if self.label_predictor is not None and not self.label_predictor.scaling_unchanged():
+            self.label_predictor.clear()  # the scaling was fitted or restored after the features were cached
 
     def _eval_step(self, batch, subset: str):
         torch.set_grad_enabled(self.grad_enabled)
@@ -281,6 +304,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         pred = self.predict_without_postprocessing(dict(batch))
         pred, targets = self.apply_constraints(pred, targets)
         loss = self.loss_fn(pred, targets)
+        if subset == "val" and not bool(torch.isfinite(loss)):
+            self._val_nonfinite = getattr(self, "_val_nonfinite", 0) + 1
         self.log(f"{subset}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["_idx"]))
         self.log_metrics(pred, targets, subset)
         self._update_rmse(pred, batch, subset)

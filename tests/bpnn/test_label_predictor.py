@@ -144,3 +144,28 @@ def test_ekf_updates_with_closed_form_rows_equal_the_autograd_path():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_prepare_fits_the_scaling_and_caches_the_features_in_one_pass():
+    """prepare() = BehlerParrinello.fit_scaling + the features the first epoch would compute, from one pass."""
+    model_a = water_bpnn(dtype=torch.float64, stress=False, seed=3)
+    model_b = copy.deepcopy(model_a)
+    batches = [_batch(model_a, seed=s) for s in (0, 1)]
+    for k, b in enumerate(batches):
+        b[props.idx] = torch.tensor([2 * k, 2 * k + 1])
+    model_a.representation.fit_scaling(batches)
+    pred = BPNNLabelPredictor(model_b)
+    assert not pred.scaling_unchanged()
+    assert pred.prepare(batches, fit_scaling=True) == 4
+    rep_a, rep_b = model_a.representation, model_b.representation
+    torch.testing.assert_close(rep_b.scale_weight, rep_a.scale_weight, rtol=0, atol=0)
+    torch.testing.assert_close(rep_b.scale_bias, rep_a.scale_bias, rtol=0, atol=0)
+    assert pred.scaling_unchanged()
+    ref = BPNNLabelPredictor(model_a)
+    for b in batches:
+        for s in range(2):
+            cached = pred.features(b, s)
+            assert pred._cache[int(b[props.idx][s])][0] is cached, "served from the prepared cache"
+            torch.testing.assert_close(cached, ref.features(b, s), rtol=0, atol=1e-12)
+    rep_b.scale_bias.add_(0.1)
+    assert not pred.scaling_unchanged(), "a changed scaling invalidates the prepared cache"
