@@ -24,9 +24,9 @@ How they are applied (blast radius, see ``docs/install.md``):
   after, and removes itself from ``sys.meta_path``.
 * Only in SchNetPack's own console scripts (``spktrain``, ``spkpredict``; recognised by
   ``sys.argv[0]``) it also wraps ``schnetpack.cli.train``/``predict`` so that, for the duration of that
-  call, Lightning's ``Trainer.fit/validate/test/predict`` read the run's own checkpoints
-  (``checkpoints/last.ckpt``, ``ckpt_path="best"``) with ``weights_only=False`` and ``schnetpack.cli``'s
-  ``load_model("best_model")`` does the same: Lightning checkpoints of SchNetPack pickle the whole model
+  call, Lightning's ``Trainer.fit/validate/test/predict`` and ``LightningModule.load_from_checkpoint`` read
+  the run's own checkpoints (``checkpoints/last.ckpt``, ``ckpt_path="best"``, the best checkpoint it turns into
+  ``best_model``) with ``weights_only=False`` and ``schnetpack.cli``'s ``load_model("best_model")`` does the same: Lightning checkpoints of SchNetPack pickle the whole model
   in their hyper-parameters. Every other ``torch.load`` in the process keeps torch's default
   (``weights_only=True``), so a process that imports SchNetPack refuses a pickle exactly as stock
   torch does.
@@ -91,8 +91,9 @@ def patch_reduce_lr_on_plateau(module: Any) -> None:
 
 @contextlib.contextmanager
 def spktrain_checkpoint_loading() -> Iterator[None]:
-    """While active, Lightning's ``Trainer.fit/validate/test/predict`` load ``ckpt_path`` with
-    ``weights_only=False`` unless the caller says otherwise, and ``schnetpack.cli.load_model`` too.
+    """While active, Lightning's ``Trainer.fit/validate/test/predict`` and ``LightningModule.load_from_checkpoint``
+    load checkpoints with ``weights_only=False`` unless the caller says otherwise, and ``schnetpack.cli.load_model``
+    too.
 
     For SchNetPack's own CLI only (see the module docstring): it reads checkpoints that the same run wrote
     (Lightning checkpoints pickle the model in their hyper-parameters). Not thread-safe by design: it is
@@ -111,6 +112,13 @@ def spktrain_checkpoint_loading() -> Iterator[None]:
 
         functools.update_wrapper(call, original)
         setattr(pl.Trainer, name, call)
+    module_load = pl.LightningModule.__dict__["load_from_checkpoint"]  # spktrain: best_task = load_from_checkpoint(best)
+
+    def load_from_checkpoint(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("weights_only", False)
+        return module_load.__get__(None, cls)(*args, **kwargs)
+
+    pl.LightningModule.load_from_checkpoint = classmethod(load_from_checkpoint)
     cli = sys.modules.get("schnetpack.cli")
     cli_load = getattr(cli, "load_model", None)
     if cli_load is not None:
@@ -120,6 +128,7 @@ def spktrain_checkpoint_loading() -> Iterator[None]:
     finally:
         for name, original in saved.items():
             setattr(pl.Trainer, name, original)
+        pl.LightningModule.load_from_checkpoint = module_load
         if cli_load is not None:
             cli.load_model = cli_load
 

@@ -339,11 +339,20 @@ def check_structure(numbers: ArrayLike, positions: ArrayLike, cell: Optional[Arr
     if n == 0:
         raise ValueError("the structure has no atoms: nothing to evaluate")
     r = _as_numpy(positions)
+    if r.size != 3 * n:
+        raise ValueError(f"{n} atomic numbers but {r.size / 3:g} positions")
     if not np.isfinite(r).all():
         bad = np.unique(np.argwhere(~np.isfinite(r.reshape(-1, 3)))[:, 0])
         raise ValueError(f"non-finite positions (NaN/inf) for atom(s) {bad[:10].tolist()}")
     if cell is not None and not np.isfinite(_as_numpy(cell)).all():
         raise ValueError("non-finite cell (NaN/inf)")
+    r = r.reshape(-1, 3)
+    if r.shape[0] > 1:  # exact duplicates only (cheap, O(N log N)); physical checks: ekf_plugin.validation
+        order = np.lexsort(r.T[::-1])
+        same = np.flatnonzero(np.all(np.abs(np.diff(r[order], axis=0)) < 1e-8, axis=1))
+        if same.size:
+            i, j = sorted((int(order[same[0]]), int(order[same[0] + 1])))
+            raise ValueError(f"atoms {i} and {j} are at the same position")
 
 
 def check_output(energy: float, forces: np.ndarray, stress: Optional[np.ndarray]) -> None:

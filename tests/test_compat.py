@@ -100,6 +100,7 @@ def test_spktrain_checkpoint_loading_is_scoped_to_the_cli_call():
 
     seen = {}
     original_fit = pl.Trainer.fit
+    original_module_load = pl.LightningModule.__dict__["load_from_checkpoint"]
     try:
         pl.Trainer.fit = lambda self, *a, **kw: seen.update(kw)  # stands in for Lightning's own fit
         with spktrain_checkpoint_loading():
@@ -109,6 +110,7 @@ def test_spktrain_checkpoint_loading_is_scoped_to_the_cli_call():
         seen.clear()
         pl.Trainer.fit(None, ckpt_path="last.ckpt")
         assert seen == {"ckpt_path": "last.ckpt"}, "restored after the call"
+        assert pl.LightningModule.__dict__["load_from_checkpoint"] is original_module_load
         assert not hasattr(cli.load_model, "keywords")
     finally:
         pl.Trainer.fit = original_fit

@@ -4,7 +4,8 @@ Start i-PI first (its XML's <ffsocket> names the address), then for example::
 
     ekf-plugin ipi --model runs/best_model --template init.xyz --unix water
 
-Exit codes: 0 i-PI sent EXIT; 1 bad arguments; 2 connection lost (or i-PI never came up);
+Exit codes: 0 i-PI sent EXIT; 1 bad arguments, template or model file (one line, no traceback);
+2 connection lost (or i-PI never came up, or silent for --idle-timeout);
 3 protocol error; 4 model error (exception, wrong atom count, non-finite values); 143 SIGTERM.
 On 3, 4 and 143 the client drains and closes cleanly, so i-PI re-queues the step for a new client.
 """
@@ -33,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after a lost connection keep reconnecting this long while the socket exists")
     parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long to wait for i-PI's socket at start")
+    parser.add_argument("--read-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="a message i-PI started must arrive completely within this time (default 60; 0: no limit)")
+    parser.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="give up (exit 2) when i-PI sends nothing for this long (default 0: wait forever)")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="allow a full unpickle of a best_model that needs classes outside the allow-list: "
+                             "this can run code from the file, use it only for files you trust")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,4 +62,7 @@ def run(args: argparse.Namespace) -> int:
         sockets_prefix=args.sockets_prefix,
         reconnect=args.reconnect,
         connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout or None,
+        idle_timeout=args.idle_timeout or None,
+        trust_pickle=args.trust_model,
     )

@@ -10,7 +10,10 @@ Behaviour (see ``docs/md.md``):
 * ``EXIT`` → returns 0;
 * connection lost → returns 2 with a clear message, unless ``reconnect`` > 0 s, in which case it
   retries with exponential backoff while the unix socket file exists (i-PI re-queues the step);
-* garbage on the socket → 3; model error, wrong atom count or non-finite result → 4;
+* a message that stops half-way for ``read_timeout`` s (default 60) → 3; no message at all for
+  ``idle_timeout`` s (default: wait forever) → 2;
+* garbage on the socket → 3; model error, wrong atom count (checked before the positions are read)
+  or non-finite result → 4;
   SIGTERM → 143. In all three cases it first drains the bytes i-PI still sends and closes with a
   FIN, never an RST, so that i-PI drops this client and re-queues the step for another one.
 
@@ -148,10 +151,18 @@ class IPIClient:
         reconnect: seconds to keep trying to reconnect after a lost connection (0: never).
         connect_timeout: seconds to wait for i-PI at start.
         drain_timeout: seconds to wait for i-PI to close after we shut down our side.
+        read_timeout: seconds a started message may take to arrive completely (``None``: no limit).
+        idle_timeout: seconds to wait for the next message (``None``: no limit; i-PI may be busy).
     """
 
     def __init__(self, compute: Compute, address: Address, natoms: Optional[int] = None, reconnect: float = 0.0,
-                 connect_timeout: float = 30.0, drain_timeout: float = 1.0) -> None:
+                 connect_timeout: float = 30.0, drain_timeout: float = 1.0, read_timeout: Optional[float] = 60.0,
+                 idle_timeout: Optional[float] = None) -> None:
+        for name, value in (("read_timeout", read_timeout), ("idle_timeout", idle_timeout)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds or None, got {value!r}")
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
         self.compute = compute
         self.address = address
         self.natoms = natoms
@@ -168,12 +179,12 @@ class IPIClient:
         initialized = False
         reply: Optional[bytes] = None
         while True:
-            word = proto.recv_header(sock)
+            word = proto.recv_header(sock, self.read_timeout, self.idle_timeout)
             if word == b"STATUS":
                 status = "HAVEDATA" if reply is not None else ("READY" if initialized else "NEEDINIT")
                 proto.send(sock, proto.header(status))
             elif word == b"INIT":
-                _, self.init_string = proto.recv_init(sock)
+                _, self.init_string = proto.recv_init(sock, self.read_timeout)
                 if b"batch_size" in self.init_string:
                     raise proto.ProtocolError(
                         "i-PI asked for the batched protocol (batch_size in INIT); this client serves one "
@@ -181,7 +192,10 @@ class IPIClient:
                     )
                 initialized = True
             elif word == b"POSDATA":
-                cell_h, pos = proto.recv_posdata(sock)
+                try:
+                    cell_h, pos = proto.recv_posdata(sock, self.natoms, self.read_timeout)
+                except proto.AtomCountError as exc:
+                    raise ModelFailure(str(exc)) from None
                 initialized = True
                 reply = self._evaluate(cell_h, pos)
             elif word == b"GETFORCE":
@@ -327,6 +341,9 @@ def run_client(
     sockets_prefix: str = "/tmp/ipi_",
     reconnect: float = 0.0,
     connect_timeout: float = 30.0,
+    read_timeout: Optional[float] = 60.0,
+    idle_timeout: Optional[float] = None,
+    trust_pickle: bool = False,
 ) -> int:
     """Drive an i-PI simulation with a trained model until i-PI sends ``EXIT``.
 
@@ -340,6 +357,9 @@ def run_client(
         dtype: ``"float64"``/``"float32"``; cutoff: Å (default: the model's).
         reconnect: seconds to keep reconnecting after a lost connection (0: exit at once).
         connect_timeout: seconds to wait for i-PI's socket at start.
+        read_timeout: seconds a started message may take (``None``: no limit); idle_timeout: seconds
+            to wait for the next message (``None``: no limit).
+        trust_pickle: allow a full unpickle of a ``best_model`` outside the allow-list (trusted files only).
 
     Returns:
         The process exit code: 0 after EXIT, 1 bad arguments, 2 connection lost,
@@ -349,9 +369,11 @@ def run_client(
         address = Address(unix, host, port, sockets_prefix)
         from .pes import AtomicUnitsModel
 
-        pes = AtomicUnitsModel(template, model, device=device, threads=threads, dtype=dtype, cutoff=cutoff)
-    except ValueError as exc:
+        pes = AtomicUnitsModel(template, model, device=device, threads=threads, dtype=dtype, cutoff=cutoff,
+                               trust_pickle=trust_pickle)
+        client = IPIClient(pes, address, natoms=pes.natoms, reconnect=reconnect, connect_timeout=connect_timeout,
+                           read_timeout=read_timeout, idle_timeout=idle_timeout)
+    except (ValueError, OSError) as exc:  # bad arguments, template or model file (ModelLoadError is a ValueError)
         _log(f"error: {exc}")
         return EXIT_USAGE
-    client = IPIClient(pes, address, natoms=pes.natoms, reconnect=reconnect, connect_timeout=connect_timeout)
     return client.run()

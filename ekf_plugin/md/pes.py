@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 from ase import units
@@ -51,13 +51,48 @@ class ModelError(RuntimeError):
     """The model cannot produce a valid answer (wrong atom count, non-finite values)."""
 
 
-def read_species(template: str) -> np.ndarray:
-    """Atomic numbers (nat,) from an ASE-readable structure file (first frame)."""
+def read_template(template: str):
+    """First frame of an ASE-readable structure file (``ase.Atoms``, Å), with a clear error if unreadable."""
     from ase.io import read
 
     if not os.path.exists(template):
         raise ValueError(f"template structure {template!r} does not exist")
-    return np.asarray(read(template, index=0).get_atomic_numbers(), dtype=np.int64)
+    try:
+        atoms = read(template, index=0)
+    except Exception as exc:  # ASE raises many types for a bad file
+        raise ValueError(f"cannot read template structure {template!r}: {type(exc).__name__}: {exc}") from None
+    if len(atoms) == 0:
+        raise ValueError(f"template structure {template!r} has no atoms")
+    return atoms
+
+
+def read_species(template: str) -> np.ndarray:
+    """Atomic numbers (nat,) from an ASE-readable structure file (first frame)."""
+    return np.asarray(read_template(template).get_atomic_numbers(), dtype=np.int64)
+
+
+def check_template(atoms, template: str, model_elements: Optional[Sequence[int]]) -> None:
+    """Refuse a template whose species the model does not know, or whose geometry is impossible.
+
+    Elements: every species must be one of ``model_elements`` (atomic numbers; ``None`` skips). Geometry
+    (:func:`ekf_plugin.validation.check_geometry`): no two atoms closer than 0.6 Å; with a cell also every
+    H of an H/C/N/O system within 1.3 Å of a heavier atom. Raises ``ValueError`` naming the file.
+    """
+    from ase.data import chemical_symbols
+
+    from ekf_plugin.validation import check_geometry
+
+    z = atoms.get_atomic_numbers()
+    if model_elements is not None:
+        unknown = sorted(set(z.tolist()) - set(int(e) for e in model_elements))
+        if unknown:
+            raise ValueError(
+                f"template {template!r} has element(s) {[chemical_symbols[u] for u in unknown]} that the model does "
+                f"not know (model: {[chemical_symbols[e] for e in model_elements]})"
+            )
+    periodic = bool(atoms.pbc.any()) and atoms.cell.rank == 3
+    check_geometry(z, atoms.positions, atoms.cell.array if periodic else None, atoms.pbc if periodic else (False,) * 3,
+                   where=f"template {template!r}", h_partner_max=None if not periodic else 1.3)
 
 
 class AtomicUnitsModel:
@@ -71,6 +106,12 @@ class AtomicUnitsModel:
         dtype: ``"float64"`` (default) or ``"float32"``.
         cutoff: neighbor-list cutoff in Å (default: the model's).
         neighbor_list: see :class:`ekf_plugin.evaluation.ModelEvaluator`.
+        trust_pickle: allow a full unpickle of a ``best_model`` outside the allow-list (trusted files only).
+
+    At start the template is checked against the model's elements and for an impossible geometry
+    (:func:`check_template`); the first structure i-PI sends is checked with the template's species
+    (:func:`ekf_plugin.validation.check_geometry`: shortest distance, every H near a heavier atom), which
+    catches species in the wrong order or a length-unit mix-up before any MD step.
     """
 
     def __init__(
@@ -82,6 +123,7 @@ class AtomicUnitsModel:
         dtype: str = "float64",
         cutoff: Optional[float] = None,
         neighbor_list: str = "auto",
+        trust_pickle: bool = False,
     ) -> None:
         import torch
 
@@ -90,14 +132,19 @@ class AtomicUnitsModel:
         set_threads(threads)
         if dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-        self.numbers = read_species(template)
+        atoms = read_template(template)
+        self.template = str(template)
+        self.numbers = np.asarray(atoms.get_atomic_numbers(), dtype=np.int64)
         self.evaluator = ModelEvaluator(
             model,
             device=device,
             dtype=getattr(torch, dtype),
             cutoff=cutoff,
             neighbor_list=neighbor_list,
+            trust_pickle=trust_pickle,
         )
+        check_template(atoms, self.template, _model_elements(self.evaluator.model))
+        self.first_frame_checked = False
 
     @property
     def natoms(self) -> int:
@@ -125,6 +172,15 @@ class AtomicUnitsModel:
         cell = np.asarray(cell_h, dtype=np.float64).reshape(3, 3).T * BOHR  # rows, Å
         if not (np.isfinite(cell).all() and np.isfinite(pos).all()):
             raise ModelError("i-PI sent non-finite positions or cell (has the simulation blown up?)")
+        if not self.first_frame_checked:
+            from ekf_plugin.validation import DataValidationError, check_geometry
+
+            try:
+                check_geometry(self.numbers, pos * BOHR, cell, (True, True, True),
+                               where=f"i-PI's first structure with the species of {self.template!r}")
+            except DataValidationError as exc:
+                raise ModelError(str(exc)) from None
+            self.first_frame_checked = True
         res = self.evaluator(self.numbers, pos * BOHR, cell, pbc=True)
         energy = res.energy / HARTREE
         forces = res.forces * (BOHR / HARTREE)  # (nat, 3) Ha/Bohr
@@ -134,12 +190,23 @@ class AtomicUnitsModel:
         return energy, forces, virial, json.dumps({})
 
 
+def _model_elements(model) -> Optional[Sequence[int]]:
+    """The model's atomic numbers if it has a fixed element list (BPNN, n2p2), else ``None``."""
+    from ekf_plugin.models import model_elements
+
+    try:
+        return model_elements(model)
+    except ValueError:
+        return None
+
+
 class EkfPluginDriver(Dummy_driver):
     """i-PI python-driver PES for ekf-plugin models (``-m custom -P pes.py``, ``<ffdirect>``).
 
     Arguments (``-o key=value,...`` or ``<parameters>{key: value}``): ``template`` (structure
     file, required), ``model`` (model path, required), ``device``, ``threads``, ``dtype``,
-    ``cutoff`` (Å), ``neighbor_list``. Extra keywords (``verbosity`` from ``<ffdirect>``) are
+    ``cutoff`` (Å), ``neighbor_list``, ``trust_model`` (``true``: allow a full unpickle of a trusted
+    ``best_model``). Extra keywords (``verbosity`` from ``<ffdirect>``) are
     accepted and ignored.
     """
 
@@ -152,6 +219,7 @@ class EkfPluginDriver(Dummy_driver):
         dtype: str = "float64",
         cutoff: Optional[float] = None,
         neighbor_list: str = "auto",
+        trust_model: Any = False,
         *args: Any,
         **kwargs: Any,
     ) -> None:
@@ -165,6 +233,7 @@ class EkfPluginDriver(Dummy_driver):
             dtype=dtype,
             cutoff=None if cutoff is None else float(cutoff),
             neighbor_list=neighbor_list,
+            trust_pickle=str(trust_model).lower() in ("1", "true", "yes"),
         )
         kwargs.pop("verbosity", None)
         super().__init__(*args, **kwargs)

@@ -13,12 +13,18 @@ All values are atomic units (Bohr, Hartree, Hartree/Bohr; the virial in Hartree)
 cell with lattice vectors as **columns**; it is sent row-major, so ``h.T`` gives ASE's rows.
 Since i-PI 3.2 the server pipelines ``POSDATA`` and ``GETFORCE`` in one write, so every read here
 is an exact ``recvall``; a read of 0 bytes means the peer closed the connection.
+
+Timeouts (seconds, ``None`` = wait forever): ``read_timeout`` bounds how long the rest of a message may
+take once its first byte has arrived (a server that sends 5 bytes of a header and then nothing is a
+:class:`ProtocolError`, not a hang); ``idle_timeout`` bounds the wait for the next message to start
+(:class:`Disconnected`; off by default, since i-PI may legitimately wait for other clients).
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Tuple
+import time
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -33,17 +39,42 @@ class ProtocolError(RuntimeError):
 
 
 class Disconnected(ConnectionError):
-    """The peer closed the connection (0-byte read) or reset it."""
+    """The peer closed the connection (0-byte read) or reset it, or sent nothing for ``idle_timeout`` s."""
 
 
-def recvall(sock: socket.socket, n: int) -> bytes:
-    """Read exactly ``n`` bytes; raise :class:`Disconnected` if the peer closes first."""
+class AtomCountError(ProtocolError):
+    """``POSDATA`` announces a different atom count than the template (checked before reading positions)."""
+
+
+def recvall(sock: socket.socket, n: int, timeout: Optional[float] = None, idle_timeout: Optional[float] = None,
+            started: bool = True) -> bytes:
+    """Read exactly ``n`` bytes; raise :class:`Disconnected` if the peer closes first.
+
+    Args:
+        timeout: seconds for the read (``None``: no limit), counted from the call if ``started`` (a payload
+            that follows its header), else from the first byte; :class:`ProtocolError` when it passes.
+        idle_timeout: with ``started=False`` (a new message), seconds to wait for its first byte
+            (``None``: no limit); :class:`Disconnected` when it passes.
+    """
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
+    deadline = time.monotonic() + timeout if (started and timeout is not None) else None
     while got < n:
+        if got == 0 and not started:
+            sock.settimeout(idle_timeout)
+        else:
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
+            sock.settimeout(None if deadline is None else max(deadline - time.monotonic(), 1e-3))
         try:
             k = sock.recv_into(view[got:], n - got)
+        except socket.timeout:
+            if got == 0 and not started:
+                raise Disconnected(f"no message from i-PI for {idle_timeout:g} s (idle timeout)") from None
+            raise ProtocolError(
+                f"i-PI sent {got} of {n} bytes of a message part and then nothing for {timeout:g} s (read timeout)"
+            ) from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise Disconnected(f"connection reset by i-PI ({exc})") from exc
         if k == 0:
@@ -53,6 +84,8 @@ def recvall(sock: socket.socket, n: int) -> bytes:
 
 
 def send(sock: socket.socket, data: bytes) -> None:
+    """Send all of ``data`` (blocking); :class:`Disconnected` if the peer has gone."""
+    sock.settimeout(None)
     try:
         sock.sendall(data)
     except (ConnectionResetError, BrokenPipeError) as exc:
@@ -67,9 +100,11 @@ def header(word: str) -> bytes:
     return b.ljust(HDRLEN)
 
 
-def recv_header(sock: socket.socket) -> bytes:
-    """Next header word (stripped). Raises :class:`ProtocolError` on anything unknown."""
-    raw = recvall(sock, HDRLEN)
+def recv_header(sock: socket.socket, read_timeout: Optional[float] = None,
+                idle_timeout: Optional[float] = None) -> bytes:
+    """Next header word (stripped). Raises :class:`ProtocolError` on anything unknown (or a header
+    that stops for ``read_timeout`` s), :class:`Disconnected` after ``idle_timeout`` s without a message."""
+    raw = recvall(sock, HDRLEN, read_timeout, idle_timeout, started=False)
     word = raw.strip()
     if word not in SERVER_HEADERS:
         shown = raw[:HDRLEN].decode("ascii", "backslashreplace")
@@ -85,31 +120,41 @@ def recv_header_any(sock: socket.socket) -> bytes:
     return recvall(sock, HDRLEN).strip()
 
 
-def _i4(sock: socket.socket) -> int:
-    return int(np.frombuffer(recvall(sock, 4), dtype=np.int32)[0])
+def _i4(sock: socket.socket, timeout: Optional[float] = None) -> int:
+    return int(np.frombuffer(recvall(sock, 4, timeout), dtype=np.int32)[0])
 
 
-def recv_init(sock: socket.socket) -> Tuple[int, bytes]:
-    """Payload of ``INIT`` (after the header): ``(bead index, init string bytes)``."""
-    bead = _i4(sock)
-    n = _i4(sock)
+def recv_init(sock: socket.socket, timeout: Optional[float] = None) -> Tuple[int, bytes]:
+    """Payload of ``INIT`` (after the header): ``(bead index, init string bytes)``; ``timeout`` s per part."""
+    bead = _i4(sock, timeout)
+    n = _i4(sock, timeout)
     if not 0 <= n <= MAX_INIT_BYTES:
         raise ProtocolError(f"INIT string length {n} is out of range")
-    return bead, recvall(sock, n)
+    return bead, recvall(sock, n, timeout)
 
 
-def recv_posdata(sock: socket.socket) -> Tuple[np.ndarray, np.ndarray]:
+def recv_posdata(sock: socket.socket, natoms: Optional[int] = None,
+                 timeout: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Payload of ``POSDATA`` (after the header).
+
+    Args:
+        natoms: the expected atom count (the template's); checked *before* the positions are read, so an
+            absurd count never allocates (:class:`AtomCountError`).
+        timeout: seconds allowed for each part of the payload (``None``: no limit).
 
     Returns:
         ``(cell_h (3, 3) Bohr, lattice vectors as columns; positions (nat, 3) Bohr)``.
     """
-    h = np.frombuffer(recvall(sock, 72), dtype=np.float64).reshape(3, 3).copy()
-    recvall(sock, 72)  # h^-1: legacy, unused
-    nat = _i4(sock)
+    h = np.frombuffer(recvall(sock, 72, timeout), dtype=np.float64).reshape(3, 3).copy()
+    recvall(sock, 72, timeout)  # h^-1: legacy, unused
+    nat = _i4(sock, timeout)
     if not 0 < nat <= MAX_ATOMS:
         raise ProtocolError(f"POSDATA announces {nat} atoms: not the i-PI protocol")
-    pos = np.frombuffer(recvall(sock, 24 * nat), dtype=np.float64).reshape(nat, 3).copy()
+    if natoms is not None and nat != natoms:
+        raise AtomCountError(
+            f"i-PI sent {nat} atoms but the template has {natoms}: use the same structure file for i-PI and the client"
+        )
+    pos = np.frombuffer(recvall(sock, 24 * nat, timeout), dtype=np.float64).reshape(nat, 3).copy()
     return h, pos
 
 

@@ -182,7 +182,9 @@ def test_calculator_without_pbc(model, system):
     atoms.calc = calculator(model)
     f = atoms.get_forces()
     assert np.abs(f.sum(0)).max() < 1e-10  # no external field: momentum conserved
-    with pytest.raises(Exception):
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    with pytest.raises(PropertyNotImplementedError):
         atoms.get_stress()
 
 
@@ -193,3 +195,71 @@ def test_bad_arguments_are_clear(model):
         ModelEvaluator("/nonexistent/model")
     with pytest.raises(ValueError, match="atomic numbers"):
         ModelEvaluator(model)([1, 1], np.zeros((3, 3)), np.eye(3) * 5)
+
+
+def test_evaluator_refuses_empty_and_non_finite_input(evaluator, system):
+    from ekf_plugin import calculator
+
+    z, r, h = system
+    with pytest.raises(ValueError, match="no atoms"):
+        evaluator([], np.zeros((0, 3)), h)
+    bad = r.copy()
+    bad[5, 1] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite positions .* atom\(s\) \[5\]"):
+        evaluator(z, bad, h)
+    with pytest.raises(ValueError, match="non-finite cell"):
+        evaluator(z, r, h * np.inf)
+    same = r.copy()
+    same[7] = same[2]
+    with pytest.raises(ValueError, match="atoms 2 and 7 are at the same position"):
+        evaluator(z, same, h)
+    atoms = Atoms(numbers=z, positions=bad, cell=h, pbc=True)
+    atoms.calc = calculator(evaluator.model)
+    with pytest.raises(ValueError, match="non-finite positions"):
+        atoms.get_potential_energy()
+    empty = Atoms(cell=h, pbc=True)
+    empty.calc = calculator(evaluator.model)
+    with pytest.raises(ValueError, match="no atoms"):
+        empty.get_potential_energy()
+
+
+def test_evaluator_refuses_non_finite_output(system):
+    from ekf_plugin.evaluation import NonFiniteOutputError
+
+    z, r, h = system
+    broken = toy_model(cutoff=4.0)
+    with torch.no_grad():
+        broken.output_modules[0].outnet[-1].bias.fill_(float("nan"))  # the energy read-out
+    with pytest.raises(NonFiniteOutputError, match="non-finite energy, forces or stress"):
+        ModelEvaluator(broken)(z, r, h)
+
+
+def test_pes_checks_template_elements_and_first_frame(tmp_path, system):
+    """A template with an element the model lacks is refused at start; species in the wrong order
+    (H and O swapped, same count) are caught on i-PI's first frame, before any MD step."""
+    from ekf_plugin.models import water_bpnn
+
+    z, r, h = system
+    bpnn = water_bpnn(seed=0, dtype=torch.float64)
+    carbon = tmp_path / "c.xyz"
+    Atoms(numbers=np.where(z == 8, 6, z), positions=r, cell=h, pbc=True).write(carbon)
+    with pytest.raises(ValueError, match=r"element\(s\) \['C'\] that the model does not know"):
+        AtomicUnitsModel(str(carbon), bpnn)
+    swapped = z.reshape(-1, 3)[:, ::-1].reshape(-1)  # H H O per molecule, but i-PI sends O H H
+    template = tmp_path / "swapped.xyz"  # a consistent structure of its own: passes the start-up check
+    Atoms(numbers=swapped, positions=r.reshape(-1, 3, 3)[:, ::-1].reshape(-1, 3), cell=h, pbc=True).write(template)
+    pes = AtomicUnitsModel(str(template), bpnn)
+    with pytest.raises(ModelError, match="have no C/N/O neighbour within 1.3"):
+        pes(h.T / units.Bohr, r / units.Bohr)
+    ok = tmp_path / "ok.xyz"
+    Atoms(numbers=z, positions=r, cell=h, pbc=True).write(ok)
+    energy, *_ = AtomicUnitsModel(str(ok), bpnn)(h.T / units.Bohr, r / units.Bohr)
+    assert np.isfinite(energy)
+
+
+def test_pes_refuses_template_with_bohr_read_as_angstrom(tmp_path, model, system):
+    z, r, h = system
+    squeezed = tmp_path / "bohr_as_a.xyz"
+    Atoms(numbers=z, positions=r * units.Bohr, cell=h * units.Bohr, pbc=True).write(squeezed)
+    with pytest.raises(ValueError, match=r"Å apart \(< 0.6 Å\)"):
+        AtomicUnitsModel(str(squeezed), model)

@@ -258,3 +258,64 @@ def test_address_validation():
         Address(host="localhost", port=0)
     with pytest.raises(ValueError, match="107-byte"):
         Address(unix="x" * 120)
+
+
+def test_half_a_header_then_silence_hits_the_read_timeout(capfd):
+    """A server that sends 5 bytes of a header and then nothing: exit 3 after read_timeout, never a hang."""
+
+    def script(conn):
+        conn.sendall(b"STATU")
+        return conn.recv(100)  # the client gives up and closes: EOF
+
+    srv = Server(script)
+    t0 = time.monotonic()
+    assert client(srv, read_timeout=0.5).run() == EXIT_PROTOCOL
+    elapsed = time.monotonic() - t0
+    srv.close()
+    assert 0.4 < elapsed < 5
+    assert "5 of 12 bytes" in capfd.readouterr().err
+
+
+def test_half_a_posdata_payload_hits_the_read_timeout(capfd):
+    def script(conn):
+        msg, _ = posdata()
+        conn.sendall(msg[:-10])  # the last position never comes
+        return conn.recv(100)
+
+    srv = Server(script)
+    assert client(srv, read_timeout=0.5).run() == EXIT_PROTOCOL
+    srv.close()
+    assert "read timeout" in capfd.readouterr().err
+
+
+def test_idle_timeout_is_optional(capfd):
+    def script(conn):
+        time.sleep(1.0)  # no message at all
+        return b""
+
+    srv = Server(script)
+    assert client(srv, idle_timeout=0.3).run() == EXIT_DISCONNECTED
+    srv.close()
+    assert "no message from i-PI for 0.3 s" in capfd.readouterr().err
+    with pytest.raises(ValueError, match="read_timeout"):
+        client(srv, read_timeout=0)
+
+
+def test_absurd_atom_count_is_checked_against_the_template_before_allocating(capfd):
+    """POSDATA announcing 9e6 atoms (216 MB of positions) is refused from its header, with no allocation."""
+    import tracemalloc
+
+    def script(conn):
+        conn.sendall(proto.header("POSDATA") + H.tobytes() + H.tobytes() + np.int32(9_000_000).tobytes())
+        return conn.recv(100)
+
+    srv = Server(script)
+    tracemalloc.start()
+    try:
+        assert client(srv).run() == EXIT_MODEL
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    srv.close()
+    assert peak < 20e6, f"allocated {peak / 1e6:.0f} MB"
+    assert "i-PI sent 9000000 atoms but the template has 4" in capfd.readouterr().err
