@@ -106,7 +106,7 @@ def _source_tokens(src: Optional[dict], element: str, lines) -> Optional[List[li
             ok = tuple(sorted(f["neighbors"])) == tuple(sorted(params[1])) and f["lambda"] == params[3] and \
                 f["zeta"] == params[4] and all(_close(x, y) for x, y in ((f["eta"], params[2]), (f["rc"], params[6]))) \
                 and (_close(f["rs"], params[5]) or f["rs"] == params[5] == 0.0)
-            new = tokens[:4] + [_num(f["eta"]), _num(f["lambda"]), _num(f["zeta"]), _num(f["rc"])]
+            new = [element, "3", *f["neighbors"], _num(f["eta"]), _num(f["lambda"]), _num(f["zeta"]), _num(f["rc"])]
             if f["rs"] != 0.0:
                 new.append(_num(f["rs"]))
         if not ok:
