@@ -1,125 +1,132 @@
-"""Columns ∂G/∂r_aα of the symmetry-function Jacobian from the pairs and triples that contain atom a.
+"""Columns ∂G/∂r_aα of the symmetry-function Jacobian from the neighbourhood of atom a.
 
-A force label F_aα = −Σ_i ∇_G E_i · ∂G_i/∂r_aα needs one column of dG/dr per label. Only the radial
-terms of pairs (i, j) with a ∈ {i, j} and the angular terms of triples (i; j, k) with a ∈ {i, j, k}
-depend on r_a, so the column comes from a few per cent of the frame's triples (192-atom water,
-r_c = 6.35 Å) by forward-mode differentiation of the per-term math (hand-written tangents). The columns do not depend
-on the network weights: with them (and the cached features), the Jacobian of a force label w.r.t. the
-weights passes through the element networks only, not through the symmetry functions.
+A force label F_aα = −Σ_i ∇_G E_i · ∂G_i/∂r_aα needs one column of dG/dr per label. The columns do not
+depend on the network weights: with them (and the cached features), the Jacobian of a force label w.r.t.
+the weights passes through the element networks only, not through the symmetry functions.
 
-Layout (L labels, N atoms, P pairs, T_l triples of label l; lengths in Å):
+Everything is built from the pairs of a (its row of the neighbour list, ~106 on 192-atom water with
+r_c = 6.35 Å), by translation invariance: put the moved copy of a at the origin and hold every other
+point fixed, also the periodic images of a itself (their motion is counted when the image is the
+origin, i.e. through the pair list of a, which holds each image once per offset).
 
-* pairs of label l: every pair with a_l as centre or neighbour; the pair vector r_ij = r_j − r_i moves
-  with tangent s·e_α, s = [j = a] − [i = a];
-* triples of label l: all neighbour pairs of centre a_l (as :func:`neighbor_pairs_of_centers`) plus,
-  for every pair q = (i → a_l) with i ≠ a_l, the pairs {q, p} of centre i (each unordered pair once,
-  also when a periodic image of a_l is a second neighbour of i).
+* radial: a pair (a → p) with vector u contributes −h'(|u|) û_α to G2 of a (neighbour element of p) and
+  the same to G2 of p (neighbour element of a), h(r) = exp(−η (r − r_s)²) f_c(r);
+* angular: every unordered pair {p, q} of pairs of a with |r_pq| < r_c (r_pq = u_q − u_p) is a triangle
+  whose three triples (a; p, q), (p; a, q) and (q; a, p) all contain a. The narrow G3 term of a triple is
+  R_k · (1 + λ cos θ_c)^ζ with the side factor R_k = h_k(|u_p|) h_k(|u_q|) h_k(|r_pq|) common to the three
+  (k: distinct (η, r_s); h_k as above), so R_k and ∂R_k/∂r_aα are computed once per triangle and combined
+  with the three angles per distinct (λ, ζ). |r_pq| does not move with a (no f_c' of that side needed).
+
+Every (triple, vertex that is an image of a) is met exactly once that way, so the sum is the column.
+Shapes: L labels, N atoms, P pairs, M = max pairs per label atom, T triangles of all labels; lengths in Å.
+Pair lists sorted by centre (SchNetPack/matscipy, ASE) need no extra tables; an unsorted list is sorted
+once per call (``torch.argsort``).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 
 from .symmetry import SymmetryFunctions
 
 
-def _power_and_slope(sf: SymmetryFunctions, base: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(T, U_a) base^ζ and its derivative ζ base^(ζ−1), ζ per column (integer ζ exactly)."""
-    if sf.ang_zeta_int is None:
-        zeta = sf.ang_zeta.to(base.dtype)[None, :]  # (1, U_a)
-        return torch.pow(base, zeta), zeta * torch.pow(base, zeta - 1.0)
-    values, slopes = [], []
-    for z, a, b in sf._zeta_runs:  # columns grouped by equal ζ
-        x = base[:, a:b]  # (T, U_z)
-        if z == 1:
-            values.append(x), slopes.append(torch.ones_like(x))
+class _Keys(NamedTuple):
+    """Per (device, dtype) constants of a :class:`SymmetryFunctions` for the columns."""
+
+    rad_eta: torch.Tensor  # (U_r,) η of the distinct G2 (η, r_s) in Å⁻²
+    rad_rs: torch.Tensor  # (U_r,) r_s in Å
+    side_eta: torch.Tensor  # (K,) η of the distinct (η, r_s) of the angular keys, Å⁻²
+    side_rs: torch.Tensor  # (K,) r_s in Å
+    side_of_key: torch.Tensor  # (U_a,) k of every angular key
+    lam: torch.Tensor  # (C,) λ of the distinct (λ, ζ) of the angular keys
+    zeta: torch.Tensor  # (C,) ζ
+    angle_of_key: torch.Tensor  # (U_a,) c of every angular key
+    zeta_runs: List[Tuple[float, int, int]]  # (ζ, first, end) runs of equal ζ over the (λ, ζ) columns
+    triangle_penalty: torch.Tensor  # (E, E, E) 0 where one of the triangle's three triples has functions, else 1
+
+
+def _keys(sf: SymmetryFunctions, dtype: torch.dtype, device: torch.device) -> _Keys:
+    """The column constants of ``sf``, built once per (dtype, device) and kept on ``sf``."""
+    cache: Dict = sf.__dict__.setdefault("_column_keys", {})
+    hit = cache.get((dtype, device))
+    if hit is not None:
+        return hit
+    E = len(sf.elements)
+    ang = list(zip(sf.ang_eta.tolist(), sf.ang_rs.tolist(), sf.ang_lam.tolist(), sf.ang_zeta.tolist()))
+    sides = sorted({(e, r) for e, r, _, _ in ang})
+    angles = sorted({(lam, z) for _, _, lam, z in ang}, key=lambda c: (c[1], c[0]))  # equal ζ contiguous
+    runs: List[List] = []
+    for n, (_, z) in enumerate(angles):
+        z = int(z) if float(z).is_integer() else z
+        if runs and runs[-1][0] == z:
+            runs[-1][2] = n + 1
         else:
-            xm = x if z == 2 else torch.pow(x, z - 1)  # (T, U_z)
-            values.append(xm * x), slopes.append(z * xm)
-    return torch.cat(values, 1), torch.cat(slopes, 1)
+            runs.append([z, n, n + 1])
+    used = sf.triplet_used.view(E, E, E).cpu()  # (E, E, E) [centre, j, k]
+    pen = torch.ones(E, E, E)  # (E, E, E) [e_a, e_p, e_q]
+    for a in range(E):
+        for p in range(E):
+            for q in range(E):
+                if used[a, p, q] or used[p, a, q] or used[q, a, p]:
+                    pen[a, p, q] = 0.0
+
+    def t(values, kind=dtype):
+        return torch.tensor(values, dtype=kind, device=device)
+
+    keys = _Keys(
+        rad_eta=sf.rad_eta.to(device=device, dtype=dtype), rad_rs=sf.rad_rs.to(device=device, dtype=dtype),
+        side_eta=t([s[0] for s in sides]), side_rs=t([s[1] for s in sides]),
+        side_of_key=t([sides.index((e, r)) for e, r, _, _ in ang], torch.long),
+        lam=t([c[0] for c in angles]), zeta=t([c[1] for c in angles]),
+        angle_of_key=t([angles.index((lam, z)) for _, _, lam, z in ang], torch.long),
+        zeta_runs=[tuple(r) for r in runs], triangle_penalty=pen.to(device=device, dtype=dtype),
+    )
+    cache[(dtype, device)] = keys
+    return keys
 
 
-def angular_term_tangents(sf: SymmetryFunctions, v1, v2, t1, t2) -> torch.Tensor:
-    """(T, U_a) directional derivatives of the narrow G3 terms (before the 2^(1−ζ) prefactor).
+class _Slots(NamedTuple):
+    """The pairs of every label atom in a padded (L, M) table (invalid slots: outside r_c or padding)."""
 
-    Args:
-        v1, v2: (T, 3) r_ij and r_ik in Å; t1, t2: (T, 3) their tangents (per Å of the moved coordinate).
-
-    term = exp(−η Σ_k (r_k − r_s)²) (1 + λ cos θ)^ζ f_c(r_ij) f_c(r_ik) f_c(r_jk), k over ij, ik, jk.
-    """
-    dtype = v1.dtype
-    v3, t3 = v2 - v1, t2 - t1  # (T, 3) r_jk and its tangent
-    r1 = torch.linalg.vector_norm(v1, dim=-1)  # (T,)
-    r2 = torch.linalg.vector_norm(v2, dim=-1)  # (T,)
-    r3 = torch.linalg.vector_norm(v3, dim=-1)  # (T,)
-    d1, d2, d3 = (v1 * t1).sum(-1) / r1, (v2 * t2).sum(-1) / r2, (v3 * t3).sum(-1) / r3  # (T,) dr_k
-    f1, g1 = sf.cutoff_fn.value_and_derivative(r1)  # (T,) each
-    f2, g2 = sf.cutoff_fn.value_and_derivative(r2)
-    f3, g3 = sf.cutoff_fn.value_and_derivative(r3)
-    fcp = f1 * f2 * f3  # (T,)
-    dfcp = g1 * d1 * f2 * f3 + f1 * g2 * d2 * f3 + f1 * f2 * g3 * d3  # (T,)
-    cos = (v1 * v2).sum(-1) / (r1 * r2)  # (T,)
-    dcos = ((t1 * v2).sum(-1) + (v1 * t2).sum(-1)) / (r1 * r2) - cos * (d1 / r1 + d2 / r2)  # (T,)
-    eta, rs = sf.ang_eta.to(dtype)[None, :], sf.ang_rs.to(dtype)[None, :]  # (1, U_a)
-    lam = sf.ang_lam.to(dtype)[None, :]  # (1, U_a)
-    x1, x2, x3 = r1[:, None] - rs, r2[:, None] - rs, r3[:, None] - rs  # (T, U_a)
-    expo = torch.exp(-eta * (x1 * x1 + x2 * x2 + x3 * x3))  # (T, U_a)
-    dexpo_rel = -2.0 * eta * (x1 * d1[:, None] + x2 * d2[:, None] + x3 * d3[:, None])  # (T, U_a) d expo / expo
-    base = (1.0 + lam * cos[:, None]).clamp(min=0.0)  # (T, U_a)
-    ang, slope = _power_and_slope(sf, base)  # (T, U_a) each
-    return expo * ((ang * dexpo_rel + slope * lam * dcos[:, None]) * fcp[:, None] + ang * dfcp[:, None])  # (T, U_a)
+    valid: torch.Tensor  # (L, M) bool
+    u: torch.Tensor  # (L, M, 3) pair vector a → p in Å; (2 r_c, 0, 0) where invalid
+    r: torch.Tensor  # (L, M) |u| in Å
+    x: torch.Tensor  # (L, M) û_α, α the label's component
+    atom: torch.Tensor  # (L, M) neighbour atom p
+    element: torch.Tensor  # (L, M) element of p
 
 
-def radial_term_tangents(sf: SymmetryFunctions, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """(P, U_r) directional derivatives of the radial terms exp(−η (r − r_s)²) f_c(r): v, t (P, 3) in Å."""
-    d = torch.linalg.vector_norm(v, dim=-1)  # (P,)
-    dd = (v * t).sum(-1) / d  # (P,) dr
-    f, g = sf.cutoff_fn.value_and_derivative(d)  # (P,) each
-    eta, rs = sf.rad_eta.to(v.dtype)[None, :], sf.rad_rs.to(v.dtype)[None, :]  # (1, U_r)
-    x = d[:, None] - rs  # (P, U_r)
-    gauss = torch.exp(-eta * x * x)  # (P, U_r)
-    return gauss * (g[:, None] - 2.0 * eta * x * f[:, None]) * dd[:, None]  # (P, U_r)
-
-
-def _segments(counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For groups of sizes ``counts`` (K,): group index and position in the group of every member, (Σ,) each."""
-    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # (Σ,)
-    first = torch.cumsum(counts, 0) - counts  # (K,)
-    pos = torch.arange(group.numel(), device=counts.device) - first[group]  # (Σ,)
-    return group, pos
-
-
-def _label_triples(atoms, idx_i, idx_j, n_atoms):
-    """Candidate triples whose terms depend on the label's atom (module docstring).
-
-    Returns ``(label, p1, p2, valid)``, each (T,): label index, the two pairs (same centre), and whether the
-    candidate counts (each unordered pair {p1, p2} once); the r_jk cut and element filter come later.
-    """
-    order = torch.argsort(idx_i, stable=True)  # (P,) pairs grouped by centre
-    counts = torch.bincount(idx_i, minlength=n_atoms)  # (N,)
-    start = torch.cumsum(counts, 0) - counts  # (N,)
-    # (A) centre = a_l: all unordered pairs of its neighbours
-    c_a = counts[atoms]  # (L,)
-    lab_a, t = _segments(c_a * (c_a - 1) // 2)  # (T_A,)
-    m = max(int(c_a.max()) if c_a.numel() else 0, 2)
-    tri = torch.tril_indices(m, m, -1, device=idx_i.device)  # (2, m(m−1)/2), rows > cols
-    base = start[atoms[lab_a]]  # (T_A,)
-    p1_a, p2_a = order[base + tri[1][t]], order[base + tri[0][t]]  # (T_A,)
-    # (B) a_l is the neighbour j of pair q = (i → a_l), i ≠ a_l: pair q with every other pair p of i
-    hit = (idx_j[None, :] == atoms[:, None]) & (idx_i[None, :] != atoms[:, None])  # (L, P)
-    lab_q, q = torch.nonzero(hit, as_tuple=True)  # (Q,)
-    centre_q = idx_i[q]  # (Q,)
-    k, pos = _segments(counts[centre_q])  # (T_B,)
-    lab_b, q_b = lab_q[k], q[k]  # (T_B,)
-    p_b = order[start[centre_q[k]] + pos]  # (T_B,)
-    valid_b = (p_b != q_b) & ((p_b > q_b) | (idx_j[p_b] != atoms[lab_b]))  # (T_B,) each unordered pair once
-    label = torch.cat([lab_a, lab_b])  # (T,)
-    p1 = torch.cat([p1_a, q_b])  # (T,)
-    p2 = torch.cat([p2_a, p_b])  # (T,)
-    valid = torch.cat([torch.ones_like(lab_a, dtype=torch.bool), valid_b])  # (T,)
-    return label, p1, p2, valid
+def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components) -> _Slots:
+    """Pairs with centre a_l of every label, gathered from the neighbour list sorted by centre."""
+    device, dtype = r_ij.device, r_ij.dtype
+    n_pairs = idx_i.shape[0]
+    order = None
+    if n_pairs > 1 and not bool((idx_i[1:] >= idx_i[:-1]).all()):
+        order = torch.argsort(idx_i, stable=True)  # (P,)
+        idx_i = idx_i.index_select(0, order)  # (P,) sorted
+    first = torch.searchsorted(idx_i, atoms)  # (L,)
+    count = torch.searchsorted(idx_i, atoms, right=True) - first  # (L,)
+    m = max(int(count.max()) if count.numel() else 0, 1)
+    slot = torch.arange(m, device=device)  # (M,)
+    listed = slot[None, :] < count[:, None]  # (L, M)
+    pos = (first[:, None] + slot[None, :]).clamp(max=max(n_pairs - 1, 0)).reshape(-1)  # (L·M,)
+    if order is not None:
+        pos = order.index_select(0, pos)  # (L·M,)
+    if n_pairs == 0:
+        pos = torch.zeros_like(pos)
+        r_ij = r_ij.new_zeros(1, 3)
+        idx_j = idx_i.new_zeros(1)
+    u = r_ij.index_select(0, pos).view(atoms.shape[0], m, 3)  # (L, M, 3)
+    rc = float(sf.cutoff)
+    valid = listed & ((u * u).sum(-1) < rc * rc)  # (L, M)
+    far = torch.tensor([2.0 * rc, 0.0, 0.0], dtype=dtype, device=device)  # (3,)
+    u = torch.where(valid[:, :, None], u, far)  # (L, M, 3)
+    r = torch.linalg.vector_norm(u, dim=-1)  # (L, M)
+    x = u.gather(2, components.view(-1, 1, 1).expand(-1, m, 1)).squeeze(2) / r  # (L, M)
+    atom = idx_j.index_select(0, pos).view(atoms.shape[0], m)  # (L, M)
+    return _Slots(valid, u, r, x, atom, species.index_select(0, atom.reshape(-1)).view_as(atom))
 
 
 @torch.no_grad()
@@ -146,63 +153,130 @@ def feature_columns(
         (L, N, width) in the feature layout of :meth:`SymmetryFunctions.forward`, in feature units per Å.
     """
     n_atoms, n_labels = species.shape[0], atoms.shape[0]
-    rc = float(sf.cutoff)
-    inside = torch.linalg.vector_norm(r_ij, dim=-1) < rc  # (P,)
-    pairs = _LabelPairs(r_ij[inside], idx_i[inside], idx_j[inside], atoms, components)
     E = len(sf.elements)
-    rad = _radial_columns(sf, species, pairs, n_atoms)  # (L·N·E, U_r)
-    ang = _angular_columns(sf, species, pairs, n_atoms)  # (L·N·E·E, U_a)
+    atoms, components = atoms.to(idx_i.device), components.to(idx_i.device)
+    keys = _keys(sf, r_ij.dtype, r_ij.device)
+    slots = _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components)
+    label_elem = species.index_select(0, atoms)  # (L,) element of a_l
+    rad = _radial_columns(sf, keys, slots, atoms, label_elem, n_atoms)  # (L·N·E, U_r)
+    ang = _angular_columns(sf, keys, slots, atoms, components, label_elem, n_atoms)  # (L·N·E·E, U_a)
     rad = rad.view(n_labels, n_atoms, E * sf.n_rad_keys)  # (L, N, E·U_r)
     ang = ang.view(n_labels, n_atoms, E * E * sf.n_ang_keys)  # (L, N, E·E·U_a)
-    slots = torch.cat([rad, ang], 2)  # (L, N, S)
+    table = torch.cat([rad, ang], 2)  # (L, N, S)
     sel = sf.feature_slot[species].expand(n_labels, -1, -1)  # (L, N, W)
-    return torch.gather(slots, 2, sel) * sf.feature_prefactor.to(r_ij.dtype)[species]  # (L, N, W)
+    return torch.gather(table, 2, sel) * sf.feature_prefactor.to(r_ij.dtype)[species]  # (L, N, W)
 
 
-class _LabelPairs:
-    """Pairs inside the cutoff and the labels' atoms/axes, with the tangent of a pair vector under a label."""
-
-    def __init__(self, r_ij, idx_i, idx_j, atoms, components):
-        self.r_ij, self.idx_i, self.idx_j, self.atoms = r_ij, idx_i, idx_j, atoms  # (P, 3), (P,), (P,), (L,)
-        self.unit = torch.eye(3, dtype=r_ij.dtype, device=r_ij.device)[components]  # (L, 3) e_α per label
-
-    def tangent(self, label: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """(K, 3) d r_ij[p] / d r_{a, α} of label ``label``: s·e_α with s = [j = a] − [i = a]."""
-        a = self.atoms[label]  # (K,)
-        s = (self.idx_j[p] == a).to(self.r_ij.dtype) - (self.idx_i[p] == a).to(self.r_ij.dtype)  # (K,)
-        return s[:, None] * self.unit[label]  # (K, 3)
-
-
-def _radial_columns(sf, species, pairs: _LabelPairs, n_atoms: int) -> torch.Tensor:
-    """(L·N·E, U_r) tangents of the radial slots from the pairs with a_l as centre or neighbour."""
-    E, L, U_r = len(sf.elements), pairs.atoms.shape[0], sf.n_rad_keys
-    rad = pairs.r_ij.new_zeros(L * n_atoms * E, U_r)  # (L·N·E, U_r)
-    a = pairs.atoms[:, None]  # (L, 1)
-    lab, p = torch.nonzero((pairs.idx_i[None, :] == a) | (pairs.idx_j[None, :] == a), as_tuple=True)  # (K,)
-    if U_r and p.numel():
-        d_terms = radial_term_tangents(sf, pairs.r_ij[p], pairs.tangent(lab, p))  # (K, U_r)
-        rows = (lab * n_atoms + pairs.idx_i[p]) * E + species[pairs.idx_j[p]]  # (K,)
-        rad.index_add_(0, rows, d_terms)
+def _radial_columns(sf, keys: _Keys, slots: _Slots, atoms, label_elem, n_atoms: int) -> torch.Tensor:
+    """(L·N·E, U_r) tangents of the radial slots: −h'(|u|) û_α to rows (a, e_p) and (p, e_a) per pair a → p."""
+    E, (L, M), U_r = len(sf.elements), slots.r.shape, sf.n_rad_keys
+    rad = slots.r.new_zeros(L * n_atoms * E, U_r)  # (L·N·E, U_r)
+    if not (U_r and L):
+        return rad
+    f, g = sf.cutoff_fn.value_and_derivative(slots.r)  # (L, M) each; 0 at invalid slots (r = 2 r_c)
+    y = slots.r[:, :, None] - keys.rad_rs  # (L, M, U_r)
+    gauss = torch.exp(-keys.rad_eta * y * y)  # (L, M, U_r)
+    terms = gauss * (2.0 * keys.rad_eta * y * f[:, :, None] - g[:, :, None]) * slots.x[:, :, None]  # (L, M, U_r)
+    lab = torch.arange(L, device=atoms.device)[:, None] * n_atoms  # (L, 1)
+    rows_a = ((lab + atoms[:, None]) * E + slots.element).reshape(-1)  # (L·M,) centre a
+    rows_p = ((lab + slots.atom) * E + label_elem[:, None]).reshape(-1)  # (L·M,) centre p
+    terms = terms.reshape(L * M, U_r)  # (L·M, U_r)
+    rad.index_add_(0, torch.cat([rows_a, rows_p]), torch.cat([terms, terms]))
     return rad
 
 
-def _angular_columns(sf, species, pairs: _LabelPairs, n_atoms: int) -> torch.Tensor:
-    """(L·N·E·E, U_a) tangents of the angular slots from the triples that contain a_l."""
-    E, L, U_a = len(sf.elements), pairs.atoms.shape[0], sf.n_ang_keys
-    ang = pairs.r_ij.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
-    if not (U_a and pairs.r_ij.shape[0] >= 2 and L):
+def _side_factors(keys: _Keys, cutoff_fn, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """h_k(r) = exp(−η_k (r − r_s,k)²) f_c(r) and h_k'(r), (..., K) each, for r (...,) in Å."""
+    f, g = cutoff_fn.value_and_derivative(r)  # (...,) each
+    y = r[..., None] - keys.side_rs  # (..., K)
+    gauss = torch.exp(-keys.side_eta * y * y)  # (..., K)
+    return gauss * f[..., None], gauss * (g[..., None] - 2.0 * keys.side_eta * y * f[..., None])  # (..., K) each
+
+
+def _triangles(sf, keys: _Keys, slots: _Slots, label_elem) -> torch.Tensor:
+    """(T,) flat indices l·M² + m·M + n (m < n) of the triangles {a_l, p_m, p_n} with |u_n − u_m| < r_c
+    and functions on at least one of the three triples (both slots valid)."""
+    L, M = slots.r.shape
+    rc2 = float(sf.cutoff) ** 2
+    big = 4.0 * rc2  # any penalty ≥ r_c² (Gram r² ≥ −rounding)
+    sq = slots.r * slots.r + torch.where(slots.valid, 0.0, big)  # (L, M) |u|² (+ penalty where invalid)
+    upper = torch.ones(M, M, dtype=torch.bool, device=sq.device).triu(1)  # (M, M) m < n
+    base = sq[:, :, None] + torch.where(upper, sq[:, None, :], big)  # (L, M, M)
+    pen = keys.triangle_penalty  # (E, E, E)
+    if bool(pen.any()):  # element triangles without functions (water: H–H–H)
+        onehot = torch.nn.functional.one_hot(slots.element, pen.shape[0]).to(sq.dtype)  # (L, M, E)
+        per_label = pen.index_select(0, label_elem) * big  # (L, E, E)
+        base = base + torch.bmm(torch.bmm(onehot, per_label), onehot.transpose(1, 2))  # (L, M, M)
+    r2 = torch.baddbmm(base, slots.u, slots.u.transpose(1, 2), alpha=-2.0)  # (L, M, M) |u_n − u_m|² (+ penalties)
+    return torch.nonzero((r2 < rc2).view(-1)).squeeze(1)  # (T,)
+
+
+def _angle_factors(keys: _Keys, cos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(1 + λ cos)^ζ and d/dcos of it per distinct (λ, ζ): cos (T, 3) → (T, 3, C) each."""
+    lam = keys.lam  # (C,)
+    base = (1.0 + lam * cos[..., None]).clamp(min=0.0)  # (T, 3, C)
+    values, slopes = [], []
+    for z, a, b in keys.zeta_runs:  # columns grouped by equal ζ
+        x = base[..., a:b]  # (T, 3, C_z)
+        if z == 1:
+            values.append(x), slopes.append(torch.ones_like(x))
+        elif isinstance(z, int):
+            xm = x if z == 2 else (x * x if z == 3 else torch.pow(x, z - 1))  # (T, 3, C_z)
+            values.append(xm * x), slopes.append(z * xm)
+        else:
+            values.append(torch.pow(x, z)), slopes.append(z * torch.pow(x, z - 1.0))
+    value = values[0] if len(values) == 1 else torch.cat(values, -1)  # (T, 3, C)
+    slope = slopes[0] if len(slopes) == 1 else torch.cat(slopes, -1)  # (T, 3, C)
+    return value, slope * lam  # (T, 3, C) each
+
+
+def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_elem, n_atoms: int) -> torch.Tensor:
+    """(L·N·E·E, U_a) tangents of the angular slots from the triangles {a, p, q} (module docstring)."""
+    E, (L, M), U_a = len(sf.elements), slots.r.shape, sf.n_ang_keys
+    ang = slots.r.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
+    if not (U_a and L and M >= 2):
         return ang
-    idx_i, idx_j, rc = pairs.idx_i, pairs.idx_j, float(sf.cutoff)
-    label, p1, p2, valid = _label_triples(pairs.atoms, idx_i, idx_j, n_atoms)  # (T,) each
-    sj = species[idx_j]  # (P,) neighbour element of each pair
-    key = (species[idx_i] * E + sj) * E  # (P,) element-triplet key without the second neighbour
-    v1, v2 = pairs.r_ij[p1], pairs.r_ij[p2]  # (T, 3)
-    ok = valid & sf.triplet_used[key[p1] + sj[p2]] & (((v2 - v1) ** 2).sum(-1) < rc * rc)  # (T,)
-    keep = torch.nonzero(ok).squeeze(-1)  # (T',) triples that carry terms
-    label, p1, p2, v1, v2 = (x.index_select(0, keep) for x in (label, p1, p2, v1, v2))
-    if label.numel():
-        d_terms = angular_term_tangents(sf, v1, v2, pairs.tangent(label, p1), pairs.tangent(label, p2))  # (T', U_a)
-        ej, ek = sj[p1], sj[p2]  # (T',)
-        rows = ((label * n_atoms + idx_i[p1]) * E + torch.minimum(ej, ek)) * E + torch.maximum(ej, ek)  # (T',)
-        ang.index_add_(0, rows, d_terms)
+    tri = _triangles(sf, keys, slots, label_elem)  # (T,)
+    if tri.numel() == 0:
+        return ang
+    lab = torch.div(tri, M * M, rounding_mode="floor")  # (T,)
+    s1 = torch.div(tri, M, rounding_mode="floor")  # (T,) flat slot l·M + m of p
+    s2 = lab * M + tri % M  # (T,) flat slot l·M + n of q
+    h, hp = _side_factors(keys, sf.cutoff_fn, slots.r)  # (L, M, K) each
+    K = h.shape[-1]
+    per_slot = torch.cat([slots.u, slots.r[..., None], slots.x[..., None], h, hp * slots.x[..., None]], -1)  # (L, M, 5+2K)
+    per_slot = per_slot.view(L * M, -1)  # (L·M, 5+2K)
+    t1, t2 = per_slot.index_select(0, s1), per_slot.index_select(0, s2)  # (T, 5+2K) each
+    u, r1, x1, h1, b1 = t1[:, :3], t1[:, 3], t1[:, 4], t1[:, 5:5 + K], t1[:, 5 + K:]  # p side: (T, 3), (T,) ×2, (T, K) ×2
+    w, r2, x2, h2, b2 = t2[:, :3], t2[:, 3], t2[:, 4], t2[:, 5:5 + K], t2[:, 5 + K:]  # q side
+    d = w - u  # (T, 3) r_pq
+    r3 = torch.linalg.vector_norm(d, dim=-1)  # (T,)
+    alpha = components.index_select(0, lab)  # (T,) label component α
+    x3 = d.gather(1, alpha[:, None]).squeeze(1) / r3  # (T,) d̂_α
+    f3 = sf.cutoff_fn(r3)  # (T,)
+    y3 = r3[:, None] - keys.side_rs  # (T, K)
+    h3 = torch.exp(-keys.side_eta * y3 * y3) * f3[:, None]  # (T, K)
+    side = h1 * h2 * h3  # (T, K) R_k
+    dside = -h3 * (b1 * h2 + h1 * b2)  # (T, K) ∂R_k/∂r_aα
+    uw, ud, wd = (u * w).sum(-1), (u * d).sum(-1), (w * d).sum(-1)  # (T,) each
+    cos_a = uw / (r1 * r2)  # (T,) angle at a
+    cos_p = -ud / (r1 * r3)  # (T,) angle at p (towards a and q)
+    cos_q = wd / (r2 * r3)  # (T,) angle at q (towards a and p)
+    dcos_a = -((x2 - cos_a * x1) / r1 + (x1 - cos_a * x2) / r2)  # (T,)
+    dcos_p = (x3 + cos_p * x1) / r1  # (T,)
+    dcos_q = (cos_q * x2 - x3) / r2  # (T,)
+    value, slope = _angle_factors(keys, torch.stack([cos_a, cos_p, cos_q], 1))  # (T, 3, C) each
+    dcos = torch.stack([dcos_a, dcos_p, dcos_q], 1)  # (T, 3)
+    c_of, k_of = keys.angle_of_key, keys.side_of_key  # (U_a,) each
+    terms = value[..., c_of] * dside[:, None, k_of]  # (T, 3, U_a)
+    terms.addcmul_((slope * dcos[..., None])[..., c_of], side[:, None, k_of])  # (T, 3, U_a)
+    e = slots.element.view(-1)  # (L·M,)
+    e1, e2 = e.index_select(0, s1), e.index_select(0, s2)  # (T,)
+    ea = label_elem.index_select(0, lab)  # (T,)
+    atom = slots.atom.view(-1)  # (L·M,)
+    centre = torch.stack([atoms.index_select(0, lab), atom.index_select(0, s1), atom.index_select(0, s2)], 1)  # (T, 3)
+    lo = torch.stack([torch.minimum(e1, e2), torch.minimum(ea, e2), torch.minimum(ea, e1)], 1)  # (T, 3)
+    hi = torch.stack([torch.maximum(e1, e2), torch.maximum(ea, e2), torch.maximum(ea, e1)], 1)  # (T, 3)
+    rows = ((lab[:, None] * n_atoms + centre) * E + lo) * E + hi  # (T, 3)
+    ang.index_add_(0, rows.view(-1), terms.view(-1, U_a))
     return ang
