@@ -5,8 +5,15 @@ arguments); the ASE database written here is in Å, eV and eV/Å (``distance_uni
 ``energy: eV``, ``forces: eV/Ang``), SchNetPack's working units of this package.
 
 ``WaterDataModule`` is a ``schnetpack.data.AtomsDataModule`` that converts its ``source`` file into
-the database in ``prepare_data`` (once; an existing database is reused), so that
-``spktrain data=water_revpbe0`` needs no manual step.
+the database in ``prepare_data``, so that ``spktrain data=water_revpbe0`` needs no manual step. The
+database records where it came from (source path and SHA-256, format, units, ``max_frames``, frame
+count); an existing database is reused only if that record matches, and refused with a clear error
+otherwise.
+
+Frames are validated when read (:mod:`ekf_plugin.validation`): ≥ 1 atom, known elements, finite
+positions, cell, energy and forces, no two atoms closer than 0.6 Å, every H of an H/C/N/O system within
+1.3 Å of a heavier atom (both catch a Bohr/Å mix-up), and a robust (median/MAD) outlier test on E/atom and
+|F|. Errors name the file and the frame.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 
 from .units import energy_factor, length_factor
+from .validation import OUTLIER_Z, DataValidationError, check_frame, check_outliers
 
 PROPERTY_UNITS = {"energy": "eV", "forces": "eV/Ang"}
+PROVENANCE_KEY = "ekf_plugin_source"  # metadata key of the database: what it was built from
 
 
 def read_extxyz(path: Union[str, Path], index=":", length_unit: str = "Bohr", energy_unit: str = "Hartree",
@@ -49,8 +58,13 @@ def read_extxyz(path: Union[str, Path], index=":", length_unit: str = "Bohr", en
 
 
 def read_frames(path: Union[str, Path], fmt: Optional[str] = None, max_frames: Optional[int] = None,
-                length_unit: str = "Bohr", energy_unit: str = "Hartree") -> list:
-    """Read ``extxyz`` or ``n2p2`` (``input.data``) frames in Å/eV; ``fmt`` guessed from the name."""
+                length_unit: str = "Bohr", energy_unit: str = "Hartree", validate: bool = True,
+                outlier_threshold: Optional[float] = OUTLIER_Z, elements: Optional[Sequence[int]] = None) -> list:
+    """Read ``extxyz`` or ``n2p2`` (``input.data``) frames in Å/eV; ``fmt`` guessed from the name.
+
+    With ``validate`` (default) every frame is checked (:func:`validate_frames`); the
+    :class:`~ekf_plugin.validation.DataValidationError` names the file and the frame (0-based).
+    """
     from .n2p2 import read_input_data
 
     path = Path(path)
@@ -60,18 +74,60 @@ def read_frames(path: Union[str, Path], fmt: Optional[str] = None, max_frames: O
         fmt = "n2p2" if path.name.endswith(".data") else "extxyz"
     if fmt == "extxyz":
         index = ":" if max_frames is None else f":{int(max_frames)}"
-        return read_extxyz(path, index, length_unit, energy_unit)
-    if fmt == "n2p2":
+        frames = read_extxyz(path, index, length_unit, energy_unit)
+    elif fmt == "n2p2":
         frames = read_input_data(path, length_unit, energy_unit)
-        return frames if max_frames is None else frames[: int(max_frames)]
-    raise ValueError(f"unknown data format {fmt!r}; expected 'extxyz' or 'n2p2'")
+        frames = frames if max_frames is None else frames[: int(max_frames)]
+    else:
+        raise ValueError(f"unknown data format {fmt!r}; expected 'extxyz' or 'n2p2'")
+    if validate:
+        validate_frames(frames, str(path), outlier_threshold=outlier_threshold, elements=elements,
+                        hint=f" (read as {length_unit}/{energy_unit})")
+    return frames
 
 
-def frames_to_db(frames: Sequence, db_path: Union[str, Path]):
+def validate_frames(frames: Sequence, source: str, outlier_threshold: Optional[float] = OUTLIER_Z,
+                    elements: Optional[Sequence[int]] = None, hint: str = "") -> None:
+    """Check labelled frames (Å, eV, eV/Å on their calculators) before they become training data.
+
+    Raises:
+        DataValidationError: ``"<source>, frame <k>: <what>"``.
+    """
+    if not len(frames):
+        raise DataValidationError(f"{source}: no frames")
+    for k, atoms in enumerate(frames):
+        where = f"{source}, frame {k}{hint}"
+        calc = atoms.calc
+        results = getattr(calc, "results", {}) if calc is not None else {}
+        energy = results.get("energy", results.get("free_energy"))
+        check_frame(atoms.numbers, atoms.positions, atoms.cell.array if atoms.pbc.any() else None, atoms.pbc,
+                    energy, results.get("forces"), where, elements=elements)
+    labelled = [a for a in frames if a.calc is not None and "energy" in a.calc.results and "forces" in a.calc.results]
+    if len(labelled) == len(frames):
+        check_outliers(frames, source, outlier_threshold)
+
+
+def source_provenance(source: Union[str, Path], fmt: Optional[str], max_frames: Optional[int], length_unit: str,
+                      energy_unit: str) -> dict:
+    """What a database is built from: absolute source path, its SHA-256, format, units and ``max_frames``."""
+    import hashlib
+
+    path = Path(source).resolve()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"source": str(path), "sha256": digest.hexdigest(), "format": fmt or "auto",
+            "max_frames": None if max_frames is None else int(max_frames), "length_unit": length_unit,
+            "energy_unit": energy_unit}
+
+
+def frames_to_db(frames: Sequence, db_path: Union[str, Path], provenance: Optional[dict] = None):
     """Write frames (Å, eV, eV/Å on their calculators) into a new SchNetPack ``ASEAtomsData``.
 
     The database is written under a temporary name and renamed when complete, so a crash never leaves a
-    truncated database that a later run would take for finished.
+    truncated database that a later run would take for finished. ``provenance`` (see
+    :func:`source_provenance`) is stored in its metadata with the frame count.
     """
     import ekf_plugin.compat  # noqa: F401
     from schnetpack.data import ASEAtomsData
@@ -86,18 +142,60 @@ def frames_to_db(frames: Sequence, db_path: Union[str, Path]):
     props = [{"energy": np.array([a.get_potential_energy()]), "forces": np.asarray(a.get_forces())} for a in frames]
     plain = [a.copy() for a in frames]  # without calculators
     data.add_systems(props, plain)
+    if provenance is not None:
+        data.update_metadata(**{PROVENANCE_KEY: {**provenance, "n_frames": len(frames)}})
     tmp.replace(db_path)
     return ASEAtomsData(str(db_path))
 
 
-def atoms_data(source: Union[str, Path], db_path: Union[str, Path], fmt: Optional[str] = None,
-               max_frames: Optional[int] = None, length_unit: str = "Bohr", energy_unit: str = "Hartree"):
-    """Convert ``source`` (extxyz / n2p2) into ``db_path`` (if absent) and open it as ``ASEAtomsData``."""
+def check_database(db_path: Union[str, Path], provenance: dict) -> bool:
+    """Whether ``db_path`` can be reused for ``provenance``: ``False`` if it does not exist, ``True`` if it
+    was built from the same source, units and frame selection and holds all its frames.
+
+    Raises:
+        ValueError: it was built from something else (or is incomplete); names both and says what to do.
+        A database without our record (built elsewhere) is reused with a warning.
+    """
+    import warnings
+
     import ekf_plugin.compat  # noqa: F401
     from schnetpack.data import ASEAtomsData
 
-    if not Path(db_path).exists():
-        frames_to_db(read_frames(source, fmt, max_frames, length_unit, energy_unit), db_path)
+    db_path = Path(db_path)
+    if not db_path.exists():
+        return False
+    data = ASEAtomsData(str(db_path))
+    stored = dict(data.metadata.get(PROVENANCE_KEY) or {})
+    if not stored:
+        warnings.warn(f"{db_path} has no record of its source; using it as it is (delete it to rebuild from "
+                      f"{provenance['source']})", stacklevel=2)
+        return True
+    n_frames = stored.pop("n_frames", None)
+    changed = [k for k in sorted(set(stored) | set(provenance)) if stored.get(k) != provenance.get(k)]
+    if changed:
+        what = ", ".join(f"{k}: {stored.get(k)!r} -> {provenance.get(k)!r}" for k in changed)
+        raise ValueError(f"database {db_path} was built from other data ({what}); delete it or set data.datapath "
+                         "to a new file")
+    if n_frames is not None and len(data) != n_frames:
+        raise ValueError(f"database {db_path} holds {len(data)} frames but was built with {n_frames}: it is "
+                         "incomplete; delete it to rebuild")
+    return True
+
+
+def atoms_data(source: Union[str, Path], db_path: Union[str, Path], fmt: Optional[str] = None,
+               max_frames: Optional[int] = None, length_unit: str = "Bohr", energy_unit: str = "Hartree",
+               outlier_threshold: Optional[float] = OUTLIER_Z):
+    """Convert ``source`` (extxyz / n2p2) into ``db_path`` (if absent) and open it as ``ASEAtomsData``.
+
+    An existing database is reused only if it was built from the same source (content), format, units and
+    ``max_frames`` (:func:`check_database`)."""
+    import ekf_plugin.compat  # noqa: F401
+    from schnetpack.data import ASEAtomsData
+
+    prov = source_provenance(source, fmt, max_frames, length_unit, energy_unit)
+    if not check_database(db_path, prov):
+        frames = read_frames(source, fmt, max_frames, length_unit, energy_unit, outlier_threshold=outlier_threshold)
+        frames_to_db(frames, db_path, prov)
     return ASEAtomsData(str(db_path))
 
 
@@ -132,12 +230,14 @@ def _make_datamodule():
             cutoff: neighbour-list cutoff in Å for the default transforms
                 ``[MatScipyNeighborList(cutoff), CastTo32]`` (used when ``transforms`` is not given).
             source_length_unit, source_energy_unit: units of ``source``.
+            outlier_threshold: robust z of the E/atom and |F| outlier test (``None``: off).
             **kwargs: passed to ``schnetpack.data.AtomsDataModule`` (``batch_size``, ``num_train``, ...).
         """
 
         def __init__(self, datapath: str, source: str, source_format: Optional[str] = None,
                      max_frames: Optional[int] = None, cutoff: float = 6.36, source_length_unit: str = "Bohr",
-                     source_energy_unit: str = "Hartree", transforms=None, **kwargs) -> None:
+                     source_energy_unit: str = "Hartree", transforms=None,
+                     outlier_threshold: Optional[float] = OUTLIER_Z, **kwargs) -> None:
             if transforms is None:
                 transforms = [trn.MatScipyNeighborList(cutoff=float(cutoff)), trn.CastTo32()]
             kwargs.setdefault("distance_unit", "Ang")
@@ -148,12 +248,17 @@ def _make_datamodule():
             self.max_frames = max_frames
             self.source_length_unit = source_length_unit
             self.source_energy_unit = source_energy_unit
+            self.outlier_threshold = outlier_threshold
 
         def prepare_data(self) -> None:
-            if not Path(self.datapath).exists():
-                frames = read_frames(self.source, self.source_format, self.max_frames, self.source_length_unit,
+            if not Path(self.source).exists() and Path(self.datapath).exists():
+                return  # a database without its source (copied elsewhere): nothing to compare
+            prov = source_provenance(self.source, self.source_format, self.max_frames, self.source_length_unit,
                                      self.source_energy_unit)
-                frames_to_db(frames, self.datapath)
+            if not check_database(self.datapath, prov):
+                frames = read_frames(self.source, self.source_format, self.max_frames, self.source_length_unit,
+                                     self.source_energy_unit, outlier_threshold=self.outlier_threshold)
+                frames_to_db(frames, self.datapath, prov)
 
     WaterDataModule.__module__ = __name__
     return WaterDataModule

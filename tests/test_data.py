@@ -61,3 +61,111 @@ def test_unknown_format_and_missing_file(tmp_path):
     (tmp_path / "a.txt").write_text("")
     with pytest.raises(ValueError, match="unknown data format"):
         read_frames(tmp_path / "a.txt", fmt="cif")
+
+
+# ------------------------------------------------------------------ validation when read (demo water: Å, eV)
+
+
+def _write_demo(path, n=12, edit=None):
+    """Flexible-water frames (Å, eV, eV/Å) written as extxyz, after ``edit(frames)``."""
+    from ase.io import write
+
+    from ekf_plugin.demo import make_frames
+
+    frames = make_frames(n_frames=n, seed=1)
+    if edit is not None:
+        edit(frames)
+    write(path, frames, format="extxyz")
+    return path
+
+
+def _set_label(frame, energy=None, forces=None):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    e = frame.get_potential_energy() if energy is None else energy
+    f = frame.get_forces() if forces is None else forces
+    frame.calc = SinglePointCalculator(frame, energy=e, forces=f)
+
+
+def test_clean_data_passes_validation(tmp_path):
+    frames = read_frames(_write_demo(tmp_path / "ok.extxyz"), length_unit="Angstrom", energy_unit="eV")
+    assert len(frames) == 12
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda fr: _set_label(fr[7], energy=float("nan")), r"frame 7.*: non-finite energy"),
+        (lambda fr: _set_label(fr[3], energy=1e12), r"frame 3: energy 4.16667e\+10 eV/atom is an outlier"),
+        (lambda fr: _set_label(fr[5], forces=np.where(np.arange(24)[:, None] == 4, 1e20, fr[5].get_forces())),
+         r"frame 5: a force of 1.7\d*e\+20 eV/Å is an outlier"),
+        (lambda fr: _set_label(fr[2], forces=np.full((24, 3), np.inf)), r"frame 2.*: non-finite forces"),
+    ],
+    ids=["nan-energy", "energy-outlier", "force-outlier", "inf-forces"],
+)
+def test_bad_labels_are_refused_naming_file_and_frame(tmp_path, edit, message):
+    from ekf_plugin.validation import DataValidationError
+
+    path = _write_demo(tmp_path / "bad.extxyz", edit=edit)
+    with pytest.raises(DataValidationError, match=rf"bad\.extxyz, {message}"):
+        read_frames(path, length_unit="Angstrom", energy_unit="eV")
+
+
+def test_unit_mix_up_is_refused(tmp_path):
+    """An Å/eV file read with the water experiment's Bohr default (O–H 0.51 Å), and a Bohr file read as Å."""
+    from ekf_plugin.validation import DataValidationError
+
+    path = _write_demo(tmp_path / "water.extxyz")
+    with pytest.raises(DataValidationError, match=r"water\.extxyz, frame 0 \(read as Bohr/Hartree\): .*unit you said"):
+        read_frames(path)  # defaults: Bohr, Hartree
+
+    def to_bohr(frames):
+        for a in frames:
+            e, f = a.get_potential_energy(), a.get_forces()
+            a.set_cell(a.cell.array / BOHR, scale_atoms=True)
+            _set_label(a, energy=e, forces=f)
+
+    bohr = _write_demo(tmp_path / "bohr.extxyz", edit=to_bohr)
+    with pytest.raises(DataValidationError, match=r"frame 0 .*: 16 of 16 H atoms .* have no C/N/O neighbour"):
+        read_frames(bohr, length_unit="Angstrom", energy_unit="eV")
+
+
+def test_empty_frame_and_unknown_element_are_refused():
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from ekf_plugin.data import validate_frames
+    from ekf_plugin.validation import DataValidationError
+
+    empty = Atoms(cell=[5, 5, 5], pbc=True)
+    empty.calc = SinglePointCalculator(empty, energy=0.0, forces=np.zeros((0, 3)))
+    with pytest.raises(DataValidationError, match="src, frame 0: no atoms"):
+        validate_frames([empty], "src")
+    ghost = Atoms("XH", positions=[[0, 0, 0], [1.0, 0, 0]])
+    ghost.calc = SinglePointCalculator(ghost, energy=-1.0, forces=np.zeros((2, 3)))
+    with pytest.raises(DataValidationError, match=r"src, frame 0: unknown element\(s\) \['X'\]"):
+        validate_frames([ghost], "src")
+
+
+def test_database_is_refused_when_source_units_or_frames_change(tmp_path):
+    """The database records its source (path, SHA-256), format, units and max_frames."""
+    from ekf_plugin.data import atoms_data
+
+    a = _write_demo(tmp_path / "a.extxyz")
+    b = _write_demo(tmp_path / "b.extxyz", edit=lambda fr: _set_label(fr[0], energy=fr[0].get_potential_energy() + 0.1))
+    db = tmp_path / "data.db"
+    kw = dict(length_unit="Angstrom", energy_unit="eV")
+    assert len(atoms_data(a, db, max_frames=10, **kw)) == 10
+    assert len(atoms_data(a, db, max_frames=10, **kw)) == 10  # same source: reused
+    with pytest.raises(ValueError, match=r"built from other data \(sha256: .*source: .*a\.extxyz' -> .*b\.extxyz'"):
+        atoms_data(b, db, max_frames=10, **kw)
+    with pytest.raises(ValueError, match=r"max_frames: 10 -> 12"):
+        atoms_data(a, db, max_frames=12, **kw)
+    with pytest.raises(ValueError, match=r"energy_unit: 'eV' -> 'kcal/mol'"):
+        atoms_data(a, db, max_frames=10, length_unit="Angstrom", energy_unit="kcal/mol")
+    from ase.db import connect
+
+    with connect(str(db)) as conn:
+        conn.delete([1])  # a database that lost a frame
+    with pytest.raises(ValueError, match="holds 9 frames but was built with 10"):
+        atoms_data(a, db, max_frames=10, **kw)

@@ -75,8 +75,9 @@ def check_template(atoms, template: str, model_elements: Optional[Sequence[int]]
     """Refuse a template whose species the model does not know, or whose geometry is impossible.
 
     Elements: every species must be one of ``model_elements`` (atomic numbers; ``None`` skips). Geometry
-    (:func:`ekf_plugin.validation.check_geometry`): no two atoms closer than 0.6 Å; with a cell also every
-    H of an H/C/N/O system within 1.3 Å of a heavier atom. Raises ``ValueError`` naming the file.
+    (:func:`ekf_plugin.validation.check_geometry`): no atoms on top of each other, distances not shrunk by a
+    unit mix-up; with a cell also most H of an H/C/N/O system within 1.3 Å of a heavier atom. Raises
+    ``ValueError`` naming the file.
     """
     from ase.data import chemical_symbols
 
@@ -92,7 +93,7 @@ def check_template(atoms, template: str, model_elements: Optional[Sequence[int]]
             )
     periodic = bool(atoms.pbc.any()) and atoms.cell.rank == 3
     check_geometry(z, atoms.positions, atoms.cell.array if periodic else None, atoms.pbc if periodic else (False,) * 3,
-                   where=f"template {template!r}", h_partner_max=None if not periodic else 1.3)
+                   where=f"template {template!r}", max_lonely_h=None if not periodic else 0.25)
 
 
 class AtomicUnitsModel:
@@ -110,7 +111,7 @@ class AtomicUnitsModel:
 
     At start the template is checked against the model's elements and for an impossible geometry
     (:func:`check_template`); the first structure i-PI sends is checked with the template's species
-    (:func:`ekf_plugin.validation.check_geometry`: shortest distance, every H near a heavier atom), which
+    (:func:`ekf_plugin.validation.check_geometry`: shortest distances, H near a heavier atom), which
     catches species in the wrong order or a length-unit mix-up before any MD step.
     """
 

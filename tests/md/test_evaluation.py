@@ -261,5 +261,5 @@ def test_pes_refuses_template_with_bohr_read_as_angstrom(tmp_path, model, system
     z, r, h = system
     squeezed = tmp_path / "bohr_as_a.xyz"
     Atoms(numbers=z, positions=r * units.Bohr, cell=h * units.Bohr, pbc=True).write(squeezed)
-    with pytest.raises(ValueError, match=r"Å apart \(< 0.6 Å\)"):
+    with pytest.raises(ValueError, match=r"of the covalent radii \(median.*Å read as Bohr"):
         AtomicUnitsModel(str(squeezed), model)
