@@ -160,8 +160,8 @@ def feature_columns(
     label_elem = species.index_select(0, atoms)  # (L,) element of a_l
     rad = _radial_columns(sf, keys, slots, atoms, label_elem, n_atoms)  # (L·N·E, U_r)
     ang = _angular_columns(sf, keys, slots, atoms, components, label_elem, n_atoms)  # (L·N·E·E, U_a)
-    rad = rad.view(n_labels, n_atoms, E * sf.n_rad_keys)  # (L, N, E·U_r)
-    ang = ang.view(n_labels, n_atoms, E * E * sf.n_ang_keys)  # (L, N, E·E·U_a)
+    rad = rad.reshape(n_labels, n_atoms, E * sf.n_rad_keys)  # (L, N, E·U_r)
+    ang = ang.reshape(n_labels, n_atoms, E * E * sf.n_ang_keys)  # (L, N, E·E·U_a)
     table = torch.cat([rad, ang], 2)  # (L, N, S)
     sel = sf.feature_slot[species].expand(n_labels, -1, -1)  # (L, N, W)
     return torch.gather(table, 2, sel) * sf.feature_prefactor.to(r_ij.dtype)[species]  # (L, N, W)
@@ -212,71 +212,76 @@ def _triangles(sf, keys: _Keys, slots: _Slots, label_elem) -> torch.Tensor:
 
 
 def _angle_factors(keys: _Keys, cos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(1 + λ cos)^ζ and d/dcos of it per distinct (λ, ζ): cos (T, 3) → (T, 3, C) each."""
-    lam = keys.lam  # (C,)
-    base = (1.0 + lam * cos[..., None]).clamp(min=0.0)  # (T, 3, C)
+    """(1 + λ cos)^ζ and its derivative w.r.t. cos per distinct (λ, ζ): cos (3, T) → (3, C, T) each."""
+    lam = keys.lam[:, None]  # (C, 1)
+    base = (1.0 + lam * cos[:, None, :]).clamp(min=0.0)  # (3, C, T)
     values, slopes = [], []
-    for z, a, b in keys.zeta_runs:  # columns grouped by equal ζ
-        x = base[..., a:b]  # (T, 3, C_z)
+    for z, a, b in keys.zeta_runs:  # rows grouped by equal ζ
+        x = base[:, a:b]  # (3, C_z, T)
         if z == 1:
-            values.append(x), slopes.append(torch.ones_like(x))
+            values.append(x), slopes.append(lam[a:b].expand_as(x))
         elif isinstance(z, int):
-            xm = x if z == 2 else (x * x if z == 3 else torch.pow(x, z - 1))  # (T, 3, C_z)
-            values.append(xm * x), slopes.append(z * xm)
+            xm = x if z == 2 else (x * x if z == 3 else torch.pow(x, z - 1))  # (3, C_z, T)
+            values.append(xm * x), slopes.append(xm * (z * lam[a:b]))
         else:
-            values.append(torch.pow(x, z)), slopes.append(z * torch.pow(x, z - 1.0))
-    value = values[0] if len(values) == 1 else torch.cat(values, -1)  # (T, 3, C)
-    slope = slopes[0] if len(slopes) == 1 else torch.cat(slopes, -1)  # (T, 3, C)
-    return value, slope * lam  # (T, 3, C) each
+            values.append(torch.pow(x, z)), slopes.append(torch.pow(x, z - 1.0) * (z * lam[a:b]))
+    value = values[0] if len(values) == 1 else torch.cat(values, 1)  # (3, C, T)
+    slope = slopes[0] if len(slopes) == 1 else torch.cat(slopes, 1)  # (3, C, T)
+    return value, slope
 
 
 def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_elem, n_atoms: int) -> torch.Tensor:
-    """(L·N·E·E, U_a) tangents of the angular slots from the triangles {a, p, q} (module docstring)."""
+    """(L·N·E·E, U_a) tangents of the angular slots from the triangles {a, p, q} (module docstring).
+
+    Per-triangle tensors are feature-major, (F, T), so every feature is a contiguous row.
+    """
     E, (L, M), U_a = len(sf.elements), slots.r.shape, sf.n_ang_keys
-    ang = slots.r.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
+    n_rows = L * n_atoms * E * E
     if not (U_a and L and M >= 2):
-        return ang
+        return slots.r.new_zeros(n_rows, U_a)
     tri = _triangles(sf, keys, slots, label_elem)  # (T,)
     if tri.numel() == 0:
-        return ang
+        return slots.r.new_zeros(n_rows, U_a)
     lab = torch.div(tri, M * M, rounding_mode="floor")  # (T,)
     s1 = torch.div(tri, M, rounding_mode="floor")  # (T,) flat slot l·M + m of p
-    s2 = lab * M + tri % M  # (T,) flat slot l·M + n of q
+    s2 = lab * M + (tri - s1 * M)  # (T,) flat slot l·M + n of q
     h, hp = _side_factors(keys, sf.cutoff_fn, slots.r)  # (L, M, K) each
     K = h.shape[-1]
-    per_slot = torch.cat([slots.u, slots.r[..., None], slots.x[..., None], h, hp * slots.x[..., None]], -1)  # (L, M, 5+2K)
-    per_slot = per_slot.view(L * M, -1)  # (L·M, 5+2K)
-    t1, t2 = per_slot.index_select(0, s1), per_slot.index_select(0, s2)  # (T, 5+2K) each
-    u, r1, x1, h1, b1 = t1[:, :3], t1[:, 3], t1[:, 4], t1[:, 5:5 + K], t1[:, 5 + K:]  # p side: (T, 3), (T,) ×2, (T, K) ×2
-    w, r2, x2, h2, b2 = t2[:, :3], t2[:, 3], t2[:, 4], t2[:, 5:5 + K], t2[:, 5 + K:]  # q side
-    d = w - u  # (T, 3) r_pq
-    r3 = torch.linalg.vector_norm(d, dim=-1)  # (T,)
+    per_slot = torch.cat([slots.u.permute(2, 0, 1), slots.r[None], slots.x[None], h.permute(2, 0, 1),
+                          (hp * slots.x[..., None]).permute(2, 0, 1)]).reshape(5 + 2 * K, L * M)  # (5+2K, L·M)
+    t1, t2 = per_slot.index_select(1, s1), per_slot.index_select(1, s2)  # (5+2K, T) each
+    u, r1, x1, h1, b1 = t1[:3], t1[3], t1[4], t1[5:5 + K], t1[5 + K:]  # p side: (3, T), (T,) ×2, (K, T) ×2
+    w, r2, x2, h2, b2 = t2[:3], t2[3], t2[4], t2[5:5 + K], t2[5 + K:]  # q side
+    d = w - u  # (3, T) r_pq
+    uw = (u * w).sum(0)  # (T,)
+    ud = (u * d).sum(0)  # (T,)
+    wd = (w * d).sum(0)  # (T,)
+    r3 = torch.sqrt((d * d).sum(0))  # (T,)
     alpha = components.index_select(0, lab)  # (T,) label component α
-    x3 = d.gather(1, alpha[:, None]).squeeze(1) / r3  # (T,) d̂_α
-    f3 = sf.cutoff_fn(r3)  # (T,)
-    y3 = r3[:, None] - keys.side_rs  # (T, K)
-    h3 = torch.exp(-keys.side_eta * y3 * y3) * f3[:, None]  # (T, K)
-    side = h1 * h2 * h3  # (T, K) R_k
-    dside = -h3 * (b1 * h2 + h1 * b2)  # (T, K) ∂R_k/∂r_aα
-    uw, ud, wd = (u * w).sum(-1), (u * d).sum(-1), (w * d).sum(-1)  # (T,) each
+    x3 = d.gather(0, alpha[None]).squeeze(0) / r3  # (T,) d̂_α
+    y3 = r3 - keys.side_rs[:, None]  # (K, T)
+    h3 = torch.exp(-keys.side_eta[:, None] * y3 * y3) * sf.cutoff_fn(r3)  # (K, T)
+    side = h1 * h2 * h3  # (K, T) R_k
+    dside = -h3 * (b1 * h2 + h1 * b2)  # (K, T) ∂R_k/∂r_aα
     cos_a = uw / (r1 * r2)  # (T,) angle at a
     cos_p = -ud / (r1 * r3)  # (T,) angle at p (towards a and q)
     cos_q = wd / (r2 * r3)  # (T,) angle at q (towards a and p)
     dcos_a = -((x2 - cos_a * x1) / r1 + (x1 - cos_a * x2) / r2)  # (T,)
     dcos_p = (x3 + cos_p * x1) / r1  # (T,)
     dcos_q = (cos_q * x2 - x3) / r2  # (T,)
-    value, slope = _angle_factors(keys, torch.stack([cos_a, cos_p, cos_q], 1))  # (T, 3, C) each
-    dcos = torch.stack([dcos_a, dcos_p, dcos_q], 1)  # (T, 3)
+    value, slope = _angle_factors(keys, torch.stack([cos_a, cos_p, cos_q]))  # (3, C, T) each
+    slope = slope * torch.stack([dcos_a, dcos_p, dcos_q])[:, None, :]  # (3, C, T) d(1 + λ cos)^ζ/dr_aα
     c_of, k_of = keys.angle_of_key, keys.side_of_key  # (U_a,) each
-    terms = value[..., c_of] * dside[:, None, k_of]  # (T, 3, U_a)
-    terms.addcmul_((slope * dcos[..., None])[..., c_of], side[:, None, k_of])  # (T, 3, U_a)
+    terms = value.index_select(1, c_of) * dside.index_select(0, k_of)  # (3, U_a, T)
+    terms.addcmul_(slope.index_select(1, c_of), side.index_select(0, k_of))  # (3, U_a, T)
     e = slots.element.view(-1)  # (L·M,)
     e1, e2 = e.index_select(0, s1), e.index_select(0, s2)  # (T,)
     ea = label_elem.index_select(0, lab)  # (T,)
     atom = slots.atom.view(-1)  # (L·M,)
-    centre = torch.stack([atoms.index_select(0, lab), atom.index_select(0, s1), atom.index_select(0, s2)], 1)  # (T, 3)
-    lo = torch.stack([torch.minimum(e1, e2), torch.minimum(ea, e2), torch.minimum(ea, e1)], 1)  # (T, 3)
-    hi = torch.stack([torch.maximum(e1, e2), torch.maximum(ea, e2), torch.maximum(ea, e1)], 1)  # (T, 3)
-    rows = ((lab[:, None] * n_atoms + centre) * E + lo) * E + hi  # (T, 3)
-    ang.index_add_(0, rows.view(-1), terms.view(-1, U_a))
-    return ang
+    centre = torch.stack([atoms.index_select(0, lab), atom.index_select(0, s1), atom.index_select(0, s2)])  # (3, T)
+    lo = torch.stack([torch.minimum(e1, e2), torch.minimum(ea, e2), torch.minimum(ea, e1)])  # (3, T)
+    hi = torch.stack([torch.maximum(e1, e2), torch.maximum(ea, e2), torch.maximum(ea, e1)])  # (3, T)
+    rows = ((lab * n_atoms + centre) * E + lo) * E + hi  # (3, T)
+    ang = slots.r.new_zeros(U_a, n_rows)  # (U_a, L·N·E·E)
+    ang.index_add_(1, rows.view(-1), terms.transpose(0, 1).reshape(U_a, -1))  # (U_a, L·N·E·E)
+    return ang.t()  # (L·N·E·E, U_a)
