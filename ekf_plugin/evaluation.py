@@ -229,6 +229,14 @@ class ModelEvaluator:
         threads: torch intra-op threads (``None``: leave torch's setting alone).
         transforms: extra SchNetPack per-structure transforms applied to the input dict after the
             neighbor list (e.g. ``CollectAtomTriples`` for models that need triples).
+        fast_path: evaluate BPNN potentials with :class:`ekf_plugin.bpnn.md_step.BPNNStep` (Verlet list,
+            pair-factorised triples, analytic forces and virial; same numbers to round-off). ``None``
+            (default): whenever :func:`ekf_plugin.bpnn.md_step.supports` the model and no ``transforms``
+            are given; other models always take the general SchNetPack path.
+        compile: fuse the fast path's per-triple kernels with ``torch.compile``. ``None`` (default):
+            ``EKF_PLUGIN_COMPILE`` (``0``/``1``) if set, else on for CPU when a C++ compiler is found.
+            The compile happens on the first call (tens of seconds; cached on disk afterwards).
+        skin: Verlet skin of the fast path in Å (the list is rebuilt only when needed).
         trust_pickle: for a path: allow a full unpickle of a ``best_model`` outside the allow-list
             (see :func:`load_any_model`; only files you trust).
 
@@ -245,6 +253,9 @@ class ModelEvaluator:
         neighbor_list: str = "auto",
         threads: Optional[int] = None,
         transforms: Iterable[Any] = (),
+        fast_path: Optional[bool] = None,
+        compile: Optional[bool] = None,
+        skin: float = 0.5,
         trust_pickle: bool = False,
     ) -> None:
         if threads is not None:
@@ -264,6 +275,15 @@ class ModelEvaluator:
             raise ValueError(f"unknown neighbor list {neighbor_list!r}; expected 'auto' or one of {sorted(NEIGHBOR_LISTS)}")
         self.neighbor_list = neighbor_list
         self.transforms = list(transforms)
+        self.fast = None  # BPNNStep for BPNN potentials (see fast_path)
+        from ekf_plugin.bpnn import md_step
+
+        if fast_path is None:
+            fast_path = md_step.supports(self.model) and not self.transforms
+        if fast_path:
+            if compile is None:
+                compile = md_step.default_compile(self.device)
+            self.fast = md_step.BPNNStep(self.model, skin=skin, neighbor_list=self.neighbor_list, compile=compile)
 
     # -- batch construction -------------------------------------------------------------
     def build_inputs(self, numbers: ArrayLike, positions: ArrayLike, cell: Optional[ArrayLike], pbc=None):
@@ -314,19 +334,35 @@ class ModelEvaluator:
             NonFiniteOutputError: the model returned non-finite energy, forces or stress.
         """
         check_structure(numbers, positions, cell)
-        inputs = self.build_inputs(numbers, positions, cell, pbc)
-        periodic = bool(inputs["_pbc"].any())
-        out = self.model(inputs)
-        energy = float(out[ENERGY_KEY].detach().sum().item())
-        forces = out[FORCES_KEY].detach().to(torch.float64).cpu().numpy().reshape(-1, 3)  # (N, 3)
-        stress = virial = None
-        if periodic and STRESS_KEY in out:
-            stress = out[STRESS_KEY].detach().to(torch.float64).cpu().numpy().reshape(3, 3)  # (3, 3)
-            volume = abs(float(np.linalg.det(inputs["_cell"][0].detach().cpu().numpy())))
-            w = -volume * stress
-            virial = 0.5 * (w + w.T)
+        if self.fast is not None:
+            energy, forces, stress, virial = self._fast_call(numbers, positions, cell, pbc)
+        else:
+            inputs = self.build_inputs(numbers, positions, cell, pbc)
+            periodic = bool(inputs["_pbc"].any())
+            out = self.model(inputs)
+            energy = float(out[ENERGY_KEY].detach().sum().item())
+            forces = out[FORCES_KEY].detach().to(torch.float64).cpu().numpy().reshape(-1, 3)  # (N, 3)
+            stress = virial = None
+            if periodic and STRESS_KEY in out:
+                stress = out[STRESS_KEY].detach().to(torch.float64).cpu().numpy().reshape(3, 3)  # (3, 3)
+                volume = abs(float(np.linalg.det(inputs["_cell"][0].detach().cpu().numpy())))
+                w = -volume * stress
+                virial = 0.5 * (w + w.T)
         check_output(energy, forces, stress)
         return Result(energy, forces, stress, virial)
+
+
+    def _fast_call(self, numbers: ArrayLike, positions: ArrayLike, cell: Optional[ArrayLike], pbc=None):
+        """(energy eV, forces (N, 3) eV/Å, stress (3, 3) eV/Å³ or None, virial (3, 3) eV or None) via the BPNN step."""
+        z = _as_numpy(numbers, np.int64).reshape(-1)
+        r = _as_numpy(positions).reshape(-1, 3)
+        if r.shape[0] != z.shape[0]:
+            raise ValueError(f"{z.shape[0]} atomic numbers but {r.shape[0]} positions")
+        h = None if cell is None else _as_numpy(cell).reshape(3, 3)
+        res = self.fast(z, r, h, pbc)
+        stress = None if res.stress is None else res.stress.detach().cpu().numpy()  # (3, 3)
+        virial = None if res.virial is None else res.virial.detach().cpu().numpy()  # (3, 3)
+        return float(res.energy), res.forces.detach().cpu().numpy(), stress, virial
 
 
 class NonFiniteOutputError(ValueError):

@@ -27,7 +27,7 @@ Pair counting of G3 (``angular_convention``):
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -231,8 +231,10 @@ class SymmetryFunctions(nn.Module):
         out.index_add_(0, idx_i * E + species[idx_j], terms)
         return out.reshape(n_atoms, E * U)
 
-    def _triples(self, species, r_ij, idx_i, idx_j, n_atoms, split: bool = False):
+    def _triples(self, species, r_ij, idx_i, idx_j, n_atoms, split: bool = False, cutoff: Optional[float] = None):
         """Triples with functions and r_jk < r_c: (center, p1, p2, row) each (T,), or None.
+
+        ``cutoff`` (Å, default r_c) bounds r_jk; the MD step's Verlet list passes r_c + skin.
 
         Pairs are grouped by (centre, neighbour element) into padded tables; for each element
         triplet that carries functions (no H–HH in water) r_jk² of all candidate neighbour pairs is
@@ -257,7 +259,7 @@ class SymmetryFunctions(nn.Module):
         vtab[key_sorted, pos] = sel(r_ij, 0, order)
         cnt2 = cnt.view(n_atoms, E)  # (N, E)
         max_e = cnt2.max(0).values.tolist()
-        rc2 = float(self.cutoff_fn.cutoff) ** 2
+        rc2 = float(self.cutoff_fn.cutoff if cutoff is None else cutoff) ** 2
         parts = []
         for c, a, b in self.triplet_list:
             ma, mb = max_e[a], max_e[b]

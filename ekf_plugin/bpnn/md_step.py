@@ -1,0 +1,565 @@
+"""The MD step of a BPNN potential: energy, forces and virial with one analytic backward pass.
+
+:class:`BPNNStep` evaluates a SchNetPack ``NeuralNetworkPotential`` built from
+:class:`~ekf_plugin.bpnn.BehlerParrinello` and :class:`~ekf_plugin.bpnn.ElementNetworks` (our
+``water_bpnn``/``bpnn_model`` models, ``spktrain`` ``best_model`` files and loaded n2p2 potentials)
+on one structure, with the same physics as the model's own forward pass but none of its autograd
+graph through the symmetry functions. :class:`ekf_plugin.evaluation.ModelEvaluator` (and so the
+i-PI client, the i-PI PES and ``ekf_plugin.calculator``) uses it automatically for such models
+(:func:`supports`).
+
+How one call works (P pairs in the Verlet list, T candidate triples, N atoms):
+
+1. **Verlet list** (:class:`VerletList`): pairs within r_c + skin with integer lattice shifts, from
+   matscipy (CPU) or the brute-force torch list (GPU), rebuilt only when the displacements or the
+   cell deformation could have brought a pair or triple from outside r_c + skin to inside r_c
+   (criterion in :meth:`VerletList.needs_rebuild`; i-PI moves atoms by ~0.01 Å per step). With the
+   list, every candidate triple (i; j, k) of an element triplet that carries functions is stored as
+   three pair indices p1 = i→j, p2 = i→k and **p3 = j→k**.
+2. **Pair terms, once per pair**: r (P,), unit vectors (P, 3), f_c and f_c' (P,), the radial terms
+   of every (η, r_s) its element pair uses, and for every distinct angular (η, r_s)
+   h = exp(−η (r − r_s)²) f_c(r) and its r-derivative (P, K). Pairs beyond r_c have f_c = 0.
+3. **Triples reuse them**: the narrow G3 factorises, exp(−η Σ (r − r_s)²) f_c f_c f_c = h(p1) h(p2)
+   h(p3), so a triple's term is a product of three gathered pair factors and (1 + λ cos θ)^ζ
+   (integer ζ by repeated multiplication), cos θ = u(p1)·u(p2). Candidates with a side beyond r_c
+   contribute exactly 0 (a factor f_c = 0), so no per-step filtering is needed.
+4. **Networks**: s = G·w + b → atomic energies; ∂E/∂G by autograd through the small element networks.
+5. **One backward**: ∂E/∂G is contracted with hand-written dG/dr into **pair gradients**
+   g_p = ∂E/∂r_p (P, 3): radial terms give (∂E/∂r) u_p; a triple gives scalar derivatives along
+   its three sides and the cos θ terms along the other side's unit vector.
+6. **Forces and virial from pair gradients**: F_i = Σ_{p: i→·} g_p − Σ_{p: ·→i} g_p and
+   ∂E/∂ε = Σ_p g_p ⊗ r_p, so stress = Σ_p g_p ⊗ r_p / V (SchNetPack's convention) and the virial
+   W = −V·stress, without a strain graph.
+
+Precision: ``dtype=torch.float64`` computes everything in float64. ``torch.float32`` computes pair and
+triple terms and the networks in float32 but sums the symmetry functions, pair gradients, forces,
+energy and virial in float64 (pair vectors are formed from float64 positions).
+``compile=True`` fuses the per-triple arithmetic with ``torch.compile`` (needs a C++ compiler; a
+one-off compile of tens of seconds per process).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+ACC = torch.float64  # accumulation dtype of sums (features, pair gradients, forces, energy, virial)
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """True if ``model`` is a plain BPNN potential this module evaluates exactly.
+
+    That is a ``NeuralNetworkPotential``-like module with a :class:`BehlerParrinello`
+    representation, input modules only ``Strain``/``PairwiseDistances``, output modules one
+    :class:`ElementNetworks` plus ``Forces`` modules, and no postprocessors.
+    """
+    from ekf_plugin.bpnn.networks import ElementNetworks
+    from ekf_plugin.bpnn.representation import BehlerParrinello
+
+    try:
+        import schnetpack as spk
+    except ImportError:  # pragma: no cover - schnetpack is a dependency
+        return False
+    rep = getattr(model, "representation", None)
+    if not isinstance(rep, BehlerParrinello):
+        return False
+    outs = list(getattr(model, "output_modules", []))
+    nets = [m for m in outs if isinstance(m, ElementNetworks)]
+    others = [m for m in outs if not isinstance(m, (ElementNetworks, spk.atomistic.Forces))]
+    inputs_ok = all(isinstance(m, (spk.atomistic.Strain, spk.atomistic.PairwiseDistances))
+                    for m in getattr(model, "input_modules", []))
+    post = getattr(model, "postprocessors", [])
+    if len(nets) != 1 or others or not inputs_ok or (len(post) and getattr(model, "do_postprocessing", True)):
+        return False
+    forces = [m for m in outs if isinstance(m, spk.atomistic.Forces)]
+    return all(f.energy_key == nets[0].output_key for f in forces)
+
+
+# ----------------------------------------------------------------------------- Verlet list
+
+
+class VerletList:
+    """Pairs within ``cutoff + skin`` (integer lattice shifts), reused while provably complete.
+
+    Args:
+        cutoff: r_c in Å (the model's).
+        skin: extra radius in Å (default 0.5).
+        method: ``"matscipy"``, ``"ase"`` or ``"torch"`` (see :func:`ekf_plugin.evaluation.neighbor_pairs`).
+        device: where the torch list runs (GPU builds) and where the pair tensors live.
+
+    After :meth:`build`: ``idx_i``, ``idx_j`` (P,) long and ``shifts`` (P, 3) float64 tensors on
+    ``device`` with r_p = R[idx_j] − R[idx_i] + shifts @ cell for the *given* (unwrapped) positions.
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.5, method: str = "matscipy",
+                 device: Optional[torch.device] = None) -> None:
+        if not skin >= 0.0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.cutoff = float(cutoff)
+        self.skin = float(skin)
+        self.method = method
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.ref_positions: Optional[np.ndarray] = None  # (N, 3) Å at the last build
+        self.ref_cell: Optional[np.ndarray] = None  # (3, 3) Å rows at the last build
+        self.ref_pbc: Optional[np.ndarray] = None  # (3,) bool
+        self.builds = 0
+
+    def needs_rebuild(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> bool:
+        """True unless every pair/triple now within r_c was within r_c + skin at the last build.
+
+        With M = h₀⁻¹ h (row vectors: every pair vector is r = r̃ M, r̃ the pair vector of the
+        reference-frame positions R̃ = R M⁻¹) and δ = max_i |R̃_i − R_i⁰|, a pair that was beyond
+        r_c + skin is now at least σ_min(M) (r_c + skin − 2δ) long; the list is complete while that
+        is ≥ r_c (a 1e-9 relative margin absorbs round-off).
+        """
+        if self.ref_positions is None or positions.shape != self.ref_positions.shape:
+            return True
+        if not np.array_equal(pbc, self.ref_pbc):
+            return True
+        if pbc.any():
+            m = np.linalg.solve(self.ref_cell, cell)  # (3, 3) M = h0^-1 h
+            rt = np.linalg.solve(m.T, positions.T).T  # (N, 3) R M^-1
+            smin = float(np.linalg.svd(m, compute_uv=False)[-1])
+        else:
+            rt, smin = positions, 1.0
+        disp = float(np.sqrt(((rt - self.ref_positions) ** 2).sum(1).max())) if len(positions) else 0.0
+        return smin * (self.cutoff + self.skin - 2.0 * disp) < self.cutoff * (1.0 + 1e-9)
+
+    def build(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> None:
+        """Pairs within r_c + skin of ``positions`` (N, 3) Å, ``cell`` (3, 3) Å rows, ``pbc`` (3,)."""
+        from ekf_plugin.evaluation import neighbor_shifts
+
+        i, j, s = neighbor_shifts(positions, cell, pbc, self.cutoff + self.skin, self.method, self.device)
+        dev = self.device
+        self.idx_i = torch.as_tensor(i, dtype=torch.long, device=dev)  # (P,)
+        self.idx_j = torch.as_tensor(j, dtype=torch.long, device=dev)  # (P,)
+        self.int_shifts = np.asarray(s, dtype=np.int64)  # (P, 3)
+        self.shifts = torch.as_tensor(self.int_shifts, dtype=torch.float64, device=dev)  # (P, 3)
+        self.ref_positions = np.array(positions, dtype=np.float64)
+        self.ref_cell = np.array(cell, dtype=np.float64)
+        self.ref_pbc = np.array(pbc, dtype=bool)
+        self.builds += 1
+
+    def find_pairs(self, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Index in the list of the pairs (i → j, shift s) (each (Q,) / (Q, 3)); −1 where absent."""
+        n = int(max(self.idx_i.max().item() if self.idx_i.numel() else 0, i.max() if len(i) else 0,
+                    j.max() if len(j) else 0)) + 1
+        s_all = np.concatenate([self.int_shifts, s]) if len(s) else self.int_shifts
+        lo = s_all.min(0) if len(s_all) else np.zeros(3, np.int64)
+        base = (s_all.max(0) - lo + 1) if len(s_all) else np.ones(3, np.int64)
+
+        def key(a, b, sh):  # unique int64 per (i, j, shift)
+            c = ((sh[:, 0] - lo[0]) * base[1] + (sh[:, 1] - lo[1])) * base[2] + (sh[:, 2] - lo[2])
+            return (a.astype(np.int64) * n + b) * int(base.prod()) + c
+
+        ref = key(self.idx_i.cpu().numpy(), self.idx_j.cpu().numpy(), self.int_shifts)  # (P,)
+        order = np.argsort(ref, kind="stable")
+        sref = ref[order]
+        q = key(i, j, s)  # (Q,)
+        pos = np.clip(np.searchsorted(sref, q), 0, max(len(sref) - 1, 0))
+        found = (sref[pos] == q) if len(sref) else np.zeros(len(q), bool)
+        return np.where(found, order[pos] if len(sref) else 0, -1)
+
+
+# ----------------------------------------------------------------------------- per-triple kernels
+#
+# Written as one loop body over triples (1-D gathers from a structure-of-arrays pair table, Python
+# loops over the few static function columns) so that ``torch.compile`` fuses each element triplet's
+# forward, and its backward, into one C++ loop with no (T, U) intermediates. Eagerly they run as
+# plain torch ops (slower, same numbers). Pair table rows: 0-2 unit vector, 3 distance, 4..4+K the
+# angular factors h_k, 4+K..4+2K their r-derivatives.
+
+Spec = Tuple[Tuple[int, float, float], ...]  # per function column: (factor row k, λ, ζ)
+
+
+def _power(b: torch.Tensor, z: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(b^ζ, ζ b^(ζ−1)) of a (T,) base; integer ζ by repeated multiplication (None means 1)."""
+    if z == 1:
+        return b, None
+    if float(z).is_integer():
+        z = int(z)
+        p = None  # (T,) b^(z−1) by binary powering
+        e, sq = z - 1, b
+        while e:
+            if e & 1:
+                p = sq if p is None else p * sq
+            e >>= 1
+            if e:
+                sq = sq * sq
+        return p * b, p * float(z)
+    p = torch.pow(b, z - 1.0)  # (T,)
+    return p * b, p * z
+
+
+def _angular_forward(tab: torch.Tensor, tris: List[Tuple[torch.Tensor, ...]], n: int, specs: List[Spec]):
+    """Slot sums of every element triplet: list of (n, U_c) float64 blocks.
+
+    Args:
+        tab: (4 + 2K, P) pair table (see above), compute dtype.
+        tris: per triplet (p1, p2, p3, cen), each (T_c,) long: pairs i→j, i→k, j→k and centre i.
+        n: number of atoms; specs: per triplet its columns (factor row, λ, ζ).
+    """
+    ux, uy, uz = tab[0], tab[1], tab[2]  # (P,) each
+    out = []
+    for (p1, p2, p3, cen), spec in zip(tris, specs):
+        cos = ux[p1] * ux[p2] + uy[p1] * uy[p2] + uz[p1] * uz[p2]  # (T,)
+        hh: Dict[int, torch.Tensor] = {}
+        for k, _, _ in spec:
+            if k not in hh:
+                h = tab[4 + k]  # (P,)
+                hh[k] = h[p1] * h[p2] * h[p3]  # (T,) exp(−η Σ(r − r_s)²) f_c f_c f_c
+        n_cols = len(spec)
+        flat = torch.zeros(n * n_cols, dtype=ACC, device=tab.device)  # (n·U,) row-major (n, U)
+        base = cen * n_cols  # (T,)
+        for c, (k, lam, z) in enumerate(spec):  # one scatter per column: fused, no (T, U) buffer
+            a, _ = _power((cos * lam + 1.0).clamp(min=0.0), z)  # (T,) (1 + λ cos)^ζ
+            flat = flat.index_add(0, base + c, (a * hh[k]).to(ACC))
+        out.append(flat.view(n, n_cols))  # (n, U)
+    return out
+
+
+def _angular_backward(tab: torch.Tensor, qs: List[torch.Tensor], tris: List[Tuple[torch.Tensor, ...]],
+                      specs: List[Spec], k_rows: int) -> torch.Tensor:
+    """Pair gradients ∂E/∂r_p (P, 3) float64 of all triplets, from q = ∂E/∂(slot sums) (n, U_c) each.
+
+    A triple's term depends on r_ij (p1), r_ik (p2) and r_jk = r_ik − r_ij (p3); its r_jk derivative
+    is passed on to r_ij (−) and r_ik (+), so only p1 and p2 receive gradients.
+    ``k_rows`` = K (the derivative rows start at 4 + K).
+    """
+    n_pairs = tab.shape[1]
+    ux, uy, uz, d = tab[0], tab[1], tab[2], tab[3]  # (P,) each
+    grad = torch.zeros(n_pairs * 3, dtype=ACC, device=tab.device)  # (P·3,) row-major (P, 3)
+    for (p1, p2, p3, cen), spec, q in zip(tris, specs, qs):
+        u1 = (ux[p1], uy[p1], uz[p1])  # 3 × (T,)
+        u2 = (ux[p2], uy[p2], uz[p2])  # 3 × (T,)
+        u3 = (ux[p3], uy[p3], uz[p3])  # 3 × (T,)
+        cos = u1[0] * u2[0] + u1[1] * u2[1] + u1[2] * u2[2]  # (T,)
+        keys: List[int] = []
+        for k, _, _ in spec:
+            if k not in keys:
+                keys.append(k)
+        hs = {k: (tab[4 + k][p1], tab[4 + k][p2], tab[4 + k][p3]) for k in keys}  # 3 × (T,) per factor
+        qf = q.reshape(-1).to(tab.dtype)  # (n·U,) ∂E/∂slots, row-major (n, U)
+        qb = cen * len(spec)  # (T,)
+        qa: Dict[int, torch.Tensor] = {}
+        c_cos = None  # (T,) ∂E/∂cos θ
+        for c, (k, lam, z) in enumerate(spec):
+            b = cos * lam + 1.0  # (T,)
+            a, da = _power(b.clamp(min=0.0), z)  # (T,) each
+            qc = qf[qb + c]  # (T,) ∂E/∂slot of the triple's centre
+            qa[k] = qc * a if k not in qa else qa[k] + qc * a  # (T,) Σ_u q_u A_u per factor
+            dq = qc * lam if da is None else qc * da * lam  # (T,)
+            h1, h2, h3 = hs[k]
+            t = torch.where(b > 0, dq, torch.zeros_like(dq)) * (h1 * h2 * h3)  # (T,)
+            c_cos = t if c_cos is None else c_cos + t
+        s1 = s2 = s3 = None  # (T,) ∂E/∂r_ij, ∂E/∂r_ik, ∂E/∂r_jk through the factors
+        for k in keys:
+            h1, h2, h3 = hs[k]
+            hd = tab[4 + k_rows + k]  # (P,)
+            q3 = qa[k] * h3  # (T,)
+            a1, a2, a3 = q3 * h2 * hd[p1], q3 * h1 * hd[p2], qa[k] * (h1 * h2) * hd[p3]  # (T,) each
+            s1 = a1 if s1 is None else s1 + a1
+            s2 = a2 if s2 is None else s2 + a2
+            s3 = a3 if s3 is None else s3 + a3
+        w1, w2 = c_cos / d[p1], c_cos / d[p2]  # (T,) dcos/dr_ij = (u_ik − cos u_ij)/r_ij
+        r1, r2 = s1 - w1 * cos, s2 - w2 * cos  # (T,)
+        b1, b2 = p1 * 3, p2 * 3  # (T,) flat offsets into the row-major (P, 3) gradient
+        for x in range(3):  # one scatter per component: fused, no (T, 3) buffers
+            grad = grad.index_add(0, b1 + x, (r1 * u1[x] + w1 * u2[x] - s3 * u3[x]).to(ACC))
+            grad = grad.index_add(0, b2 + x, (r2 * u2[x] + w2 * u1[x] + s3 * u3[x]).to(ACC))
+    return grad.view(n_pairs, 3)
+
+
+_COMPILED: Dict[Any, Any] = {}
+
+
+def _kernel(fn, enabled: bool):
+    """``fn`` itself, or ``torch.compile(fn, dynamic=True)`` (one compile per process)."""
+    if not enabled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def default_compile(device: Any = "cpu") -> bool:
+    """Whether to ``torch.compile`` the triple kernels by default.
+
+    ``EKF_PLUGIN_COMPILE=0``/``1`` decides if set; otherwise on for CPU devices when a C++ compiler
+    (``$CXX``, ``c++`` or ``g++``) is on PATH, off elsewhere (GPUs run the kernels eagerly).
+    """
+    env = os.environ.get("EKF_PLUGIN_COMPILE")
+    if env is not None and env.strip():
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    if torch.device(device).type != "cpu":
+        return False
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++") if c)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclass
+class StepResult:
+    """One evaluation, float64 tensors on the model's device, in eV and Å."""
+
+    energy: torch.Tensor  # () eV
+    forces: torch.Tensor  # (N, 3) eV/Å
+    stress: Optional[torch.Tensor]  # (3, 3) eV/Å³ (Σ_p g_p ⊗ r_p / V), None without a cell
+    virial: Optional[torch.Tensor]  # (3, 3) eV, −V·stress symmetrised, None without a cell
+
+
+class BPNNStep:
+    """Energy, forces and virial of a BPNN potential for MD (see the module docstring).
+
+    Args:
+        model: a model for which :func:`supports` is true. Its weights and scaling are read at every
+            call (later changes are seen); the function set is read once.
+        dtype: dtype of the pair and triple terms (default: the networks' dtype). The networks run in
+            their own dtype; sums are float64 either way.
+        skin: Verlet skin in Å (0 = a new list every call).
+        neighbor_list: ``"auto"`` (matscipy on CPU, torch on GPU), ``"matscipy"``, ``"ase"``, ``"torch"``.
+        compile: fuse the per-triple kernels with ``torch.compile``.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: Optional[torch.dtype] = None, skin: float = 0.5,
+                 neighbor_list: str = "auto", compile: bool = False) -> None:
+        if not supports(model):
+            raise ValueError("BPNNStep needs a BehlerParrinello + ElementNetworks potential without postprocessors")
+        from ekf_plugin.bpnn.networks import ElementNetworks
+
+        self.model = model
+        self.rep = model.representation
+        self.nets = next(m for m in model.output_modules if isinstance(m, ElementNetworks))
+        self.sf = self.rep.sf
+        p = next(self.nets.parameters())
+        self.device = p.device
+        self.dtype = dtype or p.dtype
+        if neighbor_list == "auto":
+            from ekf_plugin.evaluation import _default_cpu_list
+
+            neighbor_list = "torch" if self.device.type != "cpu" else _default_cpu_list()
+        self.cutoff = float(self.sf.cutoff)
+        self.verlet = VerletList(self.cutoff, skin, neighbor_list, self.device)
+        self.compile = bool(compile)
+        self._build_constants()
+        self._numbers: Optional[np.ndarray] = None
+        self.calls = 0
+
+    # -- constants derived from the function set -------------------------------------------
+    def _build_constants(self) -> None:
+        sf, dev = self.sf, self.device
+        E = len(sf.elements)
+        self.E = E
+        sel = sf.feature_slot.cpu()  # (E, W) slot of each feature in SymmetryFunctions' layout
+        n_rad = E * sf.n_rad_keys
+        # radial: per (centre, neighbour) element pair the (η, r_s) keys its functions use
+        rad_keys: Dict[Tuple[int, int], List[int]] = {}
+        for c in range(E):
+            for col in range(sf.n_features[c]):
+                slot = int(sel[c, col])
+                if slot < n_rad:
+                    ej, k = divmod(slot, sf.n_rad_keys)
+                    keys = rad_keys.setdefault((c, ej), [])
+                    if k not in keys:
+                        keys.append(k)
+        self.rad_keys = rad_keys
+        # angular: distinct (η, r_s) pair factors, and per element triplet its columns (factor, λ, ζ)
+        ang = list(zip(sf.ang_eta.tolist(), sf.ang_rs.tolist()))
+        fkeys: List[Tuple[float, float]] = []
+        for key in ang:
+            if key not in fkeys:
+                fkeys.append(key)
+        self.n_factors = len(fkeys)
+        self.fac_eta = torch.tensor([k[0] for k in fkeys], dtype=torch.float64, device=dev)  # (K,)
+        self.fac_rs = torch.tensor([k[1] for k in fkeys], dtype=torch.float64, device=dev)  # (K,)
+        self.triplets: List[Dict[str, Any]] = []
+        offset = n_rad
+        for c, a, b in sf.triplet_list:
+            cols, _ = sf.triplet_columns[(c, a, b)]
+            spec = tuple((fkeys.index(ang[u]), float(sf.ang_lam[u]), float(sf.ang_zeta[u])) for u in cols)
+            self.triplets.append({"combo": (c, a, b), "cols": list(cols), "spec": spec, "offset": offset})
+            offset += len(cols)
+        self.n_slots = offset  # slot matrix (N, S): [radial E*U_r | one block per triplet]
+        fmap = torch.zeros_like(sel)  # (E, W) column of the slot matrix of each feature
+        for c in range(E):
+            for col in range(sf.n_features[c]):
+                slot = int(sel[c, col])
+                if slot < n_rad:
+                    fmap[c, col] = slot
+                else:
+                    r, u = divmod(slot - n_rad, sf.n_ang_keys)
+                    a, b = divmod(r, E)
+                    t = next(t for t in self.triplets if t["combo"] == (c, a, b))
+                    fmap[c, col] = t["offset"] + t["cols"].index(u)
+        self.feature_map = fmap.to(dev)  # (E, W)
+        self.rad_eta = sf.rad_eta.to(dev)  # (U_r,) float64
+        self.rad_rs = sf.rad_rs.to(dev)  # (U_r,) float64
+
+    # -- list-dependent tables ------------------------------------------------------------
+    def _rebuild(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> None:
+        """New Verlet list, radial pair groups and candidate triples (p1, p2, p3, centre) per triplet."""
+        vl = self.verlet
+        vl.build(positions, cell, pbc)
+        E, dev, sp = self.E, self.device, self.species
+        n = sp.shape[0]
+        ii, jj = vl.idx_i, vl.idx_j  # (P,)
+        ci, cj = sp.index_select(0, ii), sp.index_select(0, jj)  # (P,)
+        self.rad_groups = []  # (pairs (P_g,), their centres (P_g,), keys (U_g,), slot columns (U_g,))
+        for (c, ej), keys in self.rad_keys.items():
+            idx = torch.nonzero((ci == c) & (cj == ej)).squeeze(-1)  # (P_g,)
+            if idx.numel():
+                k = torch.tensor(keys, dtype=torch.long, device=dev)  # (U_g,)
+                self.rad_groups.append((idx, ii.index_select(0, idx), k, ej * self.sf.n_rad_keys + k))
+        r = torch.as_tensor(positions, dtype=torch.float64, device=dev)  # (N, 3)
+        h = torch.as_tensor(cell, dtype=torch.float64, device=dev)  # (3, 3)
+        rij = r.index_select(0, jj) - r.index_select(0, ii) + vl.shifts @ h  # (P, 3)
+        parts = self.sf._triples(sp, rij, ii, jj, n, split=True, cutoff=vl.cutoff + vl.skin) or []
+        by_combo = {combo: (cen, q1, q2) for combo, cen, q1, q2, _ in parts}
+        jn, s_np = jj.cpu().numpy(), vl.int_shifts
+        self.tris, self.specs, self.active = [], [], []
+        for t in self.triplets:
+            if t["combo"] not in by_combo:
+                continue
+            cen, q1, q2 = by_combo[t["combo"]]
+            q1n, q2n = q1.cpu().numpy(), q2.cpu().numpy()
+            p3 = vl.find_pairs(jn[q1n], jn[q2n], s_np[q2n] - s_np[q1n])  # (T,) pair j→k with shift S_ik − S_ij
+            keep = torch.as_tensor(np.nonzero(p3 >= 0)[0], dtype=torch.long, device=dev)  # (T',)
+            p3t = torch.as_tensor(p3, dtype=torch.long, device=dev).index_select(0, keep)  # (T',)
+            self.tris.append((q1.index_select(0, keep), q2.index_select(0, keep), p3t, cen.index_select(0, keep)))
+            self.specs.append(t["spec"])
+            self.active.append(t)
+        self.n_atoms = n
+        self.n_triples = sum(int(x[0].numel()) for x in self.tris)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def __call__(self, numbers: np.ndarray, positions: np.ndarray, cell: Optional[np.ndarray] = None,
+                 pbc: Optional[np.ndarray] = None) -> StepResult:
+        """Evaluate one structure.
+
+        Args:
+            numbers: (N,) atomic numbers.
+            positions: (N, 3) Å (may be unwrapped).
+            cell: (3, 3) Å, lattice vectors as rows (ignored without PBC).
+            pbc: (3,) bool (default: periodic if a non-singular cell is given).
+        """
+        from ekf_plugin.bpnn.representation import species_of
+
+        z = np.asarray(numbers, dtype=np.int64).reshape(-1)
+        r = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+        h = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
+        if pbc is None:
+            pbc = np.full(3, abs(np.linalg.det(h)) > 1e-12)
+        pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+        periodic = bool(pbc.any())
+        if periodic and abs(np.linalg.det(h)) < 1e-12:
+            raise ValueError("periodic boundary conditions need a non-singular cell")
+        if not periodic:
+            h = np.zeros((3, 3))
+        dev = self.device
+        if self._numbers is None or not np.array_equal(z, self._numbers):
+            zt = torch.as_tensor(z, device=dev)
+            self.species = species_of(zt, self.rep.species_table.to(dev), self.rep.elements)  # (N,)
+            self._element_atoms = [torch.nonzero(self.species == e).squeeze(-1) for e in range(self.E)]  # (N_e,)
+            self._numbers = z.copy()
+            self.verlet.ref_positions = None
+        if self.verlet.needs_rebuild(r, h, pbc):
+            self._rebuild(r, h, pbc)
+        self.calls += 1
+        rt = torch.as_tensor(r, dtype=torch.float64, device=dev)  # (N, 3)
+        ht = torch.as_tensor(h, dtype=torch.float64, device=dev)  # (3, 3)
+        energy, forces, dedeps = self._evaluate(rt, ht)
+        stress = virial = None
+        if periodic:
+            stress = dedeps / abs(float(np.linalg.det(h)))  # (3, 3) eV/Å³
+            virial = -0.5 * (dedeps + dedeps.T)  # (3, 3) eV
+        return StepResult(energy, forces, stress, virial)
+
+    def _evaluate(self, r: torch.Tensor, h: torch.Tensor):
+        """(energy (), forces (N, 3), ∂E/∂ε (3, 3)), float64, from positions (N, 3) Å and cell (3, 3) Å."""
+        sf, dt, n, dev = self.sf, self.dtype, self.n_atoms, r.device
+        vl = self.verlet
+        ii, jj = vl.idx_i, vl.idx_j  # (P,)
+        rij = r.index_select(0, jj) - r.index_select(0, ii) + vl.shifts @ h  # (P, 3) float64
+        d64 = torch.linalg.vector_norm(rij, dim=1).clamp(min=1e-12)  # (P,)
+        u = (rij / d64[:, None]).to(dt)  # (P, 3) unit vectors
+        d = d64.to(dt)  # (P,)
+        fc, dfc = sf.cutoff_fn.value_and_derivative(d)  # (P,) each; 0 beyond r_c
+        # ---- pair table: u, r, h_k = exp(−η_k (r − r_s,k)²) f_c, ∂h_k/∂r
+        x = d[None, :] - self.fac_rs.to(dt)[:, None]  # (K, P)
+        eta = self.fac_eta.to(dt)[:, None]  # (K, 1)
+        ex = torch.exp(-eta * x * x)  # (K, P)
+        tab = torch.cat([u.T, d[None, :], ex * fc[None, :], ex * (dfc[None, :] - 2.0 * eta * x * fc[None, :])])  # (4+2K, P)
+        # ---- forward: slot matrix (N, S) float64
+        slots = torch.zeros(n, self.n_slots, dtype=ACC, device=dev)  # (N, S)
+        rad = []
+        for idx, cen, k, cols in self.rad_groups:
+            dg, fg = d.index_select(0, idx), fc.index_select(0, idx)  # (P_g,)
+            xr = dg[:, None] - self.rad_rs.to(dt).index_select(0, k)[None, :]  # (P_g, U_g)
+            er = self.rad_eta.to(dt).index_select(0, k)[None, :]  # (1, U_g)
+            e = torch.exp(-er * xr * xr)  # (P_g, U_g)
+            blk = torch.zeros(n, k.shape[0], dtype=ACC, device=dev).index_add_(0, cen, (e * fg[:, None]).to(ACC))  # (N, U_g)
+            slots.index_add_(1, cols, blk)
+            rad.append(e * (dfc.index_select(0, idx)[:, None] - 2.0 * er * xr * fg[:, None]))  # (P_g, U_g) ∂term/∂r
+        blocks = self._run(_angular_forward, tab, self.tris, n, self.specs)  # (N, U_c) each
+        for t, blk in zip(self.active, blocks):
+            slots[:, t["offset"]:t["offset"] + blk.shape[1]] += blk
+        # ---- networks: s = G w + b → E; ∂E/∂slots
+        sp = self.species
+        fmap = self.feature_map.index_select(0, sp)  # (N, W)
+        pref = sf.feature_prefactor.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
+        w = self.rep.scale_weight.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
+        b = self.rep.scale_bias.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
+        g = torch.gather(slots, 1, fmap) * pref  # (N, W) raw symmetry functions
+        energy, ds = self._networks(g * w + b)  # (), (N, W)
+        gslots = torch.zeros_like(slots).scatter_add_(1, fmap, ds * w * pref)  # (N, S) ∂E/∂slots
+        # ---- backward: pair gradients ∂E/∂r_p (P, 3) float64
+        qs = [gslots[:, t["offset"]:t["offset"] + len(t["cols"])].contiguous() for t in self.active]  # (N, U_c)
+        gp = self._run(_angular_backward, tab, qs, self.tris, self.specs, self.n_factors)  # (P, 3)
+        sr = torch.zeros(d.shape[0], dtype=ACC, device=dev)  # (P,) radial ∂E/∂r_p
+        gq = gslots.to(dt)  # (N, S)
+        for (idx, cen, k, cols), dterm in zip(self.rad_groups, rad):
+            q = gq.index_select(0, cen).index_select(1, cols)  # (P_g, U_g)
+            sr.index_add_(0, idx, (q * dterm).sum(1).to(ACC))
+        gp = gp + sr[:, None] * u.to(ACC)  # (P, 3)
+        forces = torch.zeros(n, 3, dtype=ACC, device=dev)  # (N, 3) F_i = Σ_{i→·} g − Σ_{·→i} g
+        forces.index_add_(0, ii, gp).index_add_(0, jj, -gp)
+        dedeps = gp.T @ rij  # (3, 3) ∂E/∂ε = Σ_p g_p ⊗ r_p
+        return energy, forces, dedeps
+
+    def _run(self, fn, *args):
+        """A triple kernel, compiled when ``self.compile``; a failed compile warns and falls back to eager."""
+        if self.compile:
+            try:
+                return _kernel(fn, True)(*args)
+            except Exception as exc:  # no working compiler, unsupported backend, ...
+                warnings.warn(f"torch.compile of the BPNN triple kernels failed ({type(exc).__name__}: {exc}); "
+                              "running them eagerly (same results, slower)", RuntimeWarning, stacklevel=3)
+                self.compile = False
+        return fn(*args)
+
+    def _networks(self, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Total energy () float64 eV and ∂E/∂s (N, W) float64 from the scaled features s (N, W) float64.
+
+        The element networks run in their own dtype (float32 in float32 mode); atomic energies are
+        summed in float64.
+        """
+        nets, sp = self.nets, self.species
+        ndt = next(nets.parameters()).dtype
+        x = s.to(ndt).requires_grad_(True)  # (N, W)
+        with torch.enable_grad():
+            total = torch.zeros((), dtype=ACC, device=s.device)
+            for e, net in enumerate(nets.networks):
+                idx = self._element_atoms[e]  # (N_e,)
+                if idx.numel():
+                    total = total + net(x.index_select(0, idx)[:, : nets.n_in[e]]).to(ACC).sum()
+            (ds,) = torch.autograd.grad(total, x)  # (N, W)
+        scale = nets.energy_scale.to(device=s.device, dtype=ACC)
+        offsets = nets.atom_energy.to(device=s.device, dtype=ACC).index_select(0, sp).sum()
+        return total.detach() * scale + offsets, ds.to(ACC) * scale
