@@ -16,11 +16,24 @@ SHARED_DATA = Path(os.environ.get("EKF_PLUGIN_SHARED_DATA", REPO.parent / "share
 VENV_BIN = Path(sys.executable).parent
 
 
+def in_ci() -> bool:
+    """Whether the tests run in CI (``CI=true``, as GitHub Actions, GitLab and most CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_shared_data(path: Path) -> None:
+    """Skip the calling test because ``path`` is absent, or fail it in CI, where the data must be present."""
+    if in_ci():
+        pytest.fail(f"CI=true but the shared data {path} is missing (set EKF_PLUGIN_SHARED_DATA or provide "
+                    "../shared/data beside the checkout)", pytrace=False)
+    pytest.skip(f"needs the shared data set {path} (present beside the checkout in CI; not shipped)")
+
+
 def shared_data_path(*parts: str) -> Path:
-    """Path under ``../shared/data``; skips the calling test with a reason when it is absent."""
+    """Path under ``../shared/data``; skips the calling test with a reason when it is absent (fails in CI)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs the shared data set {path} (present beside the checkout in CI; not shipped)")
+        missing_shared_data(path)
     return path
 
 

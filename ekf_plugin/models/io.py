@@ -47,8 +47,7 @@ _ALLOWED_FUNCTIONS = {
 }
 # Module classes of these packages may be rebuilt (their __init__/__setstate__ only set up tensors).
 _ALLOWED_MODULE_PREFIXES = ("torch.nn.modules.", "schnetpack.model.", "schnetpack.atomistic.", "schnetpack.nn.",
-                            "schnetpack.representation.", "schnetpack.transform.", "ekf_plugin.bpnn.",
-                            "ekf_plugin.compat")
+                            "schnetpack.representation.", "schnetpack.transform.")
 _DENIED = ("schnetpack.transform.neighborlist.CachedNeighborList",)  # writes a cache directory
 
 
@@ -63,17 +62,26 @@ def _subclasses(cls: type) -> set:
 
 
 def model_safe_globals() -> List[Any]:
-    """The allow-list for pickled SchNetPack models (``best_model``): ``nn.Module`` classes of torch.nn,
-    SchNetPack's model/atomistic/nn/representation/transform packages and ekf-plugin's BPNN, the BPNN
-    symmetry-function records, and the init/activation functions above. Used only inside
-    ``torch.serialization.safe_globals`` around one ``torch.load(weights_only=True)``; nothing global."""
+    """The allow-list for pickled SchNetPack models (``best_model``): ``nn.Module`` classes of torch.nn and of
+    SchNetPack's model/atomistic/nn/representation/transform packages, every class defined in ekf-plugin's
+    BPNN package (modules, symmetry-function records, cached constants) and ``ContiguousForces``, and the
+    init/activation functions above. Used only inside ``torch.serialization.safe_globals`` around one
+    ``torch.load(weights_only=True)``; nothing global."""
     import importlib
+    import pkgutil
+    import sys
 
     import schnetpack  # noqa: F401  - registers SchNetPack's module classes
-    import ekf_plugin.bpnn.presets as presets
+
+    import ekf_plugin.bpnn
     from ekf_plugin.compat import ContiguousForces
 
-    allowed: List[Any] = [ContiguousForces, presets.G2, presets.G3]
+    allowed: List[Any] = [ContiguousForces]
+    for info in pkgutil.iter_modules(ekf_plugin.bpnn.__path__, "ekf_plugin.bpnn."):
+        importlib.import_module(info.name)
+    for name, module in list(sys.modules.items()):
+        if name == "ekf_plugin.bpnn" or name.startswith("ekf_plugin.bpnn."):
+            allowed.extend(v for v in vars(module).values() if isinstance(v, type) and v.__module__ == name)
     for cls in _subclasses(torch.nn.Module):
         name = f"{cls.__module__}.{cls.__qualname__}"
         if cls.__module__.startswith(_ALLOWED_MODULE_PREFIXES) and "<locals>" not in name and name not in _DENIED:
@@ -84,7 +92,7 @@ def model_safe_globals() -> List[Any]:
         except ImportError:
             continue
         allowed.extend(getattr(mod, n) for n in names if hasattr(mod, n))
-    return allowed
+    return list(dict.fromkeys(allowed))
 
 
 def _is_refused_global(exc: BaseException) -> bool:

@@ -232,7 +232,6 @@ def test_wrong_atom_count_is_a_clear_error(tmp_path):
 def test_trained_n2p2_water_potential_step0_and_short_npt(tmp_path, shared_data):
     """The real RPBE-D3 n2p2 water potential on a revPBE0-D3 liquid frame (192 atoms):
     client exits 0 and i-PI's step-0 potential, virial and pressure equal the direct evaluation."""
-    pytest.importorskip("ekf_plugin.n2p2", reason="needs the n2p2 loader (ekf_plugin.n2p2)")
     potential = shared_data("n2p2-h2o-potentials", "H2O_RPBE-D3")
     frames = shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
     from ase.io import read
