@@ -37,6 +37,44 @@ def _targets(node, path=""):
             yield from _targets(v, f"{path}[{i}]")
 
 
+def _package(option: Path) -> tuple:
+    """Where an option's content lands in the composed config (``# @package _global_``: the root)."""
+    text = (CONFIGS / option).with_suffix(".yaml").read_text()
+    if "# @package _global_" in text.splitlines()[0]:
+        return ()
+    return tuple(str(option.parent).split("/"))
+
+
+def _option_content(option: Path) -> dict:
+    content = OmegaConf.to_container(OmegaConf.load((CONFIGS / option).with_suffix(".yaml")), resolve=False)
+    content.pop("defaults", None)
+    return content
+
+
+def _missing(expected, actual, path="") -> list:
+    """Every leaf of ``expected`` that ``actual`` does not hold at the same place (unresolved values)."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: expected a mapping, got {actual!r}"]
+        out = []
+        for k, v in expected.items():
+            out += _missing(v, actual.get(k, "<absent>"), f"{path}.{k}") if k in actual else [f"{path}.{k}: absent"]
+        return out
+    if isinstance(expected, list):
+        if not isinstance(actual, list) or len(actual) != len(expected):
+            return [f"{path}: expected {expected!r}, got {actual!r}"]
+        return [m for i, (e, a) in enumerate(zip(expected, actual)) for m in _missing(e, a, f"{path}[{i}]")]
+    if expected == "???":  # OmegaConf: merging MISSING keeps the value already there
+        return []
+    return [] if expected == actual else [f"{path}: expected {expected!r}, got {actual!r}"]
+
+
+def _at(tree: dict, package: tuple):
+    for key in package:
+        tree = tree[key]
+    return tree
+
+
 @pytest.fixture(scope="module")
 def hydra_schnetpack():
     GlobalHydra.instance().clear()
@@ -59,7 +97,10 @@ def test_option_composes_and_its_targets_import(hydra_schnetpack, option):
     tree = OmegaConf.to_container(cfg, resolve=False)
     if str(option.parent) == "callbacks":
         assert "model_checkpoint" in tree["callbacks"], "appending must keep SchNetPack's checkpoint callback"
-    for where, target in _targets(tree):
+    assert not _missing(_option_content(option), _at(tree, _package(option))), "the option's values are in the config"
+    targets = list(_targets(tree))
+    assert targets, "a composed training config names classes"
+    for where, target in targets:
         if target.startswith(("ekf_plugin", "hydra_plugins")):
             assert get_object(target) is not None, f"{option}: {where} -> {target} does not import"
 
@@ -75,7 +116,9 @@ def test_spktrain_cfg_job_with_our_options(tmp_path):
     args += [_override(chosen[g]) for g in groups if g in chosen]
     res = run_cli(args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    for g in groups:
-        if g in chosen:
-            assert chosen[g].name in " ".join(args)
-    assert res.stdout.count("ekf_plugin.") >= len([g for g in groups if g in chosen])
+    job = OmegaConf.to_container(OmegaConf.create(res.stdout), resolve=False)  # the config spktrain would run
+    used = [g for g in groups if g in chosen]
+    assert len(used) == 4, chosen
+    for g in used:
+        missing = _missing(_option_content(chosen[g]), _at(job, _package(chosen[g])))
+        assert not missing, f"spktrain's job config lacks {chosen[g]}: {missing[:5]}"
