@@ -45,6 +45,34 @@ def force_errors(
     return err[draw_components(err.numel(), n_components, generator).to(err.device)]  # (k,)
 
 
+def grouped_force_errors(
+    outputs: Dict[str, torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    key: str = "forces",
+    n_groups: int = 4,
+    group_size: int = 6,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Force errors of ``n_groups`` random groups of ``group_size`` atoms each: shape (G,), force units.
+
+    ξ_g = mean over the 3·S components of the group's atoms of |F̂ − F| (graph kept), so its gradient is
+    the signed sum mean sign(F̂ − F)·∂F̂/∂θ: one Jacobian row (one backward pass) stands for 3·S force
+    components (the reduced-row update of LKF/RLEKF, Hu et al., AAAI 2023; deepmd-kit ``KFWrapper``).
+    Atoms are drawn from the whole batch without replacement (with replacement when the batch has
+    fewer than G·S atoms), with the CPU ``generator``.
+    """
+    if n_groups < 1 or group_size < 1:
+        raise ValueError(f"n_groups and group_size must be >= 1, got {n_groups}, {group_size}")
+    err = (outputs[key] - batch[key]).reshape(-1, 3)  # (N, 3)
+    n, k = err.shape[0], n_groups * group_size
+    if k <= n:
+        atoms = torch.randperm(n, generator=generator)[:k]  # (G·S,)
+    else:
+        atoms = torch.randint(n, (k,), generator=generator)  # (G·S,)
+    groups = atoms.view(n_groups, group_size).to(err.device)  # (G, S)
+    return err[groups].abs().mean(dim=(1, 2))  # (G,)
+
+
 def draw_components(
     n_total: int, n_components: Optional[int], generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from ..jacobian import flat_jacobian
 from ..labels import IDX_M, N_ATOMS, energy_errors, force_errors
-from .labels import ENERGY, LabelSet
+from .labels import ENERGY_COMPONENT, LabelSet
 from .spectrum import FisherSpectrum, GramAccumulator
 
 Batch = Dict[str, torch.Tensor]
@@ -158,14 +158,14 @@ def _add_batch_fast(acc, predictor, batch, comps, params, energy_per_atom, chunk
             if progress:
                 progress(done + added)
 
-    e_pos = [b for b, c in enumerate(comps) if (c == ENERGY).any()]
+    e_pos = [b for b, c in enumerate(comps) if (c == ENERGY_COMPONENT).any()]
     if e_pos:
         e = predictor.energies(batch)  # (B,) eV; J does not depend on the targets
         if energy_per_atom:
             e = e / batch[N_ATOMS].to(e.dtype)
         add(e[torch.as_tensor(e_pos, device=e.device)], "energy")
     for b, c in enumerate(comps):
-        pick = torch.as_tensor(c[c != ENERGY], dtype=torch.long)  # (k,) flat component indices of structure b
+        pick = torch.as_tensor(c[c != ENERGY_COMPONENT], dtype=torch.long)  # (k,) flat component indices of structure b
         if pick.numel():
             add(predictor.force_components(batch, b, pick), "forces")
     return added
@@ -177,7 +177,7 @@ def _add_batch(acc, forward, batch, comps, params, energy_key, forces_key, energ
     out = forward(dict(batch))  # the model writes into its input dict: keep our targets apart
     ref = dict(targets)
     added = 0
-    e_pos = [b for b, c in enumerate(comps) if (c == ENERGY).any()]
+    e_pos = [b for b, c in enumerate(comps) if (c == ENERGY_COMPONENT).any()]
     if e_pos:
         ref.setdefault(energy_key, out[energy_key].detach() * 0)  # J ignores targets
         err = energy_errors(out, ref, key=energy_key, per_atom=energy_per_atom)  # (B,)
@@ -187,7 +187,7 @@ def _add_batch(acc, forward, batch, comps, params, energy_key, forces_key, energ
             added += rows.shape[0]
             if progress:
                 progress(done + added)
-    f_pos = [b for b, c in enumerate(comps) if (c != ENERGY).any()]
+    f_pos = [b for b, c in enumerate(comps) if (c != ENERGY_COMPONENT).any()]
     if f_pos:
         forces = out[forces_key]
         if not forces.requires_grad:
@@ -198,7 +198,7 @@ def _add_batch(acc, forward, batch, comps, params, energy_key, forces_key, energ
             )
         ref.setdefault(forces_key, forces.detach() * 0)
         err = force_errors(out, ref, key=forces_key)  # (3·N_atoms_batch,)
-        idx = _force_index(ref, f_pos, [comps[b][comps[b] != ENERGY] for b in f_pos]).to(err.device)
+        idx = _force_index(ref, f_pos, [comps[b][comps[b] != ENERGY_COMPONENT] for b in f_pos]).to(err.device)
         for rows in _rows(err[idx], params, chunk_size):  # (k_F,) errors
             acc.add(rows, "forces")
             added += rows.shape[0]

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List
 import numpy as np
 
 KINDS = ("energy", "forces", "both")
-ENERGY = -1  # component index marking an energy label
+ENERGY_COMPONENT = -1  # component index marking an energy label
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class LabelSet:
             raise ValueError(f"structure and component must have the same length, got {s.shape} and {c.shape}")
         if s.size and s.min() < 0:
             raise ValueError("structure indices must be >= 0")
-        if c.size and c.min() < ENERGY:
+        if c.size and c.min() < ENERGY_COMPONENT:
             raise ValueError("component indices must be -1 (energy) or >= 0 (force component)")
         object.__setattr__(self, "structure", s)
         object.__setattr__(self, "component", c)
@@ -47,11 +47,11 @@ class LabelSet:
 
     @property
     def n_energy(self) -> int:
-        return int((self.component == ENERGY).sum())
+        return int((self.component == ENERGY_COMPONENT).sum())
 
     @property
     def n_forces(self) -> int:
-        return int((self.component != ENERGY).sum())
+        return int((self.component != ENERGY_COMPONENT).sum())
 
     def structures(self) -> List[int]:
         """Distinct structure indices, sorted."""
@@ -130,7 +130,7 @@ def sample_labels(
         )
     order = np.random.default_rng(seed).permutation(n_structures)
     structure: List[int] = [int(s) for s in order[:n_e]]
-    component: List[int] = [ENERGY] * n_e
+    component: List[int] = [ENERGY_COMPONENT] * n_e
     left = n_f
     for s in order:
         if left == 0:

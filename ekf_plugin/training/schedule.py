@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ekf_plugin.labels import IDX_M, N_ATOMS, draw_components
+from ekf_plugin.labels import IDX_M, N_ATOMS, draw_components, energy_errors, grouped_force_errors
 from ekf_plugin.units import BOHR
 
 C_RATIO_AU = 0.28  # c_E/c_F in Bohr⁻² (SI Table S3, PiNN row)
@@ -68,6 +68,37 @@ def weighted_errors(
 
     return label_errors(lambda: pred[energy_key].reshape(-1), forces_of, batch, kinds, generator, energy_key,
                         forces_key, n_force_components, c_energy, c_forces, energy_per_atom)
+
+
+def reduced_row_errors(
+    pred: Dict[str, torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    generator: torch.Generator,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    n_force_groups: int = 4,
+    force_group_size: int = 6,
+    c_energy: float = 1.0,
+    c_forces: float = 1.0,
+    energy_per_atom: bool = True,
+) -> torch.Tensor:
+    """ξ for a reduced-row update (any model, large networks): (1 + G,), graph kept.
+
+    Row 0: √c_E · mean_b |Ê_b − E_b| over the batch's structures (per atom if ``energy_per_atom``);
+    rows 1..G: √c_F · ξ_g of :func:`ekf_plugin.labels.grouped_force_errors`. Each row is one backward
+    pass of the Jacobian, so an update of a GNN costs 1 + G backward passes instead of one per force
+    component. For a single structure and G = 0 this is the plain energy update (|e| with the sign in J).
+    """
+    rows = []
+    if energy_key in pred and c_energy > 0:
+        e = energy_errors(pred, batch, energy_key, per_atom=energy_per_atom)  # (B,)
+        rows.append(c_energy**0.5 * e.abs().mean().reshape(1))  # (1,)
+    if forces_key in pred and c_forces > 0 and n_force_groups > 0:
+        f = grouped_force_errors(pred, batch, forces_key, n_force_groups, force_group_size, generator)  # (G,)
+        rows.append(c_forces**0.5 * f)
+    if not rows:
+        raise ValueError(f"reduced_row_errors: the model predicts neither {energy_key!r} nor {forces_key!r}")
+    return torch.cat(rows)  # (1 + G,)
 
 
 def label_errors(

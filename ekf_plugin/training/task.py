@@ -36,11 +36,13 @@ from ekf_plugin.training.schedule import (
     atoms_per_structure,
     draw_kinds,
     label_errors,
+    reduced_row_errors,
     weighted_errors,
 )
 from ekf_plugin.bpnn.label_predictor import label_predictor_for
 
 _RNG_KEY = "ekf_plugin_label_rng"
+LABEL_MODES = ("study", "reduced")
 
 
 @contextlib.contextmanager
@@ -80,6 +82,12 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             only). ``None`` (default): on when the model's representation is ``BehlerParrinello``. The
             training RMSEs are then those of the drawn labels (an unbiased sample); validation and test
             RMSEs always use the full model.
+        label_mode: ``"study"`` (the schedule above: one energy label or ``n_force_components`` force
+            components per structure, one Jacobian row each) or ``"reduced"`` (any model, large networks:
+            every update has one energy row, the mean |ΔE| over the batch, and ``n_force_groups`` rows, each
+            the mean |ΔF| over the 3·``force_group_size`` components of a random group of atoms;
+            :func:`~ekf_plugin.training.schedule.reduced_row_errors`, as LKF/RLEKF). ``task=ekf`` uses it.
+        n_force_groups, force_group_size: G and S of the reduced mode (deepmd-kit LKF: 4 groups of 6 atoms).
     """
 
     def __init__(
@@ -105,6 +113,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         seed: int = 0,
         skip_forces_on_energy_updates: bool = True,
         fast_labels: Optional[bool] = None,
+        label_mode: str = "study",
+        n_force_groups: int = 4,
+        force_group_size: int = 6,
     ) -> None:
         optimizer_args = dict(optimizer_args or {"lr": 1e-3})
         if "lr" not in optimizer_args:
@@ -117,6 +128,10 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             raise ValueError(f"c_energy and c_forces must be >= 0, got {c_energy}, {c_forces}")
         if param_blocks not in (None, "layer", "element"):
             raise ValueError(f"param_blocks must be None, 'layer' or 'element', got {param_blocks!r}")
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+        if label_mode == "reduced" and (n_force_groups < 0 or force_group_size < 1):
+            raise ValueError(f"n_force_groups must be >= 0 and force_group_size >= 1, got {n_force_groups}, {force_group_size}")
         if warmup_steps:
             raise ValueError("warmup_steps is not supported by PaperScheduleTask (use a scheduler)")
         super().__init__(
@@ -131,7 +146,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.c_energy, self.c_forces, self.energy_per_atom = float(c_energy), float(c_forces), energy_per_atom
         self.clip_grad_norm, self.param_blocks, self.element_pattern = clip_grad_norm, param_blocks, element_pattern
         self.skip_forces_on_energy_updates = skip_forces_on_energy_updates
-        self.label_predictor = label_predictor_for(model, fast_labels, energy_key)
+        self.label_mode = label_mode
+        self.n_force_groups, self.force_group_size = int(n_force_groups), int(force_group_size)
+        self.label_predictor = label_predictor_for(model, fast_labels if label_mode == "study" else False, energy_key)
         self.label_rng = torch.Generator().manual_seed(int(seed))
         self.rmse = torch.nn.ModuleDict(
             {f"{s}_{k}": MeanSquaredError(squared=False) for s in ("train", "val", "test") for k in ("e", "f")}
@@ -180,6 +197,13 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 energies, forces, batch, kinds, self.label_rng, self.energy_key, self.forces_key,
                 self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom, record=store["labels"],
             )
+        if self.label_mode == "reduced":
+            pred = self.predict_without_postprocessing(dict(batch))
+            store["pred"] = pred
+            return reduced_row_errors(
+                pred, batch, self.label_rng, self.energy_key, self.forces_key, self.n_force_groups,
+                self.force_group_size, self.c_energy, self.c_forces, self.energy_per_atom,
+            )
         energy_only_update = self.skip_forces_on_energy_updates and all(k == ENERGY for k in kinds)
         with energy_only(self.model, energy_only_update):
             pred = self.predict_without_postprocessing(dict(batch))  # the model writes into its input dict
@@ -192,7 +216,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         n_struct = int(batch[spk.properties.n_atoms].shape[0])
-        kinds = draw_kinds(n_struct, self.energy_fraction, self.label_rng)
+        kinds = draw_kinds(n_struct, self.energy_fraction, self.label_rng) if self.label_mode == "study" else []
         store: Dict[str, Any] = {}
         if self._is_ekf():
             ekf = opt.optimizer if hasattr(opt, "optimizer") else opt

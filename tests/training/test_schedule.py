@@ -66,3 +66,32 @@ def test_weighted_errors_per_atom_energy_and_all_components():
     assert xi.shape == (9 + 1,)  # 3 atoms × 3 components (fewer than 100: all of them), then one energy
     assert float(xi[-1]) == pytest.approx(float(pred["energy"][1] - batch["energy"][1]) / 4)
     torch.testing.assert_close(xi[:9], (pred["forces"][:3] - batch["forces"][:3]).reshape(-1) / 3.0)
+
+
+def test_reduced_rows_are_signed_sums_of_group_force_errors():
+    """Row 0: √c_E mean_b|ΔE_b|/N_b; rows 1..G: √c_F mean |ΔF| of S atoms; ∂row/∂ŷ = signed (mean) weights."""
+    from ekf_plugin.training.schedule import reduced_row_errors
+
+    g = torch.Generator().manual_seed(4)
+    n_atoms = (5, 7)
+    N = sum(n_atoms)
+    batch = {"_idx_m": torch.cat([torch.full((n,), b) for b, n in enumerate(n_atoms)]), "_n_atoms": torch.tensor(n_atoms),
+             "energy": torch.randn(2, generator=g, dtype=torch.float64),
+             "forces": torch.randn(N, 3, generator=g, dtype=torch.float64)}
+    e_hat = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    f_hat = torch.randn(N, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    pred = {"energy": e_hat, "forces": f_hat}
+    xi = reduced_row_errors(pred, batch, torch.Generator().manual_seed(9), n_force_groups=3, force_group_size=4,
+                            c_energy=4.0, c_forces=9.0, energy_per_atom=True)
+    assert xi.shape == (4,)
+    de = (e_hat - batch["energy"]) / torch.tensor(n_atoms, dtype=torch.float64)
+    assert float(xi[0]) == pytest.approx(2.0 * float(de.abs().mean()), rel=1e-14)
+    atoms = torch.randperm(N, generator=torch.Generator().manual_seed(9))[:12].view(3, 4)  # the same draw
+    df = f_hat - batch["forces"]
+    for k in range(3):
+        assert float(xi[1 + k]) == pytest.approx(3.0 * float(df[atoms[k]].abs().mean()), rel=1e-14)
+        grad, = torch.autograd.grad(xi[1 + k], f_hat, retain_graph=True)
+        expect = torch.zeros_like(f_hat)
+        expect[atoms[k]] = 3.0 * torch.sign(df[atoms[k]]).detach() / 12.0
+        torch.testing.assert_close(grad, expect, rtol=0, atol=1e-15)
+    assert len(set(atoms.reshape(-1).tolist())) == 12, "atoms drawn without replacement"

@@ -151,3 +151,28 @@ def test_non_finite_validation_loss_stops_the_run_with_an_error(tmp_path):
     val = spk.data.AtomsLoader(NaNLabel(), batch_size=1)
     with pytest.raises(FloatingPointError, match="validation loss is not finite .* 1 validation batch"):
         _trainer(max_epochs=2).fit(_ekf_task(), train, val)
+
+
+def test_reduced_row_ekf_trains_a_schnet_with_one_row_per_atom_group(loaders):
+    """label_mode='reduced' (task=ekf): m = 1 + G rows per update, any SchNetPack model; errors fall."""
+    train, val = loaders
+    task = PaperScheduleTask(toy_model(), outputs(), optimizer_cls=EKF, label_mode="reduced", n_force_groups=3,
+                             force_group_size=4, c_energy=1.0, c_forces=1.0,
+                             optimizer_args={"lr": 1.0, "fading_lambda": 0.98, "fading_nu": 0.9987, "blocks": 500})
+    assert task.label_predictor is None
+    before = _val_rmse(task, val)
+    seen = []
+    orig = EKF._update
+
+    def spy(self, xi, J):
+        seen.append(tuple(J.shape))
+        return orig(self, xi, J)
+
+    EKF._update = spy
+    try:
+        _trainer(max_epochs=3).fit(task, train, val)
+    finally:
+        EKF._update = orig
+    after = _val_rmse(task, val)
+    assert {s[0] for s in seen} == {4}, "one energy row and three group rows per update"
+    assert after["val_forces_rmse_all"] < 0.7 * before["val_forces_rmse_all"], (before, after)
