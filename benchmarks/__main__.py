@@ -2,6 +2,8 @@
 
     python -m benchmarks [--quick] [--only bpnn,ekf] [--json benchmarks/results.json] [--device cuda]
 
+With ``--only`` the named entries of an existing JSON file are replaced and the others kept.
+
 Each ``benchmarks/bench_<name>.py`` exposes ``run(quick: bool = False, device: str | None = None) -> dict`` of
 headline figures (name -> number, with the unit in the name).
 """
@@ -71,6 +73,14 @@ def main(argv=None) -> int:
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             print(f"{name:<8} {key:<{width}} {shown}")
     result = {"machine": _machine(args.device), "results": table, "errors": errors}
+    if args.only and args.json.exists():  # a subset updates its own entries and keeps the others
+        try:
+            old = json.loads(args.json.read_text())
+        except ValueError:
+            old = {}
+        merged = dict(old.get("results", {}), **table)
+        result = {"machine": _machine(args.device), "results": merged,
+                  "errors": {k: v for k, v in dict(old.get("errors", {}), **errors).items() if k not in table}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwritten: {args.json}")

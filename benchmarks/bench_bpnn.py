@@ -1,123 +1,165 @@
-"""BPNN speed on one 192-atom revPBE0-D3 water frame: energy + forces + stress.
+"""BPNN speed on 192-atom revPBE0-D3 water: the MD step as the i-PI client runs it, against n2p2.
 
-Times (median of ``reps`` after warm-up) for 1 and 2 threads, float32 and float64:
+Figures (1 torch thread; ms per step unless named otherwise):
 
-* ``neighbor_list``: SchNetPack ``MatScipyNeighborList`` at 12 Bohr (in ``AtomsConverter``);
-* ``symmetry_functions``: raw G2/G3 forward only;
-* ``networks``: element networks forward on precomputed features;
-* ``inference``: full model, energy + forces + stress (eval mode, no graph kept);
-* ``*_compiled``: the per-triple math fused with ``torch.compile`` (``compile_kernels=True``);
-* ``training``: same in train mode (forces with ``create_graph=True``) plus the backward pass of
-  a loss on energy and forces to the weights.
+* ``md_float64_*`` / ``md_float32_*``: :class:`ekf_plugin.evaluation.ModelEvaluator` on the trained n2p2
+  RPBE-D3 potential (the study's 30/27 functions, 12 Bohr cutoff) — energy, forces **and virial** through
+  the BPNN MD step (:mod:`ekf_plugin.bpnn.md_step`), exactly what ``ekf-plugin ipi`` and
+  ``ekf_plugin.calculator`` call. The structure moves like an NPT trajectory: every step each atom is
+  displaced by N(0, 0.01 Å) per component and the cell by a random strain of 1e-4, so the Verlet list
+  is reused and rebuilt as in MD. ``_median`` is the median wall time of a step, ``_mean`` includes
+  the list rebuilds, ``_cpu_median`` is the process CPU time (less sensitive to other jobs on a shared
+  machine), ``_rebuilds`` the number of list builds in the timed steps. ``_compiled`` = the triple kernels
+  through ``torch.compile`` (the default on CPU with a C++ compiler), ``_eager`` without.
+* ``general_float64_ms``: the same potential through SchNetPack's forward with autograd forces and
+  strain stress (``fast_path=False``; the path before the MD step existed).
+* ``n2p2_ms`` (when ``nnp-predict`` is on PATH): n2p2's energy + forces on the same frame, timed as
+  the CPU time (user + sys) of ``nnp-predict`` on the 192-atom frame minus that on a 3-atom structure
+  with the same potential (start-up, file reading, set-up cancel), median of ``reps`` runs each;
+  ``ratio_*`` = our step / n2p2's, measured in the same run.
 
-Anchor (issue, this machine type): n2p2 takes 37.1 ms per frame for energy + forces (one process).
-Run: ``python benchmarks/bench_bpnn.py [--quick]``. Needs ``../shared/data`` (or a 192-atom
-random water box is used instead, and said so).
+Run: ``python benchmarks/bench_bpnn.py [--quick]`` or ``python -m benchmarks --only bpnn``.
+Needs ``../shared/data``; n2p2: ``docs/install.md`` ("Building n2p2 for the side-by-side checks").
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import Dict, Optional
 
+import numpy as np
 import torch
 
-N2P2_MS = 37.1
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "revpbe0-d3-cheng2019" / "dataset_1400_au.extxyz"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+FRAMES = DATA / "revpbe0-d3-cheng2019" / "dataset_1400_au.extxyz"
+POTENTIAL = DATA / "n2p2-h2o-potentials" / "H2O_RPBE-D3"
 
 
 def _frame():
-    if DATA.exists():
-        from ekf_plugin.data import read_extxyz
+    from ekf_plugin.data import read_extxyz
 
-        return read_extxyz(DATA, index="0")[0], "revPBE0-D3 frame 0"
-    from ekf_plugin.demo import water_box
-
-    return water_box(4), "demo water box (shared data absent)"
+    return read_extxyz(FRAMES, index="0")[0]
 
 
-def _median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
+def md_step(dtype: torch.dtype, steps: int, compile: bool, seed: int = 0) -> Dict[str, float]:
+    """Time ``steps`` MD-like steps (see module docstring) after one warm-up call (which compiles)."""
+    from ekf_plugin.evaluation import ModelEvaluator
+
+    atoms = _frame()
+    ev = ModelEvaluator(str(POTENTIAL), dtype=dtype, compile=compile, threads=1)
+    rng = np.random.default_rng(seed)
+    z, r, h = atoms.numbers, atoms.positions.copy(), atoms.cell.array.copy()
+    t0 = time.perf_counter()
+    ev(z, r, h)
+    first = time.perf_counter() - t0
+    builds0 = ev.fast.verlet.builds
+    wall, cpu = [], []
+    for _ in range(steps):
+        r = r + rng.normal(0.0, 0.01, r.shape)
+        h = h @ (np.eye(3) + rng.normal(0.0, 1e-4, (3, 3)))
+        t, c = time.perf_counter(), time.process_time()
+        res = ev(z, r, h)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    assert res.virial is not None and np.isfinite(res.forces).all()
+    return {"median": 1e3 * statistics.median(wall), "mean": 1e3 * statistics.fmean(wall),
+            "cpu_median": 1e3 * statistics.median(cpu), "rebuilds": float(ev.fast.verlet.builds - builds0),
+            "first_call_s": first, "triples": float(ev.fast.n_triples)}
+
+
+def general_path(dtype: torch.dtype, reps: int) -> float:
+    """Median ms of SchNetPack's own forward (autograd forces, strain stress) on the frame."""
+    from ekf_plugin.evaluation import ModelEvaluator
+
+    atoms = _frame()
+    ev = ModelEvaluator(str(POTENTIAL), dtype=dtype, fast_path=False, threads=1)
+    ev(atoms.numbers, atoms.positions, atoms.cell.array)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
+        ev(atoms.numbers, atoms.positions, atoms.cell.array)
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
 
 
-def measure(threads: int, dtype: torch.dtype, reps: int, compile_kernels: bool = False) -> dict:
-    import ekf_plugin.compat  # noqa: F401
-    import schnetpack as spk
-    from ekf_plugin.models import water_bpnn
+def _nnp_cpu(workdir: Path) -> float:
+    """CPU seconds (user + sys) of one ``nnp-predict 0`` run in ``workdir``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = subprocess.run(["nnp-predict", "0"], cwd=workdir, capture_output=True, text=True, timeout=300)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if run.returncode != 0:
+        raise RuntimeError(f"nnp-predict failed:\n{run.stdout[-1500:]}{run.stderr[-1500:]}")
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
-    torch.set_num_threads(threads)
-    atoms, _ = _frame()
-    model = water_bpnn(dtype=dtype, stress=True, seed=0, compile_kernels=compile_kernels)
-    rep = model.representation
-    nl = spk.transform.MatScipyNeighborList(cutoff=float(rep.cutoff))
-    conv = spk.interfaces.AtomsConverter(nl, dtype=dtype)
-    batch = conv(atoms)
-    pos = batch["_positions"]
-    rij = pos[batch["_idx_j"]] - pos[batch["_idx_i"]] + batch["_offsets"]
-    species = rep.species_table[batch["_atomic_numbers"]]
-    feats = {"_atomic_numbers": batch["_atomic_numbers"], "_Rij": rij, "_idx_i": batch["_idx_i"], "_idx_j": batch["_idx_j"]}
+
+def n2p2_time(reps: int) -> Optional[Dict[str, float]]:
+    """n2p2's energy + forces CPU ms on the frame (192 atoms minus 3 atoms), or None without nnp-predict."""
+    if shutil.which("nnp-predict") is None:
+        return None
+    from ase import Atoms
+
+    from ekf_plugin.n2p2.writer import write_input_data
+
+    atoms = _frame()
+    tiny = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], cell=atoms.cell, pbc=True)
     out = {}
-    out["neighbor_list"] = _median_ms(lambda: conv(atoms), reps)
-    with torch.no_grad():
-        out["symmetry_functions"] = _median_ms(lambda: rep.sf(species, rij, batch["_idx_i"], batch["_idx_j"]), reps)
-        x = rep(dict(feats))["scalar_representation"]
-        nets = model.output_modules[0]
-        nb = {"scalar_representation": x, "_atomic_numbers": batch["_atomic_numbers"], "_idx_m": batch["_idx_m"],
-              "_n_atoms": batch["_n_atoms"]}
-        out["networks"] = _median_ms(lambda: nets(dict(nb)), reps)
-    model.eval()
-    out["inference"] = _median_ms(lambda: model(dict(batch)), reps)
-
-    def train_step():
-        res = model(dict(batch))
-        loss = res["energy"].pow(2).sum() + res["forces"].pow(2).sum()
-        loss.backward()
-
-    model.train()
-    out["training"] = _median_ms(train_step, reps)
-    n = len(atoms)
-    out["inference_us_per_atom"] = 1e3 * out["inference"] / n
-    out["training_us_per_atom"] = 1e3 * out["training"] / n
-    out["pairs"] = int(batch["_idx_i"].numel())
-    return out
+    with tempfile.TemporaryDirectory(prefix="bench_n2p2_") as tmp:
+        for name, structure in (("frame", atoms), ("tiny", tiny)):
+            d = Path(tmp) / name
+            shutil.copytree(POTENTIAL, d)
+            write_input_data([structure], d / "input.data", with_labels=False)
+            _nnp_cpu(d)  # warm the file cache
+            out[name] = statistics.median(_nnp_cpu(d) for _ in range(reps))
+    return {"n2p2_ms": 1e3 * (out["frame"] - out["tiny"]), "n2p2_process_cpu_ms": 1e3 * out["frame"],
+            "n2p2_startup_cpu_ms": 1e3 * out["tiny"]}
 
 
 def run(quick: bool = False) -> dict:
-    """Headline figures: ms per 192-atom frame (energy + forces + stress) and µs/atom."""
-    reps = 3 if quick else 20
-    results = {}
-    for dtype in (torch.float32, torch.float64):
-        for threads in (1, 2):
-            results[f"{str(dtype).split('.')[-1]}_{threads}thr"] = measure(threads, dtype, reps)
-    if not quick:
-        results["float32_1thr_compiled"] = measure(1, torch.float32, reps, compile_kernels=True)
-    _, label = _frame()
-    results["frame"] = label
-    results["n2p2_anchor_ms"] = N2P2_MS
-    return results
+    """Headline figures (module docstring)."""
+    if not (FRAMES.exists() and POTENTIAL.exists()):
+        return {"skipped": f"needs {FRAMES} and {POTENTIAL}"}
+    torch.set_num_threads(1)
+    steps = 10 if quick else 60
+    res: Dict[str, object] = {"frame": "revPBE0-D3 frame 0, 192 atoms", "threads": 1,
+                              "load_average_start": os.getloadavg()[0]}
+    from ekf_plugin.bpnn.md_step import default_compile
+
+    modes = [("compiled", True)] if default_compile("cpu") else []
+    modes.append(("eager", False))
+    for label, comp in modes:
+        for dtype in (torch.float64, torch.float32):
+            name = f"md_{str(dtype).split('.')[-1]}_{label}"
+            for k, v in md_step(dtype, steps if comp else max(steps // 4, 5), comp).items():
+                unit = "" if k in ("rebuilds", "first_call_s", "triples") else "_ms"
+                res[f"{name}_{k}{unit}"] = v
+    res["general_float64_ms"] = general_path(torch.float64, 3 if quick else 7)
+    res["general_float32_ms"] = general_path(torch.float32, 3 if quick else 7)
+    n2p2 = n2p2_time(3 if quick else 9)
+    if n2p2 is not None:
+        res.update(n2p2)
+        best = modes[0][0]
+        for dt in ("float64", "float32"):
+            res[f"ratio_{dt}_{best}_cpu_to_n2p2"] = res[f"md_{dt}_{best}_cpu_median_ms"] / n2p2["n2p2_ms"]
+            res[f"ratio_{dt}_{best}_wall_to_n2p2"] = res[f"md_{dt}_{best}_median_ms"] / n2p2["n2p2_ms"]
+    res["load_average_end"] = os.getloadavg()[0]
+    return res
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 20")
+    parser.add_argument("--quick", action="store_true", help="10 steps instead of 60")
     args = parser.parse_args()
-    res = run(args.quick)
-    print(f"frame: {res['frame']}  (n2p2 anchor: {N2P2_MS} ms/frame energy+forces, 1 process)")
-    keys = ["neighbor_list", "symmetry_functions", "networks", "inference", "training"]
-    print(f"{'config':<22}" + "".join(f"{k:>20}" for k in keys) + f"{'inf us/atom':>14}{'train us/atom':>15}")
-    for name, r in res.items():
-        if isinstance(r, dict):
-            print(f"{name:<22}" + "".join(f"{r[k]:>17.1f} ms" for k in keys)
-                  + f"{r['inference_us_per_atom']:>14.0f}{r['training_us_per_atom']:>15.0f}")
+    for k, v in run(args.quick).items():
+        print(f"{k:<44} {v:.4g}" if isinstance(v, float) else f"{k:<44} {v}")
 
 
 if __name__ == "__main__":
