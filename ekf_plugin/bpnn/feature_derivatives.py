@@ -25,7 +25,10 @@ once per call (``torch.argsort``).
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Tuple
+import math
+import os
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -138,6 +141,7 @@ def feature_columns(
     idx_j: torch.Tensor,
     atoms: torch.Tensor,
     components: torch.Tensor,
+    native: Optional[bool] = None,
 ) -> torch.Tensor:
     """∂G_i/∂r_{a_l, α_l} of the raw symmetry functions for L (atom, component) labels.
 
@@ -148,6 +152,8 @@ def feature_columns(
         idx_i, idx_j: (P,) atoms of each pair.
         atoms: (L,) atom a_l of each label.
         components: (L,) Cartesian component α_l ∈ {0, 1, 2} of each label.
+        native: angular part by the compiled CPU kernel (:func:`native_module`) where it applies (CPU tensors,
+            integer ζ, tanhu/tanh/cos cutoff); ``None``: ``NATIVE_DEFAULT`` (env ``EKF_PLUGIN_NATIVE_COLUMNS=1``).
 
     Returns:
         (L, N, width) in the feature layout of :meth:`SymmetryFunctions.forward`, in feature units per Å.
@@ -159,7 +165,8 @@ def feature_columns(
     slots = _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components)
     label_elem = species.index_select(0, atoms)  # (L,) element of a_l
     rad = _radial_columns(sf, keys, slots, atoms, label_elem, n_atoms)  # (L·N·E, U_r)
-    ang = _angular_columns(sf, keys, slots, atoms, components, label_elem, n_atoms)  # (L·N·E·E, U_a)
+    native = NATIVE_DEFAULT if native is None else native
+    ang = _angular_columns(sf, keys, slots, atoms, components, label_elem, n_atoms, native)  # (L·N·E·E, U_a)
     rad = rad.reshape(n_labels, n_atoms, E * sf.n_rad_keys)  # (L, N, E·U_r)
     ang = ang.reshape(n_labels, n_atoms, E * E * sf.n_ang_keys)  # (L, N, E·E·U_a)
     table = torch.cat([rad, ang], 2)  # (L, N, S)
@@ -230,7 +237,8 @@ def _angle_factors(keys: _Keys, cos: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return value, slope
 
 
-def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_elem, n_atoms: int) -> torch.Tensor:
+def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_elem, n_atoms: int,
+                     native: bool = False) -> torch.Tensor:
     """(L·N·E·E, U_a) tangents of the angular slots from the triangles {a, p, q} (module docstring).
 
     Per-triangle tensors are feature-major, (F, T), so every feature is a contiguous row.
@@ -239,6 +247,10 @@ def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_el
     n_rows = L * n_atoms * E * E
     if not (U_a and L and M >= 2):
         return slots.r.new_zeros(n_rows, U_a)
+    if native and _native_supported(sf, keys, slots.r):
+        module = native_module()
+        if module is not None:
+            return _angular_columns_native(module, sf, keys, slots, atoms, components, label_elem, n_atoms)
     tri = _triangles(sf, keys, slots, label_elem)  # (T,)
     if tri.numel() == 0:
         return slots.r.new_zeros(n_rows, U_a)
@@ -285,3 +297,257 @@ def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_el
     ang = slots.r.new_zeros(U_a, n_rows)  # (U_a, L·N·E·E)
     ang.index_add_(1, rows.view(-1), terms.transpose(0, 1).reshape(U_a, -1))  # (U_a, L·N·E·E)
     return ang.t()  # (L·N·E·E, U_a)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optional fused CPU kernel for the angular columns (same math as _angular_columns, one loop over triangles)
+
+_NATIVE_SOURCE = r"""
+#include <torch/extension.h>
+#include <cmath>
+#include <algorithm>
+#include <vector>
+
+namespace {
+constexpr int KMAX = 32;  // distinct (eta, r_s), distinct (lambda, zeta), angular keys: checked in Python
+
+template <typename T>
+inline T cutoff_value(int kind, T r, T rc, T norm) {
+  if (r >= rc) return T(0);
+  if (kind == 0) {  // tanh^3(1 - r/rc) / norm: tanhu (norm 1), tanh (norm tanh(1)^3)
+    T t = std::tanh(T(1) - r / rc);
+    T f = t * t * t;
+    return norm == T(1) ? f : f / norm;
+  }
+  return T(0.5) * (std::cos(T(M_PI) * (r / rc)) + T(1));  // cos, alpha = 0
+}
+
+template <typename T>
+inline void add_terms(T* __restrict__ acc, const T* __restrict__ P, const T* __restrict__ S, const T* __restrict__ ds,
+                      const T* __restrict__ sd, const int64_t* __restrict__ c_of, int64_t U) {
+  T Pu[4 * KMAX], Su[4 * KMAX];
+  for (int64_t v = 0; v < U; ++v) {
+    Pu[v] = P[c_of[v]];
+    Su[v] = S[c_of[v]];
+  }
+#pragma omp simd
+  for (int64_t v = 0; v < U; ++v) acc[v] += Pu[v] * ds[v] + Su[v] * sd[v];
+}
+
+template <typename T>
+inline void angle_factors(T cs, T dc, const T* lam, const int64_t* zeta, int64_t C, T* P, T* S) {
+  for (int64_t q = 0; q < C; ++q) {
+    T base = T(1) + lam[q] * cs;
+    base = base > T(0) ? base : T(0);
+    const T ldc = lam[q] * dc;
+    switch (zeta[q]) {
+      case 1: P[q] = base; S[q] = ldc; break;
+      case 2: P[q] = base * base; S[q] = T(2) * base * ldc; break;
+      case 4: {
+        const T b2 = base * base;
+        P[q] = b2 * b2;
+        S[q] = T(4) * b2 * base * ldc;
+        break;
+      }
+      default: {
+        T pw = T(1);
+        for (int64_t z = 1; z < zeta[q]; ++z) pw *= base;
+        P[q] = pw * base;
+        S[q] = T(zeta[q]) * pw * ldc;
+      }
+    }
+  }
+}
+
+template <typename T>
+void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* elem, const T* r, const T* x,
+             const T* h, const T* b, const int64_t* atoms, const int64_t* comps, const int64_t* lelem,
+             const T* side_eta, const T* side_rs, const T* lam, const int64_t* zeta, const int64_t* c_of,
+             const int64_t* k_of, const bool* pen, int64_t L, int64_t M, int64_t K, int64_t C, int64_t U,
+             int64_t E, int64_t N, T rc, int kind, T norm, T* out) {
+  const T rc2 = rc * rc;
+  T side[KMAX], dside[KMAX], P[KMAX], S[KMAX];
+  const int64_t cap = M * (M - 1) / 2;
+  std::vector<int32_t> tri_m(cap), tri_n(cap);
+  std::vector<T> r3v(cap), f3v(cap), h3v(K * cap), ds_u(U), sd_u(U);
+  // per label: centre a by element pair (E, E, U); centre = atom of a slot, by element of the other slot (M, E, U)
+  std::vector<T> acc_a(E * E * U), acc_s(M * E * U);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t a = atoms[l], ea = lelem[l], alpha = comps[l];
+    const int64_t base_l = l * M;
+    // 1. triangles {a, p_m, p_n}, m < n, |u_n - u_m| < r_c, with functions
+    int64_t n_tri = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t sm = base_l + m;
+      if (!valid[sm]) continue;
+      const T* um = u + 3 * sm;
+      const bool* pen_m = pen + (ea * E + elem[sm]) * E;
+      for (int64_t n = m + 1; n < M; ++n) {
+        const int64_t sn = base_l + n;
+        if (!valid[sn] || pen_m[elem[sn]]) continue;
+        const T* un = u + 3 * sn;
+        const T d0 = un[0] - um[0], d1 = un[1] - um[1], d2 = un[2] - um[2];
+        const T r3sq = d0 * d0 + d1 * d1 + d2 * d2;
+        if (r3sq < rc2) {
+          tri_m[n_tri] = static_cast<int32_t>(m);
+          tri_n[n_tri] = static_cast<int32_t>(n);
+          r3v[n_tri] = r3sq;
+          ++n_tri;
+        }
+      }
+    }
+    // 2. side factors of r_pq (vectorised loops)
+    T* __restrict__ r3p = r3v.data();
+    T* __restrict__ f3p = f3v.data();
+#pragma omp simd
+    for (int64_t t = 0; t < n_tri; ++t) r3p[t] = std::sqrt(r3p[t]);
+    if (kind == 0) {
+#pragma omp simd
+      for (int64_t t = 0; t < n_tri; ++t) {
+        const T th = std::tanh(T(1) - r3p[t] / rc);
+        f3p[t] = th * th * th / norm;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t t = 0; t < n_tri; ++t) f3p[t] = T(0.5) * (std::cos(T(M_PI) * (r3p[t] / rc)) + T(1));
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      T* __restrict__ hk = h3v.data() + k * cap;
+      const T eta = side_eta[k], rs = side_rs[k];
+#pragma omp simd
+      for (int64_t t = 0; t < n_tri; ++t) {
+        const T y = r3p[t] - rs;
+        hk[t] = std::exp(-eta * y * y) * f3p[t];
+      }
+    }
+    // 3. the three triples of every triangle
+    std::fill(acc_a.begin(), acc_a.end(), T(0));
+    std::fill(acc_s.begin(), acc_s.end(), T(0));
+    for (int64_t t = 0; t < n_tri; ++t) {
+      const int64_t m = tri_m[t], n = tri_n[t], sm = base_l + m, sn = base_l + n;
+      const T* um = u + 3 * sm;
+      const T* un = u + 3 * sn;
+      const T d0 = un[0] - um[0], d1 = un[1] - um[1], d2 = un[2] - um[2];
+      const T r3 = r3p[t], rm = r[sm], xm = x[sm], rn = r[sn], xn = x[sn];
+      const T* hm = h + K * sm;
+      const T* bm = b + K * sm;
+      const T* hn = h + K * sn;
+      const T* bn = b + K * sn;
+      const int64_t em = elem[sm], en = elem[sn];
+      const T x3 = (alpha == 0 ? d0 : (alpha == 1 ? d1 : d2)) / r3;
+      const T uw = um[0] * un[0] + um[1] * un[1] + um[2] * un[2];
+      const T ud = um[0] * d0 + um[1] * d1 + um[2] * d2;
+      const T wd = un[0] * d0 + un[1] * d1 + un[2] * d2;
+      for (int64_t k = 0; k < K; ++k) {
+        const T h3 = h3v[k * cap + t];
+        side[k] = hm[k] * hn[k] * h3;
+        dside[k] = -h3 * (bm[k] * hn[k] + hm[k] * bn[k]);
+      }
+      for (int64_t v = 0; v < U; ++v) {
+        ds_u[v] = dside[k_of[v]];
+        sd_u[v] = side[k_of[v]];
+      }
+      const T ca = uw / (rm * rn), cp = -ud / (rm * r3), cq = wd / (rn * r3);
+      const T dca = -((xn - ca * xm) / rm + (xm - ca * xn) / rn);
+      const T dcp = (x3 + cp * xm) / rm;
+      const T dcq = (cq * xn - x3) / rn;
+      angle_factors<T>(ca, dca, lam, zeta, C, P, S);
+      add_terms<T>(acc_a.data() + (em * E + en) * U, P, S, ds_u.data(), sd_u.data(), c_of, U);
+      angle_factors<T>(cp, dcp, lam, zeta, C, P, S);
+      add_terms<T>(acc_s.data() + (m * E + en) * U, P, S, ds_u.data(), sd_u.data(), c_of, U);
+      angle_factors<T>(cq, dcq, lam, zeta, C, P, S);
+      add_terms<T>(acc_s.data() + (n * E + em) * U, P, S, ds_u.data(), sd_u.data(), c_of, U);
+    }
+    // 4. flush into the rows of out
+    for (int64_t m = 0; m < M; ++m) {  // centre = atom of slot m, neighbours a and a slot of element e
+      if (!valid[base_l + m]) continue;
+      for (int64_t e = 0; e < E; ++e) {
+        T* row = out + (((l * N + atom[base_l + m]) * E + std::min(ea, e)) * E + std::max(ea, e)) * U;
+        const T* src = acc_s.data() + (m * E + e) * U;
+        for (int64_t v = 0; v < U; ++v) row[v] += src[v];
+      }
+    }
+    for (int64_t e1 = 0; e1 < E; ++e1) {  // centre a, neighbours of elements e1, e2
+      for (int64_t e2 = 0; e2 < E; ++e2) {
+        T* row = out + (((l * N + a) * E + std::min(e1, e2)) * E + std::max(e1, e2)) * U;
+        const T* src = acc_a.data() + (e1 * E + e2) * U;
+        for (int64_t v = 0; v < U; ++v) row[v] += src[v];
+      }
+    }
+  }
+}
+}  // namespace
+
+void angular_columns(torch::Tensor u, torch::Tensor valid, torch::Tensor atom, torch::Tensor elem, torch::Tensor r,
+                     torch::Tensor x, torch::Tensor h, torch::Tensor b, torch::Tensor atoms, torch::Tensor comps,
+                     torch::Tensor lelem, torch::Tensor side_eta, torch::Tensor side_rs, torch::Tensor lam,
+                     torch::Tensor zeta, torch::Tensor c_of, torch::Tensor k_of, torch::Tensor pen, int64_t E,
+                     int64_t N, double rc, int64_t kind, double norm, torch::Tensor out) {
+  const int64_t L = u.size(0), M = u.size(1), K = side_eta.size(0), C = lam.size(0), U = c_of.size(0);
+  TORCH_CHECK(K <= KMAX && C <= KMAX && U <= 4 * KMAX, "too many keys for the native kernel");
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "angular_columns", [&] {
+    angular<scalar_t>(u.data_ptr<scalar_t>(), valid.data_ptr<bool>(), atom.data_ptr<int64_t>(),
+                      elem.data_ptr<int64_t>(), r.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                      h.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), atoms.data_ptr<int64_t>(),
+                      comps.data_ptr<int64_t>(), lelem.data_ptr<int64_t>(), side_eta.data_ptr<scalar_t>(),
+                      side_rs.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), zeta.data_ptr<int64_t>(),
+                      c_of.data_ptr<int64_t>(), k_of.data_ptr<int64_t>(), pen.data_ptr<bool>(), L, M, K, C, U, E,
+                      N, static_cast<scalar_t>(rc), static_cast<int>(kind), static_cast<scalar_t>(norm),
+                      out.data_ptr<scalar_t>());
+  });
+}
+"""
+
+
+_NATIVE_STATE: Dict[str, object] = {"module": None, "failed": False}
+NATIVE_DEFAULT = os.environ.get("EKF_PLUGIN_NATIVE_COLUMNS", "0") == "1"  # opt-in (first use compiles, ~1 min)
+
+
+def native_module():
+    """The compiled kernel (``torch.utils.cpp_extension.load_inline``, cached under ~/.cache/torch_extensions), or
+    None if it cannot be built (then a warning, once, and the torch path)."""
+    if _NATIVE_STATE["module"] is None and not _NATIVE_STATE["failed"]:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _NATIVE_STATE["module"] = load_inline(
+                name="ekf_bpnn_feature_columns_v1", cpp_sources=[_NATIVE_SOURCE], functions=["angular_columns"],
+                extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd"], verbose=False,
+            )
+        except Exception as exc:  # no compiler, no ninja, ...
+            _NATIVE_STATE["failed"] = True
+            warnings.warn(f"native feature-column kernel unavailable ({exc!r}); using the torch path")
+    return _NATIVE_STATE["module"]
+
+
+def _native_cutoff(cutoff_fn) -> Optional[Tuple[int, float]]:
+    """(kind, norm) of the cutoff in the kernel, or None when the kernel does not have it."""
+    if cutoff_fn.kind in ("tanhu", "tanh"):
+        return 0, (math.tanh(1.0) ** 3 if cutoff_fn.kind == "tanh" else 1.0)
+    if cutoff_fn.kind == "cos" and cutoff_fn.alpha == 0.0:
+        return 1, 1.0
+    return None
+
+
+def _native_supported(sf, keys: _Keys, r: torch.Tensor) -> bool:
+    return (r.device.type == "cpu" and sf.ang_zeta_int is not None and min(sf.ang_zeta_int) >= 1
+            and _native_cutoff(sf.cutoff_fn) is not None and keys.side_eta.numel() <= 32 and keys.lam.numel() <= 32
+            and sf.n_ang_keys <= 128)
+
+
+def _angular_columns_native(module, sf, keys: _Keys, slots: _Slots, atoms, components, label_elem,
+                            n_atoms: int) -> torch.Tensor:
+    """(L·N·E·E, U_a) as :func:`_angular_columns`, by the compiled kernel (CPU, integer ζ)."""
+    E, (L, M), U_a = len(sf.elements), slots.r.shape, sf.n_ang_keys
+    h, hp = _side_factors(keys, sf.cutoff_fn, slots.r)  # (L, M, K) each
+    b = hp * slots.x[..., None]  # (L, M, K) h_k'(|u|) û_α
+    out = slots.r.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
+    kind, norm = _native_cutoff(sf.cutoff_fn)
+    zeta = keys.zeta.round().long()  # (C,)
+    module.angular_columns(
+        slots.u.contiguous(), slots.valid.contiguous(), slots.atom.contiguous(), slots.element.contiguous(),
+        slots.r.contiguous(), slots.x.contiguous(), h.contiguous(), b.contiguous(), atoms.contiguous(),
+        components.contiguous(), label_elem.contiguous(), keys.side_eta, keys.side_rs, keys.lam, zeta,
+        keys.angle_of_key, keys.side_of_key, keys.triangle_penalty > 0, E, n_atoms, float(sf.cutoff), kind, norm, out,
+    )
+    return out

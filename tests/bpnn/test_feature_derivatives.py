@@ -137,6 +137,39 @@ def test_unsorted_neighbour_list_gives_the_same_columns():
     torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-12)
 
 
+INTEGER_ZETA = [  # r_s ≠ 0, integer ζ ∈ {1, 2, 3, 4}, H–HH triplets (Å): the native kernel's general case
+    G2("O", "H", 0.5, 0.9), G2("H", "H", 0.2),
+    G3("O", ("H", "H"), 0.1, 1.0, 4.0, 0.4), G3("O", ("H", "O"), 0.05, -1.0, 2.0),
+    G3("H", ("H", "H"), 0.02, 1.0, 3.0), G3("H", ("O", "O"), 0.03, -1.0, 1.0, 0.2), G3("H", ("H", "O"), 0.03, 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("functions, cutoff_type", [("water_paper", "tanhu"), ("integer_zeta", "cos"), ("integer_zeta", "tanh")])
+def test_native_kernel_equals_the_torch_path(functions, cutoff_type, dtype):
+    if feature_derivatives.native_module() is None:  # first use compiles (cached in ~/.cache/torch_extensions)
+        pytest.skip("no C++ toolchain for the native kernel")
+    sf = INTEGER_ZETA if functions == "integer_zeta" else functions
+    rep = BehlerParrinello(("H", "O"), sf, cutoff=6.35, cutoff_type=cutoff_type).double()
+    model = water_bpnn(dtype=torch.float64)
+    model.representation = rep
+    for n_side in (2, 3):
+        batch = converter(model)(_water_box(n_side))
+        batch[props.Rij] = pair_vectors(batch).to(dtype)
+        flat = torch.randperm(3 * 3 * n_side**3, generator=torch.Generator().manual_seed(1))[:12]
+        species = species_of(batch[props.Z], rep.species_table, rep.elements)
+        args = (rep.sf, species, batch[props.Rij], batch[props.idx_i], batch[props.idx_j], flat // 3, flat % 3)
+        assert feature_derivatives._native_supported(rep.sf, feature_derivatives._keys(rep.sf, dtype, species.device),
+                                                     batch[props.Rij])
+        torch_path = feature_derivatives.feature_columns(*args, native=False)
+        native = feature_derivatives.feature_columns(*args, native=True)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        assert float(torch_path.abs().max()) > 1e-2
+        torch.testing.assert_close(native, torch_path, **tol)
+        if dtype == torch.float64:
+            torch.testing.assert_close(native, reference_columns(*args), rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reference: the previous implementation (per-label candidate triples, forward-mode tangents per triple).
 
