@@ -25,7 +25,12 @@ class EkfCalculator(Calculator):
         model: model path or ``AtomisticModel``.
         device: torch device (default CPU).
         **kw: passed to :class:`~ekf_plugin.evaluation.ModelEvaluator` (``dtype``, ``cutoff``,
-            ``neighbor_list``, ``threads``).
+            ``neighbor_list``, ``threads``, ``trust_pickle``).
+
+    Loading a path runs no code from the file (see :func:`ekf_plugin.models.load_model`; a pickle outside
+    the allow-list needs ``trust_pickle=True``). ``calculate`` raises ``ValueError`` for a structure without
+    atoms or with NaN/inf positions or cell, and
+    :class:`~ekf_plugin.evaluation.NonFiniteOutputError` (a ``ValueError``) when the model returns NaN/inf.
     """
 
     implemented_properties: List[str] = ["energy", "free_energy", "forces", "stress"]
