@@ -1,0 +1,46 @@
+"""Lightning callbacks of the training protocol (host-framework side; the optimizer knows none of this)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+
+__all__ = ["WallClock"]
+
+
+class WallClock(pl.Callback):
+    """Log ``wall_time_s``, seconds since the start of ``fit`` (resumed runs continue from the saved value),
+    at every validation and every ``every_n_train_steps`` updates: learning curves against wall clock.
+
+    Args:
+        every_n_train_steps: also log during training every this many updates (0 = only at validation).
+    """
+
+    def __init__(self, every_n_train_steps: int = 100) -> None:
+        self.every_n_train_steps = int(every_n_train_steps)
+        self.offset = 0.0  # seconds already spent before a resume
+        self._t0: Optional[float] = None
+
+    def elapsed(self) -> float:
+        """Seconds of fit so far (s)."""
+        return self.offset + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0:
+            pl_module.log("wall_time_s", self.elapsed(), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("wall_time_s", self.elapsed(), on_step=False, on_epoch=True, batch_size=1)
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.offset = float(state_dict.get("elapsed_s", 0.0))
