@@ -8,14 +8,18 @@ start-up (imports, model loading, i-PI set-up) cancels; best of two repeats. Mod
 forces: i-PI's ffdirect dummy, our client loop, i-PI's py_driver dummy — the pure protocol
 overhead), a small SchNet (light; run NVT so that its weak forces do not let the box expand) and the trained n2p2 RPBE-D3 water BPNN from ../shared/data
 (real cost), if present. The machine is shared (2 cores, other jobs running): expect ±30 % noise.
+For the n2p2 potential also the client's own cycle time per force call (after the first, which
+compiles the BPNN step's kernels) against the model step in-process: the socket + i-PI share.
 
     python benchmarks/bench_ipi.py [--quick]
+    python benchmarks/bench_ipi.py --round-trip 400     # only the n2p2 client round trip
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -156,6 +160,51 @@ def direct_cost(model_path: Path, numbers, positions, cell, repeats: int) -> Dic
     return {"model_call_ms": call * 1e3, "neighbor_list_ms": nl * 1e3}
 
 
+def client_round_trip(work: Path, model: Path, steps: int, numbers, positions, cell,
+                      dtype: str = "float64") -> Dict[str, float]:
+    """One NPT run of ``steps`` steps through ``ekf-plugin ipi``: the client's own cycle time per force
+    call after the first (model step + socket + i-PI's work until the next request), and the model
+    step of a ModelEvaluator in this process on the same structure, moved as in MD (median)."""
+    import re
+
+    import torch
+
+    from ekf_plugin.evaluation import ModelEvaluator
+    from ekf_plugin.md.runner import FORCEFIELD_SOCKET, IPIServer, npt_xml
+
+    name = f"ekfb_{uuid.uuid4().hex[:10]}"
+    xml = npt_xml("init.xyz", FORCEFIELD_SOCKET.format(address=name, timeout=0), steps=steps, temperature=320.0,
+                  stride=1000, barostat=True)
+    server = IPIServer(work, xml, socket_path="/tmp/ipi_" + name).start()
+    try:
+        cmd = [str(BIN / "ekf-plugin"), "ipi", "--model", str(model), "--template", "init.xyz", "--unix", name,
+               "--threads", "1", "--dtype", dtype]
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"client failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        server.wait(600)
+    finally:
+        server.stop()
+    m = re.search(r"([0-9.]+) ms per call", proc.stderr + proc.stdout)
+    if not m:
+        raise RuntimeError(f"no rate in the client log:\n{proc.stderr[-1000:]}")
+    cycle = float(m.group(1))
+    torch.set_num_threads(1)
+    ev = ModelEvaluator(str(model), dtype=getattr(torch, dtype), threads=1)
+    rng = np.random.default_rng(0)
+    r, h = np.array(positions, float), np.array(cell, float)
+    ev(numbers, r, h)
+    times = []
+    for _ in range(min(steps, 60)):
+        r = r + rng.normal(0.0, 0.01, r.shape)
+        t = time.perf_counter()
+        ev(numbers, r, h)
+        times.append(time.perf_counter() - t)
+    step = 1e3 * float(np.median(times))
+    return {f"n2p2_{dtype}_client_cycle_ms": cycle, f"n2p2_{dtype}_model_step_ms": step,
+            f"n2p2_{dtype}_socket_and_ipi_fraction": (cycle - step) / step}
+
+
 def run(quick: bool = False, device: Optional[str] = None) -> dict:
     """Headline figures (see module docstring). ``device`` is accepted for the common runner; MD runs on CPU."""
     results: dict = {}
@@ -185,6 +234,7 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
                 s2, l2 = (2, 6) if quick else (3, 23)
                 for route in ("ffdirect", "client", "py_driver"):
                     results[f"n2p2_{route}_ms_per_step"] = per_step(work, route, N2P2, s2, l2, repeats=reps) * 1e3
+                results.update(client_round_trip(work, N2P2, 60 if quick else 400, numbers, positions, cell))
             except Exception as exc:  # the n2p2 loader belongs to another module; report, do not die
                 results["n2p2_error"] = f"{type(exc).__name__}: {exc}"[:300]
     for key in list(results):
@@ -197,9 +247,20 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--null-client", metavar="NAME", help=argparse.SUPPRESS)
+    parser.add_argument("--round-trip", type=int, metavar="STEPS", default=0,
+                        help="only the n2p2 client round trip over STEPS NPT steps (float64 and float32)")
     args = parser.parse_args()
     if args.null_client:
         sys.exit(null_client(args.null_client))
+    if args.round_trip:
+        with tempfile.TemporaryDirectory(prefix="bench_ipi_") as tmp:
+            numbers, positions, cell, _ = start_structure(Path(tmp) / "init.xyz")
+            out = {"load_average_start": os.getloadavg()[0]}
+            for dt in ("float64", "float32"):
+                out.update(client_round_trip(Path(tmp), N2P2, args.round_trip, numbers, positions, cell, dt))
+            out["load_average_end"] = os.getloadavg()[0]
+        print(json.dumps(out, indent=1))
+        sys.exit(0)
     out = run(quick=args.quick)
     width = max(map(len, out))
     for k, v in out.items():

@@ -140,6 +140,7 @@ class VerletList:
         self.idx_i = torch.as_tensor(i, dtype=torch.long, device=dev)  # (P,)
         self.idx_j = torch.as_tensor(j, dtype=torch.long, device=dev)  # (P,)
         self.int_shifts = np.asarray(s, dtype=np.int64)  # (P, 3)
+        self._i_np, self._j_np = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)  # (P,)
         self.shifts = torch.as_tensor(self.int_shifts, dtype=torch.float64, device=dev)  # (P, 3)
         self.ref_positions = np.array(positions, dtype=np.float64)
         self.ref_cell = np.array(cell, dtype=np.float64)
@@ -147,24 +148,30 @@ class VerletList:
         self.builds += 1
 
     def find_pairs(self, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """Index in the list of the pairs (i → j, shift s) (each (Q,) / (Q, 3)); −1 where absent."""
-        n = int(max(self.idx_i.max().item() if self.idx_i.numel() else 0, i.max() if len(i) else 0,
-                    j.max() if len(j) else 0)) + 1
-        s_all = np.concatenate([self.int_shifts, s]) if len(s) else self.int_shifts
-        lo = s_all.min(0) if len(s_all) else np.zeros(3, np.int64)
-        base = (s_all.max(0) - lo + 1) if len(s_all) else np.ones(3, np.int64)
+        """Index in the list of the pairs (i → j, shift s), each (Q,) / (Q, 3); −1 where absent.
 
-        def key(a, b, sh):  # unique int64 per (i, j, shift)
-            c = ((sh[:, 0] - lo[0]) * base[1] + (sh[:, 1] - lo[1])) * base[2] + (sh[:, 2] - lo[2])
-            return (a.astype(np.int64) * n + b) * int(base.prod()) + c
-
-        ref = key(self.idx_i.cpu().numpy(), self.idx_j.cpu().numpy(), self.int_shifts)  # (P,)
-        order = np.argsort(ref, kind="stable")
-        sref = ref[order]
-        q = key(i, j, s)  # (Q,)
-        pos = np.clip(np.searchsorted(sref, q), 0, max(len(sref) - 1, 0))
-        found = (sref[pos] == q) if len(sref) else np.zeros(len(q), bool)
-        return np.where(found, order[pos] if len(sref) else 0, -1)
+        Pairs are bucketed by (i, j) (a dense N² table up to 2048 atoms, a sorted search beyond);
+        the few images of one (i, j) are then compared by shift.
+        """
+        n = int(self.ref_positions.shape[0])
+        key = self._i_np * n + self._j_np  # (P,)
+        order = np.argsort(key, kind="stable")  # (P,)
+        q = i.astype(np.int64) * n + j  # (Q,)
+        if n <= 2048:
+            counts = np.bincount(key, minlength=n * n)  # (N²,)
+            start = np.cumsum(counts) - counts  # (N²,)
+            first, count = start[q], counts[q]  # (Q,)
+        else:
+            skey = key[order]
+            first = np.searchsorted(skey, q, "left")  # (Q,)
+            count = np.searchsorted(skey, q, "right") - first  # (Q,)
+        out = np.full(len(q), -1, dtype=np.int64)  # (Q,)
+        for c in range(int(count.max()) if len(q) else 0):  # usually one image per (i, j)
+            has = count > c  # (Q,)
+            cand = order[np.where(has, first + c, 0)]  # (Q,)
+            hit = has & (self.int_shifts[cand] == s).all(1)  # (Q,)
+            out[hit] = cand[hit]
+        return out
 
 
 # ----------------------------------------------------------------------------- per-triple kernels
