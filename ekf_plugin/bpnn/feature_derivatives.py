@@ -341,14 +341,12 @@ inline T cutoff_value(int kind, T r, T rc, T norm) {
 
 template <typename T>
 inline void add_terms(T* __restrict__ acc, const T* __restrict__ P, const T* __restrict__ S, const T* __restrict__ ds,
-                      const T* __restrict__ sd, const int64_t* __restrict__ c_of, int64_t U) {
-  T Pu[4 * KMAX], Su[4 * KMAX];
-  for (int64_t v = 0; v < U; ++v) {
-    Pu[v] = P[c_of[v]];
-    Su[v] = S[c_of[v]];
+                      const T* __restrict__ sd, const int64_t* __restrict__ run, int64_t C) {
+  // keys grouped by angle combo q: columns run[q] <= v < run[q + 1]
+  for (int64_t q = 0; q < C; ++q) {
+    const T p = P[q], s = S[q];
+    for (int64_t v = run[q]; v < run[q + 1]; ++v) acc[v] += p * ds[v] + s * sd[v];
   }
-#pragma omp simd
-  for (int64_t v = 0; v < U; ++v) acc[v] += Pu[v] * ds[v] + Su[v] * sd[v];
 }
 
 template <typename T>
@@ -379,9 +377,10 @@ inline void angle_factors(T cs, T dc, const T* lam, const int64_t* zeta, int64_t
 template <typename T>
 void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* elem, const T* r, const T* x,
              const T* h, const T* b, const int64_t* atoms, const int64_t* comps, const int64_t* lelem,
-             const T* side_eta, const T* side_rs, const T* lam, const int64_t* zeta, const int64_t* c_of,
-             const int64_t* k_of, const bool* pen, int64_t L, int64_t M, int64_t K, int64_t C, int64_t U,
-             int64_t E, int64_t N, T rc, int kind, T norm, T* out) {
+             const T* side_eta, const T* side_rs, const T* lam, const int64_t* zeta, const int64_t* run,
+             const int64_t* k_of, const int64_t* col, const bool* pen, int64_t L, int64_t M, int64_t K, int64_t C,
+             int64_t U, int64_t E, int64_t N, T rc, int kind, T norm, T* out) {
+  // keys in sorted position v (grouped by angle combo): side k_of[v], output column col[v]
   const T rc2 = rc * rc;
   T side[KMAX], dside[KMAX], P[KMAX], S[KMAX];
   const int64_t cap = M * (M - 1) / 2;
@@ -469,26 +468,26 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
       const T dcp = (x3 + cp * xm) / rm;
       const T dcq = (cq * xn - x3) / rn;
       angle_factors<T>(ca, dca, lam, zeta, C, P, S);
-      add_terms<T>(acc_a.data() + (em * E + en) * U, P, S, ds_u.data(), sd_u.data(), c_of, U);
+      add_terms<T>(acc_a.data() + (em * E + en) * U, P, S, ds_u.data(), sd_u.data(), run, C);
       angle_factors<T>(cp, dcp, lam, zeta, C, P, S);
-      add_terms<T>(acc_s.data() + (m * E + en) * U, P, S, ds_u.data(), sd_u.data(), c_of, U);
+      add_terms<T>(acc_s.data() + (m * E + en) * U, P, S, ds_u.data(), sd_u.data(), run, C);
       angle_factors<T>(cq, dcq, lam, zeta, C, P, S);
-      add_terms<T>(acc_s.data() + (n * E + em) * U, P, S, ds_u.data(), sd_u.data(), c_of, U);
+      add_terms<T>(acc_s.data() + (n * E + em) * U, P, S, ds_u.data(), sd_u.data(), run, C);
     }
-    // 4. flush into the rows of out
+    // 4. flush into the rows of out (column col[v] of the key in sorted position v)
     for (int64_t m = 0; m < M; ++m) {  // centre = atom of slot m, neighbours a and a slot of element e
       if (!valid[base_l + m]) continue;
       for (int64_t e = 0; e < E; ++e) {
         T* row = out + (((l * N + atom[base_l + m]) * E + std::min(ea, e)) * E + std::max(ea, e)) * U;
         const T* src = acc_s.data() + (m * E + e) * U;
-        for (int64_t v = 0; v < U; ++v) row[v] += src[v];
+        for (int64_t v = 0; v < U; ++v) row[col[v]] += src[v];
       }
     }
     for (int64_t e1 = 0; e1 < E; ++e1) {  // centre a, neighbours of elements e1, e2
       for (int64_t e2 = 0; e2 < E; ++e2) {
         T* row = out + (((l * N + a) * E + std::min(e1, e2)) * E + std::max(e1, e2)) * U;
         const T* src = acc_a.data() + (e1 * E + e2) * U;
-        for (int64_t v = 0; v < U; ++v) row[v] += src[v];
+        for (int64_t v = 0; v < U; ++v) row[col[v]] += src[v];
       }
     }
   }
@@ -498,9 +497,9 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
 void angular_columns(torch::Tensor u, torch::Tensor valid, torch::Tensor atom, torch::Tensor elem, torch::Tensor r,
                      torch::Tensor x, torch::Tensor h, torch::Tensor b, torch::Tensor atoms, torch::Tensor comps,
                      torch::Tensor lelem, torch::Tensor side_eta, torch::Tensor side_rs, torch::Tensor lam,
-                     torch::Tensor zeta, torch::Tensor c_of, torch::Tensor k_of, torch::Tensor pen, int64_t E,
+                     torch::Tensor zeta, torch::Tensor run, torch::Tensor k_of, torch::Tensor col, torch::Tensor pen, int64_t E,
                      int64_t N, double rc, int64_t kind, double norm, torch::Tensor out) {
-  const int64_t L = u.size(0), M = u.size(1), K = side_eta.size(0), C = lam.size(0), U = c_of.size(0);
+  const int64_t L = u.size(0), M = u.size(1), K = side_eta.size(0), C = lam.size(0), U = col.size(0);
   TORCH_CHECK(K <= KMAX && C <= KMAX && U <= 4 * KMAX, "too many keys for the native kernel");
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "angular_columns", [&] {
     angular<scalar_t>(u.data_ptr<scalar_t>(), valid.data_ptr<bool>(), atom.data_ptr<int64_t>(),
@@ -508,7 +507,8 @@ void angular_columns(torch::Tensor u, torch::Tensor valid, torch::Tensor atom, t
                       h.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), atoms.data_ptr<int64_t>(),
                       comps.data_ptr<int64_t>(), lelem.data_ptr<int64_t>(), side_eta.data_ptr<scalar_t>(),
                       side_rs.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), zeta.data_ptr<int64_t>(),
-                      c_of.data_ptr<int64_t>(), k_of.data_ptr<int64_t>(), pen.data_ptr<bool>(), L, M, K, C, U, E,
+                      run.data_ptr<int64_t>(), k_of.data_ptr<int64_t>(), col.data_ptr<int64_t>(), pen.data_ptr<bool>(), L, M,
+                      K, C, U, E,
                       N, static_cast<scalar_t>(rc), static_cast<int>(kind), static_cast<scalar_t>(norm),
                       out.data_ptr<scalar_t>());
   });
@@ -561,10 +561,14 @@ def _angular_columns_native(module, sf, keys: _Keys, slots: _Slots, atoms, compo
     out = slots.r.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
     kind, norm = _native_cutoff(sf.cutoff_fn)
     zeta = keys.zeta.round().long()  # (C,)
+    col = torch.argsort(keys.angle_of_key, stable=True)  # (U_a,) keys grouped by angle combo
+    run = torch.cumsum(torch.bincount(keys.angle_of_key, minlength=zeta.numel()), 0)  # (C,)
+    run = torch.cat([run.new_zeros(1), run])  # (C+1,) first sorted column of every combo
     module.angular_columns(
         slots.u.contiguous(), slots.valid.contiguous(), slots.atom.contiguous(), slots.element.contiguous(),
         slots.r.contiguous(), slots.x.contiguous(), h.contiguous(), b.contiguous(), atoms.contiguous(),
         components.contiguous(), label_elem.contiguous(), keys.side_eta, keys.side_rs, keys.lam, zeta,
-        keys.angle_of_key, keys.side_of_key, keys.triangle_penalty > 0, E, n_atoms, float(sf.cutoff), kind, norm, out,
+        run, keys.side_of_key.index_select(0, col), col, keys.triangle_penalty > 0, E, n_atoms, float(sf.cutoff), kind,
+        norm, out,
     )
     return out
