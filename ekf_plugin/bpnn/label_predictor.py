@@ -85,6 +85,13 @@ class BPNNLabelPredictor:
     def _structure(self, batch: Dict[str, torch.Tensor], b: int) -> Dict[str, torch.Tensor]:
         """Input dict of structure b alone (positions, numbers, its neighbour list, Å)."""
         idx_m = batch[props.idx_m]  # (N_total,)
+        if batch[props.n_atoms].shape[0] == 1:  # one structure (the study's batch size): no selection needed
+            out = {k: batch[k] for k in (props.Z, props.R, props.idx_i, props.idx_j, props.offsets, props.n_atoms,
+                                         props.idx_m)}
+            if props.cell in batch:
+                out[props.cell] = batch[props.cell]
+            out[props.Rij] = pair_vectors(out)  # (P, 3) Å
+            return out
         atoms = torch.nonzero(idx_m == b).squeeze(-1)  # (N_b,)
         first = int(atoms[0]) if atoms.numel() else 0
         pairs = torch.nonzero(idx_m[batch[props.idx_i]] == b).squeeze(-1)  # (P_b,)

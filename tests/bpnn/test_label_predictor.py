@@ -169,3 +169,16 @@ def test_prepare_fits_the_scaling_and_caches_the_features_in_one_pass():
             torch.testing.assert_close(cached, ref.features(b, s), rtol=0, atol=1e-12)
     rep_b.scale_bias.add_(0.1)
     assert not pred.scaling_unchanged(), "a changed scaling invalidates the prepared cache"
+
+
+def test_single_structure_batches_take_the_shortcut_with_the_same_labels():
+    model = _model()
+    batch = _batch(model)
+    one = converter(model)([water_cluster(3, seed=0)])  # structure 1 of `batch` alone
+    one[props.idx] = torch.tensor([9])
+    pred = BPNNLabelPredictor(model)
+    assert pred._structure(one, 0)[props.R] is one[props.R], "no copy for a one-structure batch"
+    pick = torch.tensor([0, 4, 17])
+    torch.testing.assert_close(pred.force_components(one, 0, pick), pred.force_components(batch, 1, pick),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pred.energies(one), pred.energies(batch)[1:], rtol=1e-12, atol=1e-12)
