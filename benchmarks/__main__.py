@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ORDER = ("bpnn", "ekf", "fisher", "ipi")
+ORDER = ("bpnn", "md", "ekf", "fisher", "ipi")
 
 
 def _available():
