@@ -236,21 +236,21 @@ def _triangles(sf, keys: _Keys, slots: _Slots, label_elem) -> torch.Tensor:
 
 
 def _angle_factors(keys: _Keys, cos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(1 + λ cos)^ζ and its derivative w.r.t. cos per distinct (λ, ζ): cos (3, T) → (3, C, T) each."""
-    lam = keys.lam[:, None]  # (C, 1)
-    base = (1.0 + lam * cos[:, None, :]).clamp(min=0.0)  # (3, C, T)
+    """(1 + λ cos)^ζ and its derivative w.r.t. cos per distinct (λ, ζ): cos (3, T) → (C, 3, T) each."""
+    lam = keys.lam[:, None, None]  # (C, 1, 1)
+    base = (1.0 + lam * cos[None]).clamp(min=0.0)  # (C, 3, T)
     values, slopes = [], []
     for z, a, b in keys.zeta_runs:  # rows grouped by equal ζ
-        x = base[:, a:b]  # (3, C_z, T)
+        x = base[a:b]  # (C_z, 3, T)
         if z == 1:
             values.append(x), slopes.append(lam[a:b].expand_as(x))
         elif isinstance(z, int):
-            xm = x if z == 2 else (x * x if z == 3 else torch.pow(x, z - 1))  # (3, C_z, T)
+            xm = x if z == 2 else (x * x if z == 3 else torch.pow(x, z - 1))  # (C_z, 3, T)
             values.append(xm * x), slopes.append(xm * (z * lam[a:b]))
         else:
             values.append(torch.pow(x, z)), slopes.append(torch.pow(x, z - 1.0) * (z * lam[a:b]))
-    value = values[0] if len(values) == 1 else torch.cat(values, 1)  # (3, C, T)
-    slope = slopes[0] if len(slopes) == 1 else torch.cat(slopes, 1)  # (3, C, T)
+    value = values[0] if len(values) == 1 else torch.cat(values, 0)  # (C, 3, T)
+    slope = slopes[0] if len(slopes) == 1 else torch.cat(slopes, 0)  # (C, 3, T)
     return value, slope
 
 
@@ -298,11 +298,11 @@ def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_el
     dcos_a = -((x2 - cos_a * x1) / r1 + (x1 - cos_a * x2) / r2)  # (T,)
     dcos_p = (x3 + cos_p * x1) / r1  # (T,)
     dcos_q = (cos_q * x2 - x3) / r2  # (T,)
-    value, slope = _angle_factors(keys, torch.stack([cos_a, cos_p, cos_q]))  # (3, C, T) each
-    slope = slope * torch.stack([dcos_a, dcos_p, dcos_q])[:, None, :]  # (3, C, T) d(1 + λ cos)^ζ/dr_aα
+    value, slope = _angle_factors(keys, torch.stack([cos_a, cos_p, cos_q]))  # (C, 3, T) each
+    slope = slope * torch.stack([dcos_a, dcos_p, dcos_q])  # (C, 3, T) d(1 + λ cos)^ζ/dr_aα
     c_of, k_of = keys.angle_of_key, keys.side_of_key  # (U_a,) each
-    terms = value.index_select(1, c_of) * dside.index_select(0, k_of)  # (3, U_a, T)
-    terms.addcmul_(slope.index_select(1, c_of), side.index_select(0, k_of))  # (3, U_a, T)
+    terms = value.index_select(0, c_of) * dside.index_select(0, k_of)[:, None, :]  # (U_a, 3, T)
+    terms.addcmul_(slope.index_select(0, c_of), side.index_select(0, k_of)[:, None, :])  # (U_a, 3, T)
     e = slots.element.view(-1)  # (L·M,)
     e1, e2 = e.index_select(0, s1), e.index_select(0, s2)  # (T,)
     ea = label_elem.index_select(0, lab)  # (T,)
@@ -312,7 +312,7 @@ def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_el
     hi = torch.stack([torch.maximum(e1, e2), torch.maximum(ea, e2), torch.maximum(ea, e1)])  # (3, T)
     rows = ((lab * n_atoms + centre) * E + lo) * E + hi  # (3, T)
     ang = slots.r.new_zeros(U_a, n_rows)  # (U_a, L·N·E·E)
-    ang.index_add_(1, rows.view(-1), terms.transpose(0, 1).reshape(U_a, -1))  # (U_a, L·N·E·E)
+    ang.index_add_(1, rows.view(-1), terms.view(U_a, -1))  # (U_a, L·N·E·E)
     return ang.t()  # (L·N·E·E, U_a)
 
 
