@@ -61,6 +61,8 @@ class _Keys(NamedTuple):
     angle_of_key: torch.Tensor  # (U_a,) c of every angular key
     zeta_runs: List[Tuple[float, int, int]]  # (ζ, first, end) runs of equal ζ over the (λ, ζ) columns
     triangle_penalty: torch.Tensor  # (E, E, E) 0 where one of the triangle's three triples has functions, else 1
+    native: Tuple[torch.Tensor, ...]  # kernel tables: ζ (C,) long, first sorted column of every (λ, ζ) (C+1,),
+    # side of every key and its output column with keys sorted by (λ, ζ) (U_a,) each, penalty (E, E, E) bool
 
 
 _KEYS: "weakref.WeakKeyDictionary[SymmetryFunctions, Dict]" = weakref.WeakKeyDictionary()
@@ -95,13 +97,18 @@ def _keys(sf: SymmetryFunctions, dtype: torch.dtype, device: torch.device) -> _K
     def t(values, kind=dtype):
         return torch.tensor(values, dtype=kind, device=device)
 
+    angle_of_key = t([angles.index((lam, z)) for _, _, lam, z in ang], torch.long)  # (U_a,)
+    side_of_key = t([sides.index((e, r)) for e, r, _, _ in ang], torch.long)  # (U_a,)
+    col = torch.argsort(angle_of_key, stable=True)  # (U_a,) keys grouped by (λ, ζ)
+    run = torch.cumsum(torch.bincount(angle_of_key, minlength=len(angles)), 0)  # (C,)
+    native = (t([round(c[1]) for c in angles], torch.long), torch.cat([run.new_zeros(1), run]),
+              side_of_key.index_select(0, col), col, pen.to(device) > 0)
     keys = _Keys(
         rad_eta=sf.rad_eta.to(device=device, dtype=dtype), rad_rs=sf.rad_rs.to(device=device, dtype=dtype),
         side_eta=t([s[0] for s in sides]), side_rs=t([s[1] for s in sides]),
-        side_of_key=t([sides.index((e, r)) for e, r, _, _ in ang], torch.long),
-        lam=t([c[0] for c in angles]), zeta=t([c[1] for c in angles]),
-        angle_of_key=t([angles.index((lam, z)) for _, _, lam, z in ang], torch.long),
-        zeta_runs=[tuple(r) for r in runs], triangle_penalty=pen.to(device=device, dtype=dtype),
+        side_of_key=side_of_key, lam=t([c[0] for c in angles]), zeta=t([c[1] for c in angles]),
+        angle_of_key=angle_of_key, zeta_runs=[tuple(r) for r in runs],
+        triangle_penalty=pen.to(device=device, dtype=dtype), native=native,
     )
     cache[key] = keys
     return keys
@@ -560,15 +567,12 @@ def _angular_columns_native(module, sf, keys: _Keys, slots: _Slots, atoms, compo
     b = hp * slots.x[..., None]  # (L, M, K) h_k'(|u|) û_α
     out = slots.r.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
     kind, norm = _native_cutoff(sf.cutoff_fn)
-    zeta = keys.zeta.round().long()  # (C,)
-    col = torch.argsort(keys.angle_of_key, stable=True)  # (U_a,) keys grouped by angle combo
-    run = torch.cumsum(torch.bincount(keys.angle_of_key, minlength=zeta.numel()), 0)  # (C,)
-    run = torch.cat([run.new_zeros(1), run])  # (C+1,) first sorted column of every combo
+    zeta, run, k_sorted, col, pen = keys.native
     module.angular_columns(
         slots.u.contiguous(), slots.valid.contiguous(), slots.atom.contiguous(), slots.element.contiguous(),
         slots.r.contiguous(), slots.x.contiguous(), h.contiguous(), b.contiguous(), atoms.contiguous(),
         components.contiguous(), label_elem.contiguous(), keys.side_eta, keys.side_rs, keys.lam, zeta,
-        run, keys.side_of_key.index_select(0, col), col, keys.triangle_penalty > 0, E, n_atoms, float(sf.cutoff), kind,
-        norm, out,
+        run, k_sorted, col, pen, E, n_atoms, float(sf.cutoff), kind, norm, out,
     )
     return out
+
