@@ -8,15 +8,13 @@ from typing import Tuple
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 
 import schnetpack.properties as props
-from ekf_plugin.bpnn import G2, G3, BehlerParrinello
+from ekf_plugin.bpnn import G2, G3, BehlerParrinello, feature_derivatives
 from ekf_plugin.bpnn.representation import pair_vectors, species_of
 from ekf_plugin.bpnn.symmetry import SymmetryFunctions
-from ekf_plugin.bpnn import feature_derivatives
 from ekf_plugin.models import water_bpnn
-
-from ase import Atoms
 
 from ._systems import converter, randomise_scaling, water_cluster, water_pair
 
