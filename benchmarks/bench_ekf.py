@@ -1,24 +1,35 @@
-"""EKF speed: filter algebra vs its memory-traffic bound, dense vs blocked P, and the paper's water BPNN.
+"""EKF speed: the filter against its memory-traffic bound, the study's water BPNN per update and inside
+``spktrain``, and ``task=ekf`` on a 157k-weight PaiNN. One thread throughout (``torch.set_num_threads(1)``,
+``OMP/MKL/OPENBLAS_NUM_THREADS=1`` for the spktrain subprocess); medians.
 
-    python benchmarks/bench_ekf.py [--quick] [--device cuda] [--threads 2]
+    python -m benchmarks --only ekf [--quick]        (or python benchmarks/bench_ekf.py [--quick])
 
-Figures (CPU timings on a shared 2-core VM are noisy):
+Figures:
 
 * copy bandwidth (GB/s, read + write bytes) and float64 matmul peak (GFLOP/s) of this machine;
-* dense filter step for n = 2827 (the paper's BPNN) with m = 1 and m = 10: time, its traffic bound
-  (P streamed 3×: read for X = PJᵀ, read + write for P −= VᵀV) and achieved GFLOP/s (≈ 4n²m FLOP);
-* dense vs blocked (greedy ≤ 2048) step time for n = 1e3 … 1e5 (dense only while P ≤ 4 GiB);
-* water BPNN (``ekf_plugin.models.water_bpnn``) on 192-atom revPBE0-D3 frames: energy and force
-  updates/s, labels/s, Jacobian vs filter time with the fast label path of ``PaperScheduleTask``
-  (cached features, local dG/dr columns) and with the full model; peak RSS with the 1400 frames and
-  their cached features in memory.
+* filter step for n = 2827 (the study's BPNN), m = 1 and m = 10, per kernel (``torch``: full P, 3 passes;
+  ``blas``: one triangle, 1.5 passes) and as a ratio to that kernel's traffic bound at the measured bandwidth;
+  blocked (≤ 5120) steps for n = 1e4, 1e5 with m = 5 in float64 and float32;
+* water BPNN on 192-atom revPBE0-D3 frames through ``PaperScheduleTask._errors``: features computed once per
+  frame, the 10 force columns, energy/force update time split into labels + Jacobian rows and filter, with
+  closed-form rows (default) and autograd rows; updates/s of the study's half/half mix;
+* ``spktrain experiment=water_bpnn_ekf`` on 400 frames (320 train / 80 val), 2 epochs: time to the first
+  update, steady-state updates/s of the whole Lightning loop, validation time over epoch time;
+* PaiNN (n_atom_basis 64, 157k weights), ``task=ekf``'s reduced-row update: forward, 5 Jacobian rows, filter
+  (float32 P, blocks of 5120), updates/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import resource
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -74,38 +85,67 @@ def matmul_peak(device="cpu", n: int = 2048, reps: int = 3) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def filter_step(n: int, m: int, blocks="dense", device="cpu", reps: int = 5) -> float:
-    """Seconds per EKF filter update (algebra only: given ξ (m,) and J (m, n))."""
+def filter_step(n: int, m: int, blocks="dense", device="cpu", reps: int = 5, kernel: str = "auto",
+                dtype=torch.float64) -> float:
+    """Median seconds per EKF filter update (algebra only: given ξ (m,) and J (m, n))."""
     from ekf_plugin.optim import EKF
 
     w = torch.nn.Parameter(torch.zeros(n, device=device))
-    opt = EKF([w], lr=1e-3, blocks=blocks, symmetrize_every=0, max_dense_bytes=64 * 2**30)
+    opt = EKF([w], lr=1e-3, blocks=blocks, symmetrize_every=0, max_dense_bytes=64 * 2**30, kernel=kernel, dtype=dtype)
     g = torch.Generator(device=device).manual_seed(0)
-    J = 1e-2 * torch.randn(m, n, dtype=torch.float64, device=device, generator=g)
-    xi = 1e-3 * torch.randn(m, dtype=torch.float64, device=device, generator=g)
-    t = _best(lambda: opt._update(xi, J), reps, device)
+    J = 1e-2 * torch.randn(m, n, dtype=dtype, device=device, generator=g)
+    xi = 1e-3 * torch.randn(m, dtype=dtype, device=device, generator=g)
+    t = _median(lambda: opt._update(xi, J), reps, device)
     del opt
     gc.collect()
     return t
 
 
+def _median(fn, reps: int, device) -> float:
+    """Median wall time (s) of ``fn()`` over ``reps`` calls after one warm-up."""
+    fn()
+    _sync(device)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
 def filter_figures(device="cpu", quick=False) -> Dict[str, float]:
+    """Filter step of the study's BPNN (n = 2827) per kernel, against the memory traffic it needs.
+
+    Traffic bound: the bytes a kernel must move through memory at the measured copy bandwidth: the torch
+    kernel streams P three times (read for X = PJᵀ, read + write for P −= VᵀV), the BLAS kernel touches one
+    triangle, i.e. 1.5 passes.
+    """
+    from ekf_plugin.optim.kernels import select_kernel
+
     bw, peak = copy_bandwidth(device), matmul_peak(device)
     out = _Figures()
     out["copy_bandwidth_GBps"], out["matmul_f64_peak_GFLOPs"] = bw, peak
     n = 2827
-    bound = 3 * n * n * 8 / (bw * 1e9)
-    out["filter_traffic_bound_ms_n2827"] = 1e3 * bound
-    for m in (1, 10):
-        t = filter_step(n, m, device=device, reps=5 if quick else 20)
-        out[f"filter_step_ms_n2827_m{m}"] = 1e3 * t
-        out[f"filter_step_over_bound_m{m}"] = t / bound
-        out[f"filter_GFLOPs_m{m}"] = 4 * n * n * m / t / 1e9
-    sizes = (1000, 10000) if quick else (1000, 3000, 10000, 30000, 100000)
+    full_bound = 3 * n * n * 8 / (bw * 1e9)
+    out["filter_traffic_bound_ms_n2827_full"] = 1e3 * full_bound
+    out["filter_traffic_bound_ms_n2827_triangle"] = 1e3 * full_bound / 2
+    kernels = ["torch"] + (["blas"] if select_kernel("auto", torch.device(device), torch.float64).name == "blas" else [])
+    reps = 5 if quick else 25
+    for kernel in kernels:
+        bound = full_bound / 2 if kernel == "blas" else full_bound
+        for m in (1, 10):
+            t = filter_step(n, m, device=device, reps=reps, kernel=kernel)
+            out[f"filter_step_ms_n2827_m{m}_{kernel}"] = 1e3 * t
+            out[f"filter_step_over_its_bound_m{m}_{kernel}"] = t / bound
+    if "blas" in kernels:
+        for m in (1, 10):
+            out[f"filter_blas_speedup_m{m}"] = out[f"filter_step_ms_n2827_m{m}_torch"] / out[f"filter_step_ms_n2827_m{m}_blas"]
+    sizes = (10000,) if quick else (10000, 100000)
     for n in sizes:
-        if n * n * 8 <= 4 * 2**30:
-            out[f"dense_step_ms_n{n}_m10"] = 1e3 * filter_step(n, 10, device=device, reps=2 if n > 5000 else 5)
-        out[f"blocked2048_step_ms_n{n}_m10"] = 1e3 * filter_step(n, 10, blocks=2048, device=device, reps=2 if n > 5000 else 5)
+        out[f"blocked5120_step_ms_n{n}_m5_f64"] = 1e3 * filter_step(n, 5, blocks=5120, device=device, reps=2 if n > 5000 else 5)
+        out[f"blocked5120_step_ms_n{n}_m5_f32"] = 1e3 * filter_step(n, 5, blocks=5120, device=device, reps=2 if n > 5000 else 5,
+                                                                     dtype=torch.float32)
     return out
 
 
@@ -144,11 +184,11 @@ def _batch(atoms, cutoff: float, device):
     return b
 
 
-def _update_times(model, opt, batches, closure_for, device, k_updates: int):
-    """Mean wall time (s) of energy and force updates and their Jacobian share; alternating kinds, 2 warm-up."""
+def _update_times(opt, batches, closure_for, device, k_updates: int):
+    """Median wall time (s) of energy and force updates and of their filter part; alternating kinds, 2 warm-up."""
     from ekf_plugin.training.schedule import ENERGY, FORCES
 
-    t_jac = {ENERGY: [], FORCES: []}
+    t_filter = {ENERGY: [], FORCES: []}
     t_all = {ENERGY: [], FORCES: []}
     orig_update = opt._update
 
@@ -169,29 +209,29 @@ def _update_times(model, opt, batches, closure_for, device, k_updates: int):
         dt = time.perf_counter() - t0
         if i >= 2:  # warm-up
             t_all[kind].append(dt)
-            t_jac[kind].append(dt - timed_update.dt)
+            t_filter[kind].append(timed_update.dt)
     opt._update = orig_update
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {kind: (mean(t_all[kind]), mean(t_jac[kind])) for kind in (ENERGY, FORCES)}
+    med = statistics.median
+    return {kind: (med(t_all[kind]), med(t_filter[kind])) for kind in (ENERGY, FORCES)}
 
 
 def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
-    """EKF updates of the study's water BPNN: fast label path (what ``PaperScheduleTask`` uses) and full model."""
+    """EKF updates of the study's water BPNN through ``PaperScheduleTask._errors`` (what ``spktrain
+    experiment=water_bpnn_ekf`` runs per step, without Lightning's loop): closed-form rows (default) and
+    autograd rows; the force label's dG/dr columns timed on their own; 192-atom revPBE0-D3 frames."""
     import schnetpack.properties as props
     from ekf_plugin.models import water_bpnn
     from ekf_plugin.optim import EKF
-    from ekf_plugin.bpnn.label_predictor import BPNNLabelPredictor
-    from ekf_plugin.training.schedule import ENERGY, FORCES, label_errors, weighted_errors
-    from ekf_plugin.training.task import energy_only
+    from ekf_plugin.training import PaperScheduleTask
+    from ekf_plugin.training.schedule import ENERGY, FORCES
 
     if not DATA.exists():
         return {"bpnn_skipped_no_data": 1.0}
-    frames = _frames(8 if quick else None)
-    model = water_bpnn(stress=False).to(device)
+    frames = _frames(8 if quick else 40)
+    model = water_bpnn(stress=False).to(device)  # float32 model and data, float64 P: as spktrain
     model.train()
     cutoff = float(getattr(model, "cutoff", 6.350124))
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    g = torch.Generator().manual_seed(0)
     out: Dict[str, float] = _Figures()
     out["bpnn_weights"] = float(n)
     batches = []
@@ -199,49 +239,136 @@ def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
         b = _batch(atoms, cutoff, device)
         b[props.idx] = torch.tensor([k], device=device)
         batches.append(b)
-    predictor = BPNNLabelPredictor(model)
+    task = PaperScheduleTask(model, [], seed=0)
+    predictor = task.label_predictor
     t = time.perf_counter()
-    for b in batches:  # fill the feature cache (what the first training epoch does)
-        predictor.features(b, 0)
-    out["feature_cache_fill_s_per_frame"] = (time.perf_counter() - t) / len(batches)
+    predictor.prepare(batches, fit_scaling=True)
+    out["features_once_s_per_frame"] = (time.perf_counter() - t) / len(batches)
+    g = torch.Generator().manual_seed(1)
+    picks = [torch.randperm(3 * 192, generator=g)[:10] for _ in range(10)]
+    st = [predictor._structure(b, 0) for b in batches[:10]]
+    rep = predictor.representation
+    t_cols = [_median(lambda s=s, p=p: rep.feature_columns(s, p // 3, p % 3), 3, device) for s, p in zip(st, picks)]
+    out["force_columns_ms_10_labels"] = 1e3 * statistics.median(t_cols)
+    k_updates = 10 if quick else 40
+    for name, closed in (("", True), ("autograd_rows_", False)):
+        opt = EKF(model.parameters(), lr=1e-3)
 
-    def fast_closure(b, kind):
-        return lambda: label_errors(lambda: predictor.energies(b), lambda s, pick: predictor.force_components(b, s, pick),
-                                    b, [kind], g)
+        def closure_for(b, kind, opt=opt, closed=closed):
+            return lambda: task._errors(b, [kind], {}, opt.params if closed else None)
 
-    def full_closure(b, kind):
-        def closure():
-            with energy_only(model, kind == ENERGY):  # as PaperScheduleTask: no force graph for energy labels
-                return weighted_errors(model(dict(b)), b, [kind], g)
-        return closure
-
-    k_updates = 5 if quick else 20
-    fast = _update_times(model, EKF(model.parameters(), lr=1e-3), batches, fast_closure, device, k_updates)
-    (e_all, e_jac), (f_all, f_jac) = fast[ENERGY], fast[FORCES]
-    out["energy_update_ms"] = 1e3 * e_all
-    out["force_update_ms"] = 1e3 * f_all
-    out["energy_updates_per_s"] = 1 / e_all
-    out["force_updates_per_s"] = 1 / f_all
-    out["labels_per_s_1E_1F"] = 11 / (e_all + f_all)
-    out["energy_jacobian_ms"] = 1e3 * e_jac
-    out["force_jacobian_ms"] = 1e3 * f_jac
-    out["force_filter_ms"] = 1e3 * (f_all - f_jac)
-    full = _update_times(model, EKF(model.parameters(), lr=1e-3), batches, full_closure, device, 3 if quick else 5)
-    out["full_model_energy_update_ms"] = 1e3 * full[ENERGY][0]
-    out["full_model_force_update_ms"] = 1e3 * full[FORCES][0]
-    out["full_model_labels_per_s_1E_1F"] = 11 / (full[ENERGY][0] + full[FORCES][0])
+        times = _update_times(opt, batches, closure_for, device, k_updates)
+        (e_all, e_filt), (f_all, f_filt) = times[ENERGY], times[FORCES]
+        out[f"{name}energy_update_ms"] = 1e3 * e_all
+        out[f"{name}force_update_ms"] = 1e3 * f_all
+        out[f"{name}energy_labels_and_rows_ms"] = 1e3 * (e_all - e_filt)
+        out[f"{name}force_labels_and_rows_ms"] = 1e3 * (f_all - f_filt)
+        out[f"{name}energy_filter_ms"] = 1e3 * e_filt
+        out[f"{name}force_filter_ms"] = 1e3 * f_filt
+        out[f"{name}updates_per_s_study_mix"] = 2 / (e_all + f_all)
+        out[f"{name}labels_per_s_study_mix"] = 11 / (e_all + f_all)
     out["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    out["frames_in_memory"] = float(len(frames))
+    return out
+
+
+def spktrain_figures(quick=False) -> Dict[str, float]:
+    """What a user's ``spktrain experiment=water_bpnn_ekf`` does, timed by a callback inside the run
+    (:mod:`benchmarks.step_timer`): time to the first update, steady-state updates/s of the whole loop
+    (data loading, ``training_step``, logging, callbacks), validation time against epoch time. One thread."""
+    if not DATA.exists():
+        return {"spktrain_skipped_no_data": 1.0}
+    frames = 60 if quick else 400
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).with_name("spktrain")
+    with tempfile.TemporaryDirectory() as tmp:
+        steps_json = Path(tmp) / "steps.json"
+        args = [str(exe), "experiment=water_bpnn_ekf", f"data.source={DATA.resolve()}", f"data.max_frames={frames}",
+                f"data.datapath={tmp}/water.db", "trainer.max_epochs=2", f"run.path={tmp}/runs", "run.id=b",
+                "logger=csv", "+trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0",
+                "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
+                f"+callbacks.step_timer.path={steps_json}"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                   PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # the database is built once before timing (ASE db from the extxyz); this warm-up run's ending
+        # (no validation within one update, so no best checkpoint) does not matter
+        subprocess.run(args[:1] + [a for a in args[1:] if "step_timer" not in a] + ["trainer.max_steps=1"],
+                       cwd=tmp, env=env, capture_output=True, timeout=3600)
+        if not (Path(tmp) / "water.db").exists():
+            raise RuntimeError("spktrain did not build the database")
+        import shutil
+
+        shutil.rmtree(Path(tmp) / "runs")
+        t0 = time.time()
+        res = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=3600)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-3000:])
+        rec = json.loads(steps_json.read_text())
+    out = _Figures()
+    steps = rec["steps_s"]
+    out["spktrain_frames"] = float(frames)
+    out["spktrain_first_update_s"] = rec["first_update_time"] - t0
+    out["spktrain_step_ms_median"] = 1e3 * statistics.median(steps)
+    out["spktrain_updates_per_s"] = 1 / statistics.median(steps)
+    out["spktrain_epoch_s"] = statistics.median(rec["epochs_s"])
+    if rec["validations_s"]:
+        out["spktrain_validation_s"] = statistics.median(rec["validations_s"])
+        out["spktrain_validation_over_epoch"] = out["spktrain_validation_s"] / out["spktrain_epoch_s"]
+    return out
+
+
+def gnn_figures(device="cpu", quick=False) -> Dict[str, float]:
+    """``task=ekf`` on SchNetPack's PaiNN (n_atom_basis 64, 3 interactions, 5 Å; 157k weights) with 192-atom
+    water: one reduced-row update (1 energy + 4 group rows of 6 atoms), blocked P (≤ 5120) in float32."""
+    import schnetpack as spk
+    from ekf_plugin.jacobian import flat_jacobian
+    from ekf_plugin.optim import EKF
+    from ekf_plugin.training.schedule import reduced_row_errors
+
+    if not DATA.exists():
+        return {"gnn_skipped_no_data": 1.0}
+    nab = 64
+    rep = spk.representation.PaiNN(n_atom_basis=nab, n_interactions=3, radial_basis=spk.nn.GaussianRBF(20, 5.0),
+                                   cutoff_fn=spk.nn.CosineCutoff(5.0))
+    model = spk.model.NeuralNetworkPotential(
+        representation=rep, input_modules=[spk.atomistic.PairwiseDistances()],
+        output_modules=[spk.atomistic.Atomwise(n_in=nab, output_key="energy"), spk.atomistic.Forces()],
+    ).to(device)
+    model.train()
+    batches = [_batch(a, 5.0, device) for a in _frames(3)]
+    opt = EKF(model.parameters(), lr=1.0, fading_lambda=0.98, fading_nu=0.9987, blocks=5120, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tf, tj, tu = [], [], []
+    for i in range(3 if quick else 8):
+        b = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        xi = reduced_row_errors(model(dict(b)), b, g, n_force_groups=4, force_group_size=6)  # (5,)
+        t1 = time.perf_counter()
+        J = flat_jacobian(xi, opt.params, vectorize=False)  # (5, n)
+        t2 = time.perf_counter()
+        opt._update(xi.detach().to(opt.dtype), J.to(opt.dtype))
+        _sync(device)
+        t3 = time.perf_counter()
+        if i:
+            tf.append(t1 - t0), tj.append(t2 - t1), tu.append(t3 - t2)
+    med = statistics.median
+    out = _Figures()
+    out["painn_weights"] = float(sum(p.numel() for p in model.parameters()))
+    out["painn_P_GiB_f32"] = opt.memory_bytes / 2**30
+    out["painn_forward_ms"] = 1e3 * med(tf)
+    out["painn_jacobian_5_rows_ms"] = 1e3 * med(tj)
+    out["painn_filter_ms"] = 1e3 * med(tu)
+    out["painn_updates_per_s"] = 1 / (med(tf) + med(tj) + med(tu))
     return out
 
 
 def run(quick: bool = False, device: Optional[str] = None) -> dict:
     device = device or "cpu"
+    torch.set_num_threads(1)
     out = _Figures(filter_figures(device, quick))
-    try:
-        out.update(bpnn_figures(device, quick))
-    except ImportError as exc:  # the BPNN model is another engineer's module
-        out["bpnn_unavailable"] = str(exc)
+    out.update(bpnn_figures(device, quick))
+    if (device or "cpu") == "cpu":
+        out.update(spktrain_figures(quick))
+    out.update(gnn_figures(device, quick))
     return out
 
 
@@ -249,9 +376,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     global VERBOSE
     VERBOSE = True
     run(args.quick, args.device)

@@ -1,0 +1,56 @@
+"""A Lightning callback that records what a user's ``spktrain`` run spends its time on (benchmarks only).
+
+    spktrain ... +callbacks.step_timer._target_=benchmarks.step_timer.StepTimer \
+                 +callbacks.step_timer.path=/tmp/steps.json
+
+Writes JSON: the wall-clock time (``time.time()``) of the end of the first update, per-update wall times (from the end of one
+training batch to the end of the next: data loading, ``training_step`` with the EKF update, logging and
+callbacks — the whole loop), the training time of each epoch and the validation time of each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.first_update_s = None
+        self.steps, self.epochs, self.validations = [], [], []
+        self._last = self._epoch0 = self._val0 = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch0 = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.first_update_s is None:
+            self.first_update_s = time.time()  # absolute; the runner subtracts its launch time
+        else:
+            self.steps.append(now - self._last)
+        self._last = now
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append(time.perf_counter() - self._epoch0)
+        self._dump()
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val0 = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.validations.append(time.perf_counter() - self._val0)
+        if self._last is not None:  # a validation inside an epoch is not part of the next step's time
+            self._last += time.perf_counter() - self._val0
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._dump()
+
+    def _dump(self) -> None:
+        self.path.write_text(json.dumps({"first_update_time": self.first_update_s, "steps_s": self.steps,
+                                         "epochs_s": self.epochs, "validations_s": self.validations}))
