@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 PREVIOUS_SUFFIX = ".prev"
 
 
+class CheckpointUnreadableError(RuntimeError):
+    """A checkpoint cannot be read and no previous complete one exists: the run cannot resume."""
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -99,8 +103,14 @@ def _make_io_class() -> type:
                 return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
             except Exception as exc:
                 prev = previous_path(path)
-                if not prev.exists() or "Unsupported global" in str(exc):
+                if "Unsupported global" in str(exc):
                     raise
+                if not prev.exists():
+                    raise CheckpointUnreadableError(
+                        f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}) "
+                        f"and there is no previous one ({prev.name}): this run cannot resume; delete {path} to "
+                        "start from scratch"
+                    ) from exc
                 message = (f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                            f"falling back to the previous complete checkpoint {prev}")
                 log.warning(message)
