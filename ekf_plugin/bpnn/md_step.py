@@ -141,6 +141,7 @@ class VerletList:
         self.idx_j = torch.as_tensor(j, dtype=torch.long, device=dev)  # (P,)
         self.int_shifts = np.asarray(s, dtype=np.int64)  # (P, 3)
         self._i_np, self._j_np = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)  # (P,)
+        self._buckets = None  # find_pairs' tables, made on first use
         self.shifts = torch.as_tensor(self.int_shifts, dtype=torch.float64, device=dev)  # (P, 3)
         self.ref_positions = np.array(positions, dtype=np.float64)
         self.ref_cell = np.array(cell, dtype=np.float64)
@@ -150,28 +151,43 @@ class VerletList:
     def find_pairs(self, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> np.ndarray:
         """Index in the list of the pairs (i → j, shift s), each (Q,) / (Q, 3); −1 where absent.
 
-        Pairs are bucketed by (i, j) (a dense N² table up to 2048 atoms, a sorted search beyond);
-        the few images of one (i, j) are then compared by shift.
+        Pairs are bucketed by (i, j) (a dense N² table up to 2048 atoms, a sorted search beyond), and
+        the few images of one (i, j) are told apart by a packed shift code. ``s`` must lie within
+        ±(the list's shift span) of the list's shifts (true for differences of two listed shifts).
         """
-        n = int(self.ref_positions.shape[0])
-        key = self._i_np * n + self._j_np  # (P,)
-        order = np.argsort(key, kind="stable")  # (P,)
+        if self._buckets is None:
+            n = int(self.ref_positions.shape[0])
+            key = self._i_np * n + self._j_np  # (P,)
+            order = np.argsort(key, kind="stable")  # (P,)
+            lo, hi = (self.int_shifts.min(0), self.int_shifts.max(0)) if len(key) else (np.zeros(3, np.int64),) * 2
+            rad = np.maximum(np.abs(lo), np.abs(hi)) + (hi - lo)  # (3,) every listed or queried component
+            if n <= 2048:
+                counts = np.bincount(key, minlength=n * n)  # (N²,)
+                self._buckets = (n, order, rad, np.cumsum(counts) - counts, counts, None)
+            else:
+                self._buckets = (n, order, rad, None, None, key[order])
+            self._codes = self._pack(self.int_shifts, rad)  # (P,)
+        n, order, rad, start, counts, skey = self._buckets
         q = i.astype(np.int64) * n + j  # (Q,)
-        if n <= 2048:
-            counts = np.bincount(key, minlength=n * n)  # (N²,)
-            start = np.cumsum(counts) - counts  # (N²,)
+        if skey is None:
             first, count = start[q], counts[q]  # (Q,)
         else:
-            skey = key[order]
             first = np.searchsorted(skey, q, "left")  # (Q,)
             count = np.searchsorted(skey, q, "right") - first  # (Q,)
+        qcode = self._pack(s, rad)  # (Q,)
         out = np.full(len(q), -1, dtype=np.int64)  # (Q,)
         for c in range(int(count.max()) if len(q) else 0):  # usually one image per (i, j)
             has = count > c  # (Q,)
             cand = order[np.where(has, first + c, 0)]  # (Q,)
-            hit = has & (self.int_shifts[cand] == s).all(1)  # (Q,)
+            hit = has & (self._codes[cand] == qcode)  # (Q,)
             out[hit] = cand[hit]
         return out
+
+    @staticmethod
+    def _pack(s: np.ndarray, rad: np.ndarray) -> np.ndarray:
+        """(Q,) int64 code of integer shifts (Q, 3) with |s_c| ≤ rad_c."""
+        base = 2 * rad + 1  # (3,)
+        return ((s[:, 0] + rad[0]) * base[1] + (s[:, 1] + rad[1])) * base[2] + (s[:, 2] + rad[2])
 
 
 # ----------------------------------------------------------------------------- per-triple kernels
