@@ -42,6 +42,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
+
+
 def previous_path(path: Union[str, Path]) -> Path:
     """Where :func:`atomic_save` keeps the previous complete version of ``path``."""
     path = Path(path)
@@ -107,11 +112,11 @@ def _make_io_class() -> type:
                     raise
                 if not prev.exists():
                     raise CheckpointUnreadableError(
-                        f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}) "
+                        f"checkpoint {path} cannot be read ({_describe(exc)}) "
                         f"and there is no previous one ({prev.name}): this run cannot resume; delete {path} to "
                         "start from scratch"
                     ) from exc
-                message = (f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                message = (f"checkpoint {path} cannot be read ({_describe(exc)}); "
                            f"falling back to the previous complete checkpoint {prev}")
                 log.warning(message)
                 print(f"[ekf-plugin] {message}", file=sys.stderr, flush=True)
