@@ -24,12 +24,15 @@ How they are applied (blast radius, see ``docs/install.md``):
   after, and removes itself from ``sys.meta_path``.
 * Only in SchNetPack's own console scripts (``spktrain``, ``spkpredict``; recognised by
   ``sys.argv[0]``) it also wraps ``schnetpack.cli.train``/``predict`` so that, for the duration of that
-  call, Lightning's ``Trainer.fit/validate/test/predict`` and ``LightningModule.load_from_checkpoint`` read
-  the run's own checkpoints (``checkpoints/last.ckpt``, ``ckpt_path="best"``, the best checkpoint it turns into
-  ``best_model``) with ``weights_only=False`` and ``schnetpack.cli``'s ``load_model("best_model")`` does the same: Lightning checkpoints of SchNetPack pickle the whole model
-  in their hyper-parameters. Every other ``torch.load`` in the process keeps torch's default
+  call, Lightning's ``Trainer.fit/validate/test/predict`` and ``LightningModule.load_from_checkpoint``
+  read the run's own checkpoints (``checkpoints/last.ckpt``, ``ckpt_path="best"``, the best checkpoint
+  it turns into ``best_model``) with ``weights_only=False``, and ``schnetpack.cli``'s
+  ``load_model("best_model")`` does the same: Lightning checkpoints of SchNetPack pickle the whole
+  model in their hyper-parameters. Every other ``torch.load`` in the process keeps torch's default
   (``weights_only=True``), so a process that imports SchNetPack refuses a pickle exactly as stock
-  torch does.
+  torch does. With ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` torch overrides these call sites too, and
+  ``spktrain`` cannot resume or test from its Lightning checkpoints (everything ekf-plugin loads
+  itself still works).
 
 The contiguous-stress fix is not patched into SchNetPack: use ``ekf_plugin.compat.ContiguousForces``
 (our configs do).
