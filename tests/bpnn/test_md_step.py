@@ -204,6 +204,31 @@ def test_dispatch():
         BPNNStep(toy_model())
 
 
+def test_calculator_and_ipi_pes_use_the_step(tmp_path):
+    """What users run: ekf_plugin.calculator and the i-PI PES (client and py_driver) take the MD step."""
+    from ase import Atoms, units
+
+    import ekf_plugin
+    from ekf_plugin.md.pes import AtomicUnitsModel
+
+    model = make_model()
+    z, r, h = water_box(seed=9)
+    ref = general(model, z, r, h)
+    atoms = Atoms(numbers=z, positions=r, cell=h, pbc=True)
+    atoms.calc = ekf_plugin.calculator(model, compile=False)
+    assert atoms.calc.evaluator.fast is not None
+    assert atoms.get_potential_energy() == pytest.approx(ref.energy, rel=1e-13)
+    np.testing.assert_allclose(atoms.get_forces(), ref.forces, atol=1e-11)
+    s = 0.5 * (ref.stress + ref.stress.T)
+    np.testing.assert_allclose(atoms.get_stress(), [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], atol=1e-12)
+    atoms.write(tmp_path / "t.xyz")
+    pes = AtomicUnitsModel(str(tmp_path / "t.xyz"), model)
+    assert pes.evaluator.fast is not None
+    energy, forces, virial, _ = pes(h.T / units.Bohr, r / units.Bohr)
+    assert energy == pytest.approx(ref.energy / units.Hartree, rel=1e-13)
+    np.testing.assert_allclose(virial, ref.virial / units.Hartree, atol=1e-11)
+
+
 def test_parity_with_n2p2_through_the_evaluator(shared_data):
     """n2p2's own float64 predictions (20 RPBE-D3 frames): ≤ 1e-7 Ha/atom and ≤ 1e-6 Ha/Bohr."""
     from ekf_plugin.n2p2 import read_input_data
