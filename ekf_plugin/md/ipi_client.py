@@ -4,9 +4,13 @@ Behaviour (see ``docs/md.md``):
 
 * connects over a unix socket (``<sockets_prefix><name>``, i-PI's default prefix ``/tmp/ipi_``)
   or TCP, waiting up to ``connect_timeout`` s for i-PI to create it;
-* answers the first ``STATUS`` with ``NEEDINIT``, reads ``INIT`` (and refuses i-PI's batched
-  protocol), then ``READY``/``HAVEDATA``; reads ``POSDATA`` and ``GETFORCE`` with exact reads,
-  so i-PI's pipelined messages are handled;
+* answers the first ``STATUS`` with ``NEEDINIT``, reads ``INIT``, then ``READY``/``HAVEDATA``; reads
+  ``POSDATA`` and ``GETFORCE`` with exact reads, so i-PI's pipelined messages are handled;
+* serves i-PI's batched requests (``batch_size:N`` in the INIT string, from ``<batch_size>`` in the
+  ``<ffsocket>``: N structures per ``POSDATA``/``FORCEREADY``, e.g. the beads of a path integral); the N
+  structures go to ``compute.compute_batch`` if the callable has one (:class:`ekf_plugin.md.pes.AtomicUnitsModel`:
+  one evaluator, i.e. one Verlet list, per batch slot), else to ``compute`` one by one; i-PI's padding
+  copies of the last structure are not evaluated again;
 * ``EXIT`` → returns 0;
 * connection lost → returns 2 with a clear message, unless ``reconnect`` > 0 s, in which case it
   retries with exponential backoff while the unix socket file exists (i-PI re-queues the step);
@@ -19,7 +23,8 @@ Behaviour (see ``docs/md.md``):
 
 The loop imports numpy only; the model is any callable
 ``compute(cell_h (3,3) Bohr, pos (nat,3) Bohr) -> (E Ha, F (nat,3) Ha/Bohr, W (3,3) Ha, extras str)``
-(e.g. :class:`ekf_plugin.md.pes.AtomicUnitsModel`).
+(e.g. :class:`ekf_plugin.md.pes.AtomicUnitsModel`), optionally with a method
+``compute_batch(cells (B,3,3) Bohr, positions (B,nat,3) Bohr) -> list of B such tuples``.
 """
 
 from __future__ import annotations
@@ -170,7 +175,9 @@ class IPIClient:
         self.connect_timeout = float(connect_timeout)
         self.drain_timeout = float(drain_timeout)
         self.n_calls = 0
+        self.n_structures = 0  # structures evaluated and sent (n_calls × batch size, padding included)
         self.init_string = b""
+        self.batch_size = 1  # structures per request, from the INIT string (i-PI's <batch_size>)
         self.call_times: list = []  # monotonic time of each FORCEREADY sent (for steps/s)
 
     # -- one connection -----------------------------------------------------------------
@@ -185,19 +192,24 @@ class IPIClient:
                 proto.send(sock, proto.header(status))
             elif word == b"INIT":
                 _, self.init_string = proto.recv_init(sock, self.read_timeout)
-                if b"batch_size" in self.init_string:
-                    raise proto.ProtocolError(
-                        "i-PI asked for the batched protocol (batch_size in INIT); this client serves one "
-                        "structure per request: remove <batch_size> from the <ffsocket>"
-                    )
+                self.batch_size = proto.parse_batch_size(self.init_string)
+                if self.batch_size > 1:
+                    _log(f"i-PI sends batches of {self.batch_size} structures per request")
                 initialized = True
             elif word == b"POSDATA":
                 try:
-                    cell_h, pos = proto.recv_posdata(sock, self.natoms, self.read_timeout)
+                    if self.batch_size > 1:
+                        cells, positions = proto.recv_posdata_batch(sock, self.batch_size, self.natoms,
+                                                                    self.read_timeout)
+                    else:
+                        cell_h, pos = proto.recv_posdata(sock, self.natoms, self.read_timeout)
                 except proto.AtomCountError as exc:
                     raise ModelFailure(str(exc)) from None
                 initialized = True
-                reply = self._evaluate(cell_h, pos)
+                if self.batch_size > 1:
+                    reply = self._evaluate_batch(cells, positions)
+                else:
+                    reply = self._evaluate(cell_h, pos)
             elif word == b"GETFORCE":
                 if reply is None:
                     raise proto.ProtocolError("GETFORCE before any POSDATA")
@@ -205,6 +217,7 @@ class IPIClient:
                     proto.send(sock, reply)
                 reply = None
                 self.n_calls += 1
+                self.n_structures += self.batch_size
                 self.call_times.append(time.monotonic())
             elif word == b"EXIT":
                 return
@@ -223,6 +236,33 @@ class IPIClient:
         except Exception as exc:
             raise ModelFailure(f"model evaluation failed: {type(exc).__name__}: {exc}") from exc
         return proto.forceready_message(*check_result(result, nat))
+
+    def _evaluate_batch(self, cells: np.ndarray, positions: np.ndarray) -> bytes:
+        """The batched ``FORCEREADY`` for ``cells`` (B, 3, 3) Bohr (columns) and ``positions`` (B, nat, 3) Bohr.
+
+        A structure identical to the one before it (i-PI pads a short batch with copies of the last
+        structure; path-integral beads all start at the same place) takes that one's result.
+        """
+        b, nat = positions.shape[0], positions.shape[1]
+        unique = [0] + [k for k in range(1, b) if not (np.array_equal(positions[k], positions[k - 1])
+                                                       and np.array_equal(cells[k], cells[k - 1]))]
+        try:
+            batch_fn = getattr(self.compute, "compute_batch", None)
+            if batch_fn is not None:
+                results = list(batch_fn(cells[unique], positions[unique]))
+            else:
+                results = [self.compute(cells[k], positions[k]) for k in unique]
+        except (Terminated, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise ModelFailure(f"model evaluation failed: {type(exc).__name__}: {exc}") from exc
+        if len(results) != len(unique):
+            raise ModelFailure(f"the model returned {len(results)} results for a batch of {len(unique)} structures")
+        checked = [check_result(r, nat) for r in results]
+        slot = np.cumsum([k in unique for k in range(b)]) - 1  # (B,) result index of each structure
+        out = [checked[i] for i in slot]
+        return proto.forceready_batch_message([o[0] for o in out], [o[1] for o in out], [o[2] for o in out],
+                                              [o[3] for o in out])
 
     # -- the whole run ----------------------------------------------------------------------
     def run(self) -> int:
@@ -278,6 +318,9 @@ class IPIClient:
         if len(t) < 3:
             return ""
         per = (t[-1] - t[0]) / (len(t) - 1)
+        if self.batch_size > 1:
+            return (f" ({per * 1e3:.2f} ms per call of {self.batch_size} structures, "
+                    f"{per * 1e3 / self.batch_size:.2f} ms per structure, after the first)")
         return f" ({per * 1e3:.2f} ms per call, {1 / per:.1f} calls/s after the first)"
 
     def _abort(self, sock: socket.socket, message: str, code: int) -> int:

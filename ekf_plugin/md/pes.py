@@ -19,10 +19,11 @@ or in-process, with no socket::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from ase import units
@@ -146,17 +147,52 @@ class AtomicUnitsModel:
         )
         check_template(atoms, self.template, _model_elements(self.evaluator.model))
         self.first_frame_checked = False
+        self.slot_evaluators = [self.evaluator]  # one per batch slot (see compute_batch)
 
     @property
     def natoms(self) -> int:
         return int(self.numbers.shape[0])
 
-    def __call__(self, cell_h: np.ndarray, pos: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray, str]:
+    def slot_evaluator(self, slot: int):
+        """The evaluator of batch slot ``slot`` (0: :attr:`evaluator`).
+
+        For BPNN potentials (the fast MD step) every slot gets its own
+        :class:`ekf_plugin.bpnn.md_step.BPNNStep`, i.e. its own Verlet list, sharing the model's weights:
+        a path-integral bead moves little from one step to the next, so each keeps its list. Other models
+        keep no per-structure state and every slot uses :attr:`evaluator`.
+        """
+        while len(self.slot_evaluators) <= slot:
+            base = self.evaluator
+            if base.fast is None:
+                self.slot_evaluators.append(base)
+                continue
+            from ekf_plugin.bpnn.md_step import BPNNStep
+
+            ev = copy.copy(base)
+            ev.fast = BPNNStep(base.model, dtype=base.fast.dtype, skin=base.fast.verlet.skin,
+                               neighbor_list=base.fast.verlet.method, compile=base.fast.compile)
+            self.slot_evaluators.append(ev)
+        return self.slot_evaluators[slot]
+
+    def compute_batch(self, cells: np.ndarray, positions: np.ndarray) -> List[Tuple[float, np.ndarray, np.ndarray, str]]:
+        """Evaluate i-PI's batch of B structures, structure k with the evaluator of slot k.
+
+        Args:
+            cells: (B, 3, 3) Bohr, lattice vectors as columns.
+            positions: (B, nat, 3) Bohr.
+
+        Returns:
+            B tuples as :meth:`__call__` returns them.
+        """
+        return [self(cells[k], positions[k], slot=k) for k in range(len(positions))]
+
+    def __call__(self, cell_h: np.ndarray, pos: np.ndarray, slot: int = 0) -> Tuple[float, np.ndarray, np.ndarray, str]:
         """Evaluate one i-PI structure.
 
         Args:
             cell_h: (3, 3) Bohr, lattice vectors as columns (i-PI's ``h``).
             pos: (nat, 3) or (3·nat,) Bohr, possibly unwrapped.
+            slot: batch slot (see :meth:`slot_evaluator`; 0 for unbatched requests).
 
         Returns:
             ``(energy Ha, forces (nat, 3) Ha/Bohr, virial (3, 3) Ha, extras JSON str)``.
@@ -182,7 +218,7 @@ class AtomicUnitsModel:
             except DataValidationError as exc:
                 raise ModelError(str(exc)) from None
             self.first_frame_checked = True
-        res = self.evaluator(self.numbers, pos * BOHR, cell, pbc=True)
+        res = self.slot_evaluator(slot)(self.numbers, pos * BOHR, cell, pbc=True)
         energy = res.energy / HARTREE
         forces = res.forces * (BOHR / HARTREE)  # (nat, 3) Ha/Bohr
         virial = res.virial / HARTREE  # (3, 3) Ha
@@ -244,3 +280,12 @@ class EkfPluginDriver(Dummy_driver):
 
     def compute_structure(self, cell, pos):
         return self.model(cell, pos)
+
+    def compute(self, cell, pos):
+        """One structure, or i-PI's batch (lists of cells and positions, ``<ffdirect>`` with ``<batch_size>``):
+        structure k of a batch is evaluated in slot k (:meth:`AtomicUnitsModel.slot_evaluator`)."""
+        if isinstance(cell, list):
+            if not isinstance(pos, list) or len(cell) != len(pos):
+                raise ValueError("Both position and cell should be given as lists to run in batched mode")
+            return [self.model(c, p, slot=k) for k, (c, p) in enumerate(zip(cell, pos))]
+        return self.compute_structure(cell, pos)

@@ -9,6 +9,11 @@ server → client: ``STATUS`` · ``INIT`` + i4 bead + i4 len + bytes · ``POSDAT
 client → server: ``NEEDINIT`` / ``READY`` / ``HAVEDATA`` (answers to STATUS) ·
 ``FORCEREADY`` + f8 energy + i4 nat + 3·nat f8 forces + 9 f8 virial + i4 len + extra bytes.
 
+Batched requests (i-PI ≥ 3.3, ``<batch_size>`` N in the ``<ffsocket>``: INIT ends in ``batch_size:N``):
+``POSDATA`` + i4 nat + N × (9 f8 h + 9 f8 h⁻¹) + N × 3·nat f8 positions, and ``FORCEREADY`` + N f8 energies
++ i4 nat + N × 3·nat f8 forces + N × 9 f8 virials + N × (i4 len + extra bytes); see
+:func:`recv_posdata_batch`, :func:`forceready_batch_message`.
+
 All values are atomic units (Bohr, Hartree, Hartree/Bohr; the virial in Hartree). ``h`` is the
 cell with lattice vectors as **columns**; it is sent row-major, so ``h.T`` gives ASE's rows.
 Since i-PI 3.2 the server pipelines ``POSDATA`` and ``GETFORCE`` in one write, so every read here
@@ -22,9 +27,10 @@ take once its first byte has arrived (a server that sends 5 bytes of a header an
 
 from __future__ import annotations
 
+import re
 import socket
 import time
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -180,6 +186,87 @@ def forceready_message(energy: float, forces: np.ndarray, virial: np.ndarray, ex
             extra,
         )
     )
+
+
+# ----------------------------------------------------------------------------- batched requests
+# i-PI >= 3.3 with ``<ffsocket><batch_size>N</batch_size>`` (needs ``consolidate_messages``) appends
+# ``batch_size:N`` to the INIT string and then sends N structures per request (``ipi/interfaces/sockets.py``:
+# ``initialize``, ``dispatch_send_batch``, ``_recv_forces_bulk_batch``). Batches are padded to N by
+# repeating the last structure; all structures share one atom count.
+
+MAX_BATCH = 65536
+_BATCH_RE = re.compile(rb"batch_size\s*:\s*(-?\d+)")
+
+
+def parse_batch_size(init: bytes) -> int:
+    """The batch size i-PI announced in its INIT string (``…, batch_size:N``), 1 if none.
+
+    i-PI appends the entry after the user's parameters, so the last occurrence counts. Raises
+    :class:`ProtocolError` for a size outside 1..:data:`MAX_BATCH`.
+    """
+    found = _BATCH_RE.findall(init)
+    if not found:
+        return 1
+    n = int(found[-1])
+    if not 1 <= n <= MAX_BATCH:
+        raise ProtocolError(f"INIT announces batch_size {n}: expected 1..{MAX_BATCH}")
+    return n
+
+
+def recv_posdata_batch(sock: socket.socket, batch: int, natoms: Optional[int] = None,
+                       timeout: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Payload of a batched ``POSDATA`` (after the header) for ``batch`` structures.
+
+    Wire layout: i4 nat (once) · ``batch`` × (9 f8 h, 9 f8 h⁻¹) · ``batch`` × 3·nat f8 positions.
+
+    Args:
+        batch: the batch size announced at INIT (i-PI always sends this many, padding with copies).
+        natoms: the expected atom count (the template's); checked right after the count is read, before
+            anything else is allocated (:class:`AtomCountError`).
+        timeout: seconds allowed for each part of the payload (``None``: no limit).
+
+    Returns:
+        ``(cells (batch, 3, 3) Bohr, lattice vectors as columns; positions (batch, nat, 3) Bohr)``.
+    """
+    nat = _i4(sock, timeout)
+    if not 0 < nat <= MAX_ATOMS:
+        raise ProtocolError(f"batched POSDATA announces {nat} atoms: not the i-PI protocol")
+    if natoms is not None and nat != natoms:
+        raise AtomCountError(
+            f"i-PI sent {nat} atoms but the template has {natoms}: use the same structure file for i-PI and the client"
+        )
+    if batch * nat > MAX_ATOMS:
+        raise ProtocolError(f"batched POSDATA of {batch} × {nat} atoms exceeds {MAX_ATOMS} atoms")
+    hs = np.frombuffer(recvall(sock, 144 * batch, timeout), dtype=np.float64).reshape(batch, 2, 3, 3)
+    cells = hs[:, 0].copy()  # (batch, 3, 3); hs[:, 1] is h^-1: legacy, unused
+    pos = np.frombuffer(recvall(sock, 24 * nat * batch, timeout), dtype=np.float64).reshape(batch, nat, 3).copy()
+    return cells, pos
+
+
+def forceready_batch_message(energies: Sequence[float], forces: Sequence[np.ndarray], virials: Sequence[np.ndarray],
+                             extras: Sequence[bytes]) -> bytes:
+    """The complete batched ``FORCEREADY`` message for B structures.
+
+    Wire layout: header · B f8 energies · i4 nat · B × 3·nat f8 forces · B × 9 f8 virials ·
+    B × (i4 len + len bytes extra) (an empty extra is length 0).
+
+    Args:
+        energies: B values, Hartree.
+        forces: B arrays (nat, 3), Hartree/Bohr.
+        virials: B arrays (3, 3), Hartree (W = −∂E/∂ε, symmetric).
+        extras: B byte strings (JSON by convention, may be empty).
+    """
+    b = len(energies)
+    if not (len(forces) == len(virials) == len(extras) == b) or b == 0:
+        raise ValueError(f"a batched reply needs the same number (> 0) of energies, forces, virials and extras, "
+                         f"got {b}, {len(forces)}, {len(virials)}, {len(extras)}")
+    f = np.ascontiguousarray(np.stack([np.asarray(x, dtype=np.float64).reshape(-1, 3) for x in forces]))  # (B, nat, 3)
+    w = np.ascontiguousarray(np.stack([np.asarray(x, dtype=np.float64).reshape(3, 3) for x in virials]))  # (B, 3, 3)
+    parts = [header("FORCEREADY"), np.asarray(energies, dtype=np.float64).tobytes(), np.int32(f.shape[1]).tobytes(),
+             f.tobytes(), w.tobytes()]
+    for x in extras:
+        parts += [np.int32(len(x)).tobytes(), x]
+    return b"".join(parts)
 
 
 def drain(sock: socket.socket, timeout: float = 1.0) -> int:

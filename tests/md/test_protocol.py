@@ -214,19 +214,6 @@ def test_model_exception_drains_pending_bytes(capfd):
     assert "drained 48 bytes" in err  # GETFORCE + 3 STATUS, unread while the model ran
 
 
-def test_batched_protocol_is_refused(capfd):
-    def script(conn):
-        conn.sendall(proto.header("STATUS"))
-        proto.recvall(conn, 12)
-        conn.sendall(proto.header("INIT") + np.int32(0).tobytes() + np.int32(12).tobytes() + b"batch_size:4")
-        return conn.recv(100)
-
-    srv = Server(script)
-    assert client(srv).run() == EXIT_PROTOCOL
-    srv.close()
-    assert "batched protocol" in capfd.readouterr().err
-
-
 def test_reconnect_after_lost_connection():
     def dies(conn):
         conn.sendall(proto.header("STATUS"))
