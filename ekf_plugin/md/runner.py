@@ -59,6 +59,13 @@ FORCEFIELD_SOCKET = """  <ffsocket name='nnp' mode='unix' pbc='false'>
     <address>{address}</address> <latency>1e-4</latency> <timeout>{timeout}</timeout>
   </ffsocket>"""
 
+FORCEFIELD_SOCKET_BATCHED = """  <ffsocket name='nnp' mode='unix' pbc='false'>
+    <address>{address}</address> <latency>1e-4</latency> <timeout>{timeout}</timeout>
+    <consolidate_messages>true</consolidate_messages> <batch_size>{batch_size}</batch_size>
+  </ffsocket>"""
+"""The socket force field with i-PI's batched requests: ``batch_size`` structures per request (e.g. the
+beads of a path integral), announced to the client in the INIT string; 1 is the ordinary protocol."""
+
 FORCEFIELD_DIRECT = """  <ffdirect name='nnp' pbc='false'>
     <pes>custom</pes> <pes_path>{pes_path}</pes_path>
     <parameters>{{template: {template}, model: {model}{extra}}}</parameters>
@@ -80,6 +87,8 @@ def npt_xml(
     barostat_tau_fs: float = 100.0,
     velocities_k: Optional[float] = None,
     barostat: bool = True,
+    nbeads: int = 1,
+    thermostat: str = "svr",
 ) -> str:
     """i-PI input for NPT MD (SVR thermostat, isotropic Bussi–Zykova–Parrinello barostat).
 
@@ -87,6 +96,7 @@ def npt_xml(
     :data:`FORCEFIELD_SOCKET`, :data:`FORCEFIELD_DIRECT`). Properties go to ``<prefix>.out``:
     step, time/ps, conserved/eV, temperature/K, potential/eV, kinetic_md/eV, pressure_md/bar,
     volume/Å³, density/(g/cm³), virial_md/bar (6). ``barostat=False`` gives NVT (same thermostat).
+    ``nbeads`` > 1 gives path-integral MD (use ``thermostat='pile_g'``, the usual ring-polymer thermostat).
     """
     traj = (f"    <trajectory filename='pos' stride='{traj_stride}' format='xyz' cell_units='angstrom'>"
             " positions{angstrom} </trajectory>\n") if traj_stride else ""
@@ -107,7 +117,7 @@ def npt_xml(
   <prng><seed>{seed}</seed></prng>
 {forcefield}
   <system>
-    <initialize nbeads='1'>
+    <initialize nbeads='{nbeads}'>
       <file mode='xyz'> {init} </file>
       <velocities mode='thermal' units='kelvin'> {vel} </velocities>
     </initialize>
@@ -116,7 +126,7 @@ def npt_xml(
     <motion mode='dynamics'>
       <dynamics mode='{"npt" if barostat else "nvt"}'>
         <timestep units='femtosecond'> {timestep_fs} </timestep>
-        <thermostat mode='svr'> <tau units='femtosecond'> {thermostat_tau_fs} </tau> </thermostat>{baro}
+        <thermostat mode='{thermostat}'> <tau units='femtosecond'> {thermostat_tau_fs} </tau> </thermostat>{baro}
       </dynamics>
     </motion>
   </system>

@@ -261,3 +261,57 @@ def test_trained_n2p2_water_potential_step0_and_short_npt(tmp_path, shared_data)
     assert np.ptp(props["volume"]) > 0  # the barostat acts
     drift = np.abs(props["conserved"] - props["conserved"][0]).max()
     assert drift < 0.05, drift  # eV over 2 fs, 192 atoms (measured 12 meV, thermostat + barostat on)
+
+
+def test_path_integral_batched_requests_equal_unbatched(tmp_path):
+    """Path-integral NPT (4 beads) with a trained BPNN through ``ekf-plugin ipi``: i-PI's batched requests
+    (``<batch_size>4``) give the same potentials, virials and per-bead forces as one structure per request."""
+    from ekf_plugin.md.runner import FORCEFIELD_SOCKET_BATCHED
+
+    model = Path(__file__).resolve().parents[2] / "examples" / "water_revpbe0" / "models" / "ekf_lr1e-3_s0.pt"
+    nbeads, steps = 4, 3
+    runs = {}
+    for batch in (1, nbeads):  # both runs at once: same seed, same start
+        d = tmp_path / f"batch{batch}"
+        d.mkdir()
+        s = Setup(d)
+        ff = FORCEFIELD_SOCKET_BATCHED.format(address=s.name, timeout=0, batch_size=batch)
+        xml = npt_xml("init.xyz", ff, steps=steps, stride=1, nbeads=nbeads, thermostat="pile_g")
+        xml = xml.replace("    <checkpoint", "    <trajectory filename='for' stride='1' format='xyz'> forces </trajectory>\n"
+                          "    <checkpoint")
+        server = IPIServer(d, xml, socket_path=s.socket).start()
+        s.model_path = model
+        runs[batch] = (d, server, s.client())
+    try:
+        for batch, (d, server, proc) in runs.items():
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            assert server.wait(30) == 0
+            assert ("batches of 4 structures" in err) == (batch > 1), err
+    finally:
+        for _, server, proc in runs.values():
+            server.stop()
+            if proc.poll() is None:
+                proc.kill()
+    (d1, *_), (dn, *_) = runs[1], runs[nbeads]
+    p1, pn = read_properties(d1 / "npt.out"), read_properties(dn / "npt.out")
+    assert list(pn["step"]) == list(range(steps + 1))
+    np.testing.assert_allclose(pn["potential"], p1["potential"], rtol=1e-9)
+    np.testing.assert_allclose(pn["virial_md"], p1["virial_md"], rtol=1e-8, atol=1e-8 * np.abs(p1["virial_md"]).max())
+    for k in range(nbeads):  # every bead's forces at every step: no bead swapped or mixed up
+        f1 = _xyz_values(d1 / f"npt.for_{k}.xyz")
+        fn = _xyz_values(dn / f"npt.for_{k}.xyz")
+        assert f1.shape == (steps + 1, 81, 3)
+        np.testing.assert_allclose(fn, f1, rtol=1e-8, atol=1e-10 * np.abs(f1).max())
+    assert np.abs(_xyz_values(dn / "npt.for_0.xyz")[-1] - _xyz_values(dn / "npt.for_1.xyz")[-1]).max() > 0
+
+
+def _xyz_values(path: Path) -> np.ndarray:
+    """(frames, N, 3) columns 2–4 of an i-PI xyz trajectory."""
+    lines = path.read_text().splitlines()
+    frames, i = [], 0
+    while i < len(lines):
+        n = int(lines[i])
+        frames.append([[float(x) for x in ln.split()[1:4]] for ln in lines[i + 2:i + 2 + n]])
+        i += n + 2
+    return np.array(frames)
