@@ -419,4 +419,8 @@ def run_client(
     except (ValueError, OSError) as exc:  # bad arguments, template or model file (ModelLoadError is a ValueError)
         _log(f"error: {exc}")
         return EXIT_USAGE
-    return client.run()
+    code = client.run()
+    summary = pes.neighbor_list_summary()
+    if summary:
+        _log(summary)
+    return code

@@ -174,6 +174,15 @@ class AtomicUnitsModel:
             self.slot_evaluators.append(ev)
         return self.slot_evaluators[slot]
 
+    def neighbor_list_summary(self) -> str:
+        """``"<builds> Verlet list builds in <calls> evaluations (per slot: …)"`` for the BPNN MD step, else ``""``."""
+        steps = [ev.fast for ev in self.slot_evaluators if ev.fast is not None]
+        if not steps:
+            return ""
+        builds, calls = [s.verlet.builds for s in steps], [s.calls for s in steps]
+        per = f" (per batch slot: {builds})" if len(steps) > 1 else ""
+        return f"{sum(builds)} Verlet list builds in {sum(calls)} evaluations{per}"
+
     def compute_batch(self, cells: np.ndarray, positions: np.ndarray) -> List[Tuple[float, np.ndarray, np.ndarray, str]]:
         """Evaluate i-PI's batch of B structures, structure k with the evaluator of slot k.
 

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One command: path-integral NPT water (8 beads) with i-PI and an ekf-plugin model, batched requests.
+#   ./run.sh [MODEL] [STEPS]
+# MODEL: spktrain best_model, an exported model, or an n2p2 potential directory
+#        (default: the committed revPBE0-D3 BPNN ../water_revpbe0/models/ekf_lr1e-3_s0.pt).
+# Environment: BATCH (structures per i-PI request, default 8 = all beads; 1 = one bead per request),
+#              DEVICE (cpu|cuda, default cpu), THREADS (torch threads, default 1), PYTHON,
+#              RUN_DIR (default ./run) and SOCKET_NAME (default ekf_pimd_water) for several runs at once.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+MODEL="${1:-$REPO/examples/water_revpbe0/models/ekf_lr1e-3_s0.pt}"
+STEPS="${2:-2000}"
+BATCH="${BATCH:-8}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+BIN="$(dirname "$PYTHON")"
+NAME="${SOCKET_NAME:-ekf_pimd_water}"
+SOCKET="/tmp/ipi_$NAME"
+RUN="${RUN_DIR:-$HERE/run}"
+
+mkdir -p "$RUN"
+cd "$RUN"
+[ -f init.xyz ] || "$PYTHON" "$HERE/../ipi_npt_water/make_init.py" --out init.xyz
+sed -e "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" \
+    -e "s|<batch_size>.*</batch_size>|<batch_size>$BATCH</batch_size>|" \
+    -e "s|<address>ekf_pimd_water</address>|<address>$NAME</address>|" "$HERE/input.xml" > input.xml
+rm -f RESTART EXIT pimd.out pimd.pos_*.xyz pimd.chk
+if [ -S "$SOCKET" ] || [ -e "$SOCKET" ]; then
+  echo "removing stale socket $SOCKET"; rm -f "$SOCKET"
+fi
+
+"$BIN/i-pi" input.xml > ipi.log 2>&1 &
+IPI=$!
+cleanup() { if kill -0 "$IPI" 2>/dev/null; then kill -TERM "$IPI"; wait "$IPI" || true; fi; rm -f "$SOCKET"; }
+trap cleanup EXIT
+
+for _ in $(seq 1 600); do               # wait up to 60 s for i-PI's socket
+  [ -S "$SOCKET" ] && break
+  kill -0 "$IPI" 2>/dev/null || { echo "i-PI died, see $RUN/ipi.log"; tail -20 ipi.log; exit 1; }
+  sleep 0.1
+done
+[ -S "$SOCKET" ] || { echo "i-PI did not create $SOCKET"; exit 1; }
+
+echo "running $STEPS path-integral steps (8 beads, batch_size $BATCH) with $MODEL (i-PI log: $RUN/ipi.log)"
+SECONDS=0
+set +e
+"$BIN/ekf-plugin" ipi --model "$MODEL" --template init.xyz --unix "$NAME" \
+  --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" 2>&1 | tee client.log
+RC=${PIPESTATUS[0]}
+set -e
+if [ $RC -ne 0 ]; then
+  echo "client failed with exit code $RC; stopping i-PI (SIGTERM leaves a restartable RESTART file)"
+  exit $RC
+fi
+wait "$IPI"
+trap - EXIT
+# the client's log has the time per request after the first (start-up and first call excluded)
+"$PYTHON" - "$STEPS" "$BATCH" "$SECONDS" <<'PY'
+import re, sys
+steps, batch, total = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+log = open("client.log").read()
+m = re.search(r"\(([\d.]+) ms per call", log)
+print(f"done: {steps} steps in {total} s (start-up included)")
+if m:
+    per_call = float(m.group(1)) / 1e3  # s per request: 8 beads if batch 8, one bead if batch 1
+    per_step = per_call * 8 / batch
+    print(f"per step: {per_step:.3f} s, per bead: {per_step / 8:.3f} s (batch_size {batch}, after the first request)")
+PY
