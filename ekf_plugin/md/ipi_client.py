@@ -179,6 +179,8 @@ class IPIClient:
         self.init_string = b""
         self.batch_size = 1  # structures per request, from the INIT string (i-PI's <batch_size>)
         self.call_times: list = []  # monotonic time of each FORCEREADY sent (for steps/s)
+        self.call_structures: list = []  # structures evaluated for each FORCEREADY (padding copies not counted)
+        self._evaluated = 1
 
     # -- one connection -----------------------------------------------------------------
     def serve(self, sock: socket.socket) -> None:
@@ -210,6 +212,7 @@ class IPIClient:
                     reply = self._evaluate_batch(cells, positions)
                 else:
                     reply = self._evaluate(cell_h, pos)
+                    self._evaluated = 1
             elif word == b"GETFORCE":
                 if reply is None:
                     raise proto.ProtocolError("GETFORCE before any POSDATA")
@@ -218,6 +221,7 @@ class IPIClient:
                 reply = None
                 self.n_calls += 1
                 self.n_structures += self.batch_size
+                self.call_structures.append(self._evaluated)
                 self.call_times.append(time.monotonic())
             elif word == b"EXIT":
                 return
@@ -259,6 +263,7 @@ class IPIClient:
         if len(results) != len(unique):
             raise ModelFailure(f"the model returned {len(results)} results for a batch of {len(unique)} structures")
         checked = [check_result(r, nat) for r in results]
+        self._evaluated = len(unique)
         slot = np.cumsum([k in unique for k in range(b)]) - 1  # (B,) result index of each structure
         out = [checked[i] for i in slot]
         return proto.forceready_batch_message([o[0] for o in out], [o[1] for o in out], [o[2] for o in out],
@@ -319,8 +324,10 @@ class IPIClient:
             return ""
         per = (t[-1] - t[0]) / (len(t) - 1)
         if self.batch_size > 1:
-            return (f" ({per * 1e3:.2f} ms per call of {self.batch_size} structures, "
-                    f"{per * 1e3 / self.batch_size:.2f} ms per structure, after the first)")
+            n = sum(self.call_structures[1:len(t)])
+            return (f" ({per * 1e3:.2f} ms per call of up to {self.batch_size} structures; "
+                    f"{(t[-1] - t[0]) / n * 1e3:.2f} ms per evaluated structure, {n} after the first call, "
+                    "i-PI's padding copies not counted)")
         return f" ({per * 1e3:.2f} ms per call, {1 / per:.1f} calls/s after the first)"
 
     def _abort(self, sock: socket.socket, message: str, code: int) -> int:

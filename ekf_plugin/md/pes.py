@@ -148,6 +148,7 @@ class AtomicUnitsModel:
         check_template(atoms, self.template, _model_elements(self.evaluator.model))
         self.first_frame_checked = False
         self.slot_evaluators = [self.evaluator]  # one per batch slot (see compute_batch)
+        self.slot_positions: List[Optional[np.ndarray]] = []  # (nat, 3) Bohr: last structure of each slot
 
     @property
     def natoms(self) -> int:
@@ -184,7 +185,7 @@ class AtomicUnitsModel:
         return f"{sum(builds)} Verlet list builds in {sum(calls)} evaluations{per}"
 
     def compute_batch(self, cells: np.ndarray, positions: np.ndarray) -> List[Tuple[float, np.ndarray, np.ndarray, str]]:
-        """Evaluate i-PI's batch of B structures, structure k with the evaluator of slot k.
+        """Evaluate i-PI's batch of B structures, each with the evaluator of its slot (:meth:`assign_slots`).
 
         Args:
             cells: (B, 3, 3) Bohr, lattice vectors as columns.
@@ -193,7 +194,42 @@ class AtomicUnitsModel:
         Returns:
             B tuples as :meth:`__call__` returns them.
         """
-        return [self(cells[k], positions[k], slot=k) for k in range(len(positions))]
+        slots = self.assign_slots(positions)
+        return [self(cells[k], positions[k], slot=slots[k]) for k in range(len(positions))]
+
+    def assign_slots(self, positions: np.ndarray) -> List[int]:
+        """Slot of each structure in a batch: the one whose last structure is nearest (least mean squared
+        displacement, an optimal one-to-one assignment), so each bead keeps its own Verlet list even when
+        i-PI splits a step's beads over several requests in a varying order; structures with no near
+        slot take unused ones.
+
+        Args:
+            positions: (B, nat, 3) Bohr.
+
+        Returns:
+            B distinct slot indices (new slots are numbered after the existing ones).
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        b = len(positions)
+        last = self.slot_positions
+        n = max(len(last), b)
+        cost = np.empty((b, n))
+        for j in range(n):
+            ref = last[j] if j < len(last) else None
+            if ref is None or ref.shape != positions.shape[1:]:
+                cost[:, j] = 1e6 + j  # Bohr²: no history, prefer the lowest free index (moderate: sums stay exact)
+            else:
+                cost[:, j] = ((positions - ref) ** 2).sum(axis=(1, 2)) / ref.shape[0]
+        rows, cols = linear_sum_assignment(cost)
+        slots = [0] * b
+        for r, c in zip(rows, cols):
+            slots[r] = int(c)
+        while len(last) < n:
+            last.append(None)
+        for k, c in enumerate(slots):
+            last[c] = np.array(positions[k], dtype=np.float64)
+        return slots
 
     def __call__(self, cell_h: np.ndarray, pos: np.ndarray, slot: int = 0) -> Tuple[float, np.ndarray, np.ndarray, str]:
         """Evaluate one i-PI structure.
@@ -292,9 +328,10 @@ class EkfPluginDriver(Dummy_driver):
 
     def compute(self, cell, pos):
         """One structure, or i-PI's batch (lists of cells and positions, ``<ffdirect>`` with ``<batch_size>``):
-        structure k of a batch is evaluated in slot k (:meth:`AtomicUnitsModel.slot_evaluator`)."""
+        each structure of a batch in its own slot (:meth:`AtomicUnitsModel.compute_batch`)."""
         if isinstance(cell, list):
             if not isinstance(pos, list) or len(cell) != len(pos):
                 raise ValueError("Both position and cell should be given as lists to run in batched mode")
-            return [self.model(c, p, slot=k) for k, (c, p) in enumerate(zip(cell, pos))]
+            cells = np.stack([np.asarray(c, dtype=np.float64).reshape(3, 3) for c in cell])  # (B, 3, 3)
+            return self.model.compute_batch(cells, np.stack([np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in pos]))
         return self.compute_structure(cell, pos)

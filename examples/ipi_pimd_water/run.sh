@@ -59,10 +59,10 @@ trap - EXIT
 import re, sys
 steps, batch, total = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 log = open("client.log").read()
-m = re.search(r"\(([\d.]+) ms per call", log)
+# batched: "... ms per evaluated structure"; one bead per request: "(... ms per call"
+m = re.search(r"([\d.]+) ms per evaluated structure", log) or re.search(r"\(([\d.]+) ms per call,", log)
 print(f"done: {steps} steps in {total} s (start-up included)")
 if m:
-    per_call = float(m.group(1)) / 1e3  # s per request: 8 beads if batch 8, one bead if batch 1
-    per_step = per_call * 8 / batch
-    print(f"per step: {per_step:.3f} s, per bead: {per_step / 8:.3f} s (batch_size {batch}, after the first request)")
+    per_bead = float(m.group(1)) / 1e3  # s per bead evaluation, i-PI's and the socket's share included
+    print(f"per step: {8 * per_bead:.3f} s, per bead: {per_bead:.3f} s (batch_size {batch}, after the first request)")
 PY
