@@ -156,6 +156,9 @@ class Covariance:
         lw = self.label_weights
         if not lw:
             return float(self.noise)
+        if lw.get("label_mode") == "reduced":
+            raise ValueError("this P was trained on reduced rows (task=ekf: group means of |ΔE| and |ΔF|), so R implies "
+                             "no noise for single labels: use the epistemic σ (include_noise=False)")
         if kind == "energy":
             var = self.noise / float(lw["c_energy"])
             return var * n_atoms**2 if lw.get("energy_per_atom") else var
@@ -363,7 +366,7 @@ def covariance_from_checkpoint(path: PathLike, model: torch.nn.Module, ck: Optio
                          "n_force_components": int(hp.get("n_force_components", 10) or 10),
                          "energy_per_atom": bool(hp.get("energy_per_atom", False))}
         if hp.get("label_mode") == "reduced":
-            label_weights = None  # rows are group means of |ΔF|: no per-label noise to report
+            label_weights = {"label_mode": "reduced"}  # rows are group means of |ΔE|, |ΔF|: no per-label noise
     return Covariance(P, blocks, names, [shapes[n] for n in names], w, noise, label_weights,
                       int(ekf.get("step", 0)), f"{Path(path).name}, step {int(ck.get('global_step', 0))}",
                       {"global_step": int(ck.get("global_step", 0)) if isinstance(ck.get("global_step"), int) else 0})

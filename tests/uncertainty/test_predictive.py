@@ -96,6 +96,9 @@ def test_subset_of_atoms_and_label_noise_of_the_paper_scaling():
     assert cov.label_noise("force") == pytest.approx(10.0)
     cov.label_weights = {**lw, "energy_per_atom": True}
     assert cov.label_noise("energy", n_atoms=6) == pytest.approx(36 * 1000 / 999.9)
+    cov.label_weights = {"label_mode": "reduced"}
+    with pytest.raises(ValueError, match="reduced rows"):
+        cov.label_noise("force")
     cov.label_weights = lw
     unc = PredictiveUncertainty(model, cov)
     atoms = water_pair(pbc=False)
