@@ -225,3 +225,27 @@ def test_bpnn_pes_keeps_one_verlet_list_per_slot_and_equals_unbatched(tmp_path, 
     assert all(s.verlet.builds == 1 for s in steps)  # each bead kept its own list over the 5 steps
     assert all(s.calls == 5 for s in steps)
     assert "4 Verlet list builds in 20 evaluations" in batched.neighbor_list_summary()
+
+
+def test_ffdirect_driver_evaluates_batches_in_slots(tmp_path):
+    """i-PI's ``<ffdirect>`` with ``<batch_size>`` hands the PES lists of cells and positions."""
+    from ase import units
+
+    from ekf_plugin.md.pes import EkfPluginDriver
+    from ekf_plugin.md.runner import write_ipi_xyz
+    from ekf_plugin.models import water_bpnn
+
+    from ._toy import water_box
+
+    z, r, h = water_box(2, seed=2)
+    write_ipi_xyz(tmp_path / "init.xyz", ["O" if a == 8 else "H" for a in z], r, h)
+    torch.save(water_bpnn(seed=0, dtype=torch.float64), tmp_path / "m.pt")
+    drv = EkfPluginDriver(template=str(tmp_path / "init.xyz"), model=str(tmp_path / "m.pt"), threads=1)
+    cell_h = h.T / units.Bohr
+    pos = [r / units.Bohr + np.random.default_rng(k).normal(0, 0.02, r.shape) for k in range(2)]
+    got = drv([cell_h, cell_h], [p.reshape(-1) for p in pos])
+    assert len(got) == 2 and len(drv.model.slot_evaluators) == 2
+    for g, p in zip(got, pos):
+        ref = drv(cell_h, p.reshape(-1))
+        assert g[0] == pytest.approx(ref[0], rel=1e-12)
+        np.testing.assert_allclose(g[1], ref[1], rtol=1e-10, atol=1e-12)
