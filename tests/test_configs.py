@@ -90,7 +90,9 @@ def test_there_are_options_to_check():
 
 @pytest.mark.parametrize("option", OPTIONS, ids=[str(o) for o in OPTIONS])
 def test_option_composes_and_its_targets_import(hydra_schnetpack, option):
-    overrides = [_override(option), "++globals.cutoff=5.0", "++globals.lr=1e-3"]
+    # SchNetPack leaves globals.cutoff/lr to the experiment: supply them unless the option sets them itself
+    own = _option_content(option).get("globals", {}) if not _package(option) else {}
+    overrides = [_override(option)] + [f"++globals.{k}={v}" for k, v in (("cutoff", 5.0), ("lr", 1e-3)) if k not in own]
     if str(option.parent) not in ("model", "experiment"):
         overrides.insert(0, "model=nnp")
     cfg = compose(config_name="train", overrides=overrides)
