@@ -228,7 +228,8 @@ def _make_datamodule():
             source_format: ``"extxyz"``/``"n2p2"``; guessed from the file name when ``None``.
             max_frames: use only the first ``max_frames`` frames of ``source`` (small runs).
             cutoff: neighbour-list cutoff in Å for the default transforms
-                ``[MatScipyNeighborList(cutoff), CastTo32]`` (used when ``transforms`` is not given).
+                ``[MemoryCachedNeighborList(MatScipyNeighborList(cutoff)), CastTo32]`` (used when
+                ``transforms`` is not given; each frame's list is computed once and kept in memory).
             source_length_unit, source_energy_unit: units of ``source``.
             outlier_threshold: robust z of the E/atom and |F| outlier test (``None``: off).
             **kwargs: passed to ``schnetpack.data.AtomsDataModule`` (``batch_size``, ``num_train``, ...).
@@ -239,7 +240,9 @@ def _make_datamodule():
                      source_energy_unit: str = "Hartree", transforms=None,
                      outlier_threshold: Optional[float] = OUTLIER_Z, **kwargs) -> None:
             if transforms is None:
-                transforms = [trn.MatScipyNeighborList(cutoff=float(cutoff)), trn.CastTo32()]
+                from .transforms import MemoryCachedNeighborList
+
+                transforms = [MemoryCachedNeighborList(trn.MatScipyNeighborList(cutoff=float(cutoff))), trn.CastTo32()]
             kwargs.setdefault("distance_unit", "Ang")
             kwargs.setdefault("property_units", dict(PROPERTY_UNITS))
             super().__init__(datapath=datapath, transforms=transforms, **kwargs)

@@ -1,0 +1,50 @@
+"""MemoryCachedNeighborList: bitwise the lists of the wrapped transform, recomputed when a frame changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase.build import molecule
+
+import schnetpack.properties as props
+import schnetpack.transform as trn
+from ekf_plugin.transforms import MemoryCachedNeighborList
+
+
+def _frame(idx: int, seed: int = 0, box: float = 7.0):
+    rng = np.random.default_rng(seed)
+    atoms = molecule("H2O")
+    atoms = atoms.repeat((1, 1, 1))
+    pos = np.concatenate([atoms.positions + rng.uniform(0, box, 3) for _ in range(6)])
+    z = np.tile(atoms.numbers, 6)
+    return {
+        props.idx: torch.tensor([idx]), props.Z: torch.as_tensor(z), props.R: torch.as_tensor(pos, dtype=torch.float64),
+        props.cell: torch.eye(3, dtype=torch.float64).mul(box).reshape(1, 3, 3), props.pbc: torch.tensor([True] * 3),
+        props.n_atoms: torch.tensor([len(z)]),
+    }
+
+
+def test_cached_lists_equal_fresh_ones_bitwise_and_follow_changes():
+    plain = trn.MatScipyNeighborList(cutoff=4.0)  # cutoff > box/2: several images of a neighbour
+    cached = MemoryCachedNeighborList(trn.MatScipyNeighborList(cutoff=4.0))
+    for idx in (3, 8):
+        ref = plain(_frame(idx, seed=idx))
+        for _ in range(2):  # miss, then hit
+            out = cached(_frame(idx, seed=idx))
+            for k in (props.idx_i, props.idx_j, props.offsets):
+                assert out[k].dtype == ref[k].dtype and torch.equal(out[k], ref[k]), k
+    assert (cached.misses, cached.hits) == (2, 2)
+    assert cached.nbytes > 0
+    moved = _frame(3, seed=3)
+    moved[props.R][0, 0] += 0.7
+    out = cached(moved)
+    assert cached.misses == 3, "a frame whose positions changed under the same _idx is recomputed"
+    ref = plain(_frame(3, seed=3) | {props.R: moved[props.R]})
+    assert torch.equal(out[props.idx_j], ref[props.idx_j]) and torch.equal(out[props.offsets], ref[props.offsets])
+
+
+def test_memory_cap():
+    cached = MemoryCachedNeighborList(trn.MatScipyNeighborList(cutoff=4.0), max_bytes=1)
+    cached(_frame(1))
+    cached(_frame(1))
+    assert cached.hits == 0 and cached.nbytes == 0
