@@ -41,11 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-model", action="store_true",
                         help="allow a full unpickle of a best_model that needs classes outside the allow-list: "
                              "this can run code from the file, use it only for files you trust")
+    parser.add_argument("--uncertainty-every", type=int, default=0, metavar="N",
+                        help="put the EKF energy uncertainty into i-PI's extras every N force calls (0: off; needs "
+                             "<model>.cov.pt or --covariance, see docs/uncertainty.md)")
+    parser.add_argument("--covariance", default=None, help="covariance file for --uncertainty-every (default <model>.cov.pt)")
+    parser.add_argument("--uncertainty-forces", action="store_true",
+                        help="also the largest per-atom force uncertainty (3N Jacobian rows per computation: slow)")
+    parser.add_argument("--uncertainty-threshold", type=float, default=None, metavar="MEV_PER_ATOM",
+                        help="log a warning when the energy uncertainty per atom exceeds this (meV/atom)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.host is not None and args.port is None:
         print("ekf-plugin ipi: error: --host needs --port")
+        return 1
+    if args.uncertainty_every < 0 or (not args.uncertainty_every and (
+            args.uncertainty_forces or args.uncertainty_threshold is not None or args.covariance)):
+        print("ekf-plugin ipi: error: --covariance, --uncertainty-forces and --uncertainty-threshold need "
+              "--uncertainty-every N (N >= 1)")
         return 1
     from ..md.ipi_client import run_client
 
@@ -65,4 +78,8 @@ def run(args: argparse.Namespace) -> int:
         read_timeout=args.read_timeout or None,
         idle_timeout=args.idle_timeout or None,
         trust_pickle=args.trust_model,
+        uncertainty_every=args.uncertainty_every,
+        covariance=args.covariance,
+        uncertainty_forces=args.uncertainty_forces,
+        uncertainty_threshold=args.uncertainty_threshold,
     )

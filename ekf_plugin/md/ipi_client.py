@@ -394,6 +394,10 @@ def run_client(
     read_timeout: Optional[float] = 60.0,
     idle_timeout: Optional[float] = None,
     trust_pickle: bool = False,
+    uncertainty_every: int = 0,
+    covariance: Optional[str] = None,
+    uncertainty_forces: bool = False,
+    uncertainty_threshold: Optional[float] = None,
 ) -> int:
     """Drive an i-PI simulation with a trained model until i-PI sends ``EXIT``.
 
@@ -410,6 +414,9 @@ def run_client(
         read_timeout: seconds a started message may take (``None``: no limit); idle_timeout: seconds
             to wait for the next message (``None``: no limit).
         trust_pickle: allow a full unpickle of a ``best_model`` outside the allow-list (trusted files only).
+        uncertainty_every: put σ_E (eV) into the extras every N force calls (0: off), from ``covariance``
+            (default ``<model>.cov.pt``); ``uncertainty_forces``: also the largest per-atom σ_F (eV/Å);
+            ``uncertainty_threshold``: warn above this σ_E/N (meV/atom). See docs/uncertainty.md.
 
     Returns:
         The process exit code: 0 after EXIT, 1 bad arguments, 2 connection lost,
@@ -421,6 +428,16 @@ def run_client(
 
         pes = AtomicUnitsModel(template, model, device=device, threads=threads, dtype=dtype, cutoff=cutoff,
                                trust_pickle=trust_pickle)
+        if uncertainty_every:
+            from ..uncertainty import default_path
+            from ..uncertainty.monitor import UncertaintyMonitor
+
+            if covariance is None and not isinstance(model, (str, os.PathLike)):
+                raise ValueError("uncertainty_every needs covariance=<file> for a model given in memory")
+            pes.monitor = UncertaintyMonitor(pes.evaluator, covariance or default_path(model), every=uncertainty_every,
+                                             forces=uncertainty_forces, threshold=uncertainty_threshold,
+                                             log_fn=lambda m: _log(f"warning: {m}"))
+            _log(f"EKF uncertainty into i-PI's extras every {uncertainty_every} force call(s) (eV, meV/atom, eV/Å)")
         client = IPIClient(pes, address, natoms=pes.natoms, reconnect=reconnect, connect_timeout=connect_timeout,
                            read_timeout=read_timeout, idle_timeout=idle_timeout)
     except (ValueError, OSError) as exc:  # bad arguments, template or model file (ModelLoadError is a ValueError)

@@ -147,6 +147,7 @@ class AtomicUnitsModel:
         )
         check_template(atoms, self.template, _model_elements(self.evaluator.model))
         self.first_frame_checked = False
+        self.monitor = None  # ekf_plugin.uncertainty.monitor.UncertaintyMonitor: σ into the extras (docs/uncertainty.md)
         self.slot_evaluators = [self.evaluator]  # one per batch slot (see compute_batch)
         self.slot_positions: List[Optional[np.ndarray]] = []  # (nat, 3) Bohr: last structure of each slot
 
@@ -269,7 +270,8 @@ class AtomicUnitsModel:
         virial = res.virial / HARTREE  # (3, 3) Ha
         if not (math.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(virial).all()):
             raise ModelError("the model returned non-finite energy, forces or virial; refusing to send them to i-PI")
-        return energy, forces, virial, json.dumps({})
+        extras = self.monitor(self.numbers, pos * BOHR, cell) if self.monitor is not None else {}
+        return energy, forces, virial, json.dumps(extras)
 
 
 def _model_elements(model) -> Optional[Sequence[int]]:
