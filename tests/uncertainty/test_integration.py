@@ -62,3 +62,11 @@ def test_ipi_extras_carry_the_uncertainty_every_n_calls(model_file, tmp_path):
     default_path(model_file).unlink()
     assert run_client(str(model_file), str(template), unix="no-such-socket", uncertainty_every=5,
                       connect_timeout=0.1) == 1
+
+
+def test_ipi_command_needs_uncertainty_every_for_its_options(model_file, capsys):
+    from ekf_plugin.cli import main
+
+    assert main(["ipi", "--model", str(model_file), "--template", "x.xyz", "--unix", "none",
+                 "--uncertainty-threshold", "5"]) == 1
+    assert "need --uncertainty-every" in capsys.readouterr().out
