@@ -13,7 +13,7 @@ otherwise.
 Frames are validated when read (:mod:`ekf_plugin.validation`): ≥ 1 atom, known elements, finite
 positions, cell, energy and forces, no two atoms closer than 0.6 Å, every H of an H/C/N/O system within
 1.3 Å of a heavier atom (both catch a Bohr/Å mix-up), and a robust (median/MAD) outlier test on E/atom and
-|F|. Errors name the file and the frame.
+abs(F). Errors name the file and the frame.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _make_datamodule():
                 ``[MemoryCachedNeighborList(MatScipyNeighborList(cutoff)), CastTo32]`` (used when
                 ``transforms`` is not given; each frame's list is computed once and kept in memory).
             source_length_unit, source_energy_unit: units of ``source``.
-            outlier_threshold: robust z of the E/atom and |F| outlier test (``None``: off).
+            outlier_threshold: robust z of the E/atom and abs(F) outlier test (``None``: off).
             **kwargs: passed to ``schnetpack.data.AtomsDataModule`` (``batch_size``, ``num_train``, ...).
         """
 

@@ -55,7 +55,7 @@ def grouped_force_errors(
 ) -> torch.Tensor:
     """Force errors of ``n_groups`` random groups of ``group_size`` atoms each: shape (G,), force units.
 
-    ξ_g = mean over the 3·S components of the group's atoms of |F̂ − F| (graph kept), so its gradient is
+    ξ_g = mean over the 3·S components of the group's atoms of abs(F̂ − F) (graph kept), so its gradient is
     the signed sum mean sign(F̂ − F)·∂F̂/∂θ: one Jacobian row (one backward pass) stands for 3·S force
     components (the reduced-row update of LKF/RLEKF, Hu et al., AAAI 2023; deepmd-kit ``KFWrapper``).
     Atoms are drawn from the whole batch without replacement (with replacement when the batch has

@@ -141,7 +141,7 @@ def check_frame(numbers: Sequence[int], positions: np.ndarray, cell: Optional[np
 
 
 def robust_z(values: np.ndarray, floor: float) -> np.ndarray:
-    """|x − median| / max(1.4826·MAD, floor) for a 1-d array."""
+    """abs(x − median) / max(1.4826·MAD, floor) for a 1-d array."""
     x = np.asarray(values, dtype=np.float64)
     med = np.median(x)
     scale = max(1.4826 * float(np.median(np.abs(x - med))), floor)
@@ -149,7 +149,7 @@ def robust_z(values: np.ndarray, floor: float) -> np.ndarray:
 
 
 def check_outliers(frames: Sequence, source: str, threshold: Optional[float] = OUTLIER_Z, first_index: int = 0) -> None:
-    """Refuse single absurd labels: robust z of E/atom (eV/atom; needs ≥ 5 frames) and of every |F| (eV/Å).
+    """Refuse single absurd labels: robust z of E/atom (eV/atom; needs ≥ 5 frames) and of every abs(F) (eV/Å).
 
     ``frames``: ASE ``Atoms`` with energy/forces on their calculators. ``threshold=None`` switches the test off.
     """

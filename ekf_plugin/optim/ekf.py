@@ -42,7 +42,7 @@ Options and their sources:
 * ``symmetrize_every``: P ← (P + Pᵀ)/2 every k updates (0 = never). The update itself is symmetric by
   construction (Vᵀ V); this only removes round-off drift. (No-op with the ``"blas"`` kernel, which keeps
   P exactly symmetric by storing one triangle.)
-* ``innovation_gate``: reject an update whose largest normalised innovation |ξᵢ|/√Aᵢᵢ exceeds the gate
+* ``innovation_gate``: reject an update whose largest normalised innovation abs(ξᵢ)/√Aᵢᵢ exceeds the gate
   (an outlier label: A = JPJᵀ + R is the filter's predicted variance of ξ). None = off. A gated update
   counts as a rejected one (weights and P unchanged); ``max_failures`` consecutive ones raise.
 * ``kernel``: the dense algebra. ``"blas"`` (CPU): symmetric BLAS through SciPy (``?symm``/``?symv`` for
@@ -166,7 +166,7 @@ class EKF(torch.optim.Optimizer):
         multistream: gather ξ and J over ``torch.distributed`` when it is initialised (world size > 1).
         process_group: the process group for multistream (default: the world).
         vectorize_jacobian: batched Jacobian (``is_grads_batched``) instead of m backward calls.
-        innovation_gate: reject updates with max |ξᵢ|/√Aᵢᵢ above this (None = off; e.g. 10).
+        innovation_gate: reject updates with max abs(ξᵢ)/√Aᵢᵢ above this (None = off; e.g. 10).
         kernel: ``"auto"``, ``"blas"`` or ``"torch"`` (module docstring, :mod:`ekf_plugin.optim.kernels`).
     """
 

@@ -84,10 +84,10 @@ def reduced_row_errors(
 ) -> torch.Tensor:
     """ξ for a reduced-row update (any model, large networks): (1 + G,), graph kept.
 
-    Row 0: √c_E · mean_b |Ê_b − E_b| over the batch's structures (per atom if ``energy_per_atom``);
+    Row 0: √c_E · mean_b abs(Ê_b − E_b) over the batch's structures (per atom if ``energy_per_atom``);
     rows 1..G: √c_F · ξ_g of :func:`ekf_plugin.labels.grouped_force_errors`. Each row is one backward
     pass of the Jacobian, so an update of a GNN costs 1 + G backward passes instead of one per force
-    component. For a single structure and G = 0 this is the plain energy update (|e| with the sign in J).
+    component. For a single structure and G = 0 this is the plain energy update (abs(e) with the sign in J).
     """
     rows = []
     if energy_key in pred and c_energy > 0:

@@ -84,8 +84,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             RMSEs always use the full model.
         label_mode: ``"study"`` (the schedule above: one energy label or ``n_force_components`` force
             components per structure, one Jacobian row each) or ``"reduced"`` (any model, large networks:
-            every update has one energy row, the mean |ΔE| over the batch, and ``n_force_groups`` rows, each
-            the mean |ΔF| over the 3·``force_group_size`` components of a random group of atoms;
+            every update has one energy row, the mean abs(ΔE) over the batch, and ``n_force_groups`` rows, each
+            the mean abs(ΔF) over the 3·``force_group_size`` components of a random group of atoms;
             :func:`~ekf_plugin.training.schedule.reduced_row_errors`, as LKF/RLEKF). ``task=ekf`` uses it.
         n_force_groups, force_group_size: G and S of the reduced mode (deepmd-kit LKF: 4 groups of 6 atoms).
     """

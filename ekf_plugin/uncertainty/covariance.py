@@ -185,7 +185,7 @@ class Covariance:
         return out
 
     def check_weights(self, model: torch.nn.Module, rtol: float = 1e-6) -> float:
-        """Largest |w_model − w_P| relative to max |w_P|; raises :class:`CovarianceMismatchError` above ``rtol``
+        """Largest abs(w_model − w_P) relative to max abs(w_P); raises :class:`CovarianceMismatchError` above ``rtol``
         (P was saved for other weights, e.g. ``last.ckpt``'s P against ``best_model``'s weights)."""
         with torch.no_grad():
             w = torch.cat([p.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for p in self.parameters_of(model)])
