@@ -209,7 +209,8 @@ def test_sigterm_mid_run_then_second_client_finishes(tmp_path):
         _, err1 = first.communicate(timeout=30)
         second = s.client()
         _, err2 = second.communicate(timeout=120)
-        assert server.wait(30) == 0
+        # i-PI has once (2 of ~10 runs on a loaded VM) taken over 30 s to exit after a client was killed mid-step
+        assert server.wait(90) == 0, (err1[-2000:], err2[-2000:])
     assert first.returncode == 128 + signal.SIGTERM, err1
     assert "terminated by SIGTERM" in err1 and "closed the connection cleanly" in err1
     assert second.returncode == 0, err2
