@@ -237,7 +237,6 @@ class EKF(torch.optim.Optimizer):
         self.memory_bytes = nbytes
         self._big = torch.finfo(dtype).max ** 0.25  # bound on |V| that keeps VᵀV finite
         self.kernel: FilterKernel = select_kernel(kernel, self._params[0].device, dtype)
-        self.kernel_name = kernel
         self._init_state()
 
     # ------------------------------------------------------------------ state
@@ -324,21 +323,18 @@ class EKF(torch.optim.Optimizer):
                 if not (isinstance(J, torch.Tensor) and J.dim() == 2 and J.shape == (xi.numel(), self.n)):
                     got = tuple(J.shape) if isinstance(J, torch.Tensor) else type(J).__name__
                     raise RuntimeError(f"EKF closure returned J of shape {got}, expected ({xi.numel()}, {self.n})")
-                xi, J = xi.detach().to(self.dtype), J.detach().to(self.dtype)  # (m,), (m, n)
-                xi, J = self._gather(xi, J)
-                self._update(xi, J)
-                return xi
-            if not isinstance(xi, torch.Tensor) or xi.dim() != 1:
-                shape = tuple(xi.shape) if isinstance(xi, torch.Tensor) else type(xi).__name__
-                raise RuntimeError(
-                    f"EKF closure must return the 1-D error vector ξ = ŷ − y (m labels), got {shape}; "
-                    "return the per-label errors, not a scalar loss."
-                )
-            if not xi.requires_grad:
-                raise RuntimeError("EKF closure returned ξ without an autograd graph (build it with grad enabled)")
-            J = flat_jacobian(xi, self._params, vectorize=self.vectorize_jacobian)  # (m, n)
+            else:
+                if not isinstance(xi, torch.Tensor) or xi.dim() != 1:
+                    shape = tuple(xi.shape) if isinstance(xi, torch.Tensor) else type(xi).__name__
+                    raise RuntimeError(
+                        f"EKF closure must return the 1-D error vector ξ = ŷ − y (m labels), got {shape}; "
+                        "return the per-label errors, not a scalar loss."
+                    )
+                if not xi.requires_grad:
+                    raise RuntimeError("EKF closure returned ξ without an autograd graph (build it with grad enabled)")
+                J = flat_jacobian(xi, self._params, vectorize=self.vectorize_jacobian)  # (m, n)
         xi = xi.detach().to(self.dtype)  # (m,)
-        J = J.to(self.dtype)  # (m, n)
+        J = J.detach().to(self.dtype)  # (m, n)
         xi, J = self._gather(xi, J)
         self._update(xi, J)
         return xi

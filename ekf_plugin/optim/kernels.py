@@ -177,7 +177,3 @@ def select_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Filter
         raise ValueError("kernel='blas' needs SciPy (pip install scipy) or use kernel='torch'")
     return BlasKernel()
 
-
-def kernel_for(name: Optional[str], P: torch.Tensor) -> FilterKernel:
-    """:func:`select_kernel` for an existing block."""
-    return select_kernel(name or "auto", P.device, P.dtype)
