@@ -139,6 +139,18 @@ def recv_init(sock: socket.socket, timeout: Optional[float] = None) -> Tuple[int
     return bead, recvall(sock, n, timeout)
 
 
+def _checked_atom_count(nat: int, natoms: Optional[int], what: str) -> int:
+    """``nat`` as read from the wire, refused before anything is allocated for it: outside (0, MAX_ATOMS]
+    (:class:`ProtocolError`) or different from the template's ``natoms`` (:class:`AtomCountError`)."""
+    if not 0 < nat <= MAX_ATOMS:
+        raise ProtocolError(f"{what} announces {nat} atoms: not the i-PI protocol")
+    if natoms is not None and nat != natoms:
+        raise AtomCountError(
+            f"i-PI sent {nat} atoms but the template has {natoms}: use the same structure file for i-PI and the client"
+        )
+    return nat
+
+
 def recv_posdata(sock: socket.socket, natoms: Optional[int] = None,
                  timeout: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Payload of ``POSDATA`` (after the header).
@@ -153,13 +165,7 @@ def recv_posdata(sock: socket.socket, natoms: Optional[int] = None,
     """
     h = np.frombuffer(recvall(sock, 72, timeout), dtype=np.float64).reshape(3, 3).copy()
     recvall(sock, 72, timeout)  # h^-1: legacy, unused
-    nat = _i4(sock, timeout)
-    if not 0 < nat <= MAX_ATOMS:
-        raise ProtocolError(f"POSDATA announces {nat} atoms: not the i-PI protocol")
-    if natoms is not None and nat != natoms:
-        raise AtomCountError(
-            f"i-PI sent {nat} atoms but the template has {natoms}: use the same structure file for i-PI and the client"
-        )
+    nat = _checked_atom_count(_i4(sock, timeout), natoms, "POSDATA")
     pos = np.frombuffer(recvall(sock, 24 * nat, timeout), dtype=np.float64).reshape(nat, 3).copy()
     return h, pos
 
@@ -228,13 +234,7 @@ def recv_posdata_batch(sock: socket.socket, batch: int, natoms: Optional[int] = 
     Returns:
         ``(cells (batch, 3, 3) Bohr, lattice vectors as columns; positions (batch, nat, 3) Bohr)``.
     """
-    nat = _i4(sock, timeout)
-    if not 0 < nat <= MAX_ATOMS:
-        raise ProtocolError(f"batched POSDATA announces {nat} atoms: not the i-PI protocol")
-    if natoms is not None and nat != natoms:
-        raise AtomCountError(
-            f"i-PI sent {nat} atoms but the template has {natoms}: use the same structure file for i-PI and the client"
-        )
+    nat = _checked_atom_count(_i4(sock, timeout), natoms, "batched POSDATA")
     if batch * nat > MAX_ATOMS:
         raise ProtocolError(f"batched POSDATA of {batch} × {nat} atoms exceeds {MAX_ATOMS} atoms")
     hs = np.frombuffer(recvall(sock, 144 * batch, timeout), dtype=np.float64).reshape(batch, 2, 3, 3)
