@@ -25,7 +25,7 @@ import torch
 
 import schnetpack.properties as props
 from .network_jacobian import NetworkJacobians, supports_closed_form
-from .representation import BehlerParrinello, pair_vectors, species_of
+from .representation import BehlerParrinello, FeatureRange, pair_vectors, species_of
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -142,7 +142,6 @@ class BPNNLabelPredictor:
         positions. ``progress`` shows a tqdm bar on stderr. Returns the number of structures cached.
         """
         rep = self.representation
-        E, W = len(rep.elements), rep.n_atom_basis
         raw = []  # (key, species (N_b,), raw features (N_b, W) float64, checksum (2,), dtype)
         it = batches
         if progress:
@@ -151,26 +150,18 @@ class BPNNLabelPredictor:
             it = tqdm(batches, total=total, desc="ekf-plugin: symmetry functions of the training frames",
                       unit="batch", leave=False)
         device = rep.scale_weight.device
-        g_min = torch.full((E, W), float("inf"), dtype=torch.float64, device=device)  # (E, W)
-        g_max = torch.full((E, W), float("-inf"), dtype=torch.float64, device=device)  # (E, W)
+        stats = FeatureRange(rep.elements, rep.n_atom_basis, device)
         for batch in it:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             for b in range(int(batch[props.n_atoms].shape[0])):
                 structure = self._structure(batch, b)
                 species = species_of(structure[props.Z], rep.species_table, rep.elements)  # (N_b,)
                 g = rep.raw_features({**structure, props.Rij: structure[props.Rij].to(torch.float64)})  # (N_b, W)
-                for e in range(E):
-                    ge = g[species == e]  # (N_e, W)
-                    if ge.numel():
-                        g_min[e] = torch.minimum(g_min[e], ge.min(0).values)
-                        g_max[e] = torch.maximum(g_max[e], ge.max(0).values)
+                stats.add(g, species)
                 key = int(batch[props.idx][b]) if props.idx in batch else None
                 raw.append((key, species, g, self._checksum(structure), structure[props.R].dtype))
         if fit_scaling:
-            missing = [rep.elements[e] for e in range(E) if not torch.isfinite(g_min[e, 0])]
-            if missing:
-                raise ValueError(f"no atoms of element(s) {missing} in the data used for symmetry-function scaling")
-            rep.set_scaling(g_min, g_max)
+            rep.set_scaling(*stats.result())
         self.clear()
         self._scaling = (rep.scale_weight.clone(), rep.scale_bias.clone())
         w, bias = rep.scale_weight.to(torch.float64), rep.scale_bias.to(torch.float64)  # (E, W) each

@@ -58,6 +58,36 @@ def pair_vectors(inputs: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] =
     return r[idx_j] - r[idx_i] + inputs[props.offsets].to(device=r.device, dtype=r.dtype)  # (P, 3)
 
 
+class FeatureRange:
+    """Running per-element minimum and maximum of raw symmetry functions, each (E, W) in float64.
+
+    Args:
+        elements: the representation's element symbols (E); width: W; device: where the sums live.
+    """
+
+    def __init__(self, elements: Sequence[str], width: int, device=None) -> None:
+        self.elements = list(elements)
+        E = len(self.elements)
+        self.g_min = torch.full((E, width), float("inf"), dtype=torch.float64, device=device)  # (E, W)
+        self.g_max = torch.full((E, width), float("-inf"), dtype=torch.float64, device=device)  # (E, W)
+
+    def add(self, g: torch.Tensor, species: torch.Tensor) -> None:
+        """Include raw features g (N, W) of atoms with element indices ``species`` (N,)."""
+        g = g.to(self.g_min.dtype)
+        for e in range(len(self.elements)):
+            ge = g[species == e]  # (N_e, W)
+            if ge.numel():
+                self.g_min[e] = torch.minimum(self.g_min[e], ge.min(0).values)
+                self.g_max[e] = torch.maximum(self.g_max[e], ge.max(0).values)
+
+    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(g_min, g_max), each (E, W); ValueError naming any element that never occurred."""
+        missing = [self.elements[e] for e in range(len(self.elements)) if not torch.isfinite(self.g_min[e, 0])]
+        if missing:
+            raise ValueError(f"no atoms of element(s) {missing} in the data used for symmetry-function scaling")
+        return self.g_min, self.g_max
+
+
 class BehlerParrinello(Transform):
     """Behler-Parrinello representation (G2 + narrow G3, the study's water preset by default).
 
@@ -169,25 +199,15 @@ class BehlerParrinello(Transform):
         Batches are SchNetPack batch dicts with a neighbour list (``_idx_i``, ``_idx_j``,
         ``_offsets``); ``_Rij`` is computed here as R[j] − R[i] + offsets (Å).
         """
-        E, W = len(self.elements), self.n_atom_basis
         device = self.scale_weight.device
-        g_min = torch.full((E, W), float("inf"), dtype=torch.float64, device=device)
-        g_max = torch.full((E, W), float("-inf"), dtype=torch.float64, device=device)
+        stats = FeatureRange(self.elements, self.n_atom_basis, device)
         for batch in batches:
             batch = {k: batch[k].to(device) for k in (props.R, props.Z, props.idx_i, props.idx_j, props.offsets)}
             rij = pair_vectors(batch, torch.float64)  # (P, 3) Å
             z = batch[props.Z]
             g = self.raw_features({props.Z: z, props.Rij: rij, props.idx_i: batch[props.idx_i], props.idx_j: batch[props.idx_j]})
-            species = self.species_table[z]
-            for e in range(E):
-                ge = g[species == e]  # (N_e, W)
-                if ge.numel():
-                    g_min[e] = torch.minimum(g_min[e], ge.min(0).values)
-                    g_max[e] = torch.maximum(g_max[e], ge.max(0).values)
-        missing = [self.elements[e] for e in range(E) if not torch.isfinite(g_min[e, 0])]
-        if missing:
-            raise ValueError(f"no atoms of element(s) {missing} in the data used for symmetry-function scaling")
-        return g_min, g_max
+            stats.add(g, self.species_table[z])
+        return stats.result()
 
     def fit_scaling(self, batches: Iterable[Dict[str, torch.Tensor]]) -> None:
         """Min/max scaling (SI Eq. 4) from the raw functions over ``batches`` (the training set)."""
