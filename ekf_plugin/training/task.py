@@ -150,6 +150,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.n_force_groups, self.force_group_size = int(n_force_groups), int(force_group_size)
         self.label_predictor = label_predictor_for(model, fast_labels if label_mode == "study" else False, energy_key)
         self.label_rng = torch.Generator().manual_seed(int(seed))
+        self._val_nonfinite = 0  # validation batches with a non-finite loss in the current validation
         self.rmse = torch.nn.ModuleDict(
             {f"{s}_{k}": MeanSquaredError(squared=False) for s in ("train", "val", "test") for k in ("e", "f")}
         )
@@ -218,8 +219,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         n_struct = int(batch[spk.properties.n_atoms].shape[0])
         kinds = draw_kinds(n_struct, self.energy_fraction, self.label_rng) if self.label_mode == "study" else []
         store: Dict[str, Any] = {}
-        if self._is_ekf():
-            ekf = opt.optimizer if hasattr(opt, "optimizer") else opt
+        ekf = (opt.optimizer if hasattr(opt, "optimizer") else opt) if self._is_ekf() else None  # unwrapped EKF
+        if ekf is not None:
             xi = opt.step(closure=lambda: self._errors(batch, kinds, store, ekf.params))
             loss = (xi.detach() ** 2).sum()
         else:
@@ -238,9 +239,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         else:
             self._update_rmse(store["pred"], batch, "train")
         self.log("train_loss", loss.detach().to(torch.float32), on_step=True, on_epoch=False, batch_size=n_struct)
-        if self._is_ekf():
-            st = opt.optimizer.ekf_state if hasattr(opt, "optimizer") else opt.ekf_state
-            self.log("ekf_rejected", float(st["rejected"]), on_step=True, on_epoch=False, batch_size=n_struct)
+        if ekf is not None:
+            self.log("ekf_rejected", float(ekf.ekf_state["rejected"]), on_step=True, on_epoch=False, batch_size=n_struct)
         return loss
 
     def _step_scheduler(self) -> None:
@@ -249,7 +249,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             sch.step()
 
     def on_validation_epoch_end(self) -> None:
-        bad, self._val_nonfinite = getattr(self, "_val_nonfinite", 0), 0
+        bad, self._val_nonfinite = self._val_nonfinite, 0
         if bad:
             step = int(self.trainer.global_step) if self._trainer is not None else 0
             raise FloatingPointError(
@@ -329,7 +329,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         pred, targets = self.apply_constraints(pred, targets)
         loss = self.loss_fn(pred, targets)
         if subset == "val" and not bool(torch.isfinite(loss)):
-            self._val_nonfinite = getattr(self, "_val_nonfinite", 0) + 1
+            self._val_nonfinite += 1
         self.log(f"{subset}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["_idx"]))
         self.log_metrics(pred, targets, subset)
         self._update_rmse(pred, batch, subset)
