@@ -147,7 +147,7 @@ def _scipy_blas_threads() -> Optional[_OpenBLASThreads]:
     except ImportError:
         return None
     libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
-    scipy_libs = [c for c in libs if "scipy" in str(c.filepath).split("numpy.libs")[0] and "numpy.libs" not in str(c.filepath)]
+    scipy_libs = [c for c in libs if "scipy" in str(c.filepath) and "numpy.libs" not in str(c.filepath)]  # not numpy's copy
     chosen = scipy_libs or libs
     return _OpenBLASThreads(chosen[0]) if chosen and hasattr(chosen[0], "get_num_threads") else None
 
