@@ -36,8 +36,11 @@ How one call works (P pairs in the Verlet list, T candidate triples, N atoms):
 Precision: ``dtype=torch.float64`` computes everything in float64. ``torch.float32`` computes pair and
 triple terms and the networks in float32 but sums the symmetry functions, pair gradients, forces,
 energy and virial in float64 (pair vectors are formed from float64 positions).
-``compile=True`` fuses the per-triple arithmetic with ``torch.compile`` (scalar C++; needs a C++
-compiler; a one-off compile of 12 s to a few minutes per process, see :func:`default_compile`).
+``compile=True`` (the default on CPU through :class:`~ekf_plugin.evaluation.ModelEvaluator` when a C++
+compiler is found) runs the two per-triple kernels as C++ loops generated for the model's function set
+and built once per machine in about a second (:func:`native_library`; same operations in the same
+order, triples with a side beyond r_c skipped); ``compile="torch"`` fuses the torch kernels with
+``torch.compile`` instead (slower, a one-off compile of 12 s to minutes), ``False`` runs them eagerly.
 """
 
 from __future__ import annotations
@@ -315,7 +318,7 @@ def _kernel(fn, enabled: bool):
 
 
 def default_compile(device: Any = "cpu") -> bool:
-    """Whether to ``torch.compile`` the triple kernels by default.
+    """Whether to compile the triple kernels by default (native C++ loops on CPU, see :class:`BPNNStep`).
 
     ``EKF_PLUGIN_COMPILE=0``/``1`` decides if set; otherwise on for CPU devices when a C++ compiler
     (``$CXX``, ``c++`` or ``g++``) is on PATH, off elsewhere (GPUs run the kernels eagerly).
@@ -326,6 +329,185 @@ def default_compile(device: Any = "cpu") -> bool:
     if torch.device(device).type != "cpu":
         return False
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++") if c)
+
+
+# ----------------------------------------------------------------------------- native CPU kernels
+#
+# The same two per-triple kernels as C++ loops generated for the model's function set (columns, λ, ζ
+# and factor rows are constants, so every per-triple value stays in registers): one pass over a
+# triplet's triples for all its columns, the pair table as rows (P, R) so that a triple reads three
+# rows, the sums of one centre (forward) and of one pair i→j (backward) kept in registers while the
+# triples, sorted by centre and p1, stay on them, and triples with a side ≥ r_c skipped (their terms
+# are exactly 0). Built with the system C++ compiler (about a second, no torch headers) into a shared
+# library cached on disk and called through ctypes with raw pointers; used for CPU tensors only
+# (other devices run the torch kernels above). Arithmetic in the compute dtype, in the order of the
+# torch kernels; sums in double.
+
+_NATIVE_FLAGS = ["-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
+_NATIVE: Dict[str, Any] = {}  # source hash -> the loaded library, or the error message of a failed build
+
+
+def _c_power(b: str, z: float, out: str) -> List[str]:
+    """C statements setting ``out_a`` = b^ζ and ``out_d`` = ζ b^(ζ−1) (None-free), in :func:`_power`'s order."""
+    if z == 1:
+        return [f"const T {out}_a = {b}; const T {out}_d = (T)1;"]
+    if float(z).is_integer():
+        zi = int(z)
+        lines, p, e, sq, n = [], None, zi - 1, b, 0
+        while e:
+            if e & 1:
+                if p is None:
+                    p = sq
+                else:
+                    lines.append(f"const T {out}_p{n} = {p} * {sq};")
+                    p, n = f"{out}_p{n}", n + 1
+            e >>= 1
+            if e:
+                lines.append(f"const T {out}_s{n} = {sq} * {sq};")
+                sq, n = f"{out}_s{n}", n + 1
+        return lines + [f"const T {out}_a = {p} * {b}; const T {out}_d = {p} * (T){float(z)!r};"]
+    return [f"const T {out}_p = std::pow({b}, (T){float(z) - 1.0!r});",
+            f"const T {out}_a = {out}_p * {b}; const T {out}_d = {out}_p * (T){float(z)!r};"]
+
+
+def _native_source(specs: List[Spec], n_factors: int) -> str:
+    """C++ source of ``fwd<i>_{f32,f64}`` and ``bwd<i>_{f32,f64}`` for the triplets' ``specs``."""
+    R, K = 4 + 2 * n_factors, n_factors
+    src = ["#include <stdint.h>", "#include <cmath>", ""]
+    head = ("const T* __restrict tab, T rc, int64_t nt, const int64_t* __restrict p1, const int64_t* __restrict p2, "
+            "const int64_t* __restrict p3, const int64_t* __restrict cen")
+    load = [
+        "const T* a1 = tab + p1[t] * R; const T* a2 = tab + p2[t] * R; const T* a3 = tab + p3[t] * R;",
+        "if (a1[3] >= rc || a2[3] >= rc || a3[3] >= rc) continue;  /* f_c = f_c' = 0 on a side */",
+        "const T cs = a1[0] * a2[0] + a1[1] * a2[1] + a1[2] * a2[2];",
+    ]
+    for i, spec in enumerate(specs):
+        U = len(spec)
+        keys = list(dict.fromkeys(k for k, _, _ in spec))
+        lams = list(dict.fromkeys(lam for _, lam, _ in spec))
+        pw = list(dict.fromkeys((lam, z) for _, lam, z in spec))
+        body_b = []
+        for li, lam in enumerate(lams):
+            body_b.append(f"const T b{li} = cs * (T){lam!r} + (T)1; const T bc{li} = b{li} < (T)0 ? (T)0 : b{li};")
+        for pi, (lam, z) in enumerate(pw):
+            body_b += _c_power(f"bc{lams.index(lam)}", z, f"w{pi}")
+        hh = [f"const T hh{m} = a1[{4 + k}] * a2[{4 + k}] * a3[{4 + k}];" for m, k in enumerate(keys)]
+        # forward: acc[c] over the triples of one centre
+        src += [f"template <typename T> static void fwd{i}({head}, double* __restrict out) {{",
+                f"  const int64_t R = {R}; double acc[{U}] = {{0}}; int64_t cur = -1;",
+                "  for (int64_t t = 0; t < nt; ++t) {",
+                "    if (cen[t] != cur) {",
+                f"      if (cur >= 0) for (int c = 0; c < {U}; ++c) out[cur * {U} + c] += acc[c];",
+                f"      for (int c = 0; c < {U}; ++c) acc[c] = 0.0;",
+                "      cur = cen[t];", "    }"]
+        src += ["    " + x for x in load + body_b + hh]
+        for c, (k, lam, z) in enumerate(spec):
+            src.append(f"    acc[{c}] += (double)(w{pw.index((lam, z))}_a * hh{keys.index(k)});")
+        src += ["  }", f"  if (cur >= 0) for (int c = 0; c < {U}; ++c) out[cur * {U} + c] += acc[c];", "}", ""]
+        # backward: pair gradients; p1's kept in registers while p1 is unchanged
+        src += [f"template <typename T> static void bwd{i}({head}, const double* __restrict q, double* __restrict grad) {{",
+                f"  const int64_t R = {R}; double g0 = 0.0, g1 = 0.0, g2 = 0.0; int64_t cur = -1;",
+                "  for (int64_t t = 0; t < nt; ++t) {",
+                "    if (p1[t] != cur) {",
+                "      if (cur >= 0) { grad[cur * 3] += g0; grad[cur * 3 + 1] += g1; grad[cur * 3 + 2] += g2; }",
+                "      g0 = g1 = g2 = 0.0; cur = p1[t];", "    }"]
+        src += ["    " + x for x in load + body_b + hh]
+        src.append(f"    const double* qr = q + cen[t] * {U};")
+        qa: Dict[int, str] = {}
+        ccos = None
+        for c, (k, lam, z) in enumerate(spec):
+            w, m, li = f"w{pw.index((lam, z))}", keys.index(k), lams.index(lam)
+            src.append(f"    const T q{c} = (T)qr[{c}];")
+            src.append(f"    const T qa{m}_{c} = " + (f"q{c} * {w}_a;" if m not in qa else f"{qa[m]} + q{c} * {w}_a;"))
+            qa[m] = f"qa{m}_{c}"
+            dq = f"q{c} * (T){lam!r}" if z == 1 else f"q{c} * {w}_d * (T){lam!r}"
+            src.append(f"    const T t{c} = (b{li} > (T)0 ? {dq} : (T)0) * hh{m};")
+            src.append(f"    const T cc{c} = " + (f"t{c};" if ccos is None else f"{ccos} + t{c};"))
+            ccos = f"cc{c}"
+        s = {1: None, 2: None, 3: None}
+        for m, k in enumerate(keys):
+            kd = 4 + K + k
+            src.append(f"    const T h1_{m} = a1[{4 + k}], h2_{m} = a2[{4 + k}], h3_{m} = a3[{4 + k}];")
+            src.append(f"    const T q3_{m} = {qa[m]} * h3_{m};")
+            terms = {1: f"q3_{m} * h2_{m} * a1[{kd}]", 2: f"q3_{m} * h1_{m} * a2[{kd}]",
+                     3: f"{qa[m]} * (h1_{m} * h2_{m}) * a3[{kd}]"}
+            for side in (1, 2, 3):
+                prev = s[side]
+                src.append(f"    const T s{side}_{m} = " + (terms[side] if prev is None else f"{prev} + {terms[side]}") + ";")
+                s[side] = f"s{side}_{m}"
+        src += [f"    const T w1 = {ccos} / a1[3], w2 = {ccos} / a2[3];",
+                f"    const T r1 = {s[1]} - w1 * cs, r2 = {s[2]} - w2 * cs;",
+                f"    const T s3 = {s[3]};",
+                "    g0 += (double)(r1 * a1[0] + w1 * a2[0] - s3 * a3[0]);",
+                "    g1 += (double)(r1 * a1[1] + w1 * a2[1] - s3 * a3[1]);",
+                "    g2 += (double)(r1 * a1[2] + w1 * a2[2] - s3 * a3[2]);",
+                "    double* gb = grad + p2[t] * 3;",
+                "    for (int x = 0; x < 3; ++x) gb[x] += (double)(r2 * a2[x] + w2 * a1[x] + s3 * a3[x]);",
+                "  }",
+                "  if (cur >= 0) { grad[cur * 3] += g0; grad[cur * 3 + 1] += g1; grad[cur * 3 + 2] += g2; }",
+                "}", ""]
+    src.append('extern "C" {')
+    for i in range(len(specs)):
+        for name, T in (("f32", "float"), ("f64", "double")):
+            args = (f"const {T}* tab, {T} rc, int64_t nt, const int64_t* p1, const int64_t* p2, const int64_t* p3, "
+                    "const int64_t* cen")
+            src.append(f"void fwd{i}_{name}({args}, double* out) {{ fwd{i}<{T}>(tab, rc, nt, p1, p2, p3, cen, out); }}")
+            src.append(f"void bwd{i}_{name}({args}, const double* q, double* grad) "
+                       f"{{ bwd{i}<{T}>(tab, rc, nt, p1, p2, p3, cen, q, grad); }}")
+    src.append("}")
+    return "\n".join(src) + "\n"
+
+
+def _compiler() -> Optional[str]:
+    for c in (os.environ.get("CXX", ""), "c++", "g++"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def native_library(source: str):
+    """``source`` built into a shared library (a ``ctypes.CDLL``) on first use; ``RuntimeError`` if impossible.
+
+    Libraries are cached under ``$EKF_PLUGIN_CACHE`` (default ``~/.cache/ekf_plugin``) by a hash of the
+    source, the flags, the compiler and the machine, so each function set is built once (about a second).
+    """
+    import hashlib
+    import platform
+
+    cxx = _compiler()
+    key = hashlib.sha256("\0".join([source, *_NATIVE_FLAGS, str(cxx), platform.machine(),
+                                    platform.system()]).encode()).hexdigest()[:20]
+    got = _NATIVE.get(key)
+    if isinstance(got, str):
+        raise RuntimeError(got)
+    if got is not None:
+        return got
+    import ctypes
+    import subprocess
+    import tempfile
+
+    try:
+        if cxx is None:
+            raise RuntimeError("no C++ compiler ($CXX, c++ or g++) on PATH")
+        root = os.environ.get("EKF_PLUGIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ekf_plugin")
+        os.makedirs(root, exist_ok=True)
+        path = os.path.join(root, f"bpnn_triples_{key}.so")
+        if not os.path.exists(path):
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                src = os.path.join(tmp, "k.cpp")
+                with open(src, "w") as f:
+                    f.write(source)
+                out = os.path.join(tmp, "k.so")
+                run = subprocess.run([cxx, *_NATIVE_FLAGS, src, "-o", out], capture_output=True, text=True, timeout=600)
+                if run.returncode != 0:
+                    raise RuntimeError(f"{cxx} failed: {run.stderr[-800:]}")
+                os.replace(out, path)  # atomic: concurrent builders leave one complete file
+        lib = ctypes.CDLL(path)
+    except Exception as exc:
+        _NATIVE[key] = f"{type(exc).__name__}: {exc}"
+        raise RuntimeError(_NATIVE[key]) from None
+    _NATIVE[key] = lib
+    return lib
 
 
 # ----------------------------------------------------------------------------- the step
@@ -351,7 +533,9 @@ class BPNNStep:
             their own dtype; sums are float64 either way.
         skin: Verlet skin in Å (0 = a new list every call).
         neighbor_list: ``"auto"`` (matscipy on CPU, torch on GPU), ``"matscipy"``, ``"ase"``, ``"torch"``.
-        compile: fuse the per-triple kernels with ``torch.compile``.
+        compile: how the per-triple kernels run: ``True`` or ``"native"`` = the native C++ loops on CPU
+            (:func:`native_library`; on other devices ``True`` means ``"torch"``), ``"torch"`` =
+            ``torch.compile``, ``False`` = eager torch ops. A failed build warns and runs them eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: Optional[torch.dtype] = None, skin: float = 0.5,
@@ -373,10 +557,28 @@ class BPNNStep:
             neighbor_list = "torch" if self.device.type != "cpu" else _default_cpu_list()
         self.cutoff = float(self.sf.cutoff)
         self.verlet = VerletList(self.cutoff, skin, neighbor_list, self.device)
-        self.compile = bool(compile)
         self._build_constants()
+        self.compile = self._kernel_mode(compile)
         self._numbers: Optional[np.ndarray] = None
         self.calls = 0
+
+    def _kernel_mode(self, compile: Any):
+        """``"native"``, ``"torch"`` or ``False`` (see the class docstring)."""
+        if compile is False or compile is None or compile == 0:
+            return False
+        if compile not in (True, 1, "native", "torch"):
+            raise ValueError(f"compile must be True, False, 'native' or 'torch', got {compile!r}")
+        if compile == "torch":
+            return "torch"
+        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.float64):
+            return "torch" if compile is True or compile == 1 else False
+        try:
+            self._native_lib()
+        except RuntimeError as exc:
+            warnings.warn(f"cannot build the native BPNN triple kernels ({exc}); running them eagerly "
+                          "(same results, slower)", RuntimeWarning, stacklevel=3)
+            return False
+        return "native"
 
     # -- constants derived from the function set -------------------------------------------
     def _build_constants(self) -> None:
@@ -410,7 +612,8 @@ class BPNNStep:
         for c, a, b in sf.triplet_list:
             cols, _ = sf.triplet_columns[(c, a, b)]
             spec = tuple((fkeys.index(ang[u]), float(sf.ang_lam[u]), float(sf.ang_zeta[u])) for u in cols)
-            self.triplets.append({"combo": (c, a, b), "cols": list(cols), "spec": spec, "offset": offset})
+            self.triplets.append({"combo": (c, a, b), "cols": list(cols), "spec": spec, "offset": offset,
+                                  "index": len(self.triplets)})
             offset += len(cols)
         self.n_slots = offset  # slot matrix (N, S): [radial E*U_r | one block per triplet]
         fmap = torch.zeros_like(sel)  # (E, W) column of the slot matrix of each feature
@@ -533,7 +736,11 @@ class BPNNStep:
             blk = torch.zeros(n, k.shape[0], dtype=ACC, device=dev).index_add_(0, cen, (e * fg[:, None]).to(ACC))  # (N, U_g)
             slots.index_add_(1, cols, blk)
             rad.append(e * (dfc.index_select(0, idx)[:, None] - 2.0 * er * xr * fg[:, None]))  # (P_g, U_g) ∂term/∂r
-        blocks = self._run(_angular_forward, tab, self.tris, n, self.specs)  # (N, U_c) each
+        if self.compile == "native":
+            tab = tab.T.contiguous()  # (P, 4+2K) rows: one pair's table in one place
+            blocks = self._native_forward(tab, n)  # (N, U_c) each
+        else:
+            blocks = self._run(_angular_forward, tab, self.tris, n, self.specs)  # (N, U_c) each
         for t, blk in zip(self.active, blocks):
             slots[:, t["offset"]:t["offset"] + blk.shape[1]] += blk
         # ---- networks: s = G w + b → E; ∂E/∂slots
@@ -547,7 +754,10 @@ class BPNNStep:
         gslots = torch.zeros_like(slots).scatter_add_(1, fmap, ds * w * pref)  # (N, S) ∂E/∂slots
         # ---- backward: pair gradients ∂E/∂r_p (P, 3) float64
         qs = [gslots[:, t["offset"]:t["offset"] + len(t["cols"])].contiguous() for t in self.active]  # (N, U_c)
-        gp = self._run(_angular_backward, tab, qs, self.tris, self.specs, self.n_factors)  # (P, 3)
+        if self.compile == "native":
+            gp = self._native_backward(tab, qs)  # (P, 3)
+        else:
+            gp = self._run(_angular_backward, tab, qs, self.tris, self.specs, self.n_factors)  # (P, 3)
         sr = torch.zeros(d.shape[0], dtype=ACC, device=dev)  # (P,) radial ∂E/∂r_p
         gq = gslots.to(dt)  # (N, S)
         for (idx, cen, k, cols), dterm in zip(self.rad_groups, rad):
@@ -558,6 +768,48 @@ class BPNNStep:
         forces.index_add_(0, ii, gp).index_add_(0, jj, -gp)
         dedeps = gp.T @ rij  # (3, 3) ∂E/∂ε = Σ_p g_p ⊗ r_p
         return energy, forces, dedeps
+
+    def _native_lib(self):
+        """The native kernels of this function set (built on first use, see :func:`native_library`)."""
+        lib = getattr(self, "_native", None)
+        if lib is None:
+            import ctypes
+
+            lib = native_library(_native_source([t["spec"] for t in self.triplets], self.n_factors))
+            vp, i64 = ctypes.c_void_p, ctypes.c_int64
+            for t in self.triplets:
+                for name, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+                    for kind, extra in (("fwd", [vp]), ("bwd", [vp, vp])):
+                        fn = getattr(lib, f"{kind}{t['index']}_{name}")
+                        fn.argtypes = [vp, real, i64, vp, vp, vp, vp, *extra]
+                        fn.restype = None
+            self._native = lib
+        return lib
+
+    def _native_fn(self, kind: str, index: int):
+        name = "f32" if self.dtype == torch.float32 else "f64"
+        return getattr(self._native_lib(), f"{kind}{index}_{name}")
+
+    def _native_forward(self, tab: torch.Tensor, n: int) -> List[torch.Tensor]:
+        """Slot sums (n, U_c) float64 per active triplet from the row-major pair table (P, R)."""
+        rc = float(self.sf.cutoff_fn.cutoff.to(self.dtype))  # the eager f_c's threshold, in the compute dtype
+        out = []
+        for t, (p1, p2, p3, cen) in zip(self.active, self.tris):
+            blk = torch.zeros(n, len(t["cols"]), dtype=ACC)  # (n, U)
+            self._native_fn("fwd", t["index"])(tab.data_ptr(), rc, p1.numel(), p1.data_ptr(), p2.data_ptr(),
+                                               p3.data_ptr(), cen.data_ptr(), blk.data_ptr())
+            out.append(blk)
+        return out
+
+    def _native_backward(self, tab: torch.Tensor, qs: List[torch.Tensor]) -> torch.Tensor:
+        """Pair gradients (P, 3) float64 from the row-major pair table (P, R) and ∂E/∂slots (n, U_c) per triplet."""
+        rc = float(self.sf.cutoff_fn.cutoff.to(self.dtype))
+        grad = torch.zeros(tab.shape[0], 3, dtype=ACC)  # (P, 3)
+        for t, (p1, p2, p3, cen), q in zip(self.active, self.tris, qs):
+            q = q.contiguous()
+            self._native_fn("bwd", t["index"])(tab.data_ptr(), rc, p1.numel(), p1.data_ptr(), p2.data_ptr(),
+                                               p3.data_ptr(), cen.data_ptr(), q.data_ptr(), grad.data_ptr())
+        return grad
 
     def _run(self, fn, *args):
         """A triple kernel, compiled when ``self.compile``; a failed compile warns and falls back to eager."""

@@ -1,8 +1,9 @@
 """The BPNN MD step (ekf_plugin.bpnn.md_step): same physics as the SchNetPack model, forces and virial
 against finite differences, Verlet-list reuse, n2p2 parity through the evaluator, and the dispatch.
 
-All run the kernels eagerly (the compiled kernels are the same Python functions); set
-``EKF_PLUGIN_TEST_COMPILE=1`` to also check the ``torch.compile`` path (tens of seconds).
+Most run the kernels eagerly; the exactness tests also run the native C++ kernels (``compile="native"``,
+built in about a second where a C++ compiler exists, skipped otherwise). Set ``EKF_PLUGIN_TEST_COMPILE=1``
+to also check the ``torch.compile`` path (tens of seconds).
 """
 
 from __future__ import annotations
@@ -55,17 +56,31 @@ def general(model, z, r, h):
     return ModelEvaluator(model, fast_path=False)(z, r, h)
 
 
+KERNELS = [False, "native"]  # eager torch ops, the native C++ loops
+
+
+def step_with(model, kernels, **kw) -> BPNNStep:
+    """A BPNNStep with the given kernels; skips when the native ones cannot be built here."""
+    step = BPNNStep(model, compile=kernels, **kw)
+    if kernels == "native" and step.compile != "native":
+        pytest.skip("no C++ compiler: the native kernels fell back to eager")
+    return step
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("functions,cutoff_type,convention", [("water_paper", "tanhu", "n2p2"),
                                                              (CUSTOM, "cos", "ordered"),
                                                              (CUSTOM, "poly2", "n2p2")])
-def test_equals_the_schnetpack_model(functions, cutoff_type, convention):
+def test_equals_the_schnetpack_model(functions, cutoff_type, convention, kernels):
     """Energy, forces, stress and virial equal the model's autograd path to round-off (triclinic cell,
     cutoff 4 Å > half the smallest box height, so several images of a neighbour count)."""
     model = make_model(functions, cutoff_type=cutoff_type, convention=convention)
     z, r, h = water_box()
     ref = general(model, z, r, h)
-    ev = ModelEvaluator(model, compile=False)
+    ev = ModelEvaluator(model, compile=kernels)
     assert isinstance(ev.fast, BPNNStep)
+    if kernels == "native" and ev.fast.compile != "native":
+        pytest.skip("no C++ compiler")
     got = ev(z, r, h)
     assert got.energy == pytest.approx(ref.energy, rel=1e-13, abs=1e-11)
     np.testing.assert_allclose(got.forces, ref.forces, rtol=0, atol=1e-11)
@@ -75,10 +90,11 @@ def test_equals_the_schnetpack_model(functions, cutoff_type, convention):
     assert ev.fast.n_triples > 0
 
 
-def test_forces_and_virial_match_finite_differences():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_forces_and_virial_match_finite_differences(kernels):
     model = make_model(CUSTOM)
     z, r, h = water_box(seed=1)
-    step = BPNNStep(model, skin=0.3)
+    step = step_with(model, kernels, skin=0.3)
     e0 = lambda rr, hh: float(step(z, rr, hh).energy)  # noqa: E731
     res = step(z, r, h)
     d = 1e-5
@@ -96,14 +112,15 @@ def test_forces_and_virial_match_finite_differences():
         assert float(0.5 * (res.virial[a, b] + res.virial[b, a])) == pytest.approx(fd, rel=1e-6, abs=1e-7)
 
 
-def test_verlet_list_reuse_equals_fresh_evaluation_after_1000_moves():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_verlet_list_reuse_equals_fresh_evaluation_after_1000_moves(kernels):
     """1000 small random moves and cell strains (NPT-like): results equal a fresh evaluation to
     round-off, the list is reused between rebuilds, and it is rebuilt when needed."""
     model = make_model([G2("O", "H", 0.5, 0.3), G2("H", "O", 0.2), G2("H", "H", 0.1), G2("O", "O", 0.1),
                         G3("O", ("H", "H"), 0.05, 1.0, 4.0), G3("H", ("H", "O"), 0.07, -1.0, 1.0),
                         G3("O", ("H", "O"), 0.03, 1.0, 1.0)], cutoff=3.5)
     z, r, h = water_box(seed=2)
-    step = BPNNStep(model, skin=0.4)
+    step = step_with(model, kernels, skin=0.4)
     rng = np.random.default_rng(0)
     max_dev = 0.0
     for it in range(1000):
@@ -120,6 +137,31 @@ def test_verlet_list_reuse_equals_fresh_evaluation_after_1000_moves():
     ref = general(model, z, r, h)  # and the general path agrees at the end
     np.testing.assert_allclose(res.forces.numpy(), ref.forces, atol=1e-11)
     assert 3 <= step.verlet.builds < 200, step.verlet.builds  # reused, but rebuilt when atoms moved
+
+
+def test_native_kernels_equal_eager_float32_and_sparse_candidates():
+    """The native kernels against the eager ones on the same step: float64 to round-off, float32 (same
+    operations in the same order, float64 sums) to float32 round-off; with a large skin most candidate
+    triples have a side beyond r_c and are skipped, which must change nothing."""
+    z, r, h = water_box(seed=11)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        model = make_model(CUSTOM, dtype=dtype)
+        for skin in (0.0, 1.5):
+            eager = BPNNStep(model, skin=skin)(z, r, h)
+            step = step_with(model, "native", skin=skin)
+            nat = step(z, r, h)
+            scale = float(eager.forces.abs().max())
+            assert float(nat.energy) == pytest.approx(float(eager.energy), rel=1e-7 if dtype == torch.float32 else 1e-14)
+            assert float((nat.forces - eager.forces).abs().max()) <= tol * scale
+            assert float((nat.virial - eager.virial).abs().max()) <= tol * float(eager.virial.abs().max())
+
+
+def test_native_kernel_mode_choice():
+    model = make_model()
+    assert BPNNStep(model).compile is False  # the class default: eager
+    assert BPNNStep(model, compile=False).compile is False
+    with pytest.raises(ValueError, match="compile"):
+        BPNNStep(model, compile="fast")
 
 
 def test_rebuild_criterion():
@@ -180,11 +222,15 @@ def test_unwrapped_positions_and_clusters():
     assert np.all(lone.forces == 0)
 
 
-def test_float32_mode_is_close_to_float64():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_float32_mode_is_close_to_float64(kernels):
     model = make_model()
     z, r, h = water_box(seed=7)
     e64 = ModelEvaluator(model, compile=False)(z, r, h)
-    e32 = ModelEvaluator(make_model(dtype=torch.float32), dtype=torch.float32, compile=False)(z, r, h)
+    ev32 = ModelEvaluator(make_model(dtype=torch.float32), dtype=torch.float32, compile=kernels)
+    if kernels == "native" and ev32.fast.compile != "native":
+        pytest.skip("no C++ compiler")
+    e32 = ev32(z, r, h)
     assert e32.energy == pytest.approx(e64.energy, rel=1e-7)
     np.testing.assert_allclose(e32.forces, e64.forces, atol=2e-5 * np.abs(e64.forces).max())
     np.testing.assert_allclose(e32.virial, e64.virial, atol=2e-5 * np.abs(e64.virial).max())
@@ -229,13 +275,16 @@ def test_calculator_and_ipi_pes_use_the_step(tmp_path):
     np.testing.assert_allclose(virial, ref.virial / units.Hartree, atol=1e-11)
 
 
-def test_parity_with_n2p2_through_the_evaluator(shared_data):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_parity_with_n2p2_through_the_evaluator(shared_data, kernels):
     """n2p2's own float64 predictions (20 RPBE-D3 frames): ≤ 1e-7 Ha/atom and ≤ 1e-6 Ha/Bohr."""
     from ekf_plugin.n2p2 import read_input_data
     from ekf_plugin.units import BOHR, HARTREE
 
-    ev = ModelEvaluator(str(shared_data("n2p2-h2o-potentials", "H2O_RPBE-D3")), compile=False)
+    ev = ModelEvaluator(str(shared_data("n2p2-h2o-potentials", "H2O_RPBE-D3")), compile=kernels)
     assert ev.fast is not None
+    if kernels == "native" and ev.fast.compile != "native":
+        pytest.skip("no C++ compiler")
     frames = read_input_data(shared_data("n2p2-h2o-rpbe-d3", "input.data"))
     ref = json.loads(shared_data("n2p2-h2o-rpbe-d3", "n2p2_predictions.json").read_text())
     de, df = [], []
@@ -252,8 +301,8 @@ def test_compiled_kernels_equal_eager():
     model = make_model(CUSTOM)
     z, r, h = water_box(seed=8)
     eager = BPNNStep(model, compile=False)(z, r, h)
-    step = BPNNStep(model, compile=True)
+    step = BPNNStep(model, compile="torch")
     comp = step(z, r, h)
-    assert step.compile, "torch.compile failed and fell back to eager"
+    assert step.compile == "torch", "torch.compile failed and fell back to eager"
     torch.testing.assert_close(comp.forces, eager.forces, rtol=0, atol=1e-12)
     torch.testing.assert_close(comp.virial, eager.virial, rtol=0, atol=1e-11)
