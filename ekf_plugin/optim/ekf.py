@@ -61,7 +61,17 @@ is how a model with closed-form label Jacobians (the BPNN label predictor) skips
 
 Multistream (n2p2's multistream EKF, JCTC 2019): under an initialised ``torch.distributed`` process
 group with more than one process, each process's ξ and J rows are all-gathered and every process
-applies the identical update with m = Σ m_rank labels, so weights and P stay identical everywhere.
+applies the identical update with m = Σ m_rank labels, so weights stay identical everywhere.
+
+Sharded filter (``shard``, :mod:`ekf_plugin.optim.sharded`): with W > 1 processes each one owns 1/W of
+the upper triangle of P (row ranges of equal area, or whole blocks when there are many) and does the two
+passes over P on its rows only; X = P Jᵀ and diag P are all-reduced ((m+1)·n numbers), and the gain and
+the weight increment are computed identically everywhere. ``shard="auto"`` (default) shards whenever a
+group with more than one process is initialised when the optimizer is built; ``"none"`` keeps a full P
+on every process (the multistream behaviour before); ``"rows"`` forces the sharded algebra (also with
+one process). The labels of an update come either from every process's own structure (``multistream``:
+m = Σ m_rank) or, with ``label_split=True``, from one structure whose label rows the processes share
+(:meth:`EKF.split_rows`): the same update as one process, at 1/W of its work per process.
 """
 
 from __future__ import annotations
@@ -74,10 +84,13 @@ import torch
 
 from ekf_plugin.jacobian import flat_jacobian
 from ekf_plugin.optim.kernels import FilterKernel, select_kernel
+from ekf_plugin.optim.sharded import ShardPlan, process_group_info, split_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EKF", "EKFDivergenceError", "plan_blocks"]
+__all__ = ["EKF", "EKFDivergenceError", "plan_blocks", "SHARD_MODES"]
+
+SHARD_MODES = ("auto", "none", "rows")
 
 _STATE_KEY = "ekf"
 
@@ -164,7 +177,13 @@ class EKF(torch.optim.Optimizer):
         max_failures: raise :class:`EKFDivergenceError` after this many consecutive rejected updates.
         symmetrize_every: P ← (P + Pᵀ)/2 every k accepted updates (0 = never).
         multistream: gather ξ and J over ``torch.distributed`` when it is initialised (world size > 1).
-        process_group: the process group for multistream (default: the world).
+        process_group: the process group for multistream and sharding (default: the world).
+        shard: ``"auto"`` (shard P by rows when a group of > 1 processes is initialised at construction),
+            ``"none"`` (a full P on every process) or ``"rows"`` (always the sharded algebra), see
+            :mod:`ekf_plugin.optim.sharded`. A sharded filter needs the same ξ and J on every process:
+            ``multistream`` or ``label_split``.
+        label_split: the closure computes the same labels on every process, the expensive rows shared out
+            with :meth:`split_rows`; ξ and J are then not gathered (m is the labels of one process).
         vectorize_jacobian: batched Jacobian (``is_grads_batched``) instead of m backward calls.
         innovation_gate: reject updates with max abs(ξᵢ)/√Aᵢᵢ above this (None = off; e.g. 10).
         kernel: ``"auto"``, ``"blas"`` or ``"torch"`` (module docstring, :mod:`ekf_plugin.optim.kernels`).
@@ -192,6 +211,8 @@ class EKF(torch.optim.Optimizer):
         vectorize_jacobian: bool = True,
         innovation_gate: Optional[float] = None,
         kernel: str = "auto",
+        shard: str = "auto",
+        label_split: bool = False,
     ) -> None:
         _check(lr > 0 and math.isfinite(lr), f"lr (η) must be a finite number > 0, got {lr}")
         _check(p0 > 0 and math.isfinite(p0), f"p0 must be a finite number > 0, got {p0}")
@@ -204,6 +225,7 @@ class EKF(torch.optim.Optimizer):
         _check(max_failures >= 1, f"max_failures must be >= 1, got {max_failures}")
         _check(symmetrize_every >= 0, f"symmetrize_every must be >= 0, got {symmetrize_every}")
         _check(innovation_gate is None or innovation_gate > 0, f"innovation_gate must be > 0 or None, got {innovation_gate}")
+        _check(shard in SHARD_MODES, f"shard must be one of {SHARD_MODES}, got {shard!r}")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         _check(dtype in (torch.float32, torch.float64), f"dtype must be float32 or float64, got {dtype}")
@@ -237,14 +259,27 @@ class EKF(torch.optim.Optimizer):
         self.memory_bytes = nbytes
         self._big = torch.finfo(dtype).max ** 0.25  # bound on |V| that keeps VᵀV finite
         self.kernel: FilterKernel = select_kernel(kernel, self._params[0].device, dtype)
+        self.label_split = bool(label_split)
+        rank, world = process_group_info(process_group)
+        self.shard: Optional[ShardPlan] = None
+        if shard == "rows" or (shard == "auto" and world > 1):
+            if world > 1 and not (multistream or label_split):
+                raise ValueError("EKF: a sharded P needs the same ξ and J on every process: multistream=True "
+                                 "(each process's labels gathered) or label_split=True, or use shard='none'")
+            self.shard = ShardPlan(self.blocks, rank, world, process_group, self.kernel)
+            log.info("EKF: P sharded over %d processes, this one (rank %d) holds %.1f MiB", world, rank,
+                     self.shard.local_bytes(itemsize=torch.finfo(dtype).bits // 8) / 2**20)
         self._init_state()
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
         dev = self._params[0].device
-        P = [torch.eye(b - a, dtype=self.dtype, device=dev).mul_(self.p0) for a, b in self.blocks]
+        if self.shard is not None:
+            P = self.shard.init(self.p0, self.dtype, dev)  # [D_0, R_0, ...]: this process's rows
+        else:
+            P = [torch.eye(b - a, dtype=self.dtype, device=dev).mul_(self.p0) for a, b in self.blocks]
         self.state[_STATE_KEY] = {
-            "P": P,  # list of (n_b, n_b)
+            "P": P,  # list of (n_b, n_b); sharded: this process's pieces [D_0, R_0, ...]
             "step": 0,
             "q": self.q0,
             "lam": self.fading_lambda,
@@ -260,15 +295,26 @@ class EKF(torch.optim.Optimizer):
 
     @property
     def ekf_state(self) -> Dict[str, Any]:
-        """The filter state: ``P`` (list of blocks), ``step``, ``q``, ``lam``, ``failures``, ``rejected``."""
+        """The filter state: ``P`` (list of blocks; sharded: this process's pieces ``[D_0, R_0, ...]``, see
+        :class:`~ekf_plugin.optim.sharded.ShardPlan`), ``step``, ``q``, ``lam``, ``failures``, ``rejected``."""
         return self.state[_STATE_KEY]
 
+    def _full_blocks(self) -> List[torch.Tensor]:
+        """The full symmetric P blocks (new tensors; collective when sharded)."""
+        Ps = self.ekf_state["P"]
+        if self.shard is not None:
+            return self.shard.gather([p.detach() for p in Ps])
+        return [self.kernel.full(p.detach()).clone() for p in Ps]
+
     def state_dict(self) -> Dict[str, Any]:
-        """Torch optimizer state dict; the filter state (P blocks, counters) is copied, not aliased."""
+        """Torch optimizer state dict; the filter state (P blocks, counters) is copied, not aliased.
+
+        It always holds the full symmetric P blocks, so a checkpoint resumes with any number of processes.
+        Sharded: the blocks are assembled from every process's rows, so every process must call it (as
+        Lightning does when it writes a checkpoint)."""
         sd = super().state_dict()
         st = sd["state"][_STATE_KEY]
-        full = self.kernel.full
-        sd["state"][_STATE_KEY] = {**st, "P": [full(p.detach()).clone() for p in st["P"]]}  # symmetric blocks
+        sd["state"][_STATE_KEY] = {**st, "P": self._full_blocks()}  # symmetric blocks
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -288,18 +334,28 @@ class EKF(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         st = dict(self.state[_STATE_KEY])
         dev = self._params[0].device
-        st["P"] = [p.to(device=dev, dtype=self.dtype).clone() for p in st["P"]]
         if [tuple(p.shape) for p in st["P"]] != [(b - a, b - a) for a, b in self.blocks]:
             raise ValueError("EKF.load_state_dict: the saved P blocks do not match this optimizer's blocks")
+        if self.shard is not None:
+            st["P"] = self.shard.scatter(st["P"], self.dtype, dev)  # this process's rows
+        else:
+            st["P"] = [p.to(device=dev, dtype=self.dtype).clone() for p in st["P"]]
         self.state[_STATE_KEY] = st
 
     def covariance(self) -> torch.Tensor:
-        """Dense P (n, n) assembled from the blocks (for analysis and tests; costs n² memory)."""
-        st = self.ekf_state
-        out = torch.zeros(self.n, self.n, dtype=self.dtype, device=st["P"][0].device)
-        for (a, b), Pb in zip(self.blocks, st["P"]):
-            out[a:b, a:b] = self.kernel.full(Pb)
+        """Dense P (n, n) assembled from the blocks (for analysis and tests; costs n² memory; collective
+        when sharded)."""
+        out = torch.zeros(self.n, self.n, dtype=self.dtype, device=self._params[0].device)
+        for (a, b), Pb in zip(self.blocks, self._full_blocks()):
+            out[a:b, a:b] = Pb
         return out
+
+    def split_rows(self, fn: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], idx: torch.Tensor,
+                   key: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Labels and Jacobian rows ``fn(idx)`` → ((k,), (k, n)), each process computing a contiguous share of
+        ``idx`` (k,), all-gathered (:func:`ekf_plugin.optim.sharded.split_rows`; ``key`` identifies the input,
+        e.g. the structure index, and is checked to agree). For ``label_split=True``."""
+        return split_rows(fn, idx, key, self.process_group)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -335,8 +391,12 @@ class EKF(torch.optim.Optimizer):
                 J = flat_jacobian(xi, self._params, vectorize=self.vectorize_jacobian)  # (m, n)
         xi = xi.detach().to(self.dtype)  # (m,)
         J = J.detach().to(self.dtype)  # (m, n)
-        xi, J = self._gather(xi, J)
-        self._update(xi, J)
+        if not self.label_split:
+            xi, J = self._gather(xi, J)
+        if self.shard is not None:
+            self._update_sharded(xi, J)
+        else:
+            self._update(xi, J)
         return xi
 
     def _gather(self, xi: torch.Tensor, J: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -413,6 +473,34 @@ class EKF(torch.optim.Optimizer):
         self._apply_dw(torch.cat(dws))
         self._advance(Ps)
 
+    @torch.no_grad()
+    def _update_sharded(self, xi: torch.Tensor, J: torch.Tensor) -> None:
+        """:meth:`_update` on this process's rows of P (:mod:`ekf_plugin.optim.sharded`); ξ (m,) and J (m, n)
+        must be the same on every process. Everything but the two passes over P is computed identically on
+        every process from all-reduced X (n, m) and diag P (n,), so the accept decision and Δw agree."""
+        st = self.ekf_state
+        m = xi.numel()
+        if m == 0:
+            return
+        local = st["P"]
+        XT, diag = self.shard.xt_and_diag(local, J)  # (m, n), (n,)
+        A = J @ XT.T  # (m, m)
+        A = 0.5 * (A + A.T)
+        A.diagonal().add_(self._noise())
+        L, info = torch.linalg.cholesky_ex(A)  # (m, m) lower
+        Linv = torch.linalg.solve_triangular(L, torch.eye(m, dtype=L.dtype, device=L.device), upper=False)  # (m, m)
+        u = Linv @ xi.unsqueeze(1)  # (m, 1) = L⁻¹ ξ
+        V = Linv @ XT  # (m, n) = L⁻¹ Xᵀ
+        dmin = (diag - (V * V).sum(0)).amin()  # new min diag P
+        ok = (info == 0) & torch.isfinite(xi).all() & torch.isfinite(u).all() & (V.abs().amax() <= self._big) & (dmin > 0)
+        if self.innovation_gate is not None:
+            ok = ok & ((xi.abs() / A.diagonal().sqrt()).amax() <= self.innovation_gate)
+        if not bool(ok):
+            return self._reject(self._diagnose(xi, J, info, A, dmin))
+        self.shard.sub_gram_(local, V)  # own rows: P ← P − Vᵀ V
+        self._apply_dw((V.T @ u).squeeze(1))  # (n,) = K ξ, the same on every process
+        self._advance(local)
+
     def _diagnose(self, xi: torch.Tensor, J: torch.Tensor, info: torch.Tensor, A: torch.Tensor, dmin) -> str:
         """Why an update was rejected (slow path, only after a failure)."""
         if not bool(torch.isfinite(xi).all()):
@@ -447,13 +535,14 @@ class EKF(torch.optim.Optimizer):
             for Pb in Ps:
                 Pb.div_(lam)
             st["lam"] = self.fading_nu * lam + 1.0 - self.fading_nu
+        diag_blocks = Ps if self.shard is None else self.shard.diagonal_blocks(Ps)  # the blocks that hold diag P
         if st["q"] > 0:
-            for Pb in Ps:
+            for Pb in diag_blocks:
                 Pb.diagonal().add_(st["q"])
         st["step"] += 1
         st["failures"] = 0
         if self.symmetrize_every and not self.kernel.triangular and st["step"] % self.symmetrize_every == 0:
-            for Pb in Ps:
+            for Pb in diag_blocks:
                 Pb.copy_(0.5 * (Pb + Pb.T))
         st["q"] = max(st["q"] * self.q_decay, self.q_min) if self.q0 > 0 else 0.0
         if self.eta_growth != 1.0:
@@ -464,8 +553,9 @@ class EKF(torch.optim.Optimizer):
     def diagnostics(self) -> Dict[str, float]:
         """n2p2-style status: mean ``|diag P|``, min ``diag P``, mean ``|offdiag P|`` (first block), η, q, step."""
         st = self.ekf_state
-        diag = torch.cat([Pb.diagonal() for Pb in st["P"]])
-        P0 = self.kernel.full(st["P"][0])
+        blocks = self._full_blocks() if self.shard is not None else st["P"]  # sharded: collective
+        diag = torch.cat([Pb.diagonal() for Pb in blocks])
+        P0 = self.kernel.full(blocks[0]) if self.shard is None else blocks[0]
         nb = P0.shape[0]
         off = (P0.abs().sum() - P0.diagonal().abs().sum()) / max(nb * nb - nb, 1)
         return {
