@@ -206,6 +206,21 @@ class BPNNLabelPredictor:
         cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
         return -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (k,) eV/Å
 
+    def energy_and_force_values(
+        self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energy (1,) in eV and force components (k,) in eV/Å of structure b at flat indices ``pick``,
+        detached (no graph to the weights): one pass through the networks and one backward to the features.
+        The validation path of :class:`~ekf_plugin.training.PaperScheduleTask`."""
+        structure = self._structure(batch, b)
+        with torch.enable_grad():
+            s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
+            energy = self._energy_from(structure, s)  # (1,)
+            grad_s, = torch.autograd.grad(energy.sum(), s)  # (N_b, W) eV per feature unit
+        pick = pick.to(s.device)
+        cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
+        return energy.detach(), -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (1,), (k,)
+
     # ------------------------------------------------------------------ closed-form Jacobian rows
     def closed_form(self, params: Sequence[torch.Tensor]) -> Optional[NetworkJacobians]:
         """Closed-form row builder for the column order ``params`` (None if the networks do not qualify,

@@ -88,6 +88,14 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             the mean abs(ΔF) over the 3·``force_group_size`` components of a random group of atoms;
             :func:`~ekf_plugin.training.schedule.reduced_row_errors`, as LKF/RLEKF). ``task=ekf`` uses it.
         n_force_groups, force_group_size: G and S of the reduced mode (deepmd-kit LKF: 4 groups of 6 atoms).
+        val_force_components: with the BPNN label predictor, validation reads the cached features too: the
+            energy of every validation structure (exact) and ``val_force_components`` force components per
+            structure, a fixed random sample (the same components at every validation, drawn from the
+            structure's dataset index and ``seed``), so ``val_forces_*`` metrics and ``val_loss`` are
+            unbiased estimates from that sample (~3·10³ components on 280 frames: ~1 % relative error of
+            an RMSE). About 5 ms per 192-atom frame instead of a full forward and backward; the features
+            of a validation frame are computed at its first validation. 0: the full model for every
+            validation. Test metrics always use the full model.
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         label_mode: str = "study",
         n_force_groups: int = 4,
         force_group_size: int = 6,
+        val_force_components: int = 10,
     ) -> None:
         optimizer_args = dict(optimizer_args or {"lr": 1e-3})
         if "lr" not in optimizer_args:
@@ -132,6 +141,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         if label_mode == "reduced" and (n_force_groups < 0 or force_group_size < 1):
             raise ValueError(f"n_force_groups must be >= 0 and force_group_size >= 1, got {n_force_groups}, {force_group_size}")
+        if val_force_components < 0:
+            raise ValueError(f"val_force_components must be >= 0, got {val_force_components}")
         if warmup_steps:
             raise ValueError("warmup_steps is not supported by PaperScheduleTask (use a scheduler)")
         super().__init__(
@@ -150,7 +161,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.n_force_groups, self.force_group_size = int(n_force_groups), int(force_group_size)
         self.label_predictor = label_predictor_for(model, fast_labels if label_mode == "study" else False, energy_key)
         self.label_rng = torch.Generator().manual_seed(int(seed))
+        self.val_force_components, self.val_seed = int(val_force_components), int(seed)
         self._val_nonfinite = 0  # validation batches with a non-finite loss in the current validation
+        self._rmse_registered = {"e": False, "f": False}  # train RMSE metrics logged this epoch
         self.rmse = torch.nn.ModuleDict(
             {f"{s}_{k}": MeanSquaredError(squared=False) for s in ("train", "val", "test") for k in ("e", "f")}
         )
@@ -234,14 +247,26 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.clip_grad_norm)
             opt.step()
         self._step_scheduler()
+        log_now = self._log_now(batch_idx)
         if "labels" in store:
-            self._update_label_rmse(store["labels"], n_struct)
+            self._update_label_rmse(store["labels"], n_struct, log_now)
         else:
             self._update_rmse(store["pred"], batch, "train")
-        self.log("train_loss", loss.detach().to(torch.float32), on_step=True, on_epoch=False, batch_size=n_struct)
-        if ekf is not None:
-            self.log("ekf_rejected", float(ekf.ekf_state["rejected"]), on_step=True, on_epoch=False, batch_size=n_struct)
+        if log_now:
+            self.log("train_loss", loss.detach().to(torch.float32), on_step=True, on_epoch=False, batch_size=n_struct)
+            if ekf is not None:
+                self.log("ekf_rejected", float(ekf.ekf_state["rejected"]), on_step=True, on_epoch=False,
+                         batch_size=n_struct)
         return loss
+
+    def _log_now(self, batch_idx: int) -> bool:
+        """True on the steps whose on-step values Lightning writes to the logger (every
+        ``trainer.log_every_n_steps``) and on the first step of an epoch (registers the epoch metrics).
+        ``self.log`` costs ~0.3 ms a call, a tenth of an EKF energy update, so the other steps skip it."""
+        if self._trainer is None or batch_idx == 0:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def _step_scheduler(self) -> None:
         sch = self.lr_schedulers()
@@ -278,15 +303,21 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             m(pred[self.forces_key].detach().reshape(-1).double(), batch[self.forces_key].reshape(-1).double())
             self.log(f"{subset}_forces_rmse_all", m, on_step=False, on_epoch=True, batch_size=n)
 
-    def _update_label_rmse(self, labels: Dict[str, List], n: int) -> None:
-        """Training RMSEs from the labels of this update (fast path): eV/atom and eV/Å."""
+    def _update_label_rmse(self, labels: Dict[str, List], n: int, log: bool = True) -> None:
+        """Training RMSEs from the labels of this update (fast path): eV/atom and eV/Å. The metrics
+        accumulate every update; ``log`` registers them with Lightning (epoch values, once is enough)."""
         for kind, short, name in (("energy", "e", "energy_per_atom_rmse"), ("forces", "f", "forces_rmse_all")):
             if labels.get(kind):
                 pred = torch.cat([p for p, _ in labels[kind]]).double()
                 ref = torch.cat([r for _, r in labels[kind]]).double()
                 m = self.rmse[f"train_{short}"]
-                m(pred, ref)
-                self.log(f"train_{name}", m, on_step=False, on_epoch=True, batch_size=n)
+                m.update(pred, ref)
+                if log or not self._rmse_registered[short]:
+                    self.log(f"train_{name}", m, on_step=False, on_epoch=True, batch_size=n)
+                    self._rmse_registered[short] = True
+
+    def on_train_epoch_start(self) -> None:
+        self._rmse_registered = {"e": False, "f": False}
 
     def on_train_epoch_end(self) -> None:
         """Multistream EKF under DDP: check that every process holds the same weights (logged, error if not)."""
@@ -335,7 +366,51 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self._update_rmse(pred, batch, subset)
         return {f"{subset}_loss": loss}
 
+    def _fast_validation(self) -> bool:
+        """True when validation can use the label predictor (BPNN, energy/force outputs only)."""
+        if self.label_predictor is None or self.val_force_components <= 0:
+            return False
+        names = {o.name for o in self.outputs}
+        return names <= {self.energy_key, self.forces_key} and not any(o.constraints for o in self.outputs)
+
+    def _sampled_eval_step(self, batch, subset: str):
+        """Validation from cached features: every energy, a fixed sample of force components (see
+        ``val_force_components``); the same loss and metrics as :meth:`_eval_step` on those labels."""
+        predictor = self.label_predictor
+        n_atoms = batch[spk.properties.n_atoms]  # (B,)
+        first = torch.cumsum(n_atoms, 0) - n_atoms  # (B,) first atom of each structure
+        energies, comps, picked = [], [], []
+        with torch.no_grad():
+            for b in range(int(n_atoms.shape[0])):
+                n3 = 3 * int(n_atoms[b])
+                gen = torch.Generator().manual_seed(self.val_seed * 1_000_003 + int(batch[spk.properties.idx][b]))
+                pick = torch.randperm(n3, generator=gen)[: min(self.val_force_components, n3)]  # (k,) flat atom·3+axis
+                e, f = predictor.energy_and_force_values(batch, b, pick)  # (1,), (k,)
+                energies.append(e), comps.append(f)
+                picked.append(first[b] * 3 + pick.to(first.device))
+        pred = {self.energy_key: torch.cat(energies)}  # (B,) eV
+        targets = {self.energy_key: batch[self.energy_key].reshape(-1)}
+        if self.forces_key in {o.name for o in self.outputs}:
+            pred[self.forces_key] = torch.cat(comps)  # (K,) eV/Å
+            targets[self.forces_key] = batch[self.forces_key].reshape(-1)[torch.cat(picked)]  # (K,)
+        loss = self.loss_fn(pred, targets)
+        if not bool(torch.isfinite(torch.as_tensor(loss))):
+            self._val_nonfinite += 1
+        self.log(f"{subset}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["_idx"]))
+        self.log_metrics(pred, targets, subset)
+        nat = atoms_per_structure(batch).to(pred[self.energy_key].device)  # (B,)
+        m = self.rmse[f"{subset}_e"]
+        m((pred[self.energy_key] / nat).double(), (targets[self.energy_key] / nat).double())
+        self.log(f"{subset}_energy_per_atom_rmse", m, on_step=False, on_epoch=True, batch_size=len(nat))
+        if self.forces_key in pred:
+            m = self.rmse[f"{subset}_f"]
+            m(pred[self.forces_key].double(), targets[self.forces_key].double())
+            self.log(f"{subset}_forces_rmse_all", m, on_step=False, on_epoch=True, batch_size=len(nat))
+        return {f"{subset}_loss": loss}
+
     def validation_step(self, batch, batch_idx):
+        if self._fast_validation():
+            return self._sampled_eval_step(batch, "val")
         return self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx):

@@ -182,3 +182,61 @@ def test_single_structure_batches_take_the_shortcut_with_the_same_labels():
     torch.testing.assert_close(pred.force_components(one, 0, pick), pred.force_components(batch, 1, pick),
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pred.energies(one), pred.energies(batch)[1:], rtol=1e-12, atol=1e-12)
+
+
+def test_energy_and_force_values_equal_the_full_model():
+    model = _model()
+    batch = _batch(model, seed=3)
+    full = model(dict(batch))
+    pred = BPNNLabelPredictor(model)
+    n0 = int(batch[props.n_atoms][0])
+    pick = torch.tensor([1, 5, 26, 3])
+    e, f = pred.energy_and_force_values(batch, 1, pick)
+    torch.testing.assert_close(e, full["energy"][1:].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f, full["forces"][n0:].reshape(-1)[pick].detach(), rtol=1e-10, atol=1e-12)
+    assert not e.requires_grad and not f.requires_grad
+
+
+def _validate(task, batches):
+    import pytorch_lightning as pl
+
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False)
+    return trainer.validate(task, loader, verbose=False)[0]
+
+
+def test_sampled_validation_is_the_full_model_on_a_fixed_sample_of_force_components():
+    """val_force_components = k: all energies and k fixed force components per structure, from cached features;
+    the metrics equal the full model's on those components, and the sample is the same at every validation."""
+    model = _model()
+    batches = []
+    for seed, idx in ((0, 3), (1, 8)):
+        b = _batch(model, seed=seed)
+        b[props.idx] = torch.tensor([idx, idx + 20])
+        batches.append(b)
+    task = PaperScheduleTask(model, outputs(), fast_labels=True, seed=2, val_force_components=5)
+    first = _validate(task, batches)
+    assert _validate(task, batches) == first, "the same components at every validation"
+    # reference: the full model at the components the task says it draws
+    e_err, f_err = [], []
+    for b in batches:
+        full = model(dict(b))
+        nat = b[props.n_atoms].double()
+        e_err.append((full["energy"].detach() - b["energy"]) / nat)
+        start = torch.cumsum(b[props.n_atoms], 0) - b[props.n_atoms]
+        for s in range(2):
+            n3 = 3 * int(b[props.n_atoms][s])
+            pick = torch.randperm(n3, generator=torch.Generator().manual_seed(2 * 1_000_003 + int(b[props.idx][s])))[:5]
+            rows = start[s] * 3 + pick
+            f_err.append(full["forces"].detach().reshape(-1)[rows] - b["forces"].reshape(-1)[rows])
+    e_rmse = float(torch.cat(e_err).pow(2).mean().sqrt())
+    f_rmse = float(torch.cat(f_err).pow(2).mean().sqrt())
+    assert first["val_energy_per_atom_rmse"] == pytest.approx(e_rmse, rel=1e-6)  # Lightning logs float32
+    assert first["val_forces_rmse_all"] == pytest.approx(f_rmse, rel=1e-6)
+    # 0: the full model, every component
+    task.val_force_components = 0
+    every = _validate(task, batches)
+    f_all = torch.cat([(model(dict(b))["forces"].detach() - b["forces"]).reshape(-1) for b in batches])
+    assert every["val_forces_rmse_all"] == pytest.approx(float(f_all.pow(2).mean().sqrt()), rel=1e-6)
+    assert every["val_forces_rmse_all"] != pytest.approx(first["val_forces_rmse_all"], rel=1e-3)
