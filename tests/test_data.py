@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from ekf_plugin.data import frames_to_db, read_extxyz, read_frames
@@ -169,3 +170,31 @@ def test_database_is_refused_when_source_units_or_frames_change(tmp_path):
         conn.delete([1])  # a database that lost a frame
     with pytest.raises(ValueError, match="holds 9 frames but was built with 10"):
         atoms_data(a, db, max_frames=10, **kw)
+
+
+def test_water_datamodule_serves_rows_from_memory_after_the_first_read(tmp_path):
+    """cache_rows: the second epoch reads no database row; items equal the database's and are copies."""
+    from ekf_plugin.data import WaterDataModule
+
+    dm = WaterDataModule(datapath=str(tmp_path / "w.db"), source=str(_extxyz()), max_frames=4, batch_size=1,
+                         num_train=3, num_val=1, num_test=0, num_workers=0, split_file=str(tmp_path / "split.npz"))
+    dm.prepare_data()
+    dm.setup()
+    train = dm.train_dataset
+    reads = []
+    conn_get = train.conn.get
+    train.conn.get = lambda *a, **k: reads.append(a) or conn_get(*a, **k)
+    first = [train[i] for i in range(3)]
+    assert len(reads) == 3
+    first[0]["_positions"] += 1.0  # a transform that edits in place cannot reach the cache
+    again = [train[i] for i in range(3)]
+    assert len(reads) == 3, "rows come from memory the second time"
+    uncached = WaterDataModule(datapath=str(tmp_path / "w.db"), source=str(_extxyz()), max_frames=4, batch_size=1,
+                               num_train=3, num_val=1, num_test=0, num_workers=0,
+                               split_file=str(tmp_path / "split.npz"), cache_rows=False)
+    uncached.setup()
+    for i, item in enumerate(again):
+        ref = uncached.train_dataset[i]
+        assert set(item) == set(ref)
+        for k in ref:
+            assert torch.equal(item[k], ref[k]), k
