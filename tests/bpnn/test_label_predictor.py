@@ -240,3 +240,20 @@ def test_sampled_validation_is_the_full_model_on_a_fixed_sample_of_force_compone
     f_all = torch.cat([(model(dict(b))["forces"].detach() - b["forces"]).reshape(-1) for b in batches])
     assert every["val_forces_rmse_all"] == pytest.approx(float(f_all.pow(2).mean().sqrt()), rel=1e-6)
     assert every["val_forces_rmse_all"] != pytest.approx(first["val_forces_rmse_all"], rel=1e-3)
+
+
+def test_prepare_on_float32_data_caches_what_the_float32_model_computes():
+    """float32 positions: the features are computed in float32, as the model's own forward pass does."""
+    model = water_bpnn(dtype=torch.float32, stress=False, seed=3)
+    batches = [converter(model, torch.float32)([water_pair(seed=s), water_cluster(3, seed=s)]) for s in (0, 1)]
+    for k, b in enumerate(batches):
+        b[props.idx] = torch.tensor([2 * k, 2 * k + 1])
+    assert batches[0][props.R].dtype == torch.float32
+    pred = BPNNLabelPredictor(model)
+    assert pred.prepare(batches, fit_scaling=True) == 4
+    for b in batches:
+        for s in range(2):
+            own = model.representation(dict(pred._structure(b, s)))["scalar_representation"]  # float32 forward
+            cached = pred.features(b, s)
+            assert cached.dtype == torch.float32
+            torch.testing.assert_close(cached, own, rtol=1e-6, atol=1e-6)
