@@ -640,12 +640,12 @@ class BPNNStep:
         n = sp.shape[0]
         ii, jj = vl.idx_i, vl.idx_j  # (P,)
         ci, cj = sp.index_select(0, ii), sp.index_select(0, jj)  # (P,)
-        self.rad_groups = []  # (pairs (P_g,), their centres (P_g,), keys (U_g,), slot columns (U_g,))
+        self.rad_groups = []  # ((c, e_j), pairs (P_g,), their centres (P_g,), keys (U_g,), slot columns (U_g,))
         for (c, ej), keys in self.rad_keys.items():
             idx = torch.nonzero((ci == c) & (cj == ej)).squeeze(-1)  # (P_g,)
             if idx.numel():
                 k = torch.tensor(keys, dtype=torch.long, device=dev)  # (U_g,)
-                self.rad_groups.append((idx, ii.index_select(0, idx), k, ej * self.sf.n_rad_keys + k))
+                self.rad_groups.append(((c, ej), idx, ii.index_select(0, idx), k, ej * self.sf.n_rad_keys + k))
         r = torch.as_tensor(positions, dtype=torch.float64, device=dev)  # (N, 3)
         h = torch.as_tensor(cell, dtype=torch.float64, device=dev)  # (3, 3)
         rij = r.index_select(0, jj) - r.index_select(0, ii) + vl.shifts @ h  # (P, 3)
@@ -678,6 +678,15 @@ class BPNNStep:
             cell: (3, 3) Å, lattice vectors as rows (ignored without PBC).
             pbc: (3,) bool (default: periodic if a non-singular cell is given).
         """
+        r, h, periodic = self._prepare(numbers, positions, cell, pbc)
+        rt = torch.as_tensor(r, dtype=torch.float64, device=self.device)  # (N, 3)
+        ht = torch.as_tensor(h, dtype=torch.float64, device=self.device)  # (3, 3)
+        energy, forces, dedeps = self._evaluate(rt, ht)
+        return _result(energy, forces, dedeps, h, periodic)
+
+    def _prepare(self, numbers: np.ndarray, positions: np.ndarray, cell: Optional[np.ndarray],
+                 pbc: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, bool]:
+        """Checks one structure, updates species and (if needed) the Verlet list: (R (N, 3), h (3, 3), periodic)."""
         from ekf_plugin.bpnn.representation import species_of
 
         z = np.asarray(numbers, dtype=np.int64).reshape(-1)
@@ -701,21 +710,23 @@ class BPNNStep:
         if self.verlet.needs_rebuild(r, h, pbc):
             self._rebuild(r, h, pbc)
         self.calls += 1
-        rt = torch.as_tensor(r, dtype=torch.float64, device=dev)  # (N, 3)
-        ht = torch.as_tensor(h, dtype=torch.float64, device=dev)  # (3, 3)
-        energy, forces, dedeps = self._evaluate(rt, ht)
-        stress = virial = None
-        if periodic:
-            stress = dedeps / abs(float(np.linalg.det(h)))  # (3, 3) eV/Å³
-            virial = -0.5 * (dedeps + dedeps.T)  # (3, 3) eV
-        return StepResult(energy, forces, stress, virial)
+        return r, h, periodic
 
     def _evaluate(self, r: torch.Tensor, h: torch.Tensor):
         """(energy (), forces (N, 3), ∂E/∂ε (3, 3)), float64, from positions (N, 3) Å and cell (3, 3) Å."""
-        sf, dt, n, dev = self.sf, self.dtype, self.n_atoms, r.device
+        slots, ctx = self._forward(self._pair_vectors(r, h))
+        energies, gslots = self._energy_and_slot_gradient(slots, self.species, self._element_atoms, 1)
+        forces, dedeps = self._backward(ctx, gslots)
+        return energies[0], forces, dedeps
+
+    def _pair_vectors(self, r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(P, 3) float64 pair vectors of the list for positions (N, 3) Å and cell rows (3, 3) Å."""
         vl = self.verlet
-        ii, jj = vl.idx_i, vl.idx_j  # (P,)
-        rij = r.index_select(0, jj) - r.index_select(0, ii) + vl.shifts @ h  # (P, 3) float64
+        return r.index_select(0, vl.idx_j) - r.index_select(0, vl.idx_i) + vl.shifts @ h
+
+    def _forward(self, rij: torch.Tensor):
+        """Slot matrix (N, S) float64 of this structure from its pair vectors (P, 3), and what the backward needs."""
+        sf, dt, n, dev = self.sf, self.dtype, self.n_atoms, rij.device
         d64 = torch.linalg.vector_norm(rij, dim=1).clamp(min=1e-12)  # (P,)
         u = (rij / d64[:, None]).to(dt)  # (P, 3) unit vectors
         d = d64.to(dt)  # (P,)
@@ -728,7 +739,7 @@ class BPNNStep:
         # ---- forward: slot matrix (N, S) float64
         slots = torch.zeros(n, self.n_slots, dtype=ACC, device=dev)  # (N, S)
         rad = []
-        for idx, cen, k, cols in self.rad_groups:
+        for _, idx, cen, k, cols in self.rad_groups:
             dg, fg = d.index_select(0, idx), fc.index_select(0, idx)  # (P_g,)
             xr = dg[:, None] - self.rad_rs.to(dt).index_select(0, k)[None, :]  # (P_g, U_g)
             er = self.rad_eta.to(dt).index_select(0, k)[None, :]  # (1, U_g)
@@ -743,31 +754,39 @@ class BPNNStep:
             blocks = self._run(_angular_forward, tab, self.tris, n, self.specs)  # (N, U_c) each
         for t, blk in zip(self.active, blocks):
             slots[:, t["offset"]:t["offset"] + blk.shape[1]] += blk
-        # ---- networks: s = G w + b → E; ∂E/∂slots
-        sp = self.species
+        return slots, (rij, u, tab, rad)
+
+    def _energy_and_slot_gradient(self, slots: torch.Tensor, sp: torch.Tensor, element_atoms: List[torch.Tensor],
+                                  n_struct: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energies (B,) and ∂E/∂slots (N, S), float64, from the slot matrix (N, S) of B structures of N/B atoms."""
+        sf, dev = self.sf, slots.device
         fmap = self.feature_map.index_select(0, sp)  # (N, W)
         pref = sf.feature_prefactor.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
         w = self.rep.scale_weight.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
         b = self.rep.scale_bias.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
         g = torch.gather(slots, 1, fmap) * pref  # (N, W) raw symmetry functions
-        energy, ds = self._networks(g * w + b)  # (), (N, W)
-        gslots = torch.zeros_like(slots).scatter_add_(1, fmap, ds * w * pref)  # (N, S) ∂E/∂slots
-        # ---- backward: pair gradients ∂E/∂r_p (P, 3) float64
+        energies, ds = self._networks(g * w + b, sp, element_atoms, n_struct)  # (B,), (N, W)
+        return energies, torch.zeros_like(slots).scatter_add_(1, fmap, ds * w * pref)  # (N, S) ∂E/∂slots
+
+    def _backward(self, ctx, gslots: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Forces (N, 3) and ∂E/∂ε (3, 3), float64, of this structure from ∂E/∂slots (N, S)."""
+        rij, u, tab, rad = ctx
+        dt, dev, n = self.dtype, rij.device, self.n_atoms
         qs = [gslots[:, t["offset"]:t["offset"] + len(t["cols"])].contiguous() for t in self.active]  # (N, U_c)
         if self.compile == "native":
             gp = self._native_backward(tab, qs)  # (P, 3)
         else:
             gp = self._run(_angular_backward, tab, qs, self.tris, self.specs, self.n_factors)  # (P, 3)
-        sr = torch.zeros(d.shape[0], dtype=ACC, device=dev)  # (P,) radial ∂E/∂r_p
+        sr = torch.zeros(rij.shape[0], dtype=ACC, device=dev)  # (P,) radial ∂E/∂r_p
         gq = gslots.to(dt)  # (N, S)
-        for (idx, cen, k, cols), dterm in zip(self.rad_groups, rad):
-            q = gq.index_select(0, cen).index_select(1, cols)  # (P_g, U_g)
+        for (_, idx, cen, k, cols), dterm in zip(self.rad_groups, rad):
+            q = gq.index_select(1, cols).index_select(0, cen)  # (P_g, U_g)
             sr.index_add_(0, idx, (q * dterm).sum(1).to(ACC))
         gp = gp + sr[:, None] * u.to(ACC)  # (P, 3)
+        vl = self.verlet
         forces = torch.zeros(n, 3, dtype=ACC, device=dev)  # (N, 3) F_i = Σ_{i→·} g − Σ_{·→i} g
-        forces.index_add_(0, ii, gp).index_add_(0, jj, -gp)
-        dedeps = gp.T @ rij  # (3, 3) ∂E/∂ε = Σ_p g_p ⊗ r_p
-        return energy, forces, dedeps
+        forces.index_add_(0, vl.idx_i, gp).index_add_(0, vl.idx_j, -gp)
+        return forces, gp.T @ rij  # ∂E/∂ε = Σ_p g_p ⊗ r_p
 
     def _native_lib(self):
         """The native kernels of this function set (built on first use, see :func:`native_library`)."""
@@ -806,14 +825,13 @@ class BPNNStep:
         rc = float(self.sf.cutoff_fn.cutoff.to(self.dtype))
         grad = torch.zeros(tab.shape[0], 3, dtype=ACC)  # (P, 3)
         for t, (p1, p2, p3, cen), q in zip(self.active, self.tris, qs):
-            q = q.contiguous()
             self._native_fn("bwd", t["index"])(tab.data_ptr(), rc, p1.numel(), p1.data_ptr(), p2.data_ptr(),
                                                p3.data_ptr(), cen.data_ptr(), q.data_ptr(), grad.data_ptr())
         return grad
 
     def _run(self, fn, *args):
-        """A triple kernel, compiled when ``self.compile``; a failed compile warns and falls back to eager."""
-        if self.compile:
+        """A triple kernel, compiled when ``self.compile == "torch"``; a failed compile warns and falls back to eager."""
+        if self.compile == "torch":
             try:
                 return _kernel(fn, True)(*args)
             except Exception as exc:  # no working compiler, unsupported backend, ...
@@ -822,22 +840,94 @@ class BPNNStep:
                 self.compile = False
         return fn(*args)
 
-    def _networks(self, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Total energy () float64 eV and ∂E/∂s (N, W) float64 from the scaled features s (N, W) float64.
+    def _networks(self, s: torch.Tensor, sp: torch.Tensor, element_atoms: List[torch.Tensor],
+                  n_struct: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energies (B,) float64 eV and ∂E/∂s (N, W) float64 from the scaled features s (N, W) float64.
 
         The element networks run in their own dtype (float32 in float32 mode); atomic energies are
-        summed in float64.
+        summed in float64, per structure of N/B consecutive atoms when B > 1.
         """
-        nets, sp = self.nets, self.species
+        nets = self.nets
         ndt = next(nets.parameters()).dtype
         x = s.to(ndt).requires_grad_(True)  # (N, W)
         with torch.enable_grad():
-            total = torch.zeros((), dtype=ACC, device=s.device)
-            for e, net in enumerate(nets.networks):
-                idx = self._element_atoms[e]  # (N_e,)
-                if idx.numel():
-                    total = total + net(x.index_select(0, idx)[:, : nets.n_in[e]]).to(ACC).sum()
-            (ds,) = torch.autograd.grad(total, x)  # (N, W)
+            if n_struct == 1:
+                total = torch.zeros((), dtype=ACC, device=s.device)
+                for e, net in enumerate(nets.networks):
+                    idx = element_atoms[e]  # (N_e,)
+                    if idx.numel():
+                        total = total + net(x.index_select(0, idx)[:, : nets.n_in[e]]).to(ACC).sum()
+                (ds,) = torch.autograd.grad(total, x)  # (N, W)
+                per = total.detach()[None]  # (1,)
+            else:
+                y = torch.zeros(s.shape[0], dtype=ACC, device=s.device)  # (N,) atomic network outputs
+                for e, net in enumerate(nets.networks):
+                    idx = element_atoms[e]  # (N_e,)
+                    if idx.numel():
+                        y = y.index_add(0, idx, net(x.index_select(0, idx)[:, : nets.n_in[e]]).to(ACC).squeeze(-1))
+                (ds,) = torch.autograd.grad(y.sum(), x)  # (N, W)
+                per = y.detach().view(n_struct, -1).sum(1)  # (B,)
         scale = nets.energy_scale.to(device=s.device, dtype=ACC)
-        offsets = nets.atom_energy.to(device=s.device, dtype=ACC).index_select(0, sp).sum()
-        return total.detach() * scale + offsets, ds.to(ACC) * scale
+        offsets = nets.atom_energy.to(device=s.device, dtype=ACC).index_select(0, sp).view(n_struct, -1).sum(1)  # (B,)
+        return per * scale + offsets, ds.to(ACC) * scale
+
+
+def _result(energy: torch.Tensor, forces: torch.Tensor, dedeps: torch.Tensor, h: np.ndarray, periodic: bool) -> StepResult:
+    """StepResult of one structure from its energy (), forces (N, 3) and ∂E/∂ε (3, 3) with cell rows h (3, 3) Å."""
+    stress = virial = None
+    if periodic:
+        stress = dedeps / abs(float(np.linalg.det(h)))  # (3, 3) eV/Å³
+        virial = -0.5 * (dedeps + dedeps.T)  # (3, 3) eV
+    return StepResult(energy, forces, stress, virial)
+
+
+def evaluate_batch(steps: List["BPNNStep"], numbers: np.ndarray, positions: np.ndarray,
+                   cells: Optional[np.ndarray] = None, pbc: Optional[np.ndarray] = None) -> List[StepResult]:
+    """B structures with the same atoms (e.g. the beads of a ring polymer) in one evaluation.
+
+    Structure b uses ``steps[b]``'s Verlet list (reused and rebuilt as in :meth:`BPNNStep.__call__`); the
+    steps must share the model, dtype and kernels. Pair and triple terms and the backward run per
+    structure (each structure's tables stay in the CPU cache; joined tables of 8 × 192 atoms measured 35 %
+    slower per structure), the element networks once for all B·N atoms (forward and backward). Equal to
+    evaluating each structure with its step, to round-off (atomic energies are summed per atom instead of
+    per element).
+
+    Args:
+        steps: B steps (distinct objects: each keeps its own list).
+        numbers: (N,) atomic numbers, the same for all structures.
+        positions: (B, N, 3) Å.
+        cells: (B, 3, 3) Å rows, or None (no cell).
+        pbc: (3,) bool for all (default: periodic if a cell is non-singular).
+
+    Returns:
+        B :class:`StepResult`.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    nb = len(steps)
+    if positions.ndim != 3 or positions.shape[0] != nb:
+        raise ValueError(f"positions must be (B={nb}, N, 3), got {positions.shape}")
+    if len({id(s) for s in steps}) != nb:
+        raise ValueError("each structure needs its own BPNNStep (its own Verlet list)")
+    first = steps[0]
+    for s in steps[1:]:
+        if s.model is not first.model or s.dtype != first.dtype or s.compile != first.compile:
+            raise ValueError("batched steps must share the model, dtype and kernels")
+    if nb == 1:
+        return [first(numbers, positions[0], None if cells is None else cells[0], pbc)]
+    prep = [s._prepare(numbers, positions[b], None if cells is None else cells[b], pbc) for b, s in enumerate(steps)]
+    dev, n = first.device, first.n_atoms
+    slots, ctxs = [], []
+    for (r, h, _), s in zip(prep, steps):  # pair and triple terms per structure: its tables stay in cache
+        rt = torch.as_tensor(r, dtype=torch.float64, device=dev)  # (N, 3)
+        ht = torch.as_tensor(h, dtype=torch.float64, device=dev)  # (3, 3)
+        sl, ctx = s._forward(s._pair_vectors(rt, ht))
+        slots.append(sl)
+        ctxs.append(ctx)
+    sp = first.species.repeat(nb)  # (B·N,)
+    element_atoms = [torch.cat([ea + b * n for b in range(nb)]) for ea in first._element_atoms]  # (B·N_e,)
+    energies, gslots = first._energy_and_slot_gradient(torch.cat(slots), sp, element_atoms, nb)  # (B,), (B·N, S)
+    out = []
+    for b, s in enumerate(steps):
+        forces, dedeps = s._backward(ctxs[b], gslots[b * n:(b + 1) * n])
+        out.append(_result(energies[b], forces, dedeps, prep[b][1], prep[b][2]))
+    return out

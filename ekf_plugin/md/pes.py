@@ -188,6 +188,10 @@ class AtomicUnitsModel:
     def compute_batch(self, cells: np.ndarray, positions: np.ndarray) -> List[Tuple[float, np.ndarray, np.ndarray, str]]:
         """Evaluate i-PI's batch of B structures, each with the evaluator of its slot (:meth:`assign_slots`).
 
+        For BPNN potentials the B structures are evaluated in one call
+        (:func:`ekf_plugin.bpnn.md_step.evaluate_batch`: each slot's Verlet list, the element networks once
+        for all structures); other models evaluate them one after the other.
+
         Args:
             cells: (B, 3, 3) Bohr, lattice vectors as columns.
             positions: (B, nat, 3) Bohr.
@@ -196,7 +200,19 @@ class AtomicUnitsModel:
             B tuples as :meth:`__call__` returns them.
         """
         slots = self.assign_slots(positions)
-        return [self(cells[k], positions[k], slot=slots[k]) for k in range(len(positions))]
+        if self.evaluator.fast is None or len(positions) == 1:
+            return [self(cells[k], positions[k], slot=slots[k]) for k in range(len(positions))]
+        from ekf_plugin.bpnn.md_step import evaluate_batch
+
+        inputs = [self._input(cells[k], positions[k]) for k in range(len(positions))]  # (cell rows Å, positions Å)
+        steps = [self.slot_evaluator(c).fast for c in slots]
+        results = evaluate_batch(steps, self.numbers, np.stack([x[1] for x in inputs]),
+                                 np.stack([x[0] for x in inputs]), pbc=np.ones(3, dtype=bool))
+        out = []
+        for (cell, pos), res in zip(inputs, results):
+            virial = res.virial.detach().cpu().numpy()  # (3, 3) eV
+            out.append(self._output(float(res.energy), res.forces.detach().cpu().numpy(), virial, cell, pos))
+        return out
 
     def assign_slots(self, positions: np.ndarray) -> List[int]:
         """Slot of each structure in a batch: the one whose last structure is nearest (least mean squared
@@ -246,6 +262,12 @@ class AtomicUnitsModel:
         Raises:
             ModelError: atom count differs from the template, or a result is not finite.
         """
+        cell, pos_a = self._input(cell_h, pos)
+        res = self.slot_evaluator(slot)(self.numbers, pos_a, cell, pbc=True)
+        return self._output(res.energy, res.forces, res.virial, cell, pos_a)
+
+    def _input(self, cell_h: np.ndarray, pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(cell rows (3, 3) Å, positions (nat, 3) Å) of one i-PI structure, checked (see :meth:`__call__`)."""
         pos = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
         if pos.shape[0] != self.natoms:
             raise ModelError(
@@ -264,13 +286,17 @@ class AtomicUnitsModel:
             except DataValidationError as exc:
                 raise ModelError(str(exc)) from None
             self.first_frame_checked = True
-        res = self.slot_evaluator(slot)(self.numbers, pos * BOHR, cell, pbc=True)
-        energy = res.energy / HARTREE
-        forces = res.forces * (BOHR / HARTREE)  # (nat, 3) Ha/Bohr
-        virial = res.virial / HARTREE  # (3, 3) Ha
+        return cell, pos * BOHR
+
+    def _output(self, energy_ev: float, forces_ev: np.ndarray, virial_ev: np.ndarray, cell: np.ndarray,
+                pos: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray, str]:
+        """i-PI's (energy Ha, forces Ha/Bohr, virial Ha, extras) from eV/Å results of the structure (cell, pos Å)."""
+        energy = energy_ev / HARTREE
+        forces = forces_ev * (BOHR / HARTREE)  # (nat, 3) Ha/Bohr
+        virial = virial_ev / HARTREE  # (3, 3) Ha
         if not (math.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(virial).all()):
             raise ModelError("the model returned non-finite energy, forces or virial; refusing to send them to i-PI")
-        extras = self.monitor(self.numbers, pos * BOHR, cell) if self.monitor is not None else {}
+        extras = self.monitor(self.numbers, pos, cell) if self.monitor is not None else {}
         return energy, forces, virial, json.dumps(extras)
 
 

@@ -306,3 +306,38 @@ def test_compiled_kernels_equal_eager():
     assert step.compile == "torch", "torch.compile failed and fell back to eager"
     torch.testing.assert_close(comp.forces, eager.forces, rtol=0, atol=1e-12)
     torch.testing.assert_close(comp.virial, eager.virial, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("kernels,dtype", [(False, torch.float64), ("native", torch.float64), ("native", torch.float32)])
+def test_evaluate_batch_equals_one_by_one(kernels, dtype):
+    """Beads with their own lists in one call (networks run once for all) equal per-structure calls to
+    round-off, over moves that rebuild some lists; cells differ per structure."""
+    from ekf_plugin.bpnn.md_step import evaluate_batch
+
+    model = make_model(CUSTOM, dtype=dtype)
+    z, r, h = water_box(seed=12)
+    rng = np.random.default_rng(5)
+    beads = r[None] + rng.normal(0, 0.1, (4, *r.shape))  # (4, N, 3)
+    batch = [step_with(model, kernels, skin=0.3) for _ in range(4)]
+    single = [BPNNStep(model, compile=kernels, skin=0.3) for _ in range(4)]
+    calls = []
+    hook = model.output_modules[0].networks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for it in range(6):
+            beads = beads + rng.normal(0, 0.04, beads.shape)
+            cells = np.stack([h * (1 + 1e-3 * (k + it)) for k in range(4)])
+            calls.clear()
+            got = evaluate_batch(batch, z, beads, cells)
+            assert len(calls) == 1  # one network evaluation for the whole batch
+            for k in range(4):
+                ref = single[k](z, beads[k], cells[k])
+                assert float(got[k].energy) == pytest.approx(float(ref.energy), rel=1e-13)
+                torch.testing.assert_close(got[k].forces, ref.forces, rtol=0, atol=1e-10)
+                torch.testing.assert_close(got[k].virial, ref.virial, rtol=0, atol=1e-10)
+                torch.testing.assert_close(got[k].stress, ref.stress, rtol=0, atol=1e-12)
+    finally:
+        hook.remove()
+    assert [s.verlet.builds for s in batch] == [s.verlet.builds for s in single]
+    assert max(s.verlet.builds for s in batch) > 1  # some lists were rebuilt on the way
+    with pytest.raises(ValueError, match="own BPNNStep"):
+        evaluate_batch([batch[0], batch[0]], z, beads[:2], cells[:2])

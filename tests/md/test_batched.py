@@ -201,6 +201,11 @@ def test_bpnn_pes_keeps_one_verlet_list_per_slot_and_equals_unbatched(tmp_path, 
     write_ipi_xyz(tmp_path / "init.xyz", ["O" if a == 8 else "H" for a in z], r, h)
     model = water_bpnn(seed=0, dtype=torch.float64)
     monkeypatch.setenv("EKF_PLUGIN_COMPILE", "0")  # eager kernels: no compile time in a unit test
+    from ekf_plugin.bpnn import md_step
+
+    one_call = []  # a request of several structures is one evaluate_batch call
+    real = md_step.evaluate_batch
+    monkeypatch.setattr(md_step, "evaluate_batch", lambda steps, *a, **k: (one_call.append(len(steps)), real(steps, *a, **k))[1])
     batched = AtomicUnitsModel(str(tmp_path / "init.xyz"), model, threads=1)
     single = AtomicUnitsModel(str(tmp_path / "init.xyz"), model, threads=1)
     assert batched.evaluator.fast is not None
@@ -225,6 +230,7 @@ def test_bpnn_pes_keeps_one_verlet_list_per_slot_and_equals_unbatched(tmp_path, 
     assert all(s.verlet.builds == 1 for s in steps)  # each bead kept its own list over the 5 steps
     assert all(s.calls == 5 for s in steps)
     assert "4 Verlet list builds in 20 evaluations" in batched.neighbor_list_summary()
+    assert one_call == [4, 4, 4, 2, 2, 3]  # one call per request of more than one structure
 
 
 def test_ffdirect_driver_evaluates_batches_in_slots(tmp_path):
