@@ -458,6 +458,117 @@ def _native_source(specs: List[Spec], n_factors: int) -> str:
     return "\n".join(src) + "\n"
 
 
+_TRIPLES_SRC = r"""
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Candidate triples (i; j, k) of one element triplet (c; a, b) from a pair list, in the order of
+   BehlerParrinello's SymmetryFunctions._triples (centre, then the a-neighbour, then the b-neighbour, pairs
+   grouped by (centre, neighbour element) in list order; a == b: j before k), kept when |r_ik − r_ij|² < rc2
+   and the pair j → k with shift S_ik − S_ij is in the list (p3). Returns the count, or −1 if cap is too small
+   or memory is short. */
+static inline int64_t code_of(const int64_t* s, const int64_t* rad) {
+    const int64_t b1 = 2 * rad[1] + 1, b2 = 2 * rad[2] + 1;
+    return ((s[0] + rad[0]) * b1 + (s[1] + rad[1])) * b2 + (s[2] + rad[2]);
+}
+
+extern "C" int64_t triples(int64_t n, int64_t E, int64_t P, const int64_t* ii, const int64_t* jj,
+                           const int64_t* sh, const double* rij, const int64_t* sp, const int64_t* order,
+                           const int64_t* start, int64_t c, int64_t a, int64_t b, double rc2,
+                           const int64_t* rad, int64_t* p1, int64_t* p2, int64_t* p3, int64_t* cen, int64_t cap) {
+    const int64_t ncode = (2 * rad[0] + 1) * (2 * rad[1] + 1) * (2 * rad[2] + 1);
+    int64_t H = 1;
+    while (H < 2 * P + 2) H <<= 1;
+    int64_t* hk = (int64_t*)malloc(sizeof(int64_t) * H);
+    int64_t* hv = (int64_t*)malloc(sizeof(int64_t) * H);
+    if (!hk || !hv) { free(hk); free(hv); return -1; }
+    for (int64_t h = 0; h < H; ++h) hk[h] = -1;
+    for (int64_t p = 0; p < P; ++p) {  /* (i, j, shift) -> pair */
+        const int64_t key = (ii[p] * n + jj[p]) * ncode + code_of(sh + 3 * p, rad);
+        uint64_t h = ((uint64_t)key * 0x9E3779B97F4A7C15ull) & (uint64_t)(H - 1);
+        while (hk[h] != -1 && hk[h] != key) h = (h + 1) & (uint64_t)(H - 1);
+        if (hk[h] == -1) { hk[h] = key; hv[h] = p; }
+    }
+    int64_t t = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (sp[i] != c) continue;
+        const int64_t a0 = start[i * E + a], a1 = start[i * E + a + 1];
+        const int64_t b0 = start[i * E + b], b1 = start[i * E + b + 1];
+        for (int64_t x = a0; x < a1; ++x) {
+            const int64_t q1 = order[x];
+            const double* v1 = rij + 3 * q1;
+            const int64_t* s1 = sh + 3 * q1;
+            for (int64_t y = (a == b ? x + 1 : b0); y < b1; ++y) {
+                const int64_t q2 = order[y];
+                const double* v2 = rij + 3 * q2;
+                const double dx = v2[0] - v1[0], dy = v2[1] - v1[1], dz = v2[2] - v1[2];
+                if (!(dx * dx + dy * dy + dz * dz < rc2)) continue;
+                const int64_t* s2 = sh + 3 * q2;
+                int64_t ds[3] = {s2[0] - s1[0], s2[1] - s1[1], s2[2] - s1[2]};
+                if (ds[0] < -rad[0] || ds[0] > rad[0] || ds[1] < -rad[1] || ds[1] > rad[1] ||
+                    ds[2] < -rad[2] || ds[2] > rad[2]) continue;
+                const int64_t key = (jj[q1] * n + jj[q2]) * ncode + code_of(ds, rad);
+                uint64_t h = ((uint64_t)key * 0x9E3779B97F4A7C15ull) & (uint64_t)(H - 1);
+                while (hk[h] != -1 && hk[h] != key) h = (h + 1) & (uint64_t)(H - 1);
+                if (hk[h] == -1) continue;  /* r_jk beyond the list */
+                if (t >= cap) { free(hk); free(hv); return -1; }
+                p1[t] = q1; p2[t] = q2; p3[t] = hv[h]; cen[t] = i; ++t;
+            }
+        }
+    }
+    free(hk); free(hv);
+    return t;
+}
+"""
+
+
+def native_triples(vl: "VerletList", species: np.ndarray, rij: np.ndarray, triplets: List[Tuple[int, int, int]],
+                   n_elements: int, cutoff: float) -> Dict[Tuple[int, int, int], Tuple[np.ndarray, ...]]:
+    """Candidate triples (p1, p2, p3, centre), each (T,) int64, per element triplet, from the list ``vl``.
+
+    The same triples, in the same order, as ``SymmetryFunctions._triples`` followed by
+    :meth:`VerletList.find_pairs` (kept where |r_jk| < ``cutoff`` and the pair j → k is listed), in one C
+    loop per triplet. ``species`` (N,), ``rij`` (P, 3) float64 pair vectors of the list.
+    """
+    import ctypes
+
+    fn = _NATIVE.get("triples")
+    if fn is None:
+        fn = native_library(_TRIPLES_SRC).triples
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_double, vp, vp, vp, vp, vp, i64]
+        fn.restype = i64
+        _NATIVE["triples"] = fn
+    n, E = int(species.shape[0]), int(n_elements)
+    ii, jj = np.ascontiguousarray(vl._i_np), np.ascontiguousarray(vl._j_np)  # (P,)
+    sh = np.ascontiguousarray(vl.int_shifts, dtype=np.int64)  # (P, 3)
+    rij = np.ascontiguousarray(rij, dtype=np.float64)  # (P, 3)
+    sp = np.ascontiguousarray(species, dtype=np.int64)  # (N,)
+    key = ii * E + sp[jj]  # (P,)
+    order = np.argsort(key, kind="stable").astype(np.int64)  # (P,) pairs grouped by (centre, neighbour element)
+    cnt = np.bincount(key, minlength=n * E)  # (N·E,)
+    start = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)  # (N·E + 1,)
+    if len(sh):
+        lo, hi = sh.min(0), sh.max(0)
+        rad = (np.maximum(np.abs(lo), np.abs(hi)) + (hi - lo)).astype(np.int64)  # (3,) any difference of two shifts
+    else:
+        rad = np.zeros(3, np.int64)
+    cnt2 = cnt.reshape(n, E)
+    out = {}
+    for c, a, b in triplets:
+        centres = sp == c
+        cap = int((cnt2[centres, a] * cnt2[centres, b]).sum())
+        bufs = [np.empty(max(cap, 1), dtype=np.int64) for _ in range(4)]
+        t = fn(n, E, len(ii), ii.ctypes.data, jj.ctypes.data, sh.ctypes.data, rij.ctypes.data, sp.ctypes.data,
+               order.ctypes.data, start.ctypes.data, c, a, b, float(cutoff) ** 2, rad.ctypes.data,
+               *(x.ctypes.data for x in bufs), cap)
+        if t < 0:
+            raise RuntimeError("native triple builder: out of memory")
+        if t:
+            out[(c, a, b)] = tuple(x[:t] for x in bufs)  # views: no copy
+    return out
+
+
 def _compiler() -> Optional[str]:
     for c in (os.environ.get("CXX", ""), "c++", "g++"):
         if c and shutil.which(c):
@@ -649,10 +760,21 @@ class BPNNStep:
         r = torch.as_tensor(positions, dtype=torch.float64, device=dev)  # (N, 3)
         h = torch.as_tensor(cell, dtype=torch.float64, device=dev)  # (3, 3)
         rij = r.index_select(0, jj) - r.index_select(0, ii) + vl.shifts @ h  # (P, 3)
+        self.tris, self.specs, self.active = [], [], []
+        if self.compile == "native":  # the same triples from one C loop per triplet
+            built = native_triples(vl, sp.cpu().numpy(), rij.cpu().numpy(), [t["combo"] for t in self.triplets],
+                                   E, vl.cutoff + vl.skin)
+            for t in self.triplets:
+                if t["combo"] in built:
+                    self.tris.append(tuple(torch.as_tensor(x, device=dev) for x in built[t["combo"]]))
+                    self.specs.append(t["spec"])
+                    self.active.append(t)
+            self.n_atoms = n
+            self.n_triples = sum(int(x[0].numel()) for x in self.tris)
+            return
         parts = self.sf._triples(sp, rij, ii, jj, n, split=True, cutoff=vl.cutoff + vl.skin) or []
         by_combo = {combo: (cen, q1, q2) for combo, cen, q1, q2, _ in parts}
         jn, s_np = jj.cpu().numpy(), vl.int_shifts
-        self.tris, self.specs, self.active = [], [], []
         for t in self.triplets:
             if t["combo"] not in by_combo:
                 continue

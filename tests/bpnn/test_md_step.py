@@ -341,3 +341,22 @@ def test_evaluate_batch_equals_one_by_one(kernels, dtype):
     assert max(s.verlet.builds for s in batch) > 1  # some lists were rebuilt on the way
     with pytest.raises(ValueError, match="own BPNNStep"):
         evaluate_batch([batch[0], batch[0]], z, beads[:2], cells[:2])
+
+
+@pytest.mark.parametrize("skin", [0.0, 0.5, 2.0])
+def test_native_triple_builder_equals_the_torch_one(skin):
+    """The C triple builder (native mode) lists the same triples in the same order as
+    SymmetryFunctions._triples + VerletList.find_pairs, also with several images of a neighbour
+    (4 Å + skin cutoff in a ~6 Å triclinic box) and every element triplet (CUSTOM has H–HH)."""
+    model = make_model(CUSTOM)
+    z, r, h = water_box(seed=13)
+    eager = BPNNStep(model, skin=skin)
+    eager(z, r, h)
+    nat = step_with(model, "native", skin=skin)
+    nat(z, r, h)
+    assert [t["combo"] for t in nat.active] == [t["combo"] for t in eager.active]
+    assert len(nat.active) == len(model.representation.sf.triplet_list)
+    for a, b in zip(nat.tris, eager.tris):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert nat.n_triples == eager.n_triples > 0
