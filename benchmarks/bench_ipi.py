@@ -13,6 +13,12 @@ compiles the BPNN step's kernels) against the model step in-process: the socket 
 
     python benchmarks/bench_ipi.py [--quick]
     python benchmarks/bench_ipi.py --round-trip 400     # only the n2p2 client round trip
+    python benchmarks/bench_ipi.py --pimd-batch 40      # 8 beads: one call per batch vs one per bead
+
+``--pimd-batch STEPS`` isolates the batched evaluation in-process (no i-PI): 8 beads of the 192-atom box
+(each atom's beads spread by 0.1 Å, moving at 320 K thermal speeds, 0.25 fs steps) through
+``AtomicUnitsModel.compute_batch`` (one ``evaluate_batch`` call per step) and through one call per bead
+(each bead its own slot and Verlet list, as before), alternating step by step; CPU ms per bead.
 """
 
 from __future__ import annotations
@@ -243,13 +249,64 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
     return results
 
 
+def pimd_batch(steps: int, model: Optional[Path] = None, dtype: str = "float64", beads: int = 8) -> Dict[str, float]:
+    """CPU ms per bead: ``compute_batch`` (one call) against one call per bead (see the module docstring)."""
+    import torch
+    from ase import units
+
+    from ekf_plugin.md.pes import AtomicUnitsModel
+
+    model = model or REPO / "examples" / "water_revpbe0" / "models" / "ekf_lr1e-3_s0.pt"
+    with tempfile.TemporaryDirectory(prefix="bench_pimd_") as tmp:
+        numbers, positions, cell, _ = start_structure(Path(tmp) / "init.xyz")
+        one = AtomicUnitsModel(str(Path(tmp) / "init.xyz"), str(model), threads=1, dtype=dtype)
+        per = AtomicUnitsModel(str(Path(tmp) / "init.xyz"), str(model), threads=1, dtype=dtype)
+    rng = np.random.default_rng(0)
+    masses = np.where(np.asarray(numbers) == 1, 1.008, 15.999)[:, None]  # (N, 1) amu
+    v = rng.normal(size=(beads, *positions.shape)) * np.sqrt(units.kB * 320.0 / masses)  # ASE velocity units
+    pos = positions[None] + rng.normal(0, 0.1, (beads, *positions.shape))  # (B, N, 3) Å
+    cells = np.repeat((np.asarray(cell).T / units.Bohr)[None], beads, 0)  # (B, 3, 3) Bohr, columns
+    t_one, t_per = [], []
+    for it in range(steps + 1):
+        pos = pos + v * (0.25 * units.fs)
+        x = pos / units.Bohr
+        c = time.process_time()
+        a = one.compute_batch(cells, x)
+        t1 = time.process_time() - c
+        c = time.process_time()
+        b = [per(cells[k], x[k], slot=k) for k in range(beads)]
+        t2 = time.process_time() - c
+        if it:  # the first call builds the lists
+            t_one.append(t1)
+            t_per.append(t2)
+        assert max(abs(p[0] - q[0]) for p, q in zip(a, b)) < 1e-8
+    builds = sum(ev.fast.verlet.builds for ev in one.slot_evaluators) if one.evaluator.fast else 0
+    return {f"pimd{beads}_{dtype}_one_call_ms_per_bead": 1e3 * float(np.median(t_one)) / beads,
+            f"pimd{beads}_{dtype}_per_bead_calls_ms_per_bead": 1e3 * float(np.median(t_per)) / beads,
+            f"pimd{beads}_{dtype}_one_call_mean_ms_per_bead": 1e3 * float(np.mean(t_one)) / beads,
+            f"pimd{beads}_{dtype}_per_bead_calls_mean_ms_per_bead": 1e3 * float(np.mean(t_per)) / beads,
+            f"pimd{beads}_{dtype}_list_builds": float(builds), "steps": float(steps)}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--null-client", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--round-trip", type=int, metavar="STEPS", default=0,
                         help="only the n2p2 client round trip over STEPS NPT steps (float64 and float32)")
+    parser.add_argument("--pimd-batch", type=int, metavar="STEPS", default=0,
+                        help="only the in-process 8-bead comparison: one call per batch vs one per bead")
     args = parser.parse_args()
+    if args.pimd_batch:
+        import torch
+
+        torch.set_num_threads(1)
+        out = {"load_average_start": os.getloadavg()[0]}
+        for dt in ("float64", "float32"):
+            out.update(pimd_batch(args.pimd_batch, dtype=dt))
+        out["load_average_end"] = os.getloadavg()[0]
+        print(json.dumps(out, indent=1))
+        sys.exit(0)
     if args.null_client:
         sys.exit(null_client(args.null_client))
     if args.round_trip:
