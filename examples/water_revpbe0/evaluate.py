@@ -2,9 +2,15 @@
 
     python evaluate.py RUN_DIR... --db data/water.db --models models --max-frames 100 --json errors.json
 
-For each spktrain run directory: loads ``best_model``, writes ``<models>/<run id>.pt`` (ekf-plugin format,
-loads with ``torch.load(weights_only=True)`` and with ``ekf_plugin.calculator``), and evaluates energy
-(meV/atom) and force (meV/Å) RMSE on the run's own validation split (``split.npz``), in float64.
+For each spktrain run directory: takes the model the selection rule keeps, writes ``<models>/<run id>.pt``
+(ekf-plugin format, loads with ``torch.load(weights_only=True)`` and with ``ekf_plugin.calculator``), and
+evaluates energy (meV/atom) and force (meV/Å) RMSE on the run's own validation split (``split.npz``), in
+float64.
+
+Selection (``--keep``): ``last`` (default; the rule of the full-budget study, fixed before it was run): the
+weights at the end of the run's budget, ``checkpoints/last.ckpt`` (read without running code from it) put
+into the architecture of ``best_model``; no validation number chooses the model. ``best``: SchNetPack's
+``best_model`` (lowest ``val_loss``, which the total-energy term dominates).
 """
 
 from __future__ import annotations
@@ -40,6 +46,23 @@ def rmse_on(model_path: Path, rows, device: str) -> dict:
             "forces_rmse_meV_per_A": float(np.sqrt((df**2).mean()) * 1e3), "frames": len(rows)}
 
 
+def kept_model(run: Path, keep: str):
+    """The model of ``run`` that the selection rule ``keep`` (``last`` or ``best``) keeps, and its update count."""
+    from ekf_plugin.models import load_model
+    from ekf_plugin.uncertainty.covariance import checkpoint_model_state, read_checkpoint
+
+    model = load_model(run / "best_model", stress=False)
+    if keep == "best":
+        return model, None
+    ck = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    state = checkpoint_model_state(ck)
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise SystemExit(f"{run}/checkpoints/last.ckpt lacks {sorted(missing)[:3]}: not this run's model")
+    model.load_state_dict({k: state[k] for k in model.state_dict()})
+    return model, int(ck.get("global_step", -1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
@@ -48,15 +71,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-frames", type=int, default=100)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=Path("errors.json"))
+    p.add_argument("--keep", choices=("last", "best"), default="last",
+                   help="which model of a run to keep: its final weights (last.ckpt) or best_model (lowest val_loss)")
     args = p.parse_args(argv)
-    from ekf_plugin.models import load_model, save_model
+    from ekf_plugin.models import save_model
 
     args.models.mkdir(parents=True, exist_ok=True)
     table = {}
     for run in args.runs:
         out = args.models / f"{run.name}.pt"
-        save_model(load_model(run / "best_model", stress=False), out)
+        model, updates = kept_model(run, args.keep)
+        save_model(model, out)
         table[run.name] = rmse_on(out, validation_frames(args.db, run, args.max_frames), args.device)
+        table[run.name].update(kept=args.keep, updates=updates)
         print(f"{run.name}: {table[run.name]}  -> {out}", flush=True)
     args.json.write_text(json.dumps(table, indent=2))
     return 0
