@@ -23,10 +23,10 @@ R_j − R_i + offsets in one precision; with float32 offsets the columns agree w
 float32 rounding.
 
 Cost (192-atom water, 10 labels, ~19 000 triangles, 1 thread; the previous per-triple implementation, kept
-as the tests' reference, took 23-27 ms): the torch path is a fixed sequence of ~60 vectorised ops (about 3-4 ms); the optional compiled kernel
-(``native=True`` or ``EKF_PLUGIN_NATIVE_COLUMNS=1``; :func:`native_module`, built with
-``torch.utils.cpp_extension.load_inline`` on first use, ~20-40 s, then loaded from ~/.cache/torch_extensions
-in ~0.1 s) does the angular part in one loop per label (about 1.5-2 ms in all). Nothing is cached per frame:
+as the tests' reference, took 23-27 ms): the torch path is a fixed sequence of ~60 vectorised ops (about 3-4 ms);
+the compiled kernel (default on CPU where a C++ compiler is found; ``EKF_PLUGIN_NATIVE_COLUMNS=0`` or
+``native=False`` turns it off; :func:`native_module`, built by :mod:`ekf_plugin.native` in about a second on
+first use and cached on disk) does the angular part in one loop per label (about 1.5-2 ms in all). Nothing is cached per frame:
 the pairs of the label atoms come from two ``searchsorted`` on the centre-sorted list; transient memory is
 O(L·M²) for the triangle search plus O(T·U_a) per call (~15 MB in float64 on the torch path).
 
@@ -37,6 +37,7 @@ once per call (``torch.argsort``).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import warnings
@@ -177,7 +178,7 @@ def feature_columns(
         atoms: (L,) atom a_l of each label.
         components: (L,) Cartesian component α_l ∈ {0, 1, 2} of each label.
         native: angular part by the compiled CPU kernel (:func:`native_module`) where it applies (CPU tensors,
-            integer ζ, tanhu/tanh/cos cutoff); ``None``: ``NATIVE_DEFAULT`` (env ``EKF_PLUGIN_NATIVE_COLUMNS=1``).
+            integer ζ, tanhu/tanh/cos cutoff); ``None``: ``NATIVE_DEFAULT`` (on unless env ``EKF_PLUGIN_NATIVE_COLUMNS=0``).
 
     Returns:
         (L, N, width) in the feature layout of :meth:`SymmetryFunctions.forward`, in feature units per Å.
@@ -327,8 +328,8 @@ def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_el
 # Optional fused CPU kernel for the angular columns (same math as _angular_columns, one loop over triangles)
 
 _NATIVE_SOURCE = r"""
-#include <torch/extension.h>
 #include <cmath>
+#include <cstdint>
 #include <algorithm>
 #include <vector>
 
@@ -501,47 +502,41 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
 }
 }  // namespace
 
-void angular_columns(torch::Tensor u, torch::Tensor valid, torch::Tensor atom, torch::Tensor elem, torch::Tensor r,
-                     torch::Tensor x, torch::Tensor h, torch::Tensor b, torch::Tensor atoms, torch::Tensor comps,
-                     torch::Tensor lelem, torch::Tensor side_eta, torch::Tensor side_rs, torch::Tensor lam,
-                     torch::Tensor zeta, torch::Tensor run, torch::Tensor k_of, torch::Tensor col, torch::Tensor pen, int64_t E,
-                     int64_t N, double rc, int64_t kind, double norm, torch::Tensor out) {
-  const int64_t L = u.size(0), M = u.size(1), K = side_eta.size(0), C = lam.size(0), U = col.size(0);
-  TORCH_CHECK(K <= KMAX && C <= KMAX && U <= 4 * KMAX, "too many keys for the native kernel");
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "angular_columns", [&] {
-    angular<scalar_t>(u.data_ptr<scalar_t>(), valid.data_ptr<bool>(), atom.data_ptr<int64_t>(),
-                      elem.data_ptr<int64_t>(), r.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                      h.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), atoms.data_ptr<int64_t>(),
-                      comps.data_ptr<int64_t>(), lelem.data_ptr<int64_t>(), side_eta.data_ptr<scalar_t>(),
-                      side_rs.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), zeta.data_ptr<int64_t>(),
-                      run.data_ptr<int64_t>(), k_of.data_ptr<int64_t>(), col.data_ptr<int64_t>(), pen.data_ptr<bool>(), L, M,
-                      K, C, U, E,
-                      N, static_cast<scalar_t>(rc), static_cast<int>(kind), static_cast<scalar_t>(norm),
-                      out.data_ptr<scalar_t>());
-  });
-}
+#define ANGULAR_COLUMNS(NAME, T)                                                                             \
+  extern "C" void NAME(const T* u, const bool* valid, const int64_t* atom, const int64_t* elem, const T* r,           \
+                       const T* x, const T* h, const T* b, const int64_t* atoms, const int64_t* comps,               \
+                       const int64_t* lelem, const T* side_eta, const T* side_rs, const T* lam, const int64_t* zeta,  \
+                       const int64_t* run, const int64_t* k_of, const int64_t* col, const bool* pen, int64_t L,       \
+                       int64_t M, int64_t K, int64_t C, int64_t U, int64_t E, int64_t N, double rc, int64_t kind,     \
+                       double norm, T* out) {                                                                         \
+    angular<T>(u, valid, atom, elem, r, x, h, b, atoms, comps, lelem, side_eta, side_rs, lam, zeta, run, k_of, col,  \
+               pen, L, M, K, C, U, E, N, static_cast<T>(rc), static_cast<int>(kind), static_cast<T>(norm), out);      \
+  }
+ANGULAR_COLUMNS(angular_columns_f64, double)
+ANGULAR_COLUMNS(angular_columns_f32, float)
 """
 
 
-_NATIVE_STATE: Dict[str, object] = {"module": None, "failed": False}
-NATIVE_DEFAULT = os.environ.get("EKF_PLUGIN_NATIVE_COLUMNS", "0") == "1"  # opt-in (first use compiles, ~1 min)
+_NATIVE_FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared")
+NATIVE_DEFAULT = os.environ.get("EKF_PLUGIN_NATIVE_COLUMNS", "1") != "0"  # on where it builds; "0" turns it off
 
 
 def native_module():
-    """The compiled kernel (``torch.utils.cpp_extension.load_inline``, cached under ~/.cache/torch_extensions), or
-    None if it cannot be built (then a warning, once, and the torch path)."""
-    if _NATIVE_STATE["module"] is None and not _NATIVE_STATE["failed"]:
-        try:
-            from torch.utils.cpp_extension import load_inline
+    """The compiled kernel (:func:`ekf_plugin.native.native_library`: the system C++ compiler, about a second
+    on first use, then cached on disk), or None if it cannot be built (then a warning, once, and the torch path)."""
+    from ekf_plugin.native import native_library
 
-            _NATIVE_STATE["module"] = load_inline(
-                name="ekf_bpnn_feature_columns_v1", cpp_sources=[_NATIVE_SOURCE], functions=["angular_columns"],
-                extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd"], verbose=False,
-            )
-        except Exception as exc:  # no compiler, no ninja, ...
-            _NATIVE_STATE["failed"] = True
-            warnings.warn(f"native feature-column kernel unavailable ({exc!r}); using the torch path")
-    return _NATIVE_STATE["module"]
+    try:
+        lib = native_library(_NATIVE_SOURCE, _NATIVE_FLAGS, name="bpnn_feature_columns")
+    except RuntimeError as exc:
+        if not _NATIVE_WARNED:
+            _NATIVE_WARNED.append(True)
+            warnings.warn(f"native feature-column kernel unavailable ({exc}); using the torch path")
+        return None
+    return lib
+
+
+_NATIVE_WARNED: List[bool] = []
 
 
 def _native_cutoff(cutoff_fn) -> Optional[Tuple[int, float]]:
@@ -568,11 +563,19 @@ def _angular_columns_native(module, sf, keys: _Keys, slots: _Slots, atoms, compo
     out = slots.r.new_zeros(L * n_atoms * E * E, U_a)  # (L·N·E·E, U_a)
     kind, norm = _native_cutoff(sf.cutoff_fn)
     zeta, run, k_sorted, col, pen = keys.native
-    module.angular_columns(
-        slots.u.contiguous(), slots.valid.contiguous(), slots.atom.contiguous(), slots.element.contiguous(),
-        slots.r.contiguous(), slots.x.contiguous(), h.contiguous(), b.contiguous(), atoms.contiguous(),
-        components.contiguous(), label_elem.contiguous(), keys.side_eta, keys.side_rs, keys.lam, zeta,
-        run, k_sorted, col, pen, E, n_atoms, float(sf.cutoff), kind, norm, out,
-    )
+    fn = module.angular_columns_f64 if out.dtype == torch.float64 else module.angular_columns_f32
+    if out.dtype not in (torch.float64, torch.float32):
+        raise TypeError(f"native feature columns: float32/float64 only, got {out.dtype}")
+    args = [slots.u, slots.valid, slots.atom, slots.element, slots.r, slots.x, h, b, atoms, components, label_elem,
+            keys.side_eta, keys.side_rs, keys.lam, zeta, run, k_sorted, col, pen]
+    args = [a.contiguous() for a in args]  # kept alive until the call returns
+    for a in args:  # the C signature: float arrays in out's dtype, int64 indices, bool masks
+        if a.dtype not in (out.dtype, torch.int64, torch.bool) or a.device.type != "cpu":
+            raise TypeError(f"native feature columns: unexpected {a.dtype} on {a.device}")
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    fn.restype = None
+    fn(*(vp(a.data_ptr()) for a in args), i64(L), i64(M), i64(keys.side_eta.numel()), i64(keys.lam.numel()),
+       i64(col.numel()), i64(E), i64(n_atoms), ctypes.c_double(float(sf.cutoff)), i64(kind), ctypes.c_double(norm),
+       vp(out.data_ptr()))
     return out
 

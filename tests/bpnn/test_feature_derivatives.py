@@ -145,7 +145,7 @@ INTEGER_ZETA = [  # r_s ≠ 0, integer ζ ∈ {1, 2, 3, 4}, H–HH triplets (Å)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("functions, cutoff_type", [("water_paper", "tanhu"), ("integer_zeta", "cos"), ("integer_zeta", "tanh")])
 def test_native_kernel_equals_the_torch_path(functions, cutoff_type, dtype):
-    if feature_derivatives.native_module() is None:  # first use compiles (cached in ~/.cache/torch_extensions)
+    if feature_derivatives.native_module() is None:  # first use compiles (about a second; cached on disk)
         pytest.skip("no C++ toolchain for the native kernel")
     sf = INTEGER_ZETA if functions == "integer_zeta" else functions
     rep = BehlerParrinello(("H", "O"), sf, cutoff=6.35, cutoff_type=cutoff_type).double()

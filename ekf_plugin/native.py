@@ -1,0 +1,88 @@
+"""Small C/C++ kernels built with the system compiler on first use and called through ``ctypes``.
+
+The plugin's compiled kernels (the BPNN MD step's triple loops, the feature columns of force labels, the
+EKF's thin symmetric product) are plain C++ functions over raw pointers: no torch headers, so a build takes
+about a second, not the minute of ``torch.utils.cpp_extension``. :func:`native_library` compiles a source
+once per machine and caches the shared library on disk; every caller has a torch fallback, so a machine
+without a compiler runs the same code paths, slower.
+
+Cache: ``$EKF_PLUGIN_CACHE`` (default ``~/.cache/ekf_plugin``), one file per hash of the source, the flags,
+the compiler and the CPU (its model name and feature flags, so a library built with ``-march=native`` is
+never loaded on another CPU). Builds write to a temporary file and ``os.replace`` it, so concurrent
+processes leave one complete library.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Dict, Optional, Sequence
+
+__all__ = ["native_library", "compiler", "DEFAULT_FLAGS"]
+
+DEFAULT_FLAGS = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
+_LIBS: Dict[str, Any] = {}  # key -> loaded library, or the error message of a failed build
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler to use: ``$CXX``, ``c++`` or ``g++`` on PATH, or None."""
+    for c in (os.environ.get("CXX", ""), "c++", "g++"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _cpu_signature() -> str:
+    """Model name and feature flags of this CPU (Linux), else the platform's machine string."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return platform.machine() + "|" + "|".join(lines)
+    except OSError:
+        return platform.machine() + "|" + platform.processor()
+
+
+def native_library(source: str, flags: Sequence[str] = DEFAULT_FLAGS, name: str = "kernel"):
+    """``source`` built into a shared library (a ``ctypes.CDLL``) on first use, then loaded from the cache.
+
+    Raises ``RuntimeError`` (with the compiler's message) when it cannot be built; the failure is remembered
+    for the process, so callers may ask again cheaply.
+    """
+    import hashlib
+    import platform
+
+    cxx = compiler()
+    key = hashlib.sha256("\0".join([source, *flags, str(cxx), _cpu_signature(), platform.system()]).encode()).hexdigest()[:20]
+    got = _LIBS.get(key)
+    if isinstance(got, str):
+        raise RuntimeError(got)
+    if got is not None:
+        return got
+    import ctypes
+    import subprocess
+    import tempfile
+
+    try:
+        if cxx is None:
+            raise RuntimeError("no C++ compiler ($CXX, c++ or g++) on PATH")
+        root = os.environ.get("EKF_PLUGIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ekf_plugin")
+        os.makedirs(root, exist_ok=True)
+        path = os.path.join(root, f"{name}_{key}.so")
+        if not os.path.exists(path):
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                src = os.path.join(tmp, "k.cpp")
+                with open(src, "w") as f:
+                    f.write(source)
+                out = os.path.join(tmp, "k.so")
+                run = subprocess.run([cxx, *flags, src, "-o", out], capture_output=True, text=True, timeout=600)
+                if run.returncode != 0:
+                    raise RuntimeError(f"{cxx} failed: {run.stderr[-800:]}")
+                os.replace(out, path)  # atomic: concurrent builders leave one complete file
+        lib = ctypes.CDLL(path)
+    except Exception as exc:
+        _LIBS[key] = f"{type(exc).__name__}: {exc}"
+        raise RuntimeError(_LIBS[key]) from None
+    _LIBS[key] = lib
+    return lib
