@@ -5,7 +5,8 @@ the symmetric low-rank term Vᵀ V. For the study's water BPNN (n = 2827, P = 64
 passes are the whole cost of an update, so how they are done matters:
 
 * :class:`TorchKernel` (any device): ``torch.mm`` and ``addmm_``/``addr_`` on the full block.
-* :class:`BlasKernel` (CPU tensors): the symmetric BLAS routines ``?symm``/``?symv`` (X = P Jᵀ) and
+* :class:`BlasKernel` (CPU tensors): the symmetric BLAS routines ``?symm``/``?symv`` (X = P Jᵀ; for float64,
+  m ≥ 2 and one thread the compiled kernel of :mod:`ekf_plugin.optim.native_symm` instead of ``dsymm``) and
   ``?syrk``/``?syr`` (P −= Vᵀ V) from SciPy, called on the torch storage without a copy. They read and
   write only one triangle of P (the *upper* triangle of the row-major torch tensor, i.e. the lower
   triangle of its column-major view), which halves the memory traffic; on this project's 2-core CPU
@@ -108,6 +109,12 @@ class BlasKernel(FilterKernel):
         if J.shape[0] == 1:
             x = self._call(self._fn("symv", P), 1.0, C, J.numpy()[0], lower=1)  # (n_b,)
             return torch.from_numpy(x).unsqueeze(0)  # (1, n_b)
+        if torch.get_num_threads() == 1 and P.dtype == torch.float64:  # one thread: the compiled kernel
+            from .native_symm import symm_thin  # noqa: PLC0415
+
+            X = symm_thin(P, J)  # (m, n_b), or None where it cannot be built
+            if X is not None:
+                return X
         X = self._call(self._fn("symm", P), 1.0, C, J.numpy().T, side=0, lower=1)  # (n_b, m) column-major
         return torch.from_numpy(X.T)  # (m, n_b) row-major, no copy
 
