@@ -178,7 +178,9 @@ class EKF(torch.optim.Optimizer):
         symmetrize_every: P ← (P + Pᵀ)/2 every k accepted updates (0 = never).
         multistream: gather ξ and J over ``torch.distributed`` when it is initialised (world size > 1).
         process_group: the process group for multistream and sharding (default: the world).
-        shard: ``"auto"`` (shard P by rows when a group of > 1 processes is initialised at construction),
+        shard: ``"auto"`` (shard P by rows when a group of > 1 processes is initialised at construction and
+            ξ, J are the same everywhere; without ``multistream`` and ``label_split`` every process keeps
+            its own filter, as before),
             ``"none"`` (a full P on every process) or ``"rows"`` (always the sharded algebra), see
             :mod:`ekf_plugin.optim.sharded`. A sharded filter needs the same ξ and J on every process:
             ``multistream`` or ``label_split``.
@@ -186,7 +188,8 @@ class EKF(torch.optim.Optimizer):
             with :meth:`split_rows`; ξ and J are then not gathered (m is the labels of one process).
         vectorize_jacobian: batched Jacobian (``is_grads_batched``) instead of m backward calls.
         innovation_gate: reject updates with max abs(ξᵢ)/√Aᵢᵢ above this (None = off; e.g. 10).
-        kernel: ``"auto"``, ``"blas"`` or ``"torch"`` (module docstring, :mod:`ekf_plugin.optim.kernels`).
+        kernel: ``"auto"``, ``"blas"``, ``"torch"`` (module docstring, :mod:`ekf_plugin.optim.kernels`) or
+            ``"native"`` (compiled thin-update kernel for large blocked P, :mod:`ekf_plugin.optim.native`).
     """
 
     def __init__(
@@ -262,8 +265,9 @@ class EKF(torch.optim.Optimizer):
         self.label_split = bool(label_split)
         rank, world = process_group_info(process_group)
         self.shard: Optional[ShardPlan] = None
-        if shard == "rows" or (shard == "auto" and world > 1):
-            if world > 1 and not (multistream or label_split):
+        same_rows = multistream or label_split  # ξ and J the same on every process
+        if shard == "rows" or (shard == "auto" and world > 1 and same_rows):
+            if world > 1 and not same_rows:
                 raise ValueError("EKF: a sharded P needs the same ξ and J on every process: multistream=True "
                                  "(each process's labels gathered) or label_split=True, or use shard='none'")
             self.shard = ShardPlan(self.blocks, rank, world, process_group, self.kernel)
@@ -468,10 +472,14 @@ class EKF(torch.optim.Optimizer):
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
+        fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
         for Pb, Vb in zip(Ps, Vs):
-            kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
+            if fade is None:
+                kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
+            else:
+                kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
         self._apply_dw(torch.cat(dws))
-        self._advance(Ps)
+        self._advance(Ps, faded=fade is not None)
 
     @torch.no_grad()
     def _update_sharded(self, xi: torch.Tensor, J: torch.Tensor) -> None:
@@ -527,12 +535,13 @@ class EKF(torch.optim.Optimizer):
             p.sub_(dw[off : off + k].view_as(p).to(device=p.device, dtype=p.dtype))
             off += k
 
-    def _advance(self, Ps: List[torch.Tensor]) -> None:
-        """Fading memory, process noise, symmetrisation and schedules after an accepted update."""
+    def _advance(self, Ps: List[torch.Tensor], faded: bool = False) -> None:
+        """Fading memory, process noise, symmetrisation and schedules after an accepted update (``faded``:
+        the kernel has already divided P by λ)."""
         st = self.ekf_state
         lam = st["lam"]
         if lam is not None:
-            for Pb in Ps:
+            for Pb in Ps if not faded else ():
                 Pb.div_(lam)
             st["lam"] = self.fading_nu * lam + 1.0 - self.fading_nu
         diag_blocks = Ps if self.shard is None else self.shard.diagonal_blocks(Ps)  # the blocks that hold diag P

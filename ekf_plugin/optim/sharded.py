@@ -252,7 +252,8 @@ def split_rows(
     if any(not torch.equal(h[3:], head[3:]) for h in heads):
         raise RuntimeError(
             "split_rows: the processes drew different labels or structures (label_split needs the same batch "
-            "and the same label RNG on every process: trainer.use_distributed_sampler=false and one seed)"
+            "and the same label RNG on every process: trainer.use_distributed_sampler=false and one seed); "
+            "key and labels per process: " + "; ".join(f"{h[3]:g}: {h[4:].long().tolist()}" for h in heads)
         )
     n, vcode, rcode = (int(max(float(h[i]) for h in heads)) for i in range(3))
     buf = torch.zeros(kmax, 1 + n, dtype=torch.float64, device=device)  # (kmax, 1 + n): value, row

@@ -204,6 +204,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             if rows is not None:
                 energies = lambda: predictor.energies_and_rows(batch, rows)  # noqa: E731
                 forces = lambda b, pick: predictor.force_components_and_rows(batch, b, pick, rows)  # noqa: E731
+                split, one = store.get("split"), forces  # EKF(label_split=True): each process computes a share
+                if split is not None:
+                    forces = lambda b, pick: split(lambda p: one(b, p), pick, float(batch[spk.properties.idx][b]))  # noqa: E731
             else:
                 energies = lambda: predictor.energies(batch)  # noqa: E731
                 forces = lambda b, pick: predictor.force_components(batch, b, pick)  # noqa: E731
@@ -234,6 +237,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         store: Dict[str, Any] = {}
         ekf = (opt.optimizer if hasattr(opt, "optimizer") else opt) if self._is_ekf() else None  # unwrapped EKF
         if ekf is not None:
+            if ekf.label_split:  # sharded EKF under DDP, one structure per update: its rows shared out
+                store["split"] = ekf.split_rows
             xi = opt.step(closure=lambda: self._errors(batch, kinds, store, ekf.params))
             loss = (xi.detach() ** 2).sum()
         else:
