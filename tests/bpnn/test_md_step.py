@@ -59,6 +59,15 @@ def general(model, z, r, h):
 KERNELS = [False, "native"]  # eager torch ops, the native C++ loops
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small tensors: on a loaded 2-core machine two intra-op threads made the 1000-move test 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def step_with(model, kernels, **kw) -> BPNNStep:
     """A BPNNStep with the given kernels; skips when the native ones cannot be built here."""
     step = BPNNStep(model, compile=kernels, **kw)
