@@ -64,7 +64,7 @@ group with more than one process, each process's ξ and J rows are all-gathered 
 applies the identical update with m = Σ m_rank labels, so weights stay identical everywhere.
 
 Sharded filter (``shard``, :mod:`ekf_plugin.optim.sharded`): with W > 1 processes each one owns 1/W of
-the upper triangle of P (row ranges of equal area, or whole blocks when there are many) and does the two
+the upper triangle of P (row ranges of equal cost, or whole blocks when there are many) and does the two
 passes over P on its rows only; X = P Jᵀ and diag P are all-reduced ((m+1)·n numbers), and the gain and
 the weight increment are computed identically everywhere. ``shard="auto"`` (default) shards whenever a
 group with more than one process is initialised when the optimizer is built; ``"none"`` keeps a full P
@@ -358,7 +358,7 @@ class EKF(torch.optim.Optimizer):
         """Labels and Jacobian rows ``fn(idx)`` → ((k,), (k, n)), each process computing a contiguous share of
         ``idx`` (k,), all-gathered (:func:`ekf_plugin.optim.sharded.split_rows`; ``key`` identifies the input,
         e.g. the structure index, and is checked to agree). For ``label_split=True``."""
-        return split_rows(fn, idx, key, self.process_group)
+        return split_rows(fn, idx, key, self.process_group, self.n)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -7,11 +7,11 @@ therefore shared, not replicated (as deepmd-kit spreads its Kalman blocks over G
 
 Layout. P is symmetric, and the filter kernels keep the *upper triangle* of each block valid
 (:class:`~ekf_plugin.optim.kernels.BlasKernel`). A block of size n_b is cut into W row ranges
-[c_k, c_{k+1}) of equal upper-triangle area (the first ranges are shorter: row i holds n_b − i entries), and
+[c_k, c_{k+1}) of equal cost (:func:`triangle_row_split`; the first ranges are shorter, their rows longer), and
 process k owns its range as a :class:`Piece`: the diagonal sub-block D = P[c_k:c_{k+1}, c_k:c_{k+1}] (upper
 triangle valid, the filter kernel's storage) and the rectangle R = P[c_k:c_{k+1}, c_{k+1}:n_b] right of it
-(full). Below the diagonal nothing is stored, so each process touches 1/W of the triangle: the traffic and
-the flops of an update are split, not only the labels. With many blocks (block-decoupled P) whole blocks are
+(full). Below the diagonal nothing is stored, so each process touches about 1/W of the triangle: the
+traffic and the flops of an update are split, not only the labels. With many blocks (block-decoupled P) whole blocks are
 assigned to processes instead, largest first to the least loaded (LPT on n_b²), whenever that balances
 within 10 %.
 
@@ -29,7 +29,8 @@ filter to round-off (the sums of X are split differently): 1e-10 after many upda
 
 Memory per process for one dense block of n weights: the pieces (k-th range: h_k × (n − c_k) entries, the
 diagonal block stored square) plus Z ((m+1)·n) and, while ``state_dict()`` runs, one full block. For W = 2
-and n = 2827 (the study's water BPNN, float64): 18.7 MiB and 30.5 MiB against 61 MiB for the whole P
+and n = 2827 (the study's water BPNN, float64, rows [0, 1008) and [1008, 2827)): 21.7 MiB and 25.2 MiB against
+61.0 MiB for the whole P
 (:meth:`ShardPlan.local_bytes`).
 
 Labels split between processes (``EKF(label_split=True)``): every process draws the same labels of the same
@@ -58,28 +59,45 @@ def process_group_info(group: Any = None) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def triangle_row_split(nb: int, world: int) -> List[int]:
+TRIANGLE_COST = 1.6  # cost of a stored triangle entry (symm + syrk) over a rectangle entry (2 gemm + gemm)
+
+
+def triangle_row_split(nb: int, world: int, tri_cost: float = TRIANGLE_COST) -> List[int]:
     """Row boundaries [0 = c_0 ≤ c_1 ≤ … ≤ c_W = nb] that cut the upper triangle of an nb×nb block into W
-    ranges of (nearly) equal area; row i holds nb − i entries."""
+    row ranges of (nearly) equal cost. Range [a, c) costs ``tri_cost``·h(h+1)/2 + h·(nb − c) with h = c − a:
+    its diagonal block goes through the symmetric kernels (``symm``/``syrk``, per stored entry ``tri_cost``
+    times slower than the ``gemm`` calls on the rectangle right of it: 1.6 measured on this project's CPU for
+    m = 1 and 10). ``tri_cost=1`` gives ranges of equal area (the first rows are longer, so their ranges
+    are shorter)."""
     if nb == 0:
         return [0] * (world + 1)
-    area = torch.arange(nb, 0, -1, dtype=torch.float64).cumsum(0)  # (nb,) entries in rows 0..i
-    total = float(area[-1])
-    cuts = [0]
-    for k in range(1, world):
-        target = k * total / world
-        i = int(torch.searchsorted(area, target).item())  # rows [0, i] hold >= target, rows [0, i) less
-        below = float(area[i - 1]) if i > 0 else 0.0
-        c = i + 1 if float(area[min(i, nb - 1)]) - target < target - below else i  # the nearer cut
-        cuts.append(min(max(c, cuts[-1]), nb))
-    cuts.append(nb)
-    return cuts
+
+    def cost(a: int, c: int) -> float:
+        h = c - a
+        return tri_cost * h * (h + 1) / 2 + h * (nb - c)
+
+    def cuts_for(limit: float) -> List[int]:
+        cuts = [0]
+        for _ in range(world - 1):
+            a, lo, hi = cuts[-1], cuts[-1], nb  # the largest c with cost(a, c) <= limit (cost grows with c)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if cost(a, mid) <= limit else (lo, mid - 1)
+            cuts.append(lo)
+        return cuts + [nb]
+
+    lo, hi = 0.0, cost(0, nb)  # bisect the largest range cost: the last range must fit under it too
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        cuts = cuts_for(mid)
+        lo, hi = (lo, mid) if cost(cuts[-2], nb) <= mid else (mid, hi)
+    return cuts_for(hi)
 
 
 def plan_shards(blocks: Sequence[Tuple[int, int]], world: int) -> List[List[Tuple[int, int, int]]]:
     """Which rows of which block each process owns: per rank a list of ``(block index, r0, r1)`` (rows
     [r0, r1) of that block, block-local). Whole blocks by LPT on n_b² when that balances within 10 %, else
-    every block cut into W equal-area triangle row ranges (:func:`triangle_row_split`)."""
+    every block cut into W triangle row ranges of equal cost (:func:`triangle_row_split`)."""
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     sizes = [b - a for a, b in blocks]
@@ -224,45 +242,49 @@ def split_rows(
     idx: torch.Tensor,
     key: float = 0.0,
     group: Any = None,
+    n: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Evaluate labels and their Jacobian rows on this process's share of ``idx`` and all-gather them.
 
     Every process must call it with the same ``idx`` (k,) (the same draws) and ``key`` (e.g. the structure
     index); process r evaluates ``fn(idx[s_r:s_{r+1}])`` → (values (k_r,), rows (k_r, n)) for its contiguous
     share, and the result is ``(values (k,), rows (k, n))`` in the order of ``idx``, identical on every
-    process. Raises RuntimeError when the processes disagree on ``idx`` or ``key`` (different batches or
+    process (one all-gather of (k/W + 1)·(n + 1) float64 numbers per process; ``n`` = the row length, needed
+    with W > 1). Raises RuntimeError when the processes disagree on ``idx`` or ``key`` (different batches or
     label RNG states). Without an initialised group (or W = 1) it is just ``fn(idx)``.
     """
     rank, world = process_group_info(group)
     if world == 1:
         return fn(idx)
+    if n is None:
+        raise ValueError("split_rows needs the row length n with more than one process")
     k = idx.numel()
     cuts = [k * r // world for r in range(world + 1)]
     share = idx[cuts[rank] : cuts[rank + 1]]
     kmax = max(cuts[r + 1] - cuts[r] for r in range(world))
     values, rows = fn(share) if share.numel() else (None, None)
-    if rows is None:  # an empty share: n and the dtypes come from the others (they travel in the header)
-        meta = [-1.0, -1.0, -1.0]
-    else:
-        meta = [float(rows.shape[1]), float(_DTYPES.index(values.dtype)), float(_DTYPES.index(rows.dtype))]
     device = idx.device if values is None else values.device
-    head = torch.tensor(meta + [float(key)] + [float(i) for i in idx.tolist()], dtype=torch.float64)
-    heads = [torch.empty_like(head) for _ in range(world)]
-    torch.distributed.all_gather(heads, head, group=group)
-    if any(not torch.equal(h[3:], head[3:]) for h in heads):
-        raise RuntimeError(
-            "split_rows: the processes drew different labels or structures (label_split needs the same batch "
-            "and the same label RNG on every process: trainer.use_distributed_sampler=false and one seed); "
-            "key and labels per process: " + "; ".join(f"{h[3]:g}: {h[4:].long().tolist()}" for h in heads)
-        )
-    n, vcode, rcode = (int(max(float(h[i]) for h in heads)) for i in range(3))
-    buf = torch.zeros(kmax, 1 + n, dtype=torch.float64, device=device)  # (kmax, 1 + n): value, row
+    # row 0: header [value dtype, row dtype (-1: none here), key, idx...]; rows 1..: [value, row (n,)]
+    buf = torch.zeros(kmax + 1, max(1 + n, 3 + k), dtype=torch.float64, device=device)
+    buf[0, :3] = torch.tensor([-1.0, -1.0, float(key)]) if values is None else torch.tensor(
+        [float(_DTYPES.index(values.dtype)), float(_DTYPES.index(rows.dtype)), float(key)])
+    buf[0, 3 : 3 + k] = idx.to(torch.float64)
     if values is not None:
-        buf[: share.numel(), 0] = values.detach().to(torch.float64)
-        buf[: share.numel(), 1:] = rows.detach().to(torch.float64)
+        if rows.shape != (share.numel(), n):
+            raise ValueError(f"split_rows: rows of shape {tuple(rows.shape)}, expected ({share.numel()}, {n})")
+        buf[1 : 1 + share.numel(), 0] = values.detach().to(torch.float64)
+        buf[1 : 1 + share.numel(), 1 : 1 + n] = rows.detach().to(torch.float64)
     out = [torch.empty_like(buf) for _ in range(world)]
     torch.distributed.all_gather(out, buf, group=group)
-    full = torch.cat([o[: cuts[r + 1] - cuts[r]] for r, o in enumerate(out)])  # (k, 1 + n)
+    heads = [o[0, : 3 + k] for o in out]
+    if any(not torch.equal(h[2:], heads[rank][2:]) for h in heads):
+        raise RuntimeError(
+            "split_rows: the processes drew different labels or structures (label_split needs the same batch "
+            "and the same label RNG on every process: trainer=ddp_cpu_split, one task.seed); "
+            "key and labels per process: " + "; ".join(f"{h[2]:g}: {h[3:].long().tolist()}" for h in heads)
+        )
+    vcode, rcode = (int(max(float(h[i]) for h in heads)) for i in range(2))
+    full = torch.cat([o[1 : 1 + cuts[r + 1] - cuts[r], : 1 + n] for r, o in enumerate(out)])  # (k, 1 + n)
     return full[:, 0].to(_DTYPES[vcode]), full[:, 1:].to(_DTYPES[rcode])
 
 

@@ -26,13 +26,14 @@ from _ekf_models import mlp, regression_data  # noqa: E402
 KW = dict(lr=0.5, q=1e-4)
 
 
-def test_triangle_row_split_balances_the_upper_triangle():
+@pytest.mark.parametrize("tri_cost", [1.0, 1.6, 3.0])
+def test_triangle_row_split_balances_the_cost(tri_cost):
     for nb, world in ((2827, 2), (2827, 3), (26, 2), (5, 4), (1, 2)):
-        cuts = triangle_row_split(nb, world)
+        cuts = triangle_row_split(nb, world, tri_cost)
         assert cuts[0] == 0 and cuts[-1] == nb and all(a <= b for a, b in zip(cuts, cuts[1:]))
-        area = [sum(nb - i for i in range(a, b)) for a, b in zip(cuts, cuts[1:])]
-        assert max(area) - min(area) <= nb, (nb, world, area)  # within one row
-    assert triangle_row_split(2827, 2)[1] == pytest.approx(2827 * (1 - 2**-0.5), abs=2)  # c = n(1 − 1/√2)
+        cost = [tri_cost * (c - a) * (c - a + 1) / 2 + (c - a) * (nb - c) for a, c in zip(cuts, cuts[1:])]
+        assert max(cost) - min(cost) <= 2 * tri_cost * nb, (nb, world, cost)  # within about one row
+    assert triangle_row_split(2827, 2, 1.0)[1] == pytest.approx(2827 * (1 - 2**-0.5), abs=2)  # equal area
 
 
 def test_plan_shards_whole_blocks_when_many_else_rows():
