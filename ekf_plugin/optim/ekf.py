@@ -188,7 +188,8 @@ class EKF(torch.optim.Optimizer):
             with :meth:`split_rows`; ξ and J are then not gathered (m is the labels of one process).
         vectorize_jacobian: batched Jacobian (``is_grads_batched``) instead of m backward calls.
         innovation_gate: reject updates with max abs(ξᵢ)/√Aᵢᵢ above this (None = off; e.g. 10).
-        kernel: ``"auto"``, ``"blas"`` or ``"torch"`` (module docstring, :mod:`ekf_plugin.optim.kernels`).
+        kernel: ``"auto"``, ``"blas"``, ``"torch"`` (module docstring, :mod:`ekf_plugin.optim.kernels`) or
+            ``"native"`` (compiled thin-update kernel for large blocked P, :mod:`ekf_plugin.optim.native`).
     """
 
     def __init__(
@@ -471,10 +472,14 @@ class EKF(torch.optim.Optimizer):
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
+        fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
         for Pb, Vb in zip(Ps, Vs):
-            kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
+            if fade is None:
+                kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
+            else:
+                kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
         self._apply_dw(torch.cat(dws))
-        self._advance(Ps)
+        self._advance(Ps, faded=fade is not None)
 
     @torch.no_grad()
     def _update_sharded(self, xi: torch.Tensor, J: torch.Tensor) -> None:
@@ -530,12 +535,13 @@ class EKF(torch.optim.Optimizer):
             p.sub_(dw[off : off + k].view_as(p).to(device=p.device, dtype=p.dtype))
             off += k
 
-    def _advance(self, Ps: List[torch.Tensor]) -> None:
-        """Fading memory, process noise, symmetrisation and schedules after an accepted update."""
+    def _advance(self, Ps: List[torch.Tensor], faded: bool = False) -> None:
+        """Fading memory, process noise, symmetrisation and schedules after an accepted update (``faded``:
+        the kernel has already divided P by λ)."""
         st = self.ekf_state
         lam = st["lam"]
         if lam is not None:
-            for Pb in Ps:
+            for Pb in Ps if not faded else ():
                 Pb.div_(lam)
             st["lam"] = self.fading_nu * lam + 1.0 - self.fading_nu
         diag_blocks = Ps if self.shard is None else self.shard.diagonal_blocks(Ps)  # the blocks that hold diag P

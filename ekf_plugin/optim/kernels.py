@@ -18,13 +18,14 @@ Shapes: P (n_b, n_b), J_b (m, n_b), X (m, n_b) (returned transposed, row per lab
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
 __all__ = ["FilterKernel", "TorchKernel", "BlasKernel", "select_kernel", "KERNELS"]
 
-KERNELS = ("auto", "blas", "torch")
+KERNELS = ("auto", "blas", "torch", "native")
 
 
 class FilterKernel:
@@ -32,6 +33,7 @@ class FilterKernel:
 
     name = "abstract"
     triangular = False
+    fused_scale = False  # sub_gram_(P, V, scale) also applies P *= scale (the fading memory's 1/λ) in its pass
 
     def xt(self, P: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
         """(m, n_b) = (P Jᵀ)ᵀ for P (n_b, n_b) and J (m, n_b), both in the filter dtype."""
@@ -168,14 +170,24 @@ def _blas_available() -> bool:
 
 
 def select_kernel(name: str, device: torch.device, dtype: torch.dtype) -> FilterKernel:
-    """The kernel for ``name`` ∈ {"auto", "blas", "torch"} and the blocks' device and dtype.
+    """The kernel for ``name`` ∈ {"auto", "blas", "torch", "native"} and the blocks' device and dtype.
 
     ``"auto"``: BLAS for CPU float32/float64 blocks when SciPy is importable, else torch. ``"blas"`` on a
-    non-CPU device or without SciPy raises ValueError.
+    non-CPU device or without SciPy raises ValueError. ``"native"``: the compiled thin-update kernel of
+    :mod:`ekf_plugin.optim.native` for CPU blocks; where it cannot be built (no C compiler) or the blocks
+    are not on the CPU, ``"auto"``'s choice with a warning.
     """
     if name not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
     cpu = torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)
+    if name == "native":
+        from ekf_plugin.optim import native  # noqa: PLC0415
+
+        if cpu and _blas_available() and native.load() is not None:
+            return native.NativeKernel()
+        why = native.last_error() if cpu else f"{dtype} blocks on {device}"
+        warnings.warn(f"kernel='native' is not available ({why or 'no SciPy'}); using kernel='auto'", stacklevel=3)
+        return select_kernel("auto", device, dtype)
     if name == "torch" or (name == "auto" and not (cpu and _blas_available())):
         return TorchKernel()
     if not cpu:

@@ -1,0 +1,211 @@
+"""A compiled filter kernel for thin updates of large blocked P (``kernel="native"``, CPU, one thread).
+
+The two passes over a P block with m Jacobian rows (X = P Jᵀ, then P ← (P − Vᵀ V)/λ) are what a
+reduced-row update of a GNN costs once P has ~10⁵ weights (m = 5, 20–40 blocks of 5120). For such thin
+products the symmetric BLAS routines are far from the memory-traffic bound: OpenBLAS ``ssymm`` with m = 5
+packs P and runs its GEMM micro-kernel at N = 5, about as slow as five separate ``ssymv`` (each one a full
+read of the triangle). This kernel reads the upper triangle of P once per pass, four rows at a time (each
+element of J, X and V is loaded once per four rows of P), and applies the fading-memory factor 1/λ in
+the same pass that subtracts Vᵀ V, so the separate P /= λ pass over the whole square disappears
+(:attr:`~ekf_plugin.optim.kernels.FilterKernel.fused_scale`). Same storage as
+:class:`~ekf_plugin.optim.kernels.BlasKernel` (row-major blocks, upper triangle valid), so the two kernels
+and their checkpoints are interchangeable.
+
+The C++ source below is built by :func:`ekf_plugin.native.native_library` (``-O3 -march=native``, about a
+second, cached per CPU). Without a compiler, :func:`load` returns None and ``select_kernel("native", ...)``
+falls back to the BLAS kernel with a warning. (:mod:`ekf_plugin.optim.native_symm` is the same X = P Jᵀ
+product for float64 inside the BLAS kernel; this kernel adds float32 and the fused P −= VᵀV, P /= λ.)
+One thread (the target of the reduced-row benchmarks); with ``torch.get_num_threads() > 1`` the BLAS
+kernel may be faster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+
+from ekf_plugin.optim.kernels import BlasKernel
+
+__all__ = ["NativeKernel", "load", "SOURCE"]
+
+SOURCE = r"""
+#define restrict __restrict
+#define CH 512  /* column chunk: four rows of P (8 KB in float32) stay in L1 while each row of J, X or V passes */
+#define MAXM 64
+/* X (m, n) = (P J^T)^T for P (n, n) row-major and symmetric, of which only the upper triangle (j >= i) is
+   read; J (m, n), m <= MAXM. Four rows of P at a time, in column chunks. */
+template <typename T>
+static void xt(const T *restrict P, const T *restrict J, T *restrict X, long n, long m) {
+  for (long k = 0; k < m * n; ++k) X[k] = 0;
+  long i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const T *restrict r0 = P + i * n, *restrict r1 = r0 + n, *restrict r2 = r1 + n, *restrict r3 = r2 + n;
+    T acc[MAXM][4];
+    for (long k = 0; k < m; ++k) {  /* the 4 x 4 diagonal triangle */
+      const T *Jk = J + k * n;
+      const T j0 = Jk[i], j1 = Jk[i + 1], j2 = Jk[i + 2], j3 = Jk[i + 3];
+      acc[k][0] = r0[i] * j0 + r0[i + 1] * j1 + r0[i + 2] * j2 + r0[i + 3] * j3;
+      acc[k][1] = r0[i + 1] * j0 + r1[i + 1] * j1 + r1[i + 2] * j2 + r1[i + 3] * j3;
+      acc[k][2] = r0[i + 2] * j0 + r1[i + 2] * j1 + r2[i + 2] * j2 + r2[i + 3] * j3;
+      acc[k][3] = r0[i + 3] * j0 + r1[i + 3] * j1 + r2[i + 3] * j2 + r3[i + 3] * j3;
+    }
+    for (long c = i + 4; c < n; c += CH) {
+      const long ce = c + CH < n ? c + CH : n;
+      for (long k = 0; k < m; ++k) {
+        const T *restrict Jk = J + k * n; T *restrict Xk = X + k * n;
+        const T j0 = Jk[i], j1 = Jk[i + 1], j2 = Jk[i + 2], j3 = Jk[i + 3];
+        T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        _Pragma("omp simd reduction(+:a0,a1,a2,a3)")
+        for (long j = c; j < ce; ++j) {
+          const T jk = Jk[j];
+          a0 += r0[j] * jk; a1 += r1[j] * jk; a2 += r2[j] * jk; a3 += r3[j] * jk;
+          Xk[j] += r0[j] * j0 + r1[j] * j1 + r2[j] * j2 + r3[j] * j3;
+        }
+        acc[k][0] += a0; acc[k][1] += a1; acc[k][2] += a2; acc[k][3] += a3;
+      }
+    }
+    for (long k = 0; k < m; ++k)
+      for (int r = 0; r < 4; ++r) X[k * n + i + r] += acc[k][r];
+  }
+  for (; i < n; ++i) {  /* the last n % 4 rows */
+    const T *restrict row = P + i * n;
+    for (long k = 0; k < m; ++k) {
+      const T *restrict Jk = J + k * n; T *restrict Xk = X + k * n;
+      const T ji = Jk[i]; T a = row[i] * ji;
+      for (long j = i + 1; j < n; ++j) { a += row[j] * Jk[j]; Xk[j] += row[j] * ji; }
+      Xk[i] += a;
+    }
+  }
+}
+
+/* P <- s (P - V^T V) on the upper triangle of P (n, n); V (m4, n) with m4 a multiple of 4 (zero rows
+   padded). Four rows of P and four rows of V at a time, in column chunks; s applied with the last four. */
+template <typename T>
+static void sg(T *restrict P, const T *restrict V, long n, long m4, T s) {
+  long i = 0;
+  for (; i + 4 <= n; i += 4) {
+    T *restrict r0 = P + i * n, *restrict r1 = r0 + n, *restrict r2 = r1 + n, *restrict r3 = r2 + n;
+    T *rows[4] = {r0, r1, r2, r3};
+    for (long k = 0; k < m4; k += 4) {  /* the 4 x 4 diagonal triangle */
+      const T *v0 = V + k * n, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n;
+      const T sc = (k + 4 >= m4) ? s : (T)1;
+      for (int r = 0; r < 4; ++r)
+        for (long j = i + r; j < i + 4; ++j)
+          rows[r][j] = sc * (rows[r][j] - (v0[i + r] * v0[j] + v1[i + r] * v1[j] + v2[i + r] * v2[j] + v3[i + r] * v3[j]));
+    }
+    for (long c = i + 4; c < n; c += CH) {
+      const long ce = c + CH < n ? c + CH : n;
+      for (long k = 0; k < m4; k += 4) {
+        const T *restrict v0 = V + k * n, *restrict v1 = v0 + n, *restrict v2 = v1 + n, *restrict v3 = v2 + n;
+        const T sc = (k + 4 >= m4) ? s : (T)1;
+        const T a00 = v0[i], a01 = v1[i], a02 = v2[i], a03 = v3[i];
+        const T a10 = v0[i + 1], a11 = v1[i + 1], a12 = v2[i + 1], a13 = v3[i + 1];
+        const T a20 = v0[i + 2], a21 = v1[i + 2], a22 = v2[i + 2], a23 = v3[i + 2];
+        const T a30 = v0[i + 3], a31 = v1[i + 3], a32 = v2[i + 3], a33 = v3[i + 3];
+        _Pragma("omp simd")
+        for (long j = c; j < ce; ++j) {
+          const T w0 = v0[j], w1 = v1[j], w2 = v2[j], w3 = v3[j];
+          r0[j] = sc * (r0[j] - (a00 * w0 + a01 * w1 + a02 * w2 + a03 * w3));
+          r1[j] = sc * (r1[j] - (a10 * w0 + a11 * w1 + a12 * w2 + a13 * w3));
+          r2[j] = sc * (r2[j] - (a20 * w0 + a21 * w1 + a22 * w2 + a23 * w3));
+          r3[j] = sc * (r3[j] - (a30 * w0 + a31 * w1 + a32 * w2 + a33 * w3));
+        }
+      }
+    }
+  }
+  for (; i < n; ++i) {  /* the last n % 4 rows */
+    T *restrict row = P + i * n;
+    for (long j = i; j < n; ++j) {
+      T a = 0;
+      for (long k = 0; k < m4; ++k) a += V[k * n + i] * V[k * n + j];
+      row[j] = s * (row[j] - a);
+    }
+  }
+}
+
+extern "C" {
+void ekf_xt_f32(const float *P, const float *J, float *X, long n, long m) { xt<float>(P, J, X, n, m); }
+void ekf_xt_f64(const double *P, const double *J, double *X, long n, long m) { xt<double>(P, J, X, n, m); }
+void ekf_sg_f32(float *P, const float *V, long n, long m4, float s) { sg<float>(P, V, n, m4, s); }
+void ekf_sg_f64(double *P, const double *V, long n, long m4, double s) { sg<double>(P, V, n, m4, s); }
+}
+"""
+MAXM = 64  # most Jacobian rows per update the compiled X = P Jᵀ takes (more: the BLAS kernel)
+
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-fno-math-errno")
+_STATE: dict = {}
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled kernels (built with :func:`ekf_plugin.native.native_library` on first use, cached per
+    CPU), or None when they cannot be built (the reason is in :func:`last_error`)."""
+    if "lib" in _STATE:
+        return _STATE["lib"]
+    from ekf_plugin.native import native_library  # noqa: PLC0415
+
+    lib, why = None, ""
+    for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native")):  # some compilers refuse -march=native
+        try:
+            lib = native_library(SOURCE, flags, name="ekf_filter_thin")
+            break
+        except RuntimeError as exc:
+            why = str(exc)
+    if lib is not None:
+        L, vp = ctypes.c_long, ctypes.c_void_p
+        for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+            xt, sg = getattr(lib, f"ekf_xt_{suffix}"), getattr(lib, f"ekf_sg_{suffix}")
+            xt.argtypes, xt.restype = [vp, vp, vp, L, L], None
+            sg.argtypes, sg.restype = [vp, vp, L, L, real], None
+        why = ""
+    _STATE["lib"], _STATE["error"] = lib, why
+    return lib
+
+
+def last_error() -> str:
+    """Why :func:`load` returned None ("" if it did not)."""
+    return _STATE.get("error", "")
+
+
+class NativeKernel(BlasKernel):
+    """The compiled kernel (module docstring) for contiguous float32/float64 CPU blocks; anything else
+    (views, other dtypes) goes to the BLAS kernel it extends. Upper triangle valid, like BLAS."""
+
+    name = "native"
+    fused_scale = True
+
+    def __init__(self, lib: Optional[ctypes.CDLL] = None) -> None:
+        super().__init__()
+        self._lib = lib if lib is not None else load()
+        if self._lib is None:
+            raise RuntimeError(f"the native EKF kernel could not be built: {last_error()}")
+
+    @staticmethod
+    def _ok(P: torch.Tensor, M: torch.Tensor) -> bool:
+        return (P.device.type == "cpu" and P.dtype in (torch.float32, torch.float64) and M.dtype == P.dtype
+                and P.is_contiguous() and P.dim() == 2 and P.shape[0] == P.shape[1] == M.shape[1])
+
+    def _suffix(self, P: torch.Tensor) -> str:
+        return "f32" if P.dtype == torch.float32 else "f64"
+
+    def xt(self, P: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+        if not self._ok(P, J) or J.shape[0] > MAXM:
+            return super().xt(P, J)
+        J = J.contiguous()  # (m, n_b)
+        X = torch.empty_like(J)  # (m, n_b)
+        getattr(self._lib, "ekf_xt_" + self._suffix(P))(P.data_ptr(), J.data_ptr(), X.data_ptr(), P.shape[0], J.shape[0])
+        return X
+
+    def sub_gram_(self, P: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> None:
+        """In place P ← scale·(P − Vᵀ V) on the upper triangle (``scale`` = 1/λ folds the fading memory in)."""
+        if not self._ok(P, V):
+            super().sub_gram_(P, V)
+            if scale != 1.0:
+                P.mul_(scale)
+            return
+        m = V.shape[0]
+        m4 = -(-m // 4) * 4
+        Vp = V.new_zeros((m4, V.shape[1]))  # (m4, n_b), rows m.. zero
+        Vp[:m] = V
+        getattr(self._lib, "ekf_sg_" + self._suffix(P))(P.data_ptr(), Vp.data_ptr(), P.shape[0], m4, float(scale))
