@@ -101,6 +101,101 @@ def reduced_row_errors(
     return torch.cat(rows)  # (1 + G,)
 
 
+
+def _force_module(model: torch.nn.Module, energy_key: str, forces_key: str):
+    """The output module that computes ``forces_key`` as −∂E/∂R, if it is SchNetPack's ``Forces`` (or a
+    subclass) without stress, the last output module, and the only one with a ``force_key``; else None."""
+    mods = list(getattr(model, "output_modules", None) or [])
+    if not mods:
+        return None
+    try:
+        from schnetpack.atomistic import Forces  # noqa: PLC0415
+        from schnetpack.properties import R  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - schnetpack is a dependency
+        return None
+    last = mods[-1]
+    ok = (
+        isinstance(last, Forces) and getattr(last, "calc_forces", False) and not getattr(last, "calc_stress", False)
+        and last.energy_key == energy_key and last.force_key == forces_key
+        and list(last.required_derivatives) == [R] and sum(hasattr(m, "force_key") for m in mods) == 1
+    )
+    return last if ok else None
+
+
+def reduced_rows_with_jacobian(
+    model: torch.nn.Module,
+    predict: Callable[[], Dict[str, torch.Tensor]],
+    batch: Dict[str, torch.Tensor],
+    generator: torch.Generator,
+    params: List[torch.Tensor],
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    n_force_groups: int = 4,
+    force_group_size: int = 6,
+    c_energy: float = 1.0,
+    c_forces: float = 1.0,
+    energy_per_atom: bool = True,
+):
+    """:func:`reduced_row_errors` and its Jacobian (m, n) with the energy row taken from the force pass.
+
+    A force-trained model computes F = −∂E/∂R by a backward pass inside its forward. Here that pass is
+    asked for ∂/∂θ of the weighted energies Σ_b w_b E_b as well, w_b = sign(Ê_b − E_b)/(B·N_b) (the
+    derivative of the energy row √c_E · mean_b abs(ΔE_b)/N_b), which costs a few weight-gradient
+    products instead of a separate backward pass for the energy row (on PaiNN as much as a force row):
+    an update needs 1 backward (inside the forward) + G, not 1 + 1 + G. The forces of structure b are
+    −(∂ Σ w E/∂R_b)/w_b, the model's own forces up to round-off. The G force-group rows come from one
+    backward each (:func:`~ekf_plugin.jacobian.flat_jacobian`, loop: on PaiNN a batched backward is 4×
+    slower). Same ξ, same label draws (generator) and same J as :func:`reduced_row_errors` followed by
+    ``flat_jacobian`` (tests/training/test_reduced_rows.py, 1e-9 in float64).
+
+    Args:
+        model: the SchNetPack model (its ``output_modules`` are inspected and, during ``predict``, the
+            force module is left out).
+        predict: ``() -> outputs`` runs the model on a shallow copy of ``batch`` (``dict(batch)``) without
+            post-processing; the model marks ``batch[R]`` as requiring grad (its ``required_derivatives``).
+        params: the EKF's parameters in the column order of J.
+
+    Returns:
+        ``(ξ (1 + G,), J (1 + G, n), outputs)`` with ``outputs[forces_key]`` filled in, or None when the fast
+        path does not apply (no energy row, no force rows, stress or custom force modules, ΔE = 0 exactly);
+        nothing has been drawn from ``generator`` then.
+    """
+    fmod = _force_module(model, energy_key, forces_key)
+    if fmod is None or c_energy <= 0 or c_forces <= 0 or n_force_groups <= 0 or not torch.is_grad_enabled():
+        return None
+    from schnetpack.properties import R  # noqa: PLC0415
+
+    mods = model.output_modules
+    model.output_modules = torch.nn.ModuleList([m for m in mods if m is not fmod])
+    try:
+        out = predict()  # energies with their graph from R (R requires grad: the model's required_derivatives)
+    finally:
+        model.output_modules = mods
+    pos = batch.get(R)  # the model's inputs are a shallow copy of batch: it set requires_grad on this tensor
+    if energy_key not in out or pos is None or not pos.requires_grad:
+        return None
+    e = energy_errors(out, batch, energy_key, per_atom=energy_per_atom)  # (B,)
+    nat = batch[N_ATOMS].to(e.dtype) if energy_per_atom else torch.ones_like(e)  # (B,)
+    sign = torch.sign(e.detach())  # (B,)
+    if bool((sign == 0).any()):
+        return None
+    w = sign / (nat * e.numel())  # (B,) ∂(mean abs(ΔE_b)/N_b)/∂E_b
+    E = out[energy_key].reshape(-1)  # (B,)
+    grads = torch.autograd.grad(E, [pos, *params], grad_outputs=w.to(E.dtype), create_graph=True, allow_unused=True)
+    idx_m = batch[IDX_M]
+    out[forces_key] = -grads[0] / w.to(grads[0].dtype)[idx_m].unsqueeze(-1)  # (N, 3) = −∂E/∂R
+    row_e = torch.cat([
+        (g.detach() if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads[1:], params)
+    ]).unsqueeze(0)  # (1, n) ∂(mean abs(ΔE)/N)/∂θ
+    xi_e = c_energy**0.5 * e.abs().mean().reshape(1)  # (1,)
+    xi_f = c_forces**0.5 * grouped_force_errors(out, batch, forces_key, n_force_groups, force_group_size, generator)
+    from ekf_plugin.jacobian import flat_jacobian  # noqa: PLC0415
+
+    J_f = flat_jacobian(xi_f, params, vectorize=False)  # (G, n)
+    J = torch.cat([c_energy**0.5 * row_e.to(J_f.dtype), J_f])  # (1 + G, n)
+    return torch.cat([xi_e.detach().to(xi_f.dtype), xi_f.detach()]), J, out
+
+
 def label_errors(
     energies: Callable[[], torch.Tensor],
     force_components: Callable[[int, torch.Tensor], torch.Tensor],

@@ -37,6 +37,7 @@ from ekf_plugin.training.schedule import (
     draw_kinds,
     label_errors,
     reduced_row_errors,
+    reduced_rows_with_jacobian,
     weighted_errors,
 )
 from ekf_plugin.bpnn.label_predictor import label_predictor_for
@@ -215,6 +216,14 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom, record=store["labels"],
             )
         if self.label_mode == "reduced":
+            fast = None if params is None else reduced_rows_with_jacobian(  # the energy row from the force pass
+                self.model, lambda: self.predict_without_postprocessing(dict(batch)), batch, self.label_rng, params,
+                self.energy_key, self.forces_key, self.n_force_groups, self.force_group_size, self.c_energy,
+                self.c_forces, self.energy_per_atom,
+            )
+            if fast is not None:
+                store["pred"] = fast[2]
+                return fast[0], fast[1]
             pred = self.predict_without_postprocessing(dict(batch))
             store["pred"] = pred
             return reduced_row_errors(
