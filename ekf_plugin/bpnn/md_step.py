@@ -338,13 +338,13 @@ def default_compile(device: Any = "cpu") -> bool:
 # triplet's triples for all its columns, the pair table as rows (P, R) so that a triple reads three
 # rows, the sums of one centre (forward) and of one pair i→j (backward) kept in registers while the
 # triples, sorted by centre and p1, stay on them, and triples with a side ≥ r_c skipped (their terms
-# are exactly 0). Built with the system C++ compiler (about a second, no torch headers) into a shared
-# library cached on disk and called through ctypes with raw pointers; used for CPU tensors only
+# are exactly 0). Built with the system C++ compiler (ekf_plugin.native: about a second, no torch headers) into a shared
+# library cached on disk (ekf_plugin.native) and called through ctypes with raw pointers; used for CPU tensors only
 # (other devices run the torch kernels above). Arithmetic in the compute dtype, in the order of the
 # torch kernels; sums in double.
 
-_NATIVE_FLAGS = ["-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
-_NATIVE: Dict[str, Any] = {}  # source hash -> the loaded library, or the error message of a failed build
+_NATIVE_FLAGS = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
+_NATIVE: Dict[str, Any] = {}  # "triples": the triple builder's ctypes function
 
 
 def _c_power(b: str, z: float, out: str) -> List[str]:
@@ -569,56 +569,11 @@ def native_triples(vl: "VerletList", species: np.ndarray, rij: np.ndarray, tripl
     return out
 
 
-def _compiler() -> Optional[str]:
-    for c in (os.environ.get("CXX", ""), "c++", "g++"):
-        if c and shutil.which(c):
-            return shutil.which(c)
-    return None
-
-
 def native_library(source: str):
-    """``source`` built into a shared library (a ``ctypes.CDLL``) on first use; ``RuntimeError`` if impossible.
+    """``source`` built and loaded with :func:`ekf_plugin.native.native_library` (``RuntimeError`` if impossible)."""
+    from ekf_plugin.native import native_library as build
 
-    Libraries are cached under ``$EKF_PLUGIN_CACHE`` (default ``~/.cache/ekf_plugin``) by a hash of the
-    source, the flags, the compiler and the machine, so each function set is built once (about a second).
-    """
-    import hashlib
-    import platform
-
-    cxx = _compiler()
-    key = hashlib.sha256("\0".join([source, *_NATIVE_FLAGS, str(cxx), platform.machine(),
-                                    platform.system()]).encode()).hexdigest()[:20]
-    got = _NATIVE.get(key)
-    if isinstance(got, str):
-        raise RuntimeError(got)
-    if got is not None:
-        return got
-    import ctypes
-    import subprocess
-    import tempfile
-
-    try:
-        if cxx is None:
-            raise RuntimeError("no C++ compiler ($CXX, c++ or g++) on PATH")
-        root = os.environ.get("EKF_PLUGIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ekf_plugin")
-        os.makedirs(root, exist_ok=True)
-        path = os.path.join(root, f"bpnn_triples_{key}.so")
-        if not os.path.exists(path):
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                src = os.path.join(tmp, "k.cpp")
-                with open(src, "w") as f:
-                    f.write(source)
-                out = os.path.join(tmp, "k.so")
-                run = subprocess.run([cxx, *_NATIVE_FLAGS, src, "-o", out], capture_output=True, text=True, timeout=600)
-                if run.returncode != 0:
-                    raise RuntimeError(f"{cxx} failed: {run.stderr[-800:]}")
-                os.replace(out, path)  # atomic: concurrent builders leave one complete file
-        lib = ctypes.CDLL(path)
-    except Exception as exc:
-        _NATIVE[key] = f"{type(exc).__name__}: {exc}"
-        raise RuntimeError(_NATIVE[key]) from None
-    _NATIVE[key] = lib
-    return lib
+    return build(source, flags=_NATIVE_FLAGS, name="bpnn_md")
 
 
 # ----------------------------------------------------------------------------- the step
