@@ -15,6 +15,9 @@ Figures:
   closed-form rows (default) and autograd rows; updates/s of the study's half/half mix;
 * ``spktrain experiment=water_bpnn_ekf`` on 400 frames (320 train / 80 val), 3 epochs: time to the first
   update, steady-state updates/s of the whole Lightning loop, validation time (after the first, which computes the validation features) over the training time of an epoch;
+* ``spktrain`` with two processes sharing one EKF (Lightning DDP, gloo, P split by rows) against one process:
+  updates/s and labels/s, the same update split between the processes and one structure per process
+  (``spktrain_2proc_*``, :func:`spktrain_2proc_figures`);
 * PaiNN (n_atom_basis 64, 157k weights), ``task=ekf``'s reduced-row update: forward, 5 Jacobian rows, filter
   (float32 P, blocks of 5120), updates/s.
 """
@@ -323,6 +326,118 @@ def spktrain_figures(quick=False) -> Dict[str, float]:
     return out
 
 
+def _cpu_step_timer():
+    """:class:`benchmarks.step_timer.StepTimer` that also records the process CPU time of each step
+    (``steps_cpu_s``; validation excluded): on a machine shared with other jobs, the work per update of each
+    process, whatever CPU share it got."""
+    from benchmarks.step_timer import StepTimer
+
+    class CpuStepTimer(StepTimer):
+        def __init__(self, path: str) -> None:
+            super().__init__(path)
+            self.steps_cpu, self._cpu_last, self._cpu_val0 = [], None, None
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            super().on_train_epoch_start(trainer, pl_module)
+            self._cpu_last = time.process_time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now, first = time.process_time(), self.first_update_s is None
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if not first:
+                self.steps_cpu.append(now - self._cpu_last)
+            self._cpu_last = now
+
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:
+            super().on_validation_epoch_start(trainer, pl_module)
+            self._cpu_val0 = time.process_time()
+
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            super().on_validation_epoch_end(trainer, pl_module)
+            if self._cpu_last is not None:
+                self._cpu_last += time.process_time() - self._cpu_val0
+
+        def _dump(self) -> None:
+            super()._dump()
+            rec = json.loads(self.path.read_text())
+            rec["steps_cpu_s"] = self.steps_cpu
+            self.path.write_text(json.dumps(rec))
+
+    return CpuStepTimer
+
+
+def CpuStepTimer(path: str):  # noqa: N802 - a Hydra target that builds the callback
+    return _cpu_step_timer()(path)
+
+
+def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None) -> Dict[str, float]:
+    """One process against two (Lightning DDP, gloo, one thread each) sharing one EKF, through ``spktrain
+    experiment=water_bpnn_ekf`` on the revPBE0-D3 frames (80 % training frames), the study's mix,
+    validation on 2 frames (not timed), updates timed by :mod:`benchmarks.step_timer` (mean step after the first, 2 epochs):
+
+    * ``1proc``: the plain run (shuffled by the same ``SameBatchDDPStrategy`` sampler with one process, so
+      it sees the frames and label draws of ``split``);
+    * ``split`` (``trainer=ddp_cpu_split``): the SAME update as one process (one structure, m = 1 or 10),
+      its force rows split between the two processes, P split by rows: the honest updates/s comparison;
+    * ``streams`` (``trainer=ddp_cpu``): each process its own structure, one update carries both (m = 2,
+      11 or 20; multistream), P split by rows: more labels per update, not more updates.
+
+    Labels/s use the expected labels per update of the mix (5.5 per structure). ``pause``: a callable run
+    as ``pause(True)`` before and ``pause(False)`` after the timed runs (e.g. to stop a background job).
+    """
+    if not DATA.exists():
+        return {"spktrain_2proc_skipped_no_data": 1.0}
+    frames = frames or (40 if quick else 300)
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).with_name("spktrain")
+    out = _Figures()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = [str(exe), "experiment=water_bpnn_ekf", f"data.source={DATA.resolve()}", f"data.max_frames={frames}",
+                f"data.datapath={tmp}/water.db", "trainer.max_epochs=2", f"run.path={tmp}/runs", "logger=csv",
+                "+trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=2",
+                "+seed=0", "+callbacks.step_timer._target_=benchmarks.bench_ekf.CpuStepTimer"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                   PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        runs = {"1proc": ["trainer=ddp_cpu_split", "trainer.devices=1"], "split": ["trainer=ddp_cpu_split"],
+                "streams": ["trainer=ddp_cpu"]}
+        warm = [a for a in base if "step_timer" not in a] + ["trainer.max_steps=1", "run.id=warm"]
+        subprocess.run(warm, cwd=tmp, env=env, capture_output=True, timeout=3600)  # builds the database once
+        if not (Path(tmp) / "water.db").exists():
+            raise RuntimeError("spktrain did not build the database")
+        if pause:
+            pause(True)
+        try:
+            for name, extra in runs.items():
+                path = f"{tmp}/steps_{name}_" + "${oc.env:LOCAL_RANK,0}.json"  # one file per process
+                res = subprocess.run(base + extra + [f"run.id={name}", f"+callbacks.step_timer.path={path}"],
+                                     cwd=tmp, env=env, capture_output=True, text=True, timeout=3600)
+                if res.returncode != 0:
+                    raise RuntimeError(res.stderr[-3000:])
+                recs = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"steps_{name}_*.json"))]
+                steps = recs[0]["steps_s"]  # rank 0; the processes wait for each other every update
+                per_update = 11.0 if name == "streams" else 5.5  # expected labels: 0.5·1 + 0.5·10 per structure
+                out[f"spktrain_2proc_{name}_updates"] = float(len(steps) + 1)
+                out[f"spktrain_2proc_{name}_step_ms_mean"] = 1e3 * statistics.fmean(steps)
+                out[f"spktrain_2proc_{name}_updates_per_s"] = 1 / statistics.fmean(steps)
+                out[f"spktrain_2proc_{name}_labels_per_s"] = per_update / statistics.fmean(steps)
+                # CPU time per update of the busiest process: the step time of a machine with a free core each
+                out[f"spktrain_2proc_{name}_cpu_ms_per_update"] = 1e3 * max(statistics.fmean(r["steps_cpu_s"]) for r in recs)
+        finally:
+            if pause:
+                pause(False)
+    out["spktrain_2proc_frames"] = float(frames)
+    out["spktrain_2proc_split_over_1proc_updates_per_s"] = (out["spktrain_2proc_split_updates_per_s"]
+                                                            / out["spktrain_2proc_1proc_updates_per_s"])
+    out["spktrain_2proc_streams_over_1proc_labels_per_s"] = (out["spktrain_2proc_streams_labels_per_s"]
+                                                             / out["spktrain_2proc_1proc_labels_per_s"])
+    out["spktrain_2proc_streams_over_1proc_updates_per_s"] = (out["spktrain_2proc_streams_updates_per_s"]
+                                                              / out["spktrain_2proc_1proc_updates_per_s"])
+    out["spktrain_2proc_split_over_1proc_cpu_per_update"] = (out["spktrain_2proc_1proc_cpu_ms_per_update"]
+                                                            / out["spktrain_2proc_split_cpu_ms_per_update"])
+    out["spktrain_2proc_load_average_1min"] = os.getloadavg()[0]
+    return out
+
+
 def gnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     """``task=ekf`` on SchNetPack's PaiNN (n_atom_basis 64, 3 interactions, 5 Å; 157k weights) with 192-atom
     water: one reduced-row update (1 energy + 4 group rows of 6 atoms), blocked P (≤ 5120) in float32."""
@@ -375,6 +490,7 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
     out.update(bpnn_figures(device, quick))
     if (device or "cpu") == "cpu":
         out.update(spktrain_figures(quick))
+        out.update(spktrain_2proc_figures(quick))
     out.update(gnn_figures(device, quick))
     return out
 
