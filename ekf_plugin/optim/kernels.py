@@ -5,8 +5,9 @@ the symmetric low-rank term Vᵀ V. For the study's water BPNN (n = 2827, P = 64
 passes are the whole cost of an update, so how they are done matters:
 
 * :class:`TorchKernel` (any device): ``torch.mm`` and ``addmm_``/``addr_`` on the full block.
-* :class:`BlasKernel` (CPU tensors): the symmetric BLAS routines ``?symm``/``?symv`` (X = P Jᵀ; for float64,
-  m ≥ 2 and one thread the compiled kernel of :mod:`ekf_plugin.optim.native_symm` instead of ``dsymm``) and
+* :class:`BlasKernel` (CPU tensors): the symmetric BLAS routines ``?symm``/``?symv`` (X = P Jᵀ; for m ≥ 2 rows
+  on one thread the compiled product :func:`ekf_plugin.optim.native.thin_xt` instead of ``?symm``, unless
+  ``EKF_PLUGIN_NATIVE_XT=0``) and
   ``?syrk``/``?syr`` (P −= Vᵀ V) from SciPy, called on the torch storage without a copy. They read and
   write only one triangle of P (the *upper* triangle of the row-major torch tensor, i.e. the lower
   triangle of its column-major view), which halves the memory traffic; on this project's 2-core CPU
@@ -18,6 +19,7 @@ Shapes: P (n_b, n_b), J_b (m, n_b), X (m, n_b) (returned transposed, row per lab
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -26,6 +28,7 @@ import torch
 __all__ = ["FilterKernel", "TorchKernel", "BlasKernel", "select_kernel", "KERNELS"]
 
 KERNELS = ("auto", "blas", "torch", "native")
+NATIVE_XT = os.environ.get("EKF_PLUGIN_NATIVE_XT", "1") != "0"  # BlasKernel: compiled X = P Jᵀ for m >= 2, one thread
 
 
 class FilterKernel:
@@ -106,17 +109,21 @@ class BlasKernel(FilterKernel):
         return P.numpy().T  # (n_b, n_b) F-contiguous; its lower triangle = P's upper triangle
 
     def xt(self, P: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+        if J.shape[0] > 1 and torch.get_num_threads() == 1 and NATIVE_XT:  # one thread: the compiled product
+            from .native import thin_xt  # noqa: PLC0415
+
+            X = thin_xt(P, J)  # (m, n_b), or None where it cannot be built
+            if X is not None:
+                return X
+        return self._blas_xt(P, J)
+
+    def _blas_xt(self, P: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+        """X by ``?symv``/``?symm`` (the module docstring's BLAS path)."""
         C = self._colmajor(P)
         J = J.contiguous()  # (m, n_b)
         if J.shape[0] == 1:
             x = self._call(self._fn("symv", P), 1.0, C, J.numpy()[0], lower=1)  # (n_b,)
             return torch.from_numpy(x).unsqueeze(0)  # (1, n_b)
-        if torch.get_num_threads() == 1 and P.dtype == torch.float64:  # one thread: the compiled kernel
-            from .native_symm import symm_thin  # noqa: PLC0415
-
-            X = symm_thin(P, J)  # (m, n_b), or None where it cannot be built
-            if X is not None:
-                return X
         X = self._call(self._fn("symm", P), 1.0, C, J.numpy().T, side=0, lower=1)  # (n_b, m) column-major
         return torch.from_numpy(X.T)  # (m, n_b) row-major, no copy
 

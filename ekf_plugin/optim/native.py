@@ -13,8 +13,8 @@ and their checkpoints are interchangeable.
 
 The C++ source below is built by :func:`ekf_plugin.native.native_library` (``-O3 -march=native``, about a
 second, cached per CPU). Without a compiler, :func:`load` returns None and ``select_kernel("native", ...)``
-falls back to the BLAS kernel with a warning. (:mod:`ekf_plugin.optim.native_symm` is the same X = P Jᵀ
-product for float64 inside the BLAS kernel; this kernel adds float32 and the fused P −= VᵀV, P /= λ.)
+falls back to the BLAS kernel with a warning. The BLAS kernel itself uses this module's X = P Jᵀ
+(:func:`thin_xt`) for m ≥ 2 rows on one thread, where it beats ``?symm``; it keeps ``?syrk`` for P −= VᵀV.
 One thread (the target of the reduced-row benchmarks); with ``torch.get_num_threads() > 1`` the BLAS
 kernel may be faster.
 """
@@ -168,6 +168,26 @@ def last_error() -> str:
     return _STATE.get("error", "")
 
 
+def _applies(P: torch.Tensor, M: torch.Tensor) -> bool:
+    return (P.device.type == "cpu" and P.dtype in (torch.float32, torch.float64) and M.dtype == P.dtype
+            and P.is_contiguous() and P.dim() == 2 and P.shape[0] == P.shape[1] == M.shape[1])
+
+
+def thin_xt(P: torch.Tensor, J: torch.Tensor) -> Optional[torch.Tensor]:
+    """(m, n_b) = (P Jᵀ)ᵀ by the compiled kernel for a contiguous CPU float32/float64 block P (n_b, n_b), upper
+    triangle valid, and J (m, n_b) with m ≤ MAXM; None when it does not apply or cannot be built."""
+    if not _applies(P, J) or J.shape[0] > MAXM:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    J = J.contiguous()  # (m, n_b)
+    X = torch.empty_like(J)  # (m, n_b)
+    getattr(lib, "ekf_xt_" + ("f32" if P.dtype == torch.float32 else "f64"))(
+        P.data_ptr(), J.data_ptr(), X.data_ptr(), P.shape[0], J.shape[0])
+    return X
+
+
 class NativeKernel(BlasKernel):
     """The compiled kernel (module docstring) for contiguous float32/float64 CPU blocks; anything else
     (views, other dtypes) goes to the BLAS kernel it extends. Upper triangle valid, like BLAS."""
@@ -181,21 +201,14 @@ class NativeKernel(BlasKernel):
         if self._lib is None:
             raise RuntimeError(f"the native EKF kernel could not be built: {last_error()}")
 
-    @staticmethod
-    def _ok(P: torch.Tensor, M: torch.Tensor) -> bool:
-        return (P.device.type == "cpu" and P.dtype in (torch.float32, torch.float64) and M.dtype == P.dtype
-                and P.is_contiguous() and P.dim() == 2 and P.shape[0] == P.shape[1] == M.shape[1])
+    _ok = staticmethod(_applies)
 
     def _suffix(self, P: torch.Tensor) -> str:
         return "f32" if P.dtype == torch.float32 else "f64"
 
     def xt(self, P: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
-        if not self._ok(P, J) or J.shape[0] > MAXM:
-            return super().xt(P, J)
-        J = J.contiguous()  # (m, n_b)
-        X = torch.empty_like(J)  # (m, n_b)
-        getattr(self._lib, "ekf_xt_" + self._suffix(P))(P.data_ptr(), J.data_ptr(), X.data_ptr(), P.shape[0], J.shape[0])
-        return X
+        X = thin_xt(P, J) if J.shape[0] > 1 or P.dtype == torch.float32 else None
+        return X if X is not None else self._blas_xt(P, J)
 
     def sub_gram_(self, P: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> None:
         """In place P ← scale·(P − Vᵀ V) on the upper triangle (``scale`` = 1/λ folds the fading memory in)."""

@@ -166,20 +166,3 @@ def test_blas_kernel_leaves_the_flat_jacobian_path_exact():
     prec = np.eye(d) / p0 + eta * X.numpy().T @ X.numpy()
     np.testing.assert_allclose(w.detach().numpy(), np.linalg.solve(prec, eta * X.numpy().T @ y.numpy()), atol=1e-12)
     np.testing.assert_allclose(opt.covariance().numpy(), np.linalg.inv(prec), atol=1e-12)
-
-
-def test_native_thin_symm_equals_the_full_product():
-    """The compiled X = J P kernel reads only the upper triangle; every n mod 4 and chunk boundary."""
-    from ekf_plugin.optim import native_symm
-
-    if not native_symm.available():
-        pytest.skip("no C++ compiler for the native kernel")
-    g = torch.Generator().manual_seed(0)
-    for n, m in ((1, 2), (7, 3), (261, 10), (530, 5)):
-        A = torch.randn(n, n, generator=g, dtype=torch.float64)
-        P = A @ A.T
-        stale = torch.triu(P) + torch.tril(torch.full((n, n), float("nan"), dtype=torch.float64), -1)  # lower: garbage
-        J = torch.randn(m, n, generator=g, dtype=torch.float64)
-        X = native_symm.symm_thin(stale, J)
-        torch.testing.assert_close(X, J @ P, rtol=1e-12, atol=1e-10)
-    assert native_symm.symm_thin(P.float(), J.float()) is None, "float32 stays with BLAS"
