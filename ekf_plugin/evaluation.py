@@ -233,9 +233,10 @@ class ModelEvaluator:
             pair-factorised triples, analytic forces and virial; same numbers to round-off). ``None``
             (default): whenever :func:`ekf_plugin.bpnn.md_step.supports` the model and no ``transforms``
             are given; other models always take the general SchNetPack path.
-        compile: fuse the fast path's per-triple kernels with ``torch.compile``. ``None`` (default):
-            ``EKF_PLUGIN_COMPILE`` (``0``/``1``) if set, else on for CPU when a C++ compiler is found.
-            The compile happens on the first call (tens of seconds; cached on disk afterwards).
+        compile: run the fast path's per-triple kernels as native C++ loops (:mod:`ekf_plugin.bpnn.md_step`;
+            ``"torch"``: ``torch.compile`` instead). ``None`` (default): ``EKF_PLUGIN_COMPILE`` (``0``/``1``) if
+            set, else on for CPU when a C++ compiler is found. The build takes about a second on first use
+            and is cached on disk.
         skin: Verlet skin of the fast path in Å (the list is rebuilt only when needed).
         trust_pickle: for a path: allow a full unpickle of a ``best_model`` outside the allow-list
             (see :func:`load_any_model`; only files you trust).
