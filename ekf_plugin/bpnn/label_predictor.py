@@ -63,6 +63,7 @@ class BPNNLabelPredictor:
         self._bytes = 0
         self._rows: Optional[Tuple[Tuple[int, ...], Optional[NetworkJacobians]]] = None
         self._scaling: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # scaling the cache was filled with
+        self._batch_ranges = None  # (batch key, (atom ranges, pair ranges)) of the last batch of several structures
 
     @property
     def representation(self) -> BehlerParrinello:
@@ -94,9 +95,14 @@ class BPNNLabelPredictor:
             if with_rij:
                 out[props.Rij] = pair_vectors(out)  # (P, 3) Å
             return out
-        atoms = torch.nonzero(idx_m == b).squeeze(-1)  # (N_b,)
+        atom_ranges, pair_ranges = self._ranges(batch)
+        if pair_ranges is not None:  # atoms and pairs stored structure by structure (SchNetPack's collate)
+            atoms = torch.arange(*atom_ranges[b], device=idx_m.device)  # (N_b,)
+            pairs = torch.arange(*pair_ranges[b], device=idx_m.device)  # (P_b,)
+        else:
+            atoms = torch.nonzero(idx_m == b).squeeze(-1)  # (N_b,)
+            pairs = torch.nonzero(idx_m[batch[props.idx_i]] == b).squeeze(-1)  # (P_b,)
         first = int(atoms[0]) if atoms.numel() else 0
-        pairs = torch.nonzero(idx_m[batch[props.idx_i]] == b).squeeze(-1)  # (P_b,)
         out = {
             props.Z: batch[props.Z][atoms],
             props.R: batch[props.R][atoms],
@@ -111,6 +117,31 @@ class BPNNLabelPredictor:
         if with_rij:
             out[props.Rij] = pair_vectors(out)  # (P_b, 3) Å
         return out
+
+    def _ranges(self, batch: Dict[str, torch.Tensor]):
+        """[(start, stop)] of each structure's atoms and pairs in a batch of several, once per batch (the last
+        batch is remembered); pair ranges None when atoms or pairs are not grouped by structure (then
+        :meth:`_structure` selects them by index)."""
+        key = (id(batch), batch[props.idx_i].data_ptr(), batch[props.idx_m].data_ptr())
+        if self._batch_ranges is not None and self._batch_ranges[0] == key:
+            return self._batch_ranges[1]
+        n_atoms = batch[props.n_atoms].tolist()
+        starts = [0]
+        for n in n_atoms:
+            starts.append(starts[-1] + int(n))
+        atom_ranges = list(zip(starts[:-1], starts[1:]))
+        owner = batch[props.idx_m].index_select(0, batch[props.idx_i])  # (P,) structure of each pair
+        pair_ranges = None
+        idx_m = batch[props.idx_m]  # (N,)
+        grouped = bool((idx_m[1:] >= idx_m[:-1]).all()) and (owner.numel() == 0 or bool((owner[1:] >= owner[:-1]).all()))
+        if grouped:
+            counts = torch.bincount(owner, minlength=len(n_atoms)).tolist() if owner.numel() else [0] * len(n_atoms)
+            ps = [0]
+            for c in counts:
+                ps.append(ps[-1] + int(c))
+            pair_ranges = list(zip(ps[:-1], ps[1:]))
+        self._batch_ranges = (key, (atom_ranges, pair_ranges))
+        return atom_ranges, pair_ranges
 
     @staticmethod
     def _checksum(structure: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,8 @@
 #               study is MAX_UPDATES=500000 with a TRAIN_MIN large enough. A rerun resumes from the run's
 #               checkpoints/last.ckpt (written every 1000 updates, P and the label-draw state included)
 #   VAL_EVERY   updates between validations (default 1000)
-#   VAL_FRAMES  validation frames per validation (default 30; the first VAL_FRAMES of the validation split)
+#   VAL_FRAMES  validation frames per validation (default 30, rounded up to batches of 10; the first ones of the
+#               validation split)
 #   KEEP        the model kept per run: last (final weights, default) or best (lowest val_loss)
 #   MD_STEPS    i-PI NPT steps per model (0.5 fs each; default 400)
 #   EVAL_FRAMES validation frames for the RMSE of each model (default 280: all of them)
@@ -34,7 +35,7 @@ if [[ $stage == train || $stage == all ]]; then
   # one database for all runs (Å, eV), the same 80/20 split (+seed=0), one update per step
   [ -f data/water.db ] || "$BIN/python" -c "import sys; from ekf_plugin.data import read_frames, frames_to_db; frames_to_db(read_frames(sys.argv[1]), 'data/water.db')" "$DATA"
   common=(data.datapath="$WORK/data/water.db" +seed=0 logger=csv trainer.accelerator=cpu data.num_workers=0
-          trainer.limit_val_batches="${VAL_FRAMES:-30}" trainer.val_check_interval="${VAL_EVERY:-1000}"
+          trainer.limit_val_batches=$(( (${VAL_FRAMES:-30} + 9) / 10 )) trainer.val_check_interval="${VAL_EVERY:-1000}"
           trainer.check_val_every_n_epoch=null trainer.max_epochs=100000 trainer.max_steps="${MAX_UPDATES:--1}"
           "+trainer.max_time=00:00:${TRAIN_MIN:-30}:00")
   for r in "${RUNS[@]}"; do

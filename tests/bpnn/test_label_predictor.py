@@ -257,3 +257,21 @@ def test_prepare_on_float32_data_caches_what_the_float32_model_computes():
             cached = pred.features(b, s)
             assert cached.dtype == torch.float32
             torch.testing.assert_close(cached, own, rtol=1e-6, atol=1e-6)
+
+
+def test_structures_of_a_batch_are_sliced_or_selected_alike():
+    """Grouped batches (SchNetPack's collate) are sliced by ranges; a batch with its pairs shuffled takes the
+    index selection; both give each structure's own atoms and pairs."""
+    model = _model()
+    batch = _batch(model)
+    pred = BPNNLabelPredictor(model)
+    shuffled = dict(batch)
+    perm = torch.randperm(batch[props.idx_i].numel(), generator=torch.Generator().manual_seed(0))
+    for k in (props.idx_i, props.idx_j, props.offsets):
+        shuffled[k] = batch[k][perm]
+    assert pred._ranges(batch)[1] is not None and pred._ranges(shuffled)[1] is None
+    for b in range(2):
+        s1, s2 = pred._structure(batch, b), pred._structure(shuffled, b)
+        assert torch.equal(s1[props.R], s2[props.R])
+        key = lambda s: sorted(zip(s[props.idx_i].tolist(), s[props.idx_j].tolist(), s[props.offsets].sum(1).tolist()))  # noqa: E731
+        assert key(s1) == key(s2) and len(key(s1)) > 0
