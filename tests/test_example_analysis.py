@@ -56,3 +56,29 @@ def test_results_table_joins_all_outputs(tmp_path):
     table = analyze.results_table([run], tmp_path / "errors.json", tmp_path / "fisher.csv", tmp_path / "density.json")
     row = table.splitlines()[2]
     assert row == "| `ekf_lr1e-3_s0` | EKF | 1e-3 | 2,500 | 2.35 | 150 | -2.13 | 0.931 ± 0.004 | 321 | 2.00 |"
+
+
+def test_goo_of_a_lattice_and_of_an_ideal_gas(tmp_path):
+    """i-PI xyz frames (CELL line in Å) are read back; a simple cubic O lattice (3 Å) peaks at 3 Å with
+    6 neighbours; uniformly random O atoms give g(r) ≈ 1."""
+    from ekf_plugin.md.runner import write_ipi_xyz
+
+    grid = np.stack(np.meshgrid(*[np.arange(4) * 3.0] * 3, indexing="ij"), -1).reshape(-1, 3)  # 64 sites, 12 Å box
+    cell = np.eye(3) * 12.0
+    rng = np.random.default_rng(0)
+    traj = tmp_path / "pos.xyz"
+    parts = []
+    for k in range(3):
+        write_ipi_xyz(tmp_path / "f.xyz", ["O"] * 64 + ["H"], np.vstack([grid, [[0.5, 0.5, 0.5]]]), cell)
+        parts.append((tmp_path / "f.xyz").read_text())
+    traj.write_text("".join(parts))
+    frames = analyze.read_ipi_xyz(traj)
+    assert len(frames) == 3 and frames[0][1].shape == (65, 3) and np.allclose(frames[0][2], cell, atol=1e-8)
+    r, g = analyze.g_oo(frames, r_max=5.9, bins=59)
+    edges = np.linspace(0.0, 5.9, 60)
+    count = g * 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3) * 63 / 12.0**3  # neighbours per O per bin (ρ = (N − 1)/V)
+    assert count[30] == pytest.approx(6.0) and count[42] == pytest.approx(12.0)  # [3.0, 3.1) and [4.2, 4.3) Å
+    assert count.sum() == pytest.approx(6 + 12 + 8)  # shells at 3, 4.24, 5.20 Å within 5.9 Å
+    gas = [(np.array(["O"] * 400), rng.uniform(0, 12.0, (400, 3)), cell) for _ in range(5)]
+    r, g = analyze.g_oo(gas, r_max=5.9, bins=10)
+    assert np.all(np.abs(g[3:] - 1.0) < 0.05), g

@@ -3,8 +3,9 @@
     python analyze.py curves RUN_DIR... --out learning_curves.png
     python analyze.py density IPI_OUT... --labels ekf adam --skip-ps 0.5 --out density.png
     python analyze.py table RUN_DIR... --errors errors.json --fisher fisher/fisher_table.csv --density density.json
+    python analyze.py rdf IPI_XYZ... --labels ekf adam --skip-ps 10 --stride-ps 0.1 --out goo.png --json goo.json
 
-Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps.
+Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps, distances in Å.
 """
 
 from __future__ import annotations
@@ -136,6 +137,78 @@ def results_table(runs: List[Path], errors: Path, fisher: Path, density: Path) -
     return "\n".join(lines)
 
 
+def read_ipi_xyz(path: Path) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Frames of an i-PI xyz trajectory written with ``cell_units='angstrom'`` and positions in Å:
+    [(symbols (N,), positions (N, 3) Å, cell (3, 3) Å rows)] from each ``# CELL(abcABC): a b c α β γ`` line."""
+    from ase.geometry import cellpar_to_cell
+
+    frames, lines = [], Path(path).read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        n = int(lines[i])
+        comment = lines[i + 1]
+        m = re.search(r"CELL\(abcABC\):\s+([-\d.eE+\s]+?)\s+(cell|positions|Step|$)", comment)
+        if m is None or "angstrom" not in comment:
+            raise ValueError(f"{path}: frame at line {i + 1} has no CELL(abcABC) line in Å: {comment[:80]!r}")
+        cell = cellpar_to_cell([float(x) for x in m.group(1).split()[:6]])
+        rows = [ln.split() for ln in lines[i + 2 : i + 2 + n]]
+        frames.append((np.array([r[0] for r in rows]), np.array([[float(x) for x in r[1:4]] for r in rows]), cell))
+        i += 2 + n
+    return frames
+
+
+def g_oo(frames, r_max: float = 6.0, bins: int = 120) -> Tuple[np.ndarray, np.ndarray]:
+    """O–O radial distribution g(r) (minimum image, r < min half box width) averaged over ``frames``: (r (bins,) Å, g (bins,))."""
+    edges = np.linspace(0.0, r_max, bins + 1)
+    hist, norm = np.zeros(bins), 0.0
+    for symbols, pos, cell in frames:
+        o = pos[symbols == "O"]
+        inv = np.linalg.inv(cell)
+        d = o[None, :, :] - o[:, None, :]  # (N_O, N_O, 3)
+        frac = d @ inv
+        d = (frac - np.round(frac)) @ cell
+        r = np.linalg.norm(d, axis=-1)[np.triu_indices(len(o), 1)]
+        hist += np.histogram(r, edges)[0]
+        vol = abs(np.linalg.det(cell))
+        norm += len(o) * (len(o) - 1) / 2 / vol  # pairs per volume
+    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    return 0.5 * (edges[1:] + edges[:-1]), hist / (shell * norm)
+
+
+def plot_rdf(files: List[Path], labels: List[str], out: Path, skip_ps: float, stride_ps: float) -> Dict[str, dict]:
+    """g_OO(r) of each trajectory after ``skip_ps`` (frames every ``stride_ps``, from the 0.1 ps trajectory
+    stride of the examples' input.xml), one figure; returns the first peak position and height per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    summary = {}
+    for f, label in zip(files, labels):
+        frames = read_ipi_xyz(f)
+        first = int(round(skip_ps / stride_ps))
+        use = frames[first:]
+        if not use:
+            summary[label] = {"frames": 0}
+            continue
+        r, g = g_oo(use)
+        k = int(np.argmax(g))
+        summary[label] = {"frames": len(use), "peak_r_A": float(r[k]), "peak_g": float(g[k])}
+        ax.plot(r, g, label=f"{label} ({len(use)} frames)")
+    ax.set_xlabel("r / Å")
+    ax.set_ylabel("g$_{OO}$(r)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    print(f"written: {out}")
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -155,7 +228,22 @@ def main(argv=None) -> int:
     tb.add_argument("--errors", type=Path, default=Path("errors.json"))
     tb.add_argument("--fisher", type=Path, default=Path("fisher/fisher_table.csv"))
     tb.add_argument("--density", type=Path, default=Path("density.json"))
+    rd = sub.add_parser("rdf", help="O–O radial distribution of i-PI xyz trajectories (Å), one figure")
+    rd.add_argument("files", nargs="+", type=Path)
+    rd.add_argument("--labels", nargs="+")
+    rd.add_argument("--skip-ps", type=float, default=0.0, help="equilibration time left out (ps)")
+    rd.add_argument("--stride-ps", type=float, default=0.1, help="time between trajectory frames (ps)")
+    rd.add_argument("--out", type=Path, default=Path("goo.png"))
+    rd.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.cmd == "rdf":
+        summary = plot_rdf(args.files, args.labels or [f.parent.name for f in args.files], args.out, args.skip_ps,
+                           args.stride_ps)
+        for k, v in summary.items():
+            print(f"{k}: {v}")
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2))
+        return 0
     if args.cmd == "table":
         print(results_table(args.runs, args.errors, args.fisher, args.density))
     elif args.cmd == "curves":
