@@ -67,6 +67,9 @@ if [[ $stage == plots || $stage == all ]]; then
   files=(); for r in "${RUNS[@]}"; do files+=("md_$r/npt.out"); done
   "$BIN/python" "$HERE/analyze.py" density "${files[@]}" --labels "${RUNS[@]}" --skip-ps "$half_ps" --out density.png \
     --json density.json || true
+  trajs=(); for r in "${RUNS[@]}"; do trajs+=("md_$r/npt.pos_0.xyz"); done
+  "$BIN/python" "$HERE/analyze.py" rdf "${trajs[@]}" --labels "${RUNS[@]}" --skip-ps "$half_ps" --out goo.png \
+    --json goo.json || true
   "$BIN/python" "$HERE/analyze.py" table "${RUNS[@]/#/runs/}" > results_table.md
   cat results_table.md
 fi
