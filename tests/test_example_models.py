@@ -88,3 +88,38 @@ def test_models_reproduce_the_committed_errors_on_validation_frames():
     assert max(ekf) < min(adam), subset_energy
     assert max(errors[k]["energy_rmse_meV_per_atom"] for k in errors if k.startswith("ekf")) < min(
         errors[k]["energy_rmse_meV_per_atom"] for k in errors if k.startswith("adam"))
+
+
+# Session 4's longer EKF runs (examples/water_revpbe0/models/session4, final weights of each run's
+# checkpoints/last.ckpt; errors of all 280 validation frames in results/session4/errors.json), same 4 frames.
+SESSION4 = EXAMPLE / "models" / "session4"
+PER_FRAME_SESSION4 = {
+    "ekf_lr1e-3_s0": [(-0.074457, 88.8252), (3.382356, 193.6374), (-0.018262, 108.5196), (-3.099784, 222.023)],
+    "ekf_lr1e-3_s0_ef0.1": [(0.222736, 71.8565), (3.266705, 147.127), (0.920987, 90.2806), (-1.340992, 197.0199)],
+}
+
+
+def test_session4_models_reproduce_their_errors_and_load_safely():
+    from tests.helpers import shared_data_path
+
+    from ekf_plugin.data import read_frames
+    from ekf_plugin.evaluation import ModelEvaluator
+
+    errors = json.loads((EXAMPLE / "results" / "session4" / "errors.json").read_text())
+    assert set(errors) == {p.stem for p in SESSION4.glob("*.pt")} == set(PER_FRAME_SESSION4)
+    frames = read_frames(shared_data_path("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz"),
+                         max_frames=max(VALIDATION_SUBSET) + 1)
+    for name, reference in PER_FRAME_SESSION4.items():
+        path = SESSION4 / f"{name}.pt"
+        assert torch.load(path, weights_only=True)["format"]
+        evaluator = ModelEvaluator(str(path))
+        got = []
+        for k in VALIDATION_SUBSET:
+            atoms = frames[k]
+            res = evaluator(atoms.numbers, atoms.positions, atoms.cell.array, pbc=atoms.pbc)
+            got.append((1e3 * (res.energy - atoms.get_potential_energy()) / len(atoms),
+                        1e3 * float(np.sqrt(np.mean((res.forces - atoms.get_forces()) ** 2)))))
+        np.testing.assert_allclose(got, reference, atol=2e-4, err_msg=name)
+        assert errors[name]["frames"] == 280 and errors[name]["kept"] == "last"
+    # the force-heavy schedule (one energy update in ten) is the more accurate force model, as on all 280 frames
+    assert errors["ekf_lr1e-3_s0_ef0.1"]["forces_rmse_meV_per_A"] < errors["ekf_lr1e-3_s0"]["forces_rmse_meV_per_A"]
