@@ -28,6 +28,7 @@ def main() -> None:
         xb, yb = x[i : i + 4][rank::world], y[i : i + 4][rank::world]  # this stream's structures
         opt.step(lambda: (net(xb) - yb).reshape(-1))
     torch.save({"w": [p.detach().clone() for p in net.parameters()], "P": opt.covariance()}, out)
+    dist.barrier()  # both ranks done before either tears the group down (gloo aborts on a peer that left)
     dist.destroy_process_group()
 
 

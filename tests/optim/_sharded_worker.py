@@ -92,6 +92,7 @@ def main() -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for name in sys.argv[5:] or ["streams", "split", "blocks", "resume", "mismatch"]:
         run(name, rank, world, out)
+    dist.barrier()  # both ranks done before either tears the group down (gloo aborts on a peer that left)
     dist.destroy_process_group()
 
 
