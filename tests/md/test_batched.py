@@ -14,7 +14,7 @@ import torch
 from ekf_plugin.md import protocol as proto
 from ekf_plugin.md.ipi_client import EXIT_MODEL, EXIT_OK, EXIT_PROTOCOL
 
-from .test_protocol import NAT, Server, client, harmonic
+from .test_protocol import NAT, Server, client, harmonic, run_with_peak_memory
 
 B = 3
 
@@ -154,20 +154,14 @@ def test_compute_batch_is_used_when_the_model_has_one():
 
 
 def test_batched_wrong_atom_count_is_refused_before_allocating(capfd):
-    import tracemalloc
-
     def script(conn):
         conn.sendall(init_message(b"batch_size:8") + proto.header("POSDATA") + np.int32(9_000_000).tobytes())
         return conn.recv(100)  # EOF after the client drained: FIN, not RST
 
     srv = Server(script)
-    tracemalloc.start()
-    try:
-        assert client(srv).run() == EXIT_MODEL
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    rc, peak = run_with_peak_memory(client(srv))
     srv.close()
+    assert rc == EXIT_MODEL
     assert srv.results == [b""]
     assert peak < 20e6
     assert "i-PI sent 9000000 atoms but the template has 4" in capfd.readouterr().err

@@ -82,6 +82,18 @@ class Server:
         assert not self.errors, self.errors
 
 
+def run_with_peak_memory(c):
+    """(exit code, peak bytes traced by tracemalloc) of ``c.run()``: what a client allocated on the way."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        rc = c.run()
+        return rc, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def client(server, compute=harmonic, natoms=NAT, **kw):
     return IPIClient(compute, Address(unix=server.name), natoms=natoms, connect_timeout=5, **kw)
 
@@ -290,19 +302,13 @@ def test_idle_timeout_is_optional(capfd):
 
 def test_absurd_atom_count_is_checked_against_the_template_before_allocating(capfd):
     """POSDATA announcing 9e6 atoms (216 MB of positions) is refused from its header, with no allocation."""
-    import tracemalloc
-
     def script(conn):
         conn.sendall(proto.header("POSDATA") + H.tobytes() + H.tobytes() + np.int32(9_000_000).tobytes())
         return conn.recv(100)
 
     srv = Server(script)
-    tracemalloc.start()
-    try:
-        assert client(srv).run() == EXIT_MODEL
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    rc, peak = run_with_peak_memory(client(srv))
     srv.close()
+    assert rc == EXIT_MODEL
     assert peak < 20e6, f"allocated {peak / 1e6:.0f} MB"
     assert "i-PI sent 9000000 atoms but the template has 4" in capfd.readouterr().err
