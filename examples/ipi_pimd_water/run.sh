@@ -25,21 +25,9 @@ sed -e "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" \
     -e "s|<batch_size>.*</batch_size>|<batch_size>$BATCH</batch_size>|" \
     -e "s|<address>ekf_pimd_water</address>|<address>$NAME</address>|" "$HERE/input.xml" > input.xml
 rm -f RESTART EXIT pimd.out pimd.pos_*.xyz pimd.chk
-if [ -S "$SOCKET" ] || [ -e "$SOCKET" ]; then
-  echo "removing stale socket $SOCKET"; rm -f "$SOCKET"
-fi
-
-"$BIN/i-pi" input.xml > ipi.log 2>&1 &
-IPI=$!
-cleanup() { if kill -0 "$IPI" 2>/dev/null; then kill -TERM "$IPI"; wait "$IPI" || true; fi; rm -f "$SOCKET"; }
-trap cleanup EXIT
-
-for _ in $(seq 1 600); do               # wait up to 60 s for i-PI's socket
-  [ -S "$SOCKET" ] && break
-  kill -0 "$IPI" 2>/dev/null || { echo "i-PI died, see $RUN/ipi.log"; tail -20 ipi.log; exit 1; }
-  sleep 0.1
-done
-[ -S "$SOCKET" ] || { echo "i-PI did not create $SOCKET"; exit 1; }
+# shellcheck source=../ipi_npt_water/start_ipi.sh
+source "$HERE/../ipi_npt_water/start_ipi.sh"
+start_ipi    # i-PI in the background, its socket ready, stopped on exit
 
 echo "running $STEPS path-integral steps (8 beads, batch_size $BATCH) with $MODEL (i-PI log: $RUN/ipi.log)"
 SECONDS=0
