@@ -611,12 +611,27 @@ class BPNNStep:
         from ekf_plugin.bpnn.networks import ElementNetworks
 
         self.model = model
-        self.rep = model.representation
         self.nets = next(m for m in model.output_modules if isinstance(m, ElementNetworks))
-        self.sf = self.rep.sf
         p = next(self.nets.parameters())
-        self.device = p.device
-        self.dtype = dtype or p.dtype
+        self._setup(model.representation, p.device, dtype or p.dtype, skin, neighbor_list, compile)
+
+    @classmethod
+    def features_only(cls, representation: torch.nn.Module, dtype: torch.dtype = torch.float64, skin: float = 0.0,
+                      neighbor_list: str = "auto", compile: Any = True) -> "BPNNStep":
+        """An evaluator of the raw symmetry functions of a :class:`BehlerParrinello` representation alone
+        (:meth:`raw_features`; no networks, so no energies or forces). ``skin=0``: a new list every call,
+        for frames that are unrelated to each other (a training set)."""
+        self = cls.__new__(cls)
+        self.model = self.nets = None
+        self._setup(representation, representation.scale_weight.device, dtype, skin, neighbor_list, compile)
+        return self
+
+    def _setup(self, representation: torch.nn.Module, device: torch.device, dtype: torch.dtype, skin: float,
+               neighbor_list: str, compile: Any) -> None:
+        self.rep = representation
+        self.sf = self.rep.sf
+        self.device = device
+        self.dtype = dtype
         if neighbor_list == "auto":
             from ekf_plugin.evaluation import _default_cpu_list
 
@@ -788,6 +803,20 @@ class BPNNStep:
             self._rebuild(r, h, pbc)
         self.calls += 1
         return r, h, periodic
+
+    @torch.no_grad()
+    def raw_features(self, numbers: np.ndarray, positions: np.ndarray, cell: Optional[np.ndarray] = None,
+                     pbc: Optional[np.ndarray] = None) -> torch.Tensor:
+        """(N, W) float64 unscaled symmetry functions of one structure, as
+        :meth:`BehlerParrinello.raw_features` computes them (same layout, columns beyond an element's
+        functions 0), from the pair and triple kernels of the MD step. Arguments as :meth:`__call__` (Å)."""
+        r, h, _ = self._prepare(numbers, positions, cell, pbc)
+        rt = torch.as_tensor(r, dtype=torch.float64, device=self.device)  # (N, 3)
+        ht = torch.as_tensor(h, dtype=torch.float64, device=self.device)  # (3, 3)
+        slots, _ = self._forward(self._pair_vectors(rt, ht))  # (N, S)
+        sp = self.species  # (N,)
+        pref = self.sf.feature_prefactor.to(device=slots.device, dtype=ACC).index_select(0, sp)  # (N, W)
+        return torch.gather(slots, 1, self.feature_map.index_select(0, sp)) * pref  # (N, W)
 
     def _evaluate(self, r: torch.Tensor, h: torch.Tensor):
         """(energy (), forces (N, 3), ∂E/∂ε (3, 3)), float64, from positions (N, 3) Å and cell (3, 3) Å."""

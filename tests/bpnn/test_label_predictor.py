@@ -158,8 +158,9 @@ def test_prepare_fits_the_scaling_and_caches_the_features_in_one_pass():
     assert not pred.scaling_unchanged()
     assert pred.prepare(batches, fit_scaling=True) == 4
     rep_a, rep_b = model_a.representation, model_b.representation
-    torch.testing.assert_close(rep_b.scale_weight, rep_a.scale_weight, rtol=0, atol=0)
-    torch.testing.assert_close(rep_b.scale_bias, rep_a.scale_bias, rtol=0, atol=0)
+    # prepare() computes the functions with the MD step's kernels, fit_scaling() with the representation's
+    torch.testing.assert_close(rep_b.scale_weight, rep_a.scale_weight, rtol=1e-13, atol=0)
+    torch.testing.assert_close(rep_b.scale_bias, rep_a.scale_bias, rtol=1e-13, atol=1e-13)
     assert pred.scaling_unchanged()
     ref = BPNNLabelPredictor(model_a)
     for b in batches:
@@ -169,6 +170,24 @@ def test_prepare_fits_the_scaling_and_caches_the_features_in_one_pass():
             torch.testing.assert_close(cached, ref.features(b, s), rtol=0, atol=1e-12)
     rep_b.scale_bias.add_(0.1)
     assert not pred.scaling_unchanged(), "a changed scaling invalidates the prepared cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_raw_features_from_the_md_kernels_equal_the_representation(dtype):
+    """The prepare pass's raw functions (MD step kernels in float64, their own neighbour list, rounded to the
+    positions' dtype) equal the representation's forward on the batch's list, periodic and not."""
+    model = _model().to(dtype)
+    batch = _batch(model)
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    pred = BPNNLabelPredictor(model)
+    assert pred._fast_features() is not None, "the native kernels build on this machine (CPU)"
+    for b in range(2):
+        structure = pred._structure(batch, b)
+        got = pred.raw_features(batch, b, structure)  # (N_b, W)
+        ref = model.representation.raw_features(dict(structure))  # (N_b, W)
+        assert got.dtype == dtype
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(got, ref, **tol)
 
 
 def test_single_structure_batches_take_the_shortcut_with_the_same_labels():
@@ -243,7 +262,8 @@ def test_sampled_validation_is_the_full_model_on_a_fixed_sample_of_force_compone
 
 
 def test_prepare_on_float32_data_caches_what_the_float32_model_computes():
-    """float32 positions: the features are computed in float32, as the model's own forward pass does."""
+    """float32 positions: the cached features are float32, as the model's own forward pass has them (computed
+    in float64 by the MD step's kernels and rounded, so closer to the float64 values than the float32 forward)."""
     model = water_bpnn(dtype=torch.float32, stress=False, seed=3)
     batches = [converter(model, torch.float32)([water_pair(seed=s), water_cluster(3, seed=s)]) for s in (0, 1)]
     for k, b in enumerate(batches):
@@ -253,10 +273,16 @@ def test_prepare_on_float32_data_caches_what_the_float32_model_computes():
     assert pred.prepare(batches, fit_scaling=True) == 4
     for b in batches:
         for s in range(2):
-            own = model.representation(dict(pred._structure(b, s)))["scalar_representation"]  # float32 forward
+            structure = pred._structure(b, s)
+            own = model.representation(dict(structure))["scalar_representation"]  # float32 forward
+            rep64 = copy.deepcopy(model.representation).to(torch.float64)
+            exact = rep64({k: v.double() if v.is_floating_point() else v for k, v in structure.items()})
+            exact = exact["scalar_representation"]  # float64 forward on the same positions
             cached = pred.features(b, s)
             assert cached.dtype == torch.float32
-            torch.testing.assert_close(cached, own, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(cached, own, rtol=2e-5, atol=1e-5)
+            torch.testing.assert_close(cached.double(), exact, rtol=1e-6, atol=1e-6)
+            assert (cached.double() - exact).abs().max() <= (own.double() - exact).abs().max()
 
 
 def test_structures_of_a_batch_are_sliced_or_selected_alike():
