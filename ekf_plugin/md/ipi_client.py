@@ -180,6 +180,8 @@ class IPIClient:
         self.batch_size = 1  # structures per request, from the INIT string (i-PI's <batch_size>)
         self.call_times: list = []  # monotonic time of each FORCEREADY sent (for steps/s)
         self.call_structures: list = []  # structures evaluated for each FORCEREADY (padding copies not counted)
+        self.compute_seconds: list = []  # time in the model (the compute call alone) of each FORCEREADY
+        self._compute_s = 0.0
         self._evaluated = 1
 
     # -- one connection -----------------------------------------------------------------
@@ -222,6 +224,7 @@ class IPIClient:
                 self.n_calls += 1
                 self.n_structures += self.batch_size
                 self.call_structures.append(self._evaluated)
+                self.compute_seconds.append(self._compute_s)
                 self.call_times.append(time.monotonic())
             elif word == b"EXIT":
                 return
@@ -234,7 +237,9 @@ class IPIClient:
                 "use the same structure file for i-PI and the client"
             )
         try:
+            t0 = time.perf_counter()
             result = self.compute(cell_h, pos)
+            self._compute_s = time.perf_counter() - t0  # the model alone: no checks, packing or socket
         except (Terminated, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -251,11 +256,13 @@ class IPIClient:
         unique = [0] + [k for k in range(1, b) if not (np.array_equal(positions[k], positions[k - 1])
                                                        and np.array_equal(cells[k], cells[k - 1]))]
         try:
+            t0 = time.perf_counter()
             batch_fn = getattr(self.compute, "compute_batch", None)
             if batch_fn is not None:
                 results = list(batch_fn(cells[unique], positions[unique]))
             else:
                 results = [self.compute(cells[k], positions[k]) for k in unique]
+            self._compute_s = time.perf_counter() - t0
         except (Terminated, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -323,12 +330,15 @@ class IPIClient:
         if len(t) < 3:
             return ""
         per = (t[-1] - t[0]) / (len(t) - 1)
+        model = sum(self.compute_seconds[1:len(t)]) / (len(t) - 1)  # the same calls' time in the model
+        split = (f"; model {model * 1e3:.2f} ms per call, socket and i-PI {(per - model) * 1e3:.2f} ms "
+                 f"(+{100 * (per - model) / model:.1f} %)") if model > 0 else ""
         if self.batch_size > 1:
             n = sum(self.call_structures[1:len(t)])
             return (f" ({per * 1e3:.2f} ms per call of up to {self.batch_size} structures; "
                     f"{(t[-1] - t[0]) / n * 1e3:.2f} ms per evaluated structure, {n} after the first call, "
-                    "i-PI's padding copies not counted)")
-        return f" ({per * 1e3:.2f} ms per call, {1 / per:.1f} calls/s after the first)"
+                    f"i-PI's padding copies not counted{split})")
+        return f" ({per * 1e3:.2f} ms per call, {1 / per:.1f} calls/s after the first{split})"
 
     def _abort(self, sock: socket.socket, message: str, code: int) -> int:
         n = proto.drain(sock, self.drain_timeout)

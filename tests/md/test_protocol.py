@@ -5,6 +5,7 @@ clean draining (FIN, never RST), reconnect."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -134,6 +135,36 @@ def test_handshake_pipelined_steps_and_exit():
         np.testing.assert_allclose(w, w.T)
         np.testing.assert_allclose(w, -(pos.T @ pos))
         assert extra == b'{"ok": 1}'
+
+
+def test_the_closing_log_splits_each_call_into_model_time_and_socket_and_ipi_time(capfd):
+    """The cycle per force call, and of it the time inside the model (the same calls), so the socket and
+    i-PI share is measured on the calls themselves (benchmarks/bench_ipi.py --round-trip reads it)."""
+    def slow(cell_h, pos):
+        time.sleep(0.02)
+        return harmonic(cell_h, pos)
+
+    def script(conn):
+        conn.sendall(proto.header("STATUS"))
+        proto.recvall(conn, 12)
+        conn.sendall(proto.header("INIT") + np.int32(0).tobytes() + np.int32(0).tobytes())
+        for step in range(5):
+            msg, _ = posdata(seed=step)
+            conn.sendall(msg + proto.header("GETFORCE"))
+            read_forceready(conn)
+            time.sleep(0.01)  # "i-PI's step"
+        conn.sendall(proto.header("EXIT"))
+
+    srv = Server(script)
+    c = client(srv, compute=slow)
+    assert c.run() == EXIT_OK
+    srv.close()
+    assert len(c.compute_seconds) == 5 and min(c.compute_seconds) >= 0.02
+    log = capfd.readouterr().err
+    m = re.search(r"([0-9.]+) ms per call.*model ([0-9.]+) ms per call, socket and i-PI ([0-9.]+) ms", log)
+    assert m, log
+    cycle, model, rest = map(float, m.groups())
+    assert 20 <= model < cycle and rest >= 10 and abs(cycle - model - rest) < 0.02
 
 
 def test_lost_connection_exits_nonzero_fast(capfd):
