@@ -11,8 +11,9 @@ Figures:
   ``blas``: one triangle, 1.5 passes) and as a ratio to that kernel's traffic bound at the measured bandwidth;
   blocked (≤ 5120) steps for n = 1e4, 1e5 with m = 5 in float64 and float32;
 * water BPNN on 192-atom revPBE0-D3 frames through ``PaperScheduleTask._errors``: features computed once per
-  frame, the 10 force columns, energy/force update time split into labels + Jacobian rows and filter, with
-  closed-form rows (default) and autograd rows; updates/s of the study's half/half mix;
+  frame, the 10 force columns, energy/force update time (means) split into labels + Jacobian rows and filter,
+  with closed-form rows and deferred P rows (default), every update applied at once (``immediate_``, the
+  filter before deferral) and autograd rows; updates/s of the study's half/half mix;
 * ``spktrain experiment=water_bpnn_ekf`` on 400 frames (320 train / 80 val), 3 epochs: time to the first
   update, steady-state updates/s of the whole Lightning loop, validation time (after the first, which computes the validation features) over the training time of an epoch;
 * ``spktrain`` with two processes sharing one EKF (Lightning DDP, gloo, P split by rows) against one process:
@@ -188,7 +189,9 @@ def _batch(atoms, cutoff: float, device):
 
 
 def _update_times(opt, batches, closure_for, device, k_updates: int):
-    """Median wall time (s) of energy and force updates and of their filter part; alternating kinds, 2 warm-up."""
+    """Mean wall time (s) of energy and force updates and of their filter part; alternating kinds, 2 warm-up.
+    Means, not medians: with deferred rows (``EKF(defer_rows=...)``) every few updates also applies them to
+    P, and the mean carries that cost."""
     from ekf_plugin.training.schedule import ENERGY, FORCES
 
     t_filter = {ENERGY: [], FORCES: []}
@@ -214,14 +217,14 @@ def _update_times(opt, batches, closure_for, device, k_updates: int):
             t_all[kind].append(dt)
             t_filter[kind].append(timed_update.dt)
     opt._update = orig_update
-    med = statistics.median
-    return {kind: (med(t_all[kind]), med(t_filter[kind])) for kind in (ENERGY, FORCES)}
+    mean = statistics.fmean
+    return {kind: (mean(t_all[kind]), mean(t_filter[kind])) for kind in (ENERGY, FORCES)}
 
 
 def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     """EKF updates of the study's water BPNN through ``PaperScheduleTask._errors`` (what ``spktrain
-    experiment=water_bpnn_ekf`` runs per step, without Lightning's loop): closed-form rows (default) and
-    autograd rows; the force label's dG/dr columns timed on their own; 192-atom revPBE0-D3 frames."""
+    experiment=water_bpnn_ekf`` runs per step, without Lightning's loop): closed-form rows with deferred
+    P rows (default), the same with every update applied at once (``immediate_``), and autograd rows; the force label's dG/dr columns timed on their own; 192-atom revPBE0-D3 frames."""
     import schnetpack.properties as props
     from ekf_plugin.models import water_bpnn
     from ekf_plugin.optim import EKF
@@ -254,8 +257,9 @@ def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     t_cols = [_median(lambda s=s, p=p: rep.feature_columns(s, p // 3, p % 3), 3, device) for s, p in zip(st, picks)]
     out["force_columns_ms_10_labels"] = 1e3 * statistics.median(t_cols)
     k_updates = 10 if quick else 40
-    for name, closed in (("", True), ("autograd_rows_", False)):
-        opt = EKF(model.parameters(), lr=1e-3)
+    # default (closed-form rows, deferred rows), every update applied at once (as before), autograd rows
+    for name, closed, defer in (("", True, 32), ("immediate_", True, 0), ("autograd_rows_", False, 32)):
+        opt = EKF(model.parameters(), lr=1e-3, defer_rows=defer)
 
         def closure_for(b, kind, opt=opt, closed=closed):
             return lambda: task._errors(b, [kind], {}, opt.params if closed else None)

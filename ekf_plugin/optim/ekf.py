@@ -52,6 +52,14 @@ Options and their sources:
   importable, else ``"torch"``. Both give the same P and weights to round-off; the state dict always
   holds full symmetric blocks, so a checkpoint resumes under either kernel.
 
+* ``defer_rows``: P −= VᵀV is deferred: the rows V of accepted updates are kept as P = S − WᵀW (W with up
+  to ``defer_rows`` rows, appended per update) and applied to the stored S in one rank-r pass when W
+  reaches that many rows, or when P is read (``state_dict``, ``covariance``, ``ekf_state``,
+  ``diagnostics``). X = PJᵀ is S Jᵀ − Wᵀ(W Jᵀ). The rank-1 update of an energy label was a pass over the
+  triangle of P at memory speed (≈ 3 ms for the water BPNN); deferred, 32 rows cost one ``?syrk`` pass at
+  FMA speed. 0 = apply every update at once (the behaviour before). Not with the fading-memory filter or a
+  sharded P (they apply every update). Same P and weights to round-off.
+
 Safety: before P is overwritten the new diagonal diag(P) − Σ_rows V∘V is checked to stay positive (a
 float32 P with a huge η went indefinite silently before); if not, the update is rejected.
 
@@ -216,6 +224,7 @@ class EKF(torch.optim.Optimizer):
         kernel: str = "auto",
         shard: str = "auto",
         label_split: bool = False,
+        defer_rows: int = 32,
     ) -> None:
         _check(lr > 0 and math.isfinite(lr), f"lr (η) must be a finite number > 0, got {lr}")
         _check(p0 > 0 and math.isfinite(p0), f"p0 must be a finite number > 0, got {p0}")
@@ -229,6 +238,7 @@ class EKF(torch.optim.Optimizer):
         _check(symmetrize_every >= 0, f"symmetrize_every must be >= 0, got {symmetrize_every}")
         _check(innovation_gate is None or innovation_gate > 0, f"innovation_gate must be > 0 or None, got {innovation_gate}")
         _check(shard in SHARD_MODES, f"shard must be one of {SHARD_MODES}, got {shard!r}")
+        _check(int(defer_rows) >= 0, f"defer_rows must be >= 0, got {defer_rows}")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         _check(dtype in (torch.float32, torch.float64), f"dtype must be float32 or float64, got {dtype}")
@@ -263,6 +273,7 @@ class EKF(torch.optim.Optimizer):
         self._big = torch.finfo(dtype).max ** 0.25  # bound on |V| that keeps VᵀV finite
         self.kernel: FilterKernel = select_kernel(kernel, self._params[0].device, dtype)
         self.label_split = bool(label_split)
+        self.defer_rows = int(defer_rows)
         rank, world = process_group_info(process_group)
         self.shard: Optional[ShardPlan] = None
         same_rows = multistream or label_split  # ξ and J the same on every process
@@ -277,6 +288,7 @@ class EKF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
+        self._deferred: List[Optional[torch.Tensor]] = [None] * len(self.blocks)  # W_b (r, n_b): P_b = S_b − WᵀW
         dev = self._params[0].device
         if self.shard is not None:
             P = self.shard.init(self.p0, self.dtype, dev)  # [D_0, R_0, ...]: this process's rows
@@ -300,8 +312,24 @@ class EKF(torch.optim.Optimizer):
     @property
     def ekf_state(self) -> Dict[str, Any]:
         """The filter state: ``P`` (list of blocks; sharded: this process's pieces ``[D_0, R_0, ...]``, see
-        :class:`~ekf_plugin.optim.sharded.ShardPlan`), ``step``, ``q``, ``lam``, ``failures``, ``rejected``."""
+        :class:`~ekf_plugin.optim.sharded.ShardPlan`), ``step``, ``q``, ``lam``, ``failures``, ``rejected``.
+        Deferred rows are applied first, so ``P`` is current."""
+        self.apply_deferred()
         return self.state[_STATE_KEY]
+
+    @property
+    def rejected_updates(self) -> int:
+        """Updates rejected so far (non-finite or gated); unlike :attr:`ekf_state`, reading it applies no
+        deferred rows (cheap on every logging step)."""
+        return int(self.state[_STATE_KEY]["rejected"])
+
+    def apply_deferred(self) -> None:
+        """Apply the deferred rows W to the stored blocks (S ← S − WᵀW); P itself does not change."""
+        Ps = self.state[_STATE_KEY]["P"]
+        for b, W in enumerate(self._deferred):
+            if W is not None:
+                self.kernel.sub_gram_(Ps[b], W)
+                self._deferred[b] = None
 
     def _full_blocks(self) -> List[torch.Tensor]:
         """The full symmetric P blocks (new tensors; collective when sharded)."""
@@ -345,6 +373,7 @@ class EKF(torch.optim.Optimizer):
         else:
             st["P"] = [p.to(device=dev, dtype=self.dtype).clone() for p in st["P"]]
         self.state[_STATE_KEY] = st
+        self._deferred = [None] * len(self.blocks)
 
     def covariance(self) -> torch.Tensor:
         """Dense P (n, n) assembled from the blocks (for analysis and tests; costs n² memory; collective
@@ -425,7 +454,7 @@ class EKF(torch.optim.Optimizer):
         return full[:, 0].contiguous(), full[:, 1:].contiguous()
 
     def _reject(self, why: str) -> None:
-        st = self.ekf_state
+        st = self.state[_STATE_KEY]
         st["failures"] += 1
         st["rejected"] += 1
         st["last_error"] = why
@@ -438,20 +467,25 @@ class EKF(torch.optim.Optimizer):
 
     def _noise(self) -> float:
         """Observation noise r of R = r·I: 1/η, or λ for the fading-memory filter."""
-        st = self.ekf_state
+        st = self.state[_STATE_KEY]
         return float(st["lam"]) if st["lam"] is not None else 1.0 / float(self.param_groups[0]["lr"])
 
     @torch.no_grad()
     def _update(self, xi: torch.Tensor, J: torch.Tensor) -> None:
         """The filter algebra for given ξ (m,) and J (m, n), both in the filter dtype."""
-        st = self.ekf_state
+        st = self.state[_STATE_KEY]
         m = xi.numel()
         if m == 0:
             return
         Ps = st["P"]
         kern = self.kernel
+        defer = self.defer_rows > 0 and st["lam"] is None
+        if not defer:
+            self.apply_deferred()
+        Ws = self._deferred  # per block None or W_b (r, n_b): P_b = S_b − W_bᵀ W_b
         Js = [J[:, a:b].contiguous() for a, b in self.blocks]  # each (m, n_b)
-        XTs = [kern.xt(Pb, Jb) for Pb, Jb in zip(Ps, Js)]  # each (m, n_b) = (P_b J_bᵀ)ᵀ
+        XTs = [kern.xt(Pb, Jb) for Pb, Jb in zip(Ps, Js)]  # each (m, n_b) = (S_b J_bᵀ)ᵀ
+        XTs = [XT if W is None else XT - (Jb @ W.T) @ W for XT, Jb, W in zip(XTs, Js, Ws)]  # (P_b J_bᵀ)ᵀ
         A = torch.zeros(m, m, dtype=self.dtype, device=J.device)  # (m, m)
         for Jb, XTb in zip(Js, XTs):
             A.addmm_(Jb, XTb.T)
@@ -462,7 +496,8 @@ class EKF(torch.optim.Optimizer):
         u = Linv @ xi.unsqueeze(1)  # (m, 1) = L⁻¹ ξ
         Vs = [torch.mm(Linv, XTb) for XTb in XTs]  # each (m, n_b) = L⁻¹ X_bᵀ
         # new diagonal of P, checked before P is overwritten: diag P_b − Σ_rows V_b∘V_b, each (n_b,)
-        dmin = torch.stack([(kern.diagonal(Pb) - (Vb * Vb).sum(0)).amin() for Pb, Vb in zip(Ps, Vs)]).amin()
+        dmin = torch.stack([(kern.diagonal(Pb) - (Vb * Vb).sum(0) - (0 if W is None else (W * W).sum(0))).amin()
+                            for Pb, Vb, W in zip(Ps, Vs, Ws)]).amin()
         # one host sync: |V| <= max^(1/4) bounds VᵀV, so P − VᵀV stays finite; NaN fails every comparison
         vmax = torch.stack([Vb.abs().amax() for Vb in Vs]).amax()
         ok = (info == 0) & torch.isfinite(xi).all() & torch.isfinite(u).all() & (vmax <= self._big) & (dmin > 0)
@@ -473,8 +508,14 @@ class EKF(torch.optim.Optimizer):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
         fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
-        for Pb, Vb in zip(Ps, Vs):
-            if fade is None:
+        for b, (Pb, Vb) in enumerate(zip(Ps, Vs)):
+            if defer:  # P_b ← S_b − [W; V_b]ᵀ[W; V_b], applied to S_b once W has defer_rows rows
+                W = Vb if Ws[b] is None else torch.cat([Ws[b], Vb])  # (r + m, n_b)
+                Ws[b] = W
+                if W.shape[0] >= self.defer_rows:
+                    kern.sub_gram_(Pb, W)
+                    Ws[b] = None
+            elif fade is None:
                 kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
             else:
                 kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
@@ -486,7 +527,7 @@ class EKF(torch.optim.Optimizer):
         """:meth:`_update` on this process's rows of P (:mod:`ekf_plugin.optim.sharded`); ξ (m,) and J (m, n)
         must be the same on every process. Everything but the two passes over P is computed identically on
         every process from all-reduced X (n, m) and diag P (n,), so the accept decision and Δw agree."""
-        st = self.ekf_state
+        st = self.state[_STATE_KEY]
         m = xi.numel()
         if m == 0:
             return
@@ -538,7 +579,7 @@ class EKF(torch.optim.Optimizer):
     def _advance(self, Ps: List[torch.Tensor], faded: bool = False) -> None:
         """Fading memory, process noise, symmetrisation and schedules after an accepted update (``faded``:
         the kernel has already divided P by λ)."""
-        st = self.ekf_state
+        st = self.state[_STATE_KEY]
         lam = st["lam"]
         if lam is not None:
             for Pb in Ps if not faded else ():
@@ -551,6 +592,7 @@ class EKF(torch.optim.Optimizer):
         st["step"] += 1
         st["failures"] = 0
         if self.symmetrize_every and not self.kernel.triangular and st["step"] % self.symmetrize_every == 0:
+            self.apply_deferred()
             for Pb in diag_blocks:
                 Pb.copy_(0.5 * (Pb + Pb.T))
         st["q"] = max(st["q"] * self.q_decay, self.q_min) if self.q0 > 0 else 0.0

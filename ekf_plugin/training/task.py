@@ -269,7 +269,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         if log_now:
             self.log("train_loss", loss.detach().to(torch.float32), on_step=True, on_epoch=False, batch_size=n_struct)
             if ekf is not None:
-                self.log("ekf_rejected", float(ekf.ekf_state["rejected"]), on_step=True, on_epoch=False,
+                self.log("ekf_rejected", float(ekf.rejected_updates), on_step=True, on_epoch=False,
                          batch_size=n_struct)
         return loss
 

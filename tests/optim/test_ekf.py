@@ -200,6 +200,37 @@ def test_nan_label_is_rejected_and_state_kept(caplog):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel):
+    """P = S − WᵀW with rows applied every ``defer_rows``: the same weights and P as applying every update at
+    once (to round-off), whatever the label count per update; reading P applies them; a rejected update
+    leaves the deferred rows alone."""
+    x, y = regression_data()
+    nets = [mlp(), mlp()]
+    opts = [EKF(n.parameters(), lr=0.2, q=1e-4, kernel=kernel, defer_rows=d) for n, d in zip(nets, (0, 7))]
+    sizes = [1, 3, 1, 1, 2, 3, 1, 2, 1, 1, 3]  # labels (×2 outputs) per update: the deferred block fills unevenly
+    at = 0
+    seen = set()
+    for k in sizes:
+        for net, opt in zip(nets, opts):
+            opt.step(lambda: (net(x[at : at + k]) - y[at : at + k]).reshape(-1))
+        seen.add(None if opts[1]._deferred[0] is None else opts[1]._deferred[0].shape[0])
+        at += k
+    assert None in seen and len(seen) > 2, f"rows were deferred and applied: {seen}"
+    assert opts[1]._deferred[0] is not None, "the last rows are still pending here"
+    W = opts[1]._deferred[0].clone()
+    y_bad = y[:2].clone()
+    y_bad[0, 0] = float("nan")
+    opts[1].step(lambda: (nets[1](x[:2]) - y_bad).reshape(-1))  # rejected
+    assert torch.equal(opts[1]._deferred[0], W)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(opts[1].covariance(), opts[0].covariance(), rtol=1e-12, atol=1e-13)
+    assert opts[1]._deferred[0] is None, "covariance() applied the deferred rows"
+    with pytest.raises(ValueError, match="defer_rows"):
+        EKF(mlp().parameters(), defer_rows=-1)
+
+
 def test_plain_backward_use_is_rejected():
     net = mlp()
     x, y = regression_data()
@@ -255,7 +286,9 @@ def test_state_dict_round_trip_continues_exactly(tmp_path):
     kw = dict(lr=0.2, q=1e-3, q_decay=0.9, eta_growth=1.1, blocks="tensor", symmetrize_every=3)
     net_a = mlp()
     opt_a = EKF(net_a.parameters(), **kw)
-    for xb, yb in batches:
+    for k, (xb, yb) in enumerate(batches):
+        if k == 4:
+            opt_a.state_dict()  # the run that writes the checkpoint (applies its deferred rows) and goes on
         opt_a.step(lambda: (net_a(xb) - yb).reshape(-1))
     net_b = mlp()
     opt_b = EKF(net_b.parameters(), **kw)
