@@ -22,6 +22,7 @@ __all__ = ["native_library", "compiler", "DEFAULT_FLAGS"]
 
 DEFAULT_FLAGS = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
 _LIBS: Dict[str, Any] = {}  # key -> loaded library, or the error message of a failed build
+_LOADED: Dict[Any, Any] = {}  # (source, flags, name) -> loaded library: the per-call lookup
 
 
 def compiler() -> Optional[str]:
@@ -50,6 +51,9 @@ def native_library(source: str, flags: Sequence[str] = DEFAULT_FLAGS, name: str 
     Raises ``RuntimeError`` (with the compiler's message) when it cannot be built; the failure is remembered
     for the process, so callers may ask again cheaply.
     """
+    fast = _LOADED.get((source, tuple(flags), name))  # no PATH search, /proc/cpuinfo read or hash per call
+    if fast is not None:
+        return fast
     import hashlib
     import platform
 
@@ -85,4 +89,5 @@ def native_library(source: str, flags: Sequence[str] = DEFAULT_FLAGS, name: str 
         _LIBS[key] = f"{type(exc).__name__}: {exc}"
         raise RuntimeError(_LIBS[key]) from None
     _LIBS[key] = lib
+    _LOADED[(source, tuple(flags), name)] = lib
     return lib
