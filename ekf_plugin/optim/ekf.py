@@ -52,13 +52,13 @@ Options and their sources:
   importable, else ``"torch"``. Both give the same P and weights to round-off; the state dict always
   holds full symmetric blocks, so a checkpoint resumes under either kernel.
 
-* ``defer_rows``: P −= VᵀV is deferred: the rows V of accepted updates are kept as P = S − WᵀW (W with up
-  to ``defer_rows`` rows, appended per update) and applied to the stored S in one rank-r pass when W
-  reaches that many rows, or when P is read (``state_dict``, ``covariance``, ``ekf_state``,
-  ``diagnostics``). X = PJᵀ is S Jᵀ − Wᵀ(W Jᵀ). The rank-1 update of an energy label was a pass over the
-  triangle of P at memory speed (≈ 3 ms for the water BPNN); deferred, 32 rows cost one ``?syrk`` pass at
-  FMA speed. 0 = apply every update at once (the behaviour before). Not with the fading-memory filter or a
-  sharded P (they apply every update). Same P and weights to round-off.
+* ``defer_rows``: P −= VᵀV is deferred: P is kept as c·(S − WᵀW), the rows of accepted updates appended to
+  W (scaled by 1/√c) and the fading memory's 1/λ to the scalar c, and W is applied to the stored S in one
+  rank-r pass when it reaches ``defer_rows`` rows, or when P is read (``state_dict``, ``covariance``,
+  ``ekf_state``, ``diagnostics``). X = PJᵀ is c·(S Jᵀ − Wᵀ(W Jᵀ)). The rank-1 update of an energy label was
+  a pass over the triangle of P at memory speed (≈ 3 ms for the water BPNN); deferred, 32 rows cost one
+  ``?syrk`` pass at FMA speed. 0 = apply every update at once (the behaviour before). A sharded P applies
+  every update. Same P and weights to round-off.
 
 Safety: before P is overwritten the new diagonal diag(P) − Σ_rows V∘V is checked to stay positive (a
 float32 P with a huge η went indefinite silently before); if not, the update is rejected.
@@ -288,7 +288,8 @@ class EKF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
-        self._deferred: List[Optional[torch.Tensor]] = [None] * len(self.blocks)  # W_b (r, n_b): P_b = S_b − WᵀW
+        self._deferred: List[Optional[torch.Tensor]] = [None] * len(self.blocks)  # W_b (r, n_b): P_b = c(S_b − WᵀW)
+        self._c = 1.0
         dev = self._params[0].device
         if self.shard is not None:
             P = self.shard.init(self.p0, self.dtype, dev)  # [D_0, R_0, ...]: this process's rows
@@ -324,12 +325,20 @@ class EKF(torch.optim.Optimizer):
         return int(self.state[_STATE_KEY]["rejected"])
 
     def apply_deferred(self) -> None:
-        """Apply the deferred rows W to the stored blocks (S ← S − WᵀW); P itself does not change."""
-        Ps = self.state[_STATE_KEY]["P"]
+        """Apply the deferred rows W and scale c to the stored blocks (S ← c·(S − WᵀW)); P does not change."""
+        Ps, c, kern = self.state[_STATE_KEY]["P"], self._c, self.kernel
         for b, W in enumerate(self._deferred):
             if W is not None:
-                self.kernel.sub_gram_(Ps[b], W)
+                if kern.fused_scale:
+                    kern.sub_gram_(Ps[b], W, c)  # one pass: S ← c(S − WᵀW)
+                else:
+                    kern.sub_gram_(Ps[b], W)
+                    if c != 1.0:
+                        Ps[b].mul_(c)
                 self._deferred[b] = None
+            elif c != 1.0:
+                Ps[b].mul_(c)
+        self._c = 1.0
 
     def _full_blocks(self) -> List[torch.Tensor]:
         """The full symmetric P blocks (new tensors; collective when sharded)."""
@@ -374,6 +383,7 @@ class EKF(torch.optim.Optimizer):
             st["P"] = [p.to(device=dev, dtype=self.dtype).clone() for p in st["P"]]
         self.state[_STATE_KEY] = st
         self._deferred = [None] * len(self.blocks)
+        self._c = 1.0
 
     def covariance(self) -> torch.Tensor:
         """Dense P (n, n) assembled from the blocks (for analysis and tests; costs n² memory; collective
@@ -479,13 +489,15 @@ class EKF(torch.optim.Optimizer):
             return
         Ps = st["P"]
         kern = self.kernel
-        defer = self.defer_rows > 0 and st["lam"] is None
+        defer = self.defer_rows > 0
         if not defer:
             self.apply_deferred()
-        Ws = self._deferred  # per block None or W_b (r, n_b): P_b = S_b − W_bᵀ W_b
+        Ws, c = self._deferred, self._c  # per block None or W_b (r, n_b): P_b = c (S_b − W_bᵀ W_b)
         Js = [J[:, a:b].contiguous() for a, b in self.blocks]  # each (m, n_b)
         XTs = [kern.xt(Pb, Jb) for Pb, Jb in zip(Ps, Js)]  # each (m, n_b) = (S_b J_bᵀ)ᵀ
-        XTs = [XT if W is None else XT - (Jb @ W.T) @ W for XT, Jb, W in zip(XTs, Js, Ws)]  # (P_b J_bᵀ)ᵀ
+        XTs = [XT if W is None else XT - (Jb @ W.T) @ W for XT, Jb, W in zip(XTs, Js, Ws)]  # (P_b J_bᵀ)ᵀ / c
+        if c != 1.0:
+            XTs = [XT * c for XT in XTs]
         A = torch.zeros(m, m, dtype=self.dtype, device=J.device)  # (m, m)
         for Jb, XTb in zip(Js, XTs):
             A.addmm_(Jb, XTb.T)
@@ -496,7 +508,7 @@ class EKF(torch.optim.Optimizer):
         u = Linv @ xi.unsqueeze(1)  # (m, 1) = L⁻¹ ξ
         Vs = [torch.mm(Linv, XTb) for XTb in XTs]  # each (m, n_b) = L⁻¹ X_bᵀ
         # new diagonal of P, checked before P is overwritten: diag P_b − Σ_rows V_b∘V_b, each (n_b,)
-        dmin = torch.stack([(kern.diagonal(Pb) - (Vb * Vb).sum(0) - (0 if W is None else (W * W).sum(0))).amin()
+        dmin = torch.stack([(c * (kern.diagonal(Pb) - (0 if W is None else (W * W).sum(0))) - (Vb * Vb).sum(0)).amin()
                             for Pb, Vb, W in zip(Ps, Vs, Ws)]).amin()
         # one host sync: |V| <= max^(1/4) bounds VᵀV, so P − VᵀV stays finite; NaN fails every comparison
         vmax = torch.stack([Vb.abs().amax() for Vb in Vs]).amax()
@@ -507,15 +519,21 @@ class EKF(torch.optim.Optimizer):
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
+        if defer:  # P ← (P − VᵀV)/λ = c/λ·(S − [W; V/√c]ᵀ[W; V/√c]), applied to S once W has defer_rows rows
+            s = 1.0 / math.sqrt(c)
+            for b, Vb in enumerate(Vs):
+                Wn = Vb if s == 1.0 else Vb * s  # (m, n_b)
+                Ws[b] = Wn if Ws[b] is None else torch.cat([Ws[b], Wn])  # (r + m, n_b)
+            if st["lam"] is not None:
+                self._c = c / st["lam"]
+            if Ws[0].shape[0] >= self.defer_rows:
+                self.apply_deferred()
+            self._apply_dw(torch.cat(dws))
+            self._advance(Ps, faded=True)
+            return
         fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
-        for b, (Pb, Vb) in enumerate(zip(Ps, Vs)):
-            if defer:  # P_b ← S_b − [W; V_b]ᵀ[W; V_b], applied to S_b once W has defer_rows rows
-                W = Vb if Ws[b] is None else torch.cat([Ws[b], Vb])  # (r + m, n_b)
-                Ws[b] = W
-                if W.shape[0] >= self.defer_rows:
-                    kern.sub_gram_(Pb, W)
-                    Ws[b] = None
-            elif fade is None:
+        for Pb, Vb in zip(Ps, Vs):
+            if fade is None:
                 kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
             else:
                 kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
@@ -588,7 +606,7 @@ class EKF(torch.optim.Optimizer):
         diag_blocks = Ps if self.shard is None else self.shard.diagonal_blocks(Ps)  # the blocks that hold diag P
         if st["q"] > 0:
             for Pb in diag_blocks:
-                Pb.diagonal().add_(st["q"])
+                Pb.diagonal().add_(st["q"] / self._c)  # P + qI = c(S + (q/c) I − WᵀW) with deferred rows
         st["step"] += 1
         st["failures"] = 0
         if self.symmetrize_every and not self.kernel.triangular and st["step"] % self.symmetrize_every == 0:

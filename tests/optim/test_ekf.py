@@ -200,14 +200,15 @@ def test_nan_label_is_rejected_and_state_kept(caplog):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-@pytest.mark.parametrize("kernel", ["auto", "torch"])
-def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel):
-    """P = S − WᵀW with rows applied every ``defer_rows``: the same weights and P as applying every update at
-    once (to round-off), whatever the label count per update; reading P applies them; a rejected update
-    leaves the deferred rows alone."""
+@pytest.mark.parametrize("kernel,fading", [("auto", None), ("torch", None), ("auto", 0.97), ("native", 0.97)])
+def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel, fading):
+    """P = c(S − WᵀW) with rows applied every ``defer_rows``: the same weights and P as applying every update
+    at once (to round-off), whatever the label count per update, with the fading memory's 1/λ (c) and process
+    noise; reading P applies them; a rejected update leaves the deferred rows alone."""
     x, y = regression_data()
     nets = [mlp(), mlp()]
-    opts = [EKF(n.parameters(), lr=0.2, q=1e-4, kernel=kernel, defer_rows=d) for n, d in zip(nets, (0, 7))]
+    kw = dict(lr=0.2, q=1e-4, kernel=kernel, fading_lambda=fading, fading_nu=0.99)
+    opts = [EKF(n.parameters(), defer_rows=d, **kw) for n, d in zip(nets, (0, 7))]
     sizes = [1, 3, 1, 1, 2, 3, 1, 2, 1, 1, 3]  # labels (×2 outputs) per update: the deferred block fills unevenly
     at = 0
     seen = set()
