@@ -126,10 +126,14 @@ class _Slots(NamedTuple):
     element: torch.Tensor  # (L, M) element of p
 
 
-def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components) -> _Slots:
-    """Pairs with centre a_l of every label, gathered from the neighbour list sorted by centre."""
-    device, dtype = r_ij.device, r_ij.dtype
+def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components, positions=None, offsets=None) -> _Slots:
+    """Pairs with centre a_l of every label, gathered from the neighbour list sorted by centre. Their vectors
+    come from ``r_ij`` (P, 3), or when it is None from ``positions`` (N, 3) and ``offsets`` (P, 3) for the
+    gathered pairs only."""
+    ref = r_ij if r_ij is not None else positions
+    device, dtype = ref.device, ref.dtype
     n_pairs = idx_i.shape[0]
+    idx_i_orig = idx_i  # (P,) in list order
     order = None
     if n_pairs > 1 and not bool((idx_i[1:] >= idx_i[:-1]).all()):
         order = torch.argsort(idx_i, stable=True)  # (P,)
@@ -144,9 +148,13 @@ def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components) -> _Slots:
         pos = order.index_select(0, pos)  # (L·M,)
     if n_pairs == 0:
         pos = torch.zeros_like(pos)
-        r_ij = r_ij.new_zeros(1, 3)
+        r_ij = ref.new_zeros(1, 3)
         idx_j = idx_i.new_zeros(1)
-    u = r_ij.index_select(0, pos).view(atoms.shape[0], m, 3)  # (L, M, 3)
+    if r_ij is not None:
+        u = r_ij.index_select(0, pos).view(atoms.shape[0], m, 3)  # (L, M, 3)
+    else:  # r_j − r_i + offset of the gathered pairs, as representation.pair_vectors
+        u = (positions.index_select(0, idx_j.index_select(0, pos)) - positions.index_select(0, idx_i_orig.index_select(0, pos))
+             + offsets.index_select(0, pos).to(device=device, dtype=dtype)).view(atoms.shape[0], m, 3)  # (L, M, 3)
     rc = float(sf.cutoff)
     valid = listed & ((u * u).sum(-1) < rc * rc)  # (L, M)
     far = torch.tensor([2.0 * rc, 0.0, 0.0], dtype=dtype, device=device)  # (3,)
@@ -167,13 +175,17 @@ def feature_columns(
     atoms: torch.Tensor,
     components: torch.Tensor,
     native: Optional[bool] = None,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """∂G_i/∂r_{a_l, α_l} of the raw symmetry functions for L (atom, component) labels.
 
     Args:
         sf: the symmetry functions.
         species: (N,) element index per atom.
-        r_ij: (P, 3) pair vectors r_j − r_i (+ cell offset) in Å, full neighbour list (both directions).
+        r_ij: (P, 3) pair vectors r_j − r_i (+ cell offset) in Å, full neighbour list (both directions); or None
+            with ``positions`` (N, 3) Å and ``offsets`` (P, 3) Å: then only the labelled atoms' pairs are formed
+            (a 192-atom water frame has ~25 k pairs, a force update needs the ~10 × 130 of its labels).
         idx_i, idx_j: (P,) atoms of each pair.
         atoms: (L,) atom a_l of each label.
         components: (L,) Cartesian component α_l ∈ {0, 1, 2} of each label.
@@ -186,8 +198,9 @@ def feature_columns(
     n_atoms, n_labels = species.shape[0], atoms.shape[0]
     E = len(sf.elements)
     atoms, components = atoms.to(idx_i.device), components.to(idx_i.device)
-    keys = _keys(sf, r_ij.dtype, r_ij.device)
-    slots = _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components)
+    ref = r_ij if r_ij is not None else positions
+    keys = _keys(sf, ref.dtype, ref.device)
+    slots = _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components, positions, offsets)
     label_elem = species.index_select(0, atoms)  # (L,) element of a_l
     rad = _radial_columns(sf, keys, slots, atoms, label_elem, n_atoms)  # (L·N·E, U_r)
     native = NATIVE_DEFAULT if native is None else native
@@ -196,7 +209,7 @@ def feature_columns(
     ang = ang.reshape(n_labels, n_atoms, E * E * sf.n_ang_keys)  # (L, N, E·E·U_a)
     table = torch.cat([rad, ang], 2)  # (L, N, S)
     sel = sf.feature_slot[species].expand(n_labels, -1, -1)  # (L, N, W)
-    return torch.gather(table, 2, sel) * sf.feature_prefactor.to(r_ij.dtype)[species]  # (L, N, W)
+    return torch.gather(table, 2, sel) * sf.feature_prefactor.to(ref.dtype)[species]  # (L, N, W)
 
 
 def _radial_columns(sf, keys: _Keys, slots: _Slots, atoms, label_elem, n_atoms: int) -> torch.Tensor:

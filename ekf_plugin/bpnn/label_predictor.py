@@ -185,7 +185,7 @@ class BPNNLabelPredictor:
     @torch.no_grad()
     def features(self, batch: Dict[str, torch.Tensor], b: int, structure: Optional[Dict] = None) -> torch.Tensor:
         """Scaled features s (N_b, W) of structure b of ``batch`` (cached by ``_idx``), no graph."""
-        structure = self._structure(batch, b) if structure is None else structure
+        structure = self._structure(batch, b, with_rij=False) if structure is None else structure
         key = int(batch[props.idx][b]) if props.idx in batch else None
         check = self._checksum(structure)
         hit = self._cache.get(key) if key is not None else None
@@ -272,7 +272,7 @@ class BPNNLabelPredictor:
     def force_components(self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor) -> torch.Tensor:
         """(k,) predicted force components in eV/Å of structure b at flat indices ``pick`` (atom ``pick // 3``,
         axis ``pick % 3``), differentiable w.r.t. the weights (the graph runs through the networks only)."""
-        structure = self._structure(batch, b)
+        structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
         energy = self._energy_from(structure, s).sum()
         grad_s, = torch.autograd.grad(energy, s, create_graph=True)  # (N_b, W) eV per feature unit
@@ -286,7 +286,7 @@ class BPNNLabelPredictor:
         """Energy (1,) in eV and force components (k,) in eV/Å of structure b at flat indices ``pick``,
         detached (no graph to the weights): one pass through the networks and one backward to the features.
         The validation path of :class:`~ekf_plugin.training.PaperScheduleTask`."""
-        structure = self._structure(batch, b)
+        structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         with torch.enable_grad():
             s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
             energy = self._energy_from(structure, s)  # (1,)
@@ -326,7 +326,7 @@ class BPNNLabelPredictor:
         self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor, rows: NetworkJacobians
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`force_components` (k,) in eV/Å with their rows (k, n) = ∂F/∂θ, without autograd."""
-        structure = self._structure(batch, b)
+        structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s = self.features(batch, b, structure)  # (N_b, W)
         pick = pick.to(s.device)
         cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å

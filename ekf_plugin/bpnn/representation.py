@@ -165,12 +165,15 @@ class BehlerParrinello(Transform):
     def feature_columns(self, inputs: Dict[str, torch.Tensor], atoms: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
         """∂s_i/∂r_{a_l, α_l} of the scaled features for L (atom, Cartesian component) pairs: (L, N, W) per Å.
 
-        ``inputs`` needs ``_Rij`` (P, 3) in Å and the neighbour list; weights-independent, no graph
-        (see :mod:`ekf_plugin.bpnn.feature_derivatives`).
+        ``inputs`` needs the neighbour list and ``_Rij`` (P, 3) in Å, or positions and ``_offsets`` (then only the
+        labelled atoms' pair vectors are formed); weights-independent, no graph (see
+        :mod:`ekf_plugin.bpnn.feature_derivatives`).
         """
         species = species_of(inputs[props.Z], self.species_table, self.elements)  # (N,)
-        cols = feature_columns(self.sf, species, inputs[props.Rij], inputs[props.idx_i], inputs[props.idx_j],
-                               atoms, components)  # (L, N, W)
+        rij = inputs.get(props.Rij)
+        cols = feature_columns(self.sf, species, rij, inputs[props.idx_i], inputs[props.idx_j], atoms, components,
+                               positions=inputs[props.R] if rij is None else None,
+                               offsets=inputs[props.offsets] if rij is None else None)  # (L, N, W)
         return cols * self.scale_weight.to(cols.dtype)[species]  # (L, N, W)
 
     # ---- scaling -----------------------------------------------------------------------------

@@ -135,6 +135,25 @@ def test_unsorted_neighbour_list_gives_the_same_columns():
     torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_columns_from_positions_form_only_the_labels_pairs_and_equal_the_pair_vector_path(shuffle):
+    """Without ``_Rij`` the columns gather the labelled atoms' pairs and form r_j − r_i + offset for those
+    only: the same columns as from the full pair vectors (periodic pair with cell offsets, sorted or not)."""
+    model = water_bpnn(dtype=torch.float64)
+    rep = model.representation
+    batch = converter(model)(water_pair(seed=2))
+    if shuffle:
+        perm = torch.randperm(batch[props.idx_i].numel(), generator=torch.Generator().manual_seed(1))
+        for key in (props.idx_i, props.idx_j, props.offsets):
+            batch[key] = batch[key][perm]
+    assert bool((batch[props.offsets] != 0).any()), "pairs through the cell boundary"
+    flat = torch.tensor([0, 4, 8, 11, 15, 17])
+    lazy = rep.feature_columns({k: v for k, v in batch.items() if k != props.Rij}, flat // 3, flat % 3)
+    full = rep.feature_columns({**batch, props.Rij: pair_vectors(batch)}, flat // 3, flat % 3)
+    torch.testing.assert_close(lazy, full, rtol=0, atol=1e-14)
+    assert lazy.abs().sum() > 0
+
+
 INTEGER_ZETA = [  # r_s ≠ 0, integer ζ ∈ {1, 2, 3, 4}, H–HH triplets (Å): the native kernel's general case
     G2("O", "H", 0.5, 0.9), G2("H", "H", 0.2),
     G3("O", ("H", "H"), 0.1, 1.0, 4.0, 0.4), G3("O", ("H", "O"), 0.05, -1.0, 2.0),
