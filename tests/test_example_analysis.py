@@ -82,3 +82,19 @@ def test_goo_of_a_lattice_and_of_an_ideal_gas(tmp_path):
     gas = [(np.array(["O"] * 400), rng.uniform(0, 12.0, (400, 3)), cell) for _ in range(5)]
     r, g = analyze.g_oo(gas, r_max=5.9, bins=10)
     assert np.all(np.abs(g[3:] - 1.0) < 0.05), g
+
+
+def test_metrics_of_a_resumed_run_are_merged_in_version_order(tmp_path):
+    """A run resumed twice has csv/version_0, _1, _2 (and _10 sorts after _2): one curve, later values win."""
+    run = tmp_path / "ekf_lr1e-3_s1_ef0.1"
+    segments = {0: [(4999, 0.30), (9999, 0.20)], 1: [(9999, 0.19), (14999, 0.15)], 2: [(19999, 0.12)],
+                10: [(24999, 0.11)]}
+    for v, rows in segments.items():
+        d = run / "csv" / f"version_{v}"
+        d.mkdir(parents=True)
+        text = "epoch,step,val_forces_rmse,train_loss\n" + "".join(f"1,{s},{x},\n" for s, x in rows)
+        text += "1,3,,0.5\n"  # a training row: no validation value
+        (d / "metrics.csv").write_text(text)
+    m = analyze.read_metrics(run)
+    np.testing.assert_allclose(m["val_forces_rmse"], [[4999, 0.30], [9999, 0.19], [14999, 0.15], [19999, 0.12],
+                                                      [24999, 0.11]])

@@ -47,18 +47,24 @@ def block_average(x: np.ndarray, n_blocks: int = 5) -> Tuple[float, float]:
 
 
 def read_metrics(run_dir: Path) -> Dict[str, np.ndarray]:
-    """Validation curves from a Lightning CSV log under ``run_dir`` (step -> metric)."""
-    files = sorted(Path(run_dir).rglob("metrics.csv"))
+    """Validation curves from the Lightning CSV logs under ``run_dir`` (step -> metric). A run resumed from
+    its checkpoint writes a new ``version_<k>`` log each time: all are read in version order, and a step
+    logged again by a later segment (the updates after the checkpoint it resumed from) takes the later value."""
+    def version(path: Path) -> Tuple[int, str]:
+        m = re.search(r"version_(\d+)", str(path))
+        return (int(m.group(1)) if m else -1, str(path))
+
+    files = sorted(Path(run_dir).rglob("metrics.csv"), key=version)
     if not files:
         raise FileNotFoundError(f"no metrics.csv under {run_dir}")
-    with open(files[-1]) as fh:
-        rows = list(csv.DictReader(fh))
-    out: Dict[str, List[Tuple[float, float]]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key not in ("step", "epoch") and value not in ("", None):
-                out.setdefault(key, []).append((float(row["step"]), float(value)))
-    return {k: np.array(v) for k, v in out.items()}
+    merged: Dict[str, Dict[float, float]] = {}
+    for path in files:
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value not in ("", None):
+                        merged.setdefault(key, {})[float(row["step"])] = float(value)
+    return {k: np.array(sorted(v.items())) for k, v in merged.items()}
 
 
 def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str) -> None:
@@ -68,12 +74,13 @@ def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    setups = list(dict.fromkeys(re.sub(r"_s\d+$", "", Path(run).name) for run in run_dirs))  # one colour per setup
+    seed_re = r"_s(\d+)(?=(_ef[0-9.]+)?$)"  # <opt>_lr<η>_s<seed>[_ef<f>]
+    setups = list(dict.fromkeys(re.sub(seed_re, "", Path(run).name) for run in run_dirs))  # one colour per setup
     for run in run_dirs:
         m = read_metrics(run)
         name = Path(run).name
-        setup = re.sub(r"_s\d+$", "", name)
-        seed = re.search(r"_s(\d+)$", name)
+        setup = re.sub(seed_re, "", name)
+        seed = re.search(seed_re, name)
         style = dict(color=f"C{setups.index(setup)}", ls=["-", "--", ":", "-."][int(seed.group(1)) % 4 if seed else 0])
         for ax, key in zip(axes, (energy_key, force_key)):
             if key in m:
