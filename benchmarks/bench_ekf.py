@@ -347,6 +347,15 @@ def spktrain_figures(quick=False) -> Dict[str, float]:
     out["spktrain_step_ms_median"] = 1e3 * statistics.median(steps)
     out["spktrain_step_ms_mean"] = 1e3 * statistics.fmean(steps)
     out["spktrain_updates_per_s"] = 1 / statistics.fmean(steps)
+    opt_steps = rec.get("optimizer_steps_s", [])
+    if len(opt_steps) > 1:  # the first one is left out of steps_s too
+        out["spktrain_optimizer_step_ms_mean"] = 1e3 * statistics.fmean(opt_steps[1:])
+        out["spktrain_loop_ms_per_update"] = out["spktrain_step_ms_mean"] - out["spktrain_optimizer_step_ms_mean"]
+    train_steps = rec.get("training_steps_s", [])
+    if len(train_steps) > 1 and len(opt_steps) > 1:  # the loop split: the task's own work / Lightning and data
+        task_ms = 1e3 * statistics.fmean(train_steps[1:]) - out["spktrain_optimizer_step_ms_mean"]
+        out["spktrain_task_ms_per_update"] = task_ms
+        out["spktrain_lightning_and_data_ms_per_update"] = out["spktrain_loop_ms_per_update"] - task_ms
     # an epoch's time includes its validation (Lightning validates before on_train_epoch_end): split them;
     # the first validation also computes the validation frames' features (cached for the later ones)
     vals = rec["validations_s"]

@@ -5,7 +5,9 @@
 
 Writes JSON: the wall-clock time (``time.time()``) of the end of the first update, per-update wall times (from the end of one
 training batch to the end of the next: data loading, ``training_step`` with the EKF update, logging and
-callbacks — the whole loop), the training time of each epoch and the validation time of each epoch.
+callbacks — the whole loop), the time of each step inside the optimizer's ``step`` (the EKF's labels,
+Jacobian rows and filter; the rest of a step is the loop around it), the training time of each epoch and
+the validation time of each epoch.
 """
 
 from __future__ import annotations
@@ -21,8 +23,24 @@ class StepTimer(pl.Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.first_update_s = None
-        self.steps, self.epochs, self.validations = [], [], []
+        self.steps, self.epochs, self.validations, self.optimizer_steps, self.training_steps = [], [], [], [], []
         self._last = self._epoch0 = self._val0 = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Time the optimizer's own ``step`` and the task's ``training_step`` (instance attributes wrapping the
+        class's methods)."""
+        def timed(inner, record):
+            def call(*args, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    record.append(time.perf_counter() - t)
+            return call
+
+        for opt in trainer.optimizers:
+            opt.step = timed(opt.step, self.optimizer_steps)
+        pl_module.training_step = timed(pl_module.training_step, self.training_steps)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch0 = self._last = time.perf_counter()
@@ -53,4 +71,6 @@ class StepTimer(pl.Callback):
 
     def _dump(self) -> None:
         self.path.write_text(json.dumps({"first_update_time": self.first_update_s, "steps_s": self.steps,
-                                         "epochs_s": self.epochs, "validations_s": self.validations}))
+                                         "epochs_s": self.epochs, "validations_s": self.validations,
+                                         "optimizer_steps_s": self.optimizer_steps,
+                                         "training_steps_s": self.training_steps}))
