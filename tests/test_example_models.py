@@ -90,27 +90,38 @@ def test_models_reproduce_the_committed_errors_on_validation_frames():
         errors[k]["energy_rmse_meV_per_atom"] for k in errors if k.startswith("adam"))
 
 
-# Session 4's longer EKF runs (examples/water_revpbe0/models/session4, final weights of each run's
-# checkpoints/last.ckpt; errors of all 280 validation frames in results/session4/errors.json), same 4 frames.
-SESSION4 = EXAMPLE / "models" / "session4"
-PER_FRAME_SESSION4 = {
-    "ekf_lr1e-3_s0": [(-0.074457, 88.8252), (3.382356, 193.6374), (-0.018262, 108.5196), (-3.099784, 222.023)],
-    "ekf_lr1e-3_s0_ef0.1": [(0.222736, 71.8565), (3.266705, 147.127), (0.920987, 90.2806), (-1.340992, 197.0199)],
+# The longer EKF runs of sessions 4 and 5 (examples/water_revpbe0/models/session<k>, final weights of each run's
+# checkpoints/last.ckpt; errors of all 280 validation frames in results/session<k>/errors.json), same 4 frames.
+PER_FRAME_SESSIONS = {
+    "session4": {
+        "ekf_lr1e-3_s0": [(-0.074457, 88.8252), (3.382356, 193.6374), (-0.018262, 108.5196), (-3.099784, 222.023)],
+        "ekf_lr1e-3_s0_ef0.1": [(0.222736, 71.8565), (3.266705, 147.127), (0.920987, 90.2806), (-1.340992, 197.0199)],
+    },
+    "session5": {  # ef0.1 seed 0 continued from 63 k to 216 k updates; seed 1 from scratch to 73 k
+        "ekf_lr1e-3_s0_ef0.1": [(0.032731, 65.8576), (4.185519, 144.0907), (0.182387, 87.24), (-0.814181, 180.5514)],
+        "ekf_lr1e-3_s1_ef0.1": [(-0.306789, 74.7086), (3.73264, 147.957), (0.385648, 85.4714), (-0.788918, 197.8167)],
+    },
 }
 
 
-def test_session4_models_reproduce_their_errors_and_load_safely():
+def _session_errors(session: str) -> dict:
+    return json.loads((EXAMPLE / "results" / session / "errors.json").read_text())
+
+
+@pytest.mark.parametrize("session", sorted(PER_FRAME_SESSIONS))
+def test_session_models_reproduce_their_errors_and_load_safely(session):
     from tests.helpers import shared_data_path
 
     from ekf_plugin.data import read_frames
     from ekf_plugin.evaluation import ModelEvaluator
 
-    errors = json.loads((EXAMPLE / "results" / "session4" / "errors.json").read_text())
-    assert set(errors) == {p.stem for p in SESSION4.glob("*.pt")} == set(PER_FRAME_SESSION4)
+    folder, per_frame = EXAMPLE / "models" / session, PER_FRAME_SESSIONS[session]
+    errors = _session_errors(session)
+    assert set(errors) == {p.stem for p in folder.glob("*.pt")} == set(per_frame)
     frames = read_frames(shared_data_path("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz"),
                          max_frames=max(VALIDATION_SUBSET) + 1)
-    for name, reference in PER_FRAME_SESSION4.items():
-        path = SESSION4 / f"{name}.pt"
+    for name, reference in per_frame.items():
+        path = folder / f"{name}.pt"
         assert torch.load(path, weights_only=True)["format"]
         evaluator = ModelEvaluator(str(path))
         got = []
@@ -121,5 +132,10 @@ def test_session4_models_reproduce_their_errors_and_load_safely():
                         1e3 * float(np.sqrt(np.mean((res.forces - atoms.get_forces()) ** 2)))))
         np.testing.assert_allclose(got, reference, atol=2e-4, err_msg=name)
         assert errors[name]["frames"] == 280 and errors[name]["kept"] == "last"
-    # the force-heavy schedule (one energy update in ten) is the more accurate force model, as on all 280 frames
-    assert errors["ekf_lr1e-3_s0_ef0.1"]["forces_rmse_meV_per_A"] < errors["ekf_lr1e-3_s0"]["forces_rmse_meV_per_A"]
+    if session == "session4":  # the force-heavy schedule (one energy update in ten) is the more accurate force model
+        assert errors["ekf_lr1e-3_s0_ef0.1"]["forces_rmse_meV_per_A"] < errors["ekf_lr1e-3_s0"]["forces_rmse_meV_per_A"]
+    if session == "session5":  # the same run 153 k updates further is better on all 280 frames, energy and forces
+        before, after = _session_errors("session4")["ekf_lr1e-3_s0_ef0.1"], errors["ekf_lr1e-3_s0_ef0.1"]
+        assert after["updates"] > before["updates"]
+        assert after["forces_rmse_meV_per_A"] < before["forces_rmse_meV_per_A"]
+        assert after["energy_rmse_meV_per_atom"] < before["energy_rmse_meV_per_atom"]
