@@ -224,7 +224,8 @@ def _update_times(opt, batches, closure_for, device, k_updates: int):
 def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     """EKF updates of the study's water BPNN through ``PaperScheduleTask._errors`` (what ``spktrain
     experiment=water_bpnn_ekf`` runs per step, without Lightning's loop): closed-form rows with deferred
-    P rows (default), the same with every update applied at once (``immediate_``), and autograd rows; the force label's dG/dr columns timed on their own; 192-atom revPBE0-D3 frames."""
+    P rows (default), the same with every update applied at once (``immediate_``), and autograd rows; the force
+    label's dG/dr columns timed on their own; 192-atom revPBE0-D3 frames."""
     import schnetpack.properties as props
     from ekf_plugin.models import water_bpnn
     from ekf_plugin.optim import EKF
@@ -488,9 +489,10 @@ def gnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     model) and ``painn_64x3_*``: 3 interactions (157 k), both through what ``PaperScheduleTask._errors``
     runs now: the energy row from the force pass (:func:`~ekf_plugin.training.schedule.reduced_rows_with_jacobian`),
     one backward per force row, ``kernel="native"``. ``painn_64x3_before_*``: the path of commit 17c4b56
-    (the energy row as its own backward, BLAS kernel, every update applied to P at once). Breakdown per update: forward (with the model's force
-    pass, and now the energy row), force/Jacobian rows (medians after one warm-up update), filter (mean of 14
-    updates: P rows are deferred by 32, i.e. applied every 7 updates of 5 rows)."""
+    (the energy row as its own backward, BLAS kernel, every update applied to P at once). Breakdown per update:
+    forward (with the model's force pass, and now the energy row), force/Jacobian rows (medians after one
+    warm-up update), filter (mean of 14 updates: P rows are deferred by 32, i.e. applied every 7 updates of 5
+    rows)."""
     import schnetpack as spk
     import ekf_plugin.jacobian as jac
     from ekf_plugin.optim import EKF

@@ -153,8 +153,10 @@ def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components, positions=N
     if r_ij is not None:
         u = r_ij.index_select(0, pos).view(atoms.shape[0], m, 3)  # (L, M, 3)
     else:  # r_j − r_i + offset of the gathered pairs, as representation.pair_vectors
-        u = (positions.index_select(0, idx_j.index_select(0, pos)) - positions.index_select(0, idx_i_orig.index_select(0, pos))
-             + offsets.index_select(0, pos).to(device=device, dtype=dtype)).view(atoms.shape[0], m, 3)  # (L, M, 3)
+        r_j = positions.index_select(0, idx_j.index_select(0, pos))  # (L·M, 3)
+        r_i = positions.index_select(0, idx_i_orig.index_select(0, pos))  # (L·M, 3)
+        off = offsets.index_select(0, pos).to(device=device, dtype=dtype)  # (L·M, 3) Å
+        u = (r_j - r_i + off).view(atoms.shape[0], m, 3)  # (L, M, 3)
     rc = float(sf.cutoff)
     valid = listed & ((u * u).sum(-1) < rc * rc)  # (L, M)
     far = torch.tensor([2.0 * rc, 0.0, 0.0], dtype=dtype, device=device)  # (3,)

@@ -519,7 +519,7 @@ class EKF(torch.optim.Optimizer):
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
-        if defer:  # P ← (P − VᵀV)/λ = c/λ·(S − [W; V/√c]ᵀ[W; V/√c]), applied to S once W has defer_rows rows
+        if defer:  # P ← (P − VᵀV)/λ = c/λ·(S − [W; V/√c]ᵀ[W; V/√c]); W applied to S at defer_rows rows
             s = 1.0 / math.sqrt(c)
             for b, Vb in enumerate(Vs):
                 Wn = Vb if s == 1.0 else Vb * s  # (m, n_b)

@@ -6,8 +6,8 @@ products the symmetric BLAS routines are far from the memory-traffic bound: Open
 packs P and runs its GEMM micro-kernel at N = 5, about as slow as five separate ``ssymv`` (each one a full
 read of the triangle). This kernel reads the upper triangle of P once per pass, eight rows at a time for
 X = P Jᵀ and four for P −= Vᵀ V (each element of J, X and V is loaded once per eight or four rows of P;
-eight rows made X 9–11 % faster than four at m = 2–10, n = 2827, float64), and applies the fading-memory factor 1/λ in
-the same pass that subtracts Vᵀ V, so the separate P /= λ pass over the whole square disappears
+eight rows made X 9–11 % faster than four at m = 2–10, n = 2827, float64), and applies the fading-memory
+factor 1/λ in the same pass that subtracts Vᵀ V, so the separate P /= λ pass over the whole square disappears
 (:attr:`~ekf_plugin.optim.kernels.FilterKernel.fused_scale`). Same storage as
 :class:`~ekf_plugin.optim.kernels.BlasKernel` (row-major blocks, upper triangle valid), so the two kernels
 and their checkpoints are interchangeable.
@@ -33,7 +33,8 @@ __all__ = ["NativeKernel", "load", "SOURCE"]
 
 SOURCE = r"""
 #define restrict __restrict
-#define CH 512  /* column chunk: the rows of P in flight (16 KB of eight rows in float32) stay in L1 while each row of J, X or V passes */
+#define CH 512  /* column chunk: the rows of P in flight (16 KB of eight rows in float32) stay in L1
+                   while each row of J, X or V passes */
 #define MAXM 64
 /* X (m, n) = (P J^T)^T for P (n, n) row-major and symmetric, of which only the upper triangle (j >= i) is
    read; J (m, n), m <= MAXM. Eight rows of P at a time, in column chunks: per chunk and label k, each
