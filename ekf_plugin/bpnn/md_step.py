@@ -814,9 +814,15 @@ class BPNNStep:
         rt = torch.as_tensor(r, dtype=torch.float64, device=self.device)  # (N, 3)
         ht = torch.as_tensor(h, dtype=torch.float64, device=self.device)  # (3, 3)
         slots, _ = self._forward(self._pair_vectors(rt, ht))  # (N, S)
-        sp = self.species  # (N,)
-        pref = self.sf.feature_prefactor.to(device=slots.device, dtype=ACC).index_select(0, sp)  # (N, W)
-        return torch.gather(slots, 1, self.feature_map.index_select(0, sp)) * pref  # (N, W)
+        fmap, pref = self._feature_slots(self.species, slots.device)  # (N, W) each
+        return torch.gather(slots, 1, fmap) * pref  # (N, W)
+
+    def _feature_slots(self, sp: torch.Tensor, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per atom of species ``sp`` (N,): the slot column of each feature and its prefactor, (N, W) each;
+        raw features G = gather(slots, 1, columns) · prefactor."""
+        fmap = self.feature_map.index_select(0, sp)  # (N, W)
+        pref = self.sf.feature_prefactor.to(device=device, dtype=ACC).index_select(0, sp)  # (N, W)
+        return fmap, pref
 
     def _evaluate(self, r: torch.Tensor, h: torch.Tensor):
         """(energy (), forces (N, 3), ∂E/∂ε (3, 3)), float64, from positions (N, 3) Å and cell (3, 3) Å."""
@@ -865,9 +871,8 @@ class BPNNStep:
     def _energy_and_slot_gradient(self, slots: torch.Tensor, sp: torch.Tensor, element_atoms: List[torch.Tensor],
                                   n_struct: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Energies (B,) and ∂E/∂slots (N, S), float64, from the slot matrix (N, S) of B structures of N/B atoms."""
-        sf, dev = self.sf, slots.device
-        fmap = self.feature_map.index_select(0, sp)  # (N, W)
-        pref = sf.feature_prefactor.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
+        dev = slots.device
+        fmap, pref = self._feature_slots(sp, dev)  # (N, W) each
         w = self.rep.scale_weight.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
         b = self.rep.scale_bias.to(device=dev, dtype=ACC).index_select(0, sp)  # (N, W)
         g = torch.gather(slots, 1, fmap) * pref  # (N, W) raw symmetry functions
