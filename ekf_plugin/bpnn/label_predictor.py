@@ -194,7 +194,7 @@ class BPNNLabelPredictor:
         rep = self.representation
         species = species_of(structure[props.Z], rep.species_table, rep.elements)  # (N_b,)
         g = self.raw_features(batch, b, structure)  # (N_b, W)
-        s = g * rep.scale_weight.to(g.dtype)[species] + rep.scale_bias.to(g.dtype)[species]  # (N_b, W), as forward
+        s = rep.scale(g, species)  # (N_b, W), as forward
         if key is not None and self._bytes + s.numel() * s.element_size() <= self.max_cache_bytes:
             if hit is not None:
                 self._bytes -= hit[0].numel() * hit[0].element_size()

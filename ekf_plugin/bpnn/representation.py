@@ -157,10 +157,14 @@ class BehlerParrinello(Transform):
     def forward(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         species = species_of(inputs[props.Z], self.species_table, self.elements)
         g = self.sf(species, inputs[props.Rij], inputs[props.idx_i], inputs[props.idx_j])  # (N, W)
+        inputs["scalar_representation"] = self.scale(g, species)  # (N, W)
+        return inputs
+
+    def scale(self, g: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Scaled features s = G·w + b (N, W) in G's dtype from raw functions G (N, W) of atoms of ``species`` (N,)."""
         w = self.scale_weight.to(g.dtype)[species]  # (N, W)
         b = self.scale_bias.to(g.dtype)[species]  # (N, W)
-        inputs["scalar_representation"] = g * w + b  # (N, W)
-        return inputs
+        return g * w + b  # (N, W)
 
     def feature_columns(self, inputs: Dict[str, torch.Tensor], atoms: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
         """∂s_i/∂r_{a_l, α_l} of the scaled features for L (atom, Cartesian component) pairs: (L, N, W) per Å.
