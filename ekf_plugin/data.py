@@ -258,13 +258,18 @@ def _make_datamodule():
                 192-atom frame) in memory after its first read, and read the property list once, so a
                 training step does no SQLite query (~2 ms per step on one core; the study's schedule
                 reads each frame hundreds of times). Items are copies: transforms cannot change the cache.
+            shuffle_seed: seed of the training order: epoch e visits the training frames in the order of a
+                permutation drawn from (``shuffle_seed``, e), and checkpoints record the position, so a run resumed
+                inside an epoch trains on the frames an uninterrupted run would (one process; under DDP the host's
+                distributed sampler shuffles). The configs pass spktrain's ``seed``.
             **kwargs: passed to ``schnetpack.data.AtomsDataModule`` (``batch_size``, ``num_train``, ...).
         """
 
         def __init__(self, datapath: str, source: str, source_format: Optional[str] = None,
                      max_frames: Optional[int] = None, cutoff: float = 6.36, source_length_unit: str = "Bohr",
                      source_energy_unit: str = "Hartree", transforms=None,
-                     outlier_threshold: Optional[float] = OUTLIER_Z, cache_rows: bool = True, **kwargs) -> None:
+                     outlier_threshold: Optional[float] = OUTLIER_Z, cache_rows: bool = True, shuffle_seed: int = 0,
+                     **kwargs) -> None:
             if transforms is None:
                 from .transforms import MemoryCachedNeighborList
 
@@ -279,6 +284,20 @@ def _make_datamodule():
             self.source_energy_unit = source_energy_unit
             self.outlier_threshold = outlier_threshold
             self.cache_rows = bool(cache_rows)
+            self.shuffle_seed = int(shuffle_seed)
+
+        def train_dataloader(self):
+            """The training loader in a resumable order (see ``shuffle_seed``); SchNetPack's own under DDP or with a
+            ``train_sampler_cls``."""
+            trainer = getattr(self, "trainer", None)
+            if self._train_dataloader is None and self.train_sampler_cls is None and trainer is not None \
+                    and trainer.world_size == 1:
+                from .training.resumable_loader import resumable_loader, trainer_progress
+
+                self._train_dataloader = resumable_loader(
+                    self.train_dataset, self.batch_size, self.shuffle_seed, lambda: trainer_progress(self.trainer),
+                    num_workers=self.num_workers, pin_memory=self._pin_memory)
+            return super().train_dataloader()
 
         def setup(self, stage: Optional[str] = None) -> None:
             super().setup(stage)

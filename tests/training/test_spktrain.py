@@ -38,6 +38,34 @@ def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment
 
 
 @pytest.mark.slow
+def test_spktrain_resumed_inside_an_epoch_equals_an_uninterrupted_run(tmp_path, shared_data):
+    """Stopped after 3 of an epoch's 4 updates and rerun in its folder, the run ends with the weights and P of a run
+    that was never stopped: the training order (and the label draws, and P) are restored, not drawn again."""
+    import torch
+
+    src = shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
+    common = [
+        "spktrain", "experiment=water_bpnn_ekf", f"data.source={src}", "data.max_frames=5",
+        f"data.datapath={tmp_path}/water5.db", f"run.path={tmp_path}/runs", "logger=csv", "+seed=3",
+        "+trainer.enable_progress_bar=false", "callbacks.latest_checkpoint.every_n_train_steps=1",
+        "trainer.val_check_interval=1",  # a validation (and a best checkpoint for spktrain's closing test) every update
+    ]
+    for args in (["run.id=full", "trainer.max_epochs=2"], ["run.id=cut", "trainer.max_steps=3"],
+                 ["run.id=cut", "trainer.max_epochs=2"]):
+        res = run_cli(common + args, cwd=REPO, timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+    assert "not resumable" not in res.stderr + res.stdout
+    assert "Restored all states from the checkpoint" in res.stderr + res.stdout
+    full, cut = (torch.load(tmp_path / "runs" / r / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+                 for r in ("full", "cut"))
+    assert full["global_step"] == cut["global_step"] == 8
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, cut["state_dict"][k]), k
+    p_full, p_cut = (c["optimizer_states"][0]["state"]["ekf"] for c in (full, cut))
+    assert all(torch.equal(p_full[k], p_cut[k]) for k in p_full if isinstance(p_full[k], torch.Tensor))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("multistream", [True, False])
 def test_spktrain_ddp_multistream_keeps_processes_identical(tmp_path, shared_data, multistream):
     """Lightning DDP, 2 CPU processes (gloo): each contributes its own labels, all apply the same update.

@@ -1,0 +1,94 @@
+"""A training loader that resumes mid-epoch exactly (Lightning's ``state_dict``/``load_state_dict`` loader interface).
+
+SchNetPack's training loader shuffles with a ``RandomSampler`` seeded from the global torch RNG at the start of each
+epoch, and Lightning cannot restore its position: a run resumed from a checkpoint written inside an epoch (the
+``latest_checkpoint`` callback writes one every 1000 updates) starts that epoch again in a new order, and even at an
+epoch boundary the next order differs from the uninterrupted run's. Here each epoch's order is a permutation drawn
+from ``(seed, epoch)`` alone, and a checkpoint records the epoch and how many batches of it were trained (read from the
+trainer's own progress counters, so the batch Lightning has already prefetched is not counted). The resumed run
+trains on the remaining frames of that epoch in the same order as the uninterrupted run, and on the same orders after.
+
+One process only: under DDP the host's distributed sampler is used (see ``WaterDataModule.train_dataloader``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+__all__ = ["EpochPermutation", "resumable_loader", "trainer_progress"]
+
+
+class EpochPermutation(torch.utils.data.Sampler):
+    """Indices 0..n−1 in the order ``randperm(n)`` of a generator seeded with ``(seed, epoch)``, from ``start`` on.
+
+    Lightning calls :meth:`set_epoch` before every epoch (as for ``DistributedSampler``); :meth:`set_position`
+    puts a resumed run back inside an epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed = int(n), int(seed)
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.n  # the whole epoch: Lightning counts a resumed epoch's batches from its start
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch, self.start = int(epoch), 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        if not 0 <= int(start) <= self.n:
+            raise ValueError(f"start must be in [0, {self.n}], got {start}")
+        self.epoch, self.start = int(epoch), int(start)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The whole permutation of ``epoch``, shape (n,)."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(epoch)) % 2**63)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch)[self.start:].tolist())
+
+
+def trainer_progress(trainer) -> Tuple[int, int, bool]:
+    """(epoch, batches of it trained, whether the epoch is over) of a Lightning trainer, from its loop counters.
+
+    ``processed`` counts a batch once its training step has run (it is incremented before ``on_train_batch_end``,
+    where step checkpoints are written), so the batch that Lightning's fetcher has already prefetched is not counted.
+    """
+    done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+    per_epoch = trainer.num_training_batches
+    return int(trainer.current_epoch), done, bool(done >= per_epoch)
+
+
+def resumable_loader(dataset, batch_size: int, seed: int, progress: Callable[[], Tuple[int, int, bool]],
+                     loader_cls: Optional[type] = None, **kwargs: Any):
+    """A ``loader_cls`` (default ``schnetpack.data.AtomsLoader``) over ``dataset`` in :class:`EpochPermutation`
+    order, with the ``state_dict``/``load_state_dict`` pair that makes Lightning save and restore its position.
+
+    Args:
+        progress: ``() -> (epoch, batches trained in it, epoch over)`` at checkpoint time (:func:`trainer_progress`).
+        **kwargs: passed to the loader (``num_workers``, ``pin_memory``, ...); no ``shuffle``/``sampler``.
+    """
+    if loader_cls is None:
+        from schnetpack.data import AtomsLoader as loader_cls  # noqa: N813, PLC0415
+
+    class ResumableLoader(loader_cls):  # a class per host loader class: Lightning checks state_dict on the instance
+        def state_dict(self) -> Dict[str, Any]:
+            epoch, batches, over = progress()
+            order = self.sampler
+            return {"seed": order.seed, "n": order.n, "epoch": epoch + 1 if over else epoch,
+                    "start": 0 if over else min(order.n, batches * self.batch_size)}
+
+        def load_state_dict(self, state: Dict[str, Any]) -> None:
+            order = self.sampler
+            if int(state.get("n", -1)) != order.n:
+                raise ValueError(f"the checkpoint's training loader had {state.get('n')} frames, this one has "
+                                 f"{order.n}: not the same training set, cannot resume its order")
+            order.seed = int(state["seed"])
+            order.set_position(int(state["epoch"]), int(state["start"]))
+
+    order = EpochPermutation(len(dataset), seed)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, **kwargs)
