@@ -399,7 +399,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 n3 = 3 * int(n_atoms[b])
                 gen = torch.Generator().manual_seed(self.val_seed * 1_000_003 + int(batch[spk.properties.idx][b]))
                 pick = torch.randperm(n3, generator=gen)[: min(self.val_force_components, n3)]  # (k,) flat atom·3+axis
-                e, f = predictor.energy_and_force_values(batch, b, pick)  # (1,), (k,)
+                e, f = predictor.energy_and_force_values(batch, b, pick, keep_columns=True)  # (1,), (k,)
                 energies.append(e), comps.append(f)
                 picked.append(first[b] * 3 + pick.to(first.device))
         pred = {self.energy_key: torch.cat(energies)}  # (B,) eV

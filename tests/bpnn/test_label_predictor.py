@@ -216,6 +216,36 @@ def test_energy_and_force_values_equal_the_full_model():
     assert not e.requires_grad and not f.requires_grad
 
 
+def test_kept_validation_columns_give_the_same_forces_and_follow_positions_pick_and_weights():
+    """keep_columns: the second call reuses the columns (same values); moved atoms, another pick or a cleared
+    cache compute them again; the weights still count (the columns do not depend on them)."""
+    model = _model()
+    batch = _batch(model, seed=4)
+    pred = BPNNLabelPredictor(model)
+    n0 = int(batch[props.n_atoms][0])
+    pick = torch.tensor([2, 7, 11])
+    e, f = pred.energy_and_force_values(batch, 1, pick, keep_columns=True)
+    kept = pred._columns[9][1]
+    e2, f2 = pred.energy_and_force_values(batch, 1, pick, keep_columns=True)
+    assert pred._columns[9][1] is kept and torch.equal(f2, f) and torch.equal(e2, e)
+    with torch.no_grad():  # new weights: same columns, the forces of the new model
+        for p in model.parameters():
+            p.mul_(1.1)
+    _, f3 = pred.energy_and_force_values(batch, 1, pick, keep_columns=True)
+    torch.testing.assert_close(f3, model(dict(batch))["forces"][n0:].reshape(-1)[pick].detach(), rtol=1e-10, atol=1e-12)
+    moved = dict(batch)
+    moved[props.R] = batch[props.R].clone()
+    moved[props.R][n0 + 1, 2] += 0.05
+    _, f4 = pred.energy_and_force_values(moved, 1, pick, keep_columns=True)
+    torch.testing.assert_close(f4, model(dict(moved))["forces"][n0:].reshape(-1)[pick].detach(), rtol=1e-10, atol=1e-12)
+    assert pred._columns[9][1] is not kept, "moved atoms: new columns"
+    other = torch.tensor([0, 1])
+    _, f5 = pred.energy_and_force_values(moved, 1, other, keep_columns=True)
+    torch.testing.assert_close(f5, model(dict(moved))["forces"][n0:].reshape(-1)[other].detach(), rtol=1e-10, atol=1e-12)
+    pred.clear()
+    assert not pred._columns and pred._bytes == 0
+
+
 def _validate(task, batches):
     import pytorch_lightning as pl
 
