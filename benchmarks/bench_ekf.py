@@ -321,7 +321,7 @@ def spktrain_figures(quick=False) -> Dict[str, float]:
         steps_json = Path(tmp) / "steps.json"
         args = [str(exe), "experiment=water_bpnn_ekf", f"data.source={DATA.resolve()}", f"data.max_frames={frames}",
                 f"data.datapath={tmp}/water.db", "trainer.max_epochs=3", f"run.path={tmp}/runs", "run.id=b",
-                "logger=csv", "+trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0",
+                "logger=csv", "trainer.num_sanity_val_steps=0",  # progress bar on, as a user's run has it
                 "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
                 f"+callbacks.step_timer.path={steps_json}"]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 
-__all__ = ["WallClock"]
+__all__ = ["ProgressBarEvery", "WallClock"]
 
 
 class WallClock(pl.Callback):
@@ -44,3 +44,30 @@ class WallClock(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.offset = float(state_dict.get("elapsed_s", 0.0))
+
+
+class ProgressBarEvery(pl.Callback):
+    """Redraw Lightning's training progress bar every ``every_n_steps`` updates instead of after every one.
+
+    Lightning's default bar (``RichProgressBar`` where ``rich`` is installed, else ``TQDMProgressBar``) redraws
+    itself and rebuilds its metrics text after each training batch: ~0.2 ms, 2 % of an EKF update of the study's
+    BPNN. With this callback it does so every ``every_n_steps`` batches and at the end of an epoch; nothing
+    changes when the bar is disabled (``trainer.enable_progress_bar=false``) or ``every_n_steps`` <= 1.
+    """
+
+    def __init__(self, every_n_steps: int = 20) -> None:
+        self.every_n_steps = int(every_n_steps)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Optional[str] = None) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is None or self.every_n_steps <= 1 or getattr(bar, "_ekf_every", None) is not None:
+            return
+        redraw, n = bar.on_train_batch_end, self.every_n_steps
+
+        def on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx):
+            done = batch_idx + 1
+            if done % n == 0 or done >= trainer.num_training_batches:
+                redraw(trainer, pl_module, outputs, batch, batch_idx)
+
+        bar.on_train_batch_end = on_train_batch_end  # Lightning calls the hooks it finds on the instance
+        bar._ekf_every = n

@@ -1,4 +1,4 @@
-"""WallClock: learning curves against wall-clock time, continued across a resume."""
+"""WallClock: learning curves against wall-clock time, continued across a resume; ProgressBarEvery."""
 
 from __future__ import annotations
 
@@ -36,3 +36,38 @@ def test_wall_clock_is_logged_at_validation_and_continues_after_a_resume(tmp_pat
     resumed = WallClock()
     resumed.load_state_dict(clock.state_dict())
     assert resumed.elapsed() >= seen[1], "a resumed run continues the clock"
+
+
+def test_progress_bar_every_redraws_every_n_batches_and_at_the_epoch_end(tmp_path):
+    import pytorch_lightning as pl
+    import torch
+
+    from ekf_plugin.training.callbacks import ProgressBarEvery
+
+    drawn = []
+
+    class Bar(pl.callbacks.TQDMProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            drawn.append(batch_idx + 1)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return ((self.w - batch) ** 2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.ones(12, 1), batch_size=1)
+    kw = dict(default_root_dir=str(tmp_path), max_epochs=2, logger=False, enable_checkpointing=False,
+              enable_model_summary=False, accelerator="cpu")
+    pl.Trainer(callbacks=[Bar(), ProgressBarEvery(5)], **kw).fit(Module(), data)
+    assert drawn == [5, 10, 12] * 2
+    drawn.clear()
+    pl.Trainer(callbacks=[Bar(), ProgressBarEvery(1)], **kw).fit(Module(), data)
+    assert drawn == list(range(1, 13)) * 2
+    pl.Trainer(callbacks=[ProgressBarEvery(5)], enable_progress_bar=False, **kw).fit(Module(), data)  # no bar: no effect
