@@ -5,7 +5,8 @@
 For each spktrain run directory: takes the model the selection rule keeps, writes ``<models>/<run id>.pt``
 (ekf-plugin format, loads with ``torch.load(weights_only=True)`` and with ``ekf_plugin.calculator``), and
 evaluates energy (meV/atom) and force (meV/Å) RMSE on the run's own validation split (``split.npz``), in
-float64.
+float64. ``--split train`` measures the same on the frames the run trained on instead (the like-for-like
+comparison with a published potential's error on its own fit set).
 
 Selection (``--keep``): ``last`` (default; the rule of the full-budget study, fixed before it was run): the
 weights at the end of the run's budget, ``checkpoints/last.ckpt`` (read without running code from it) put
@@ -23,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 
-def validation_frames(db: Path, run_dir: Path, max_frames: int):
+def validation_frames(db: Path, run_dir: Path, max_frames: int, split: str = "val"):
+    """The first ``max_frames`` rows of the run's ``split`` ("val" or "train", from its ``split.npz``)."""
     from ase.db import connect
 
-    idx = np.load(run_dir / "split.npz")["val_idx"][:max_frames]
+    idx = np.load(run_dir / "split.npz")[f"{split}_idx"][:max_frames]
     with connect(str(db)) as con:
         return [con.get(int(i) + 1) for i in idx]
 
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=Path("errors.json"))
     p.add_argument("--keep", choices=("last", "best"), default="last",
                    help="which model of a run to keep: its final weights (last.ckpt) or best_model (lowest val_loss)")
+    p.add_argument("--split", choices=("val", "train"), default="val",
+                   help="frames to measure on: the run's validation split (default) or its training split")
     args = p.parse_args(argv)
     from ekf_plugin.models import save_model
 
@@ -82,8 +86,9 @@ def main(argv=None) -> int:
         out = args.models / f"{run.name}.pt"
         model, updates = kept_model(run, args.keep)
         save_model(model, out)
-        table[run.name] = rmse_on(out, validation_frames(args.db, run, args.max_frames), args.device)
-        table[run.name].update(kept=args.keep, updates=updates)
+        table[run.name] = rmse_on(out, validation_frames(args.db, run, args.max_frames, args.split),
+                                  args.device)
+        table[run.name].update(kept=args.keep, updates=updates, split=args.split)
         print(f"{run.name}: {table[run.name]}  -> {out}", flush=True)
     args.json.write_text(json.dumps(table, indent=2))
     return 0
