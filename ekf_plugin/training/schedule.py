@@ -44,6 +44,44 @@ def draw_kinds(n_structures: int, energy_fraction: float, generator: torch.Gener
     return [ENERGY if float(v) < energy_fraction else FORCES for v in u]
 
 
+class ThresholdSelection:
+    """n2p2's threshold selection of force labels (``selection_mode 2``): prefer components the model gets wrong.
+
+    For each of the k components of a force update, up to ``trials`` random candidates of the structure are drawn
+    (all k·trials distinct); the first whose error abs(F̂ − F) is at least ``threshold`` × the current force RMSE is
+    taken, else the last candidate. The current RMSE is a running mean of the squared errors of every evaluated
+    candidate (weight ``memory`` per update; the first update starts it), kept in :meth:`state_dict` so that a
+    resumed run selects as the uninterrupted one. n2p2's water training uses threshold 1.0 and 3 trials.
+    """
+
+    def __init__(self, threshold: float = 1.0, trials: int = 3, memory: float = 0.01) -> None:
+        if threshold < 0 or trials < 1 or not 0.0 < memory <= 1.0:
+            raise ValueError(f"threshold >= 0, trials >= 1 and memory in (0, 1] needed, got {threshold}, {trials}, {memory}")
+        self.threshold, self.trials, self.memory = float(threshold), int(trials), float(memory)
+        self.mean_square: Optional[float] = None  # (eV/Å)² running mean of the candidates' squared errors
+
+    def choose(self, n_total: int, k: int, generator: torch.Generator,
+               errors_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(k',) flat component indices (k' = min(k, n_total)) for a structure with ``n_total`` = 3N components;
+        ``errors_of(candidates (c,))`` → their errors F̂ − F (c,) in eV/Å (values only: no rows needed)."""
+        cand = draw_components(n_total, min(n_total, k * self.trials), generator)  # (c,) distinct, CPU
+        err = errors_of(cand).detach().abs().double().cpu()  # (c,) eV/Å
+        ms = float((err * err).mean())
+        self.mean_square = ms if self.mean_square is None else (1.0 - self.memory) * self.mean_square + self.memory * ms
+        limit = self.threshold * self.mean_square**0.5
+        k = min(k, n_total)
+        groups = [list(range(j, cand.numel(), k)) for j in range(k)]  # candidate j, j + k, ...: trials per slot
+        chosen = [next((i for i in g if float(err[i]) >= limit), g[-1]) for g in groups]
+        return cand[torch.tensor(chosen, dtype=torch.long)]  # (k,)
+
+    def state_dict(self) -> Dict[str, Optional[float]]:
+        return {"mean_square": self.mean_square}
+
+    def load_state_dict(self, state: Dict[str, Optional[float]]) -> None:
+        ms = state.get("mean_square")
+        self.mean_square = None if ms is None else float(ms)
+
+
 def weighted_errors(
     pred: Dict[str, torch.Tensor],
     batch: Dict[str, torch.Tensor],
@@ -55,11 +93,13 @@ def weighted_errors(
     c_energy: float = C_ENERGY_EV,
     c_forces: float = C_FORCES_EV_ANG,
     energy_per_atom: bool = False,
+    selection: Optional[ThresholdSelection] = None,
 ) -> torch.Tensor:
     """ξ = √(c/n)(ŷ − y) for the labels drawn per structure from full model outputs ``pred``; (m,), graph kept.
 
     Energy structures contribute one entry √c_E·ΔE [ΔE in eV, or eV/atom]; force structures
-    ``n_force_components`` entries √(c_F/k)·ΔF [ΔF in eV/Å], drawn without replacement.
+    ``n_force_components`` entries √(c_F/k)·ΔF [ΔF in eV/Å], drawn without replacement (or chosen by
+    ``selection``, see :class:`ThresholdSelection`).
     """
     idx_m = batch[IDX_M]  # (N_total,)
 
@@ -67,7 +107,7 @@ def weighted_errors(
         return pred[forces_key][idx_m == b].reshape(-1)[pick.to(idx_m.device)]  # (k,)
 
     return label_errors(lambda: pred[energy_key].reshape(-1), forces_of, batch, kinds, generator, energy_key,
-                        forces_key, n_force_components, c_energy, c_forces, energy_per_atom)
+                        forces_key, n_force_components, c_energy, c_forces, energy_per_atom, selection=selection)
 
 
 def reduced_row_errors(
@@ -209,6 +249,8 @@ def label_errors(
     c_forces: float = C_FORCES_EV_ANG,
     energy_per_atom: bool = False,
     record: Optional[Dict[str, List[torch.Tensor]]] = None,
+    selection: Optional[ThresholdSelection] = None,
+    force_values: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
 ):
     """:func:`weighted_errors` with the predictions supplied on demand, shape (m,).
 
@@ -225,6 +267,9 @@ def label_errors(
 
     The random draws (one ``randperm`` per force structure, in batch order) are those of
     :func:`weighted_errors`, so both give the same labels for the same generator state.
+
+    ``selection``: choose the force components by their errors (:class:`ThresholdSelection`); the candidates'
+    values come from ``force_values(b, candidates) -> (c,)`` eV/Å (no rows; default: ``force_components``).
     """
     parts, rows = [], []
     e_pred: Optional[torch.Tensor] = None
@@ -245,7 +290,16 @@ def label_errors(
             rows.append(None if e_rows is None else e_rows[b : b + 1] * weight)  # (1, n)
         else:
             ref_all = batch[forces_key][idx_m == b].reshape(-1)  # (3N_b,)
-            pick = draw_components(ref_all.numel(), n_force_components, generator)  # (k,) CPU
+            if selection is None:
+                pick = draw_components(ref_all.numel(), n_force_components, generator)  # (k,) CPU
+            else:
+                values = force_values or (lambda bb, c: _with_rows(force_components(bb, c))[0])
+
+                def errors_of(cand: torch.Tensor, b: int = b, ref_all: torch.Tensor = ref_all) -> torch.Tensor:
+                    v = values(b, cand)  # (c,) eV/Å
+                    return v.detach() - ref_all[cand.to(ref_all.device)].to(v.dtype)
+
+                pick = selection.choose(ref_all.numel(), n_force_components, generator, errors_of)  # (k,) CPU
             k = pick.numel()
             f, f_rows = _with_rows(force_components(b, pick))  # (k,), (k, n) or None
             ref = ref_all[pick.to(ref_all.device)].to(f.dtype)  # (k,)

@@ -33,6 +33,7 @@ from ekf_plugin.training.schedule import (
     C_ENERGY_EV,
     C_FORCES_EV_ANG,
     ENERGY,
+    ThresholdSelection,
     atoms_per_structure,
     draw_kinds,
     label_errors,
@@ -43,7 +44,9 @@ from ekf_plugin.training.schedule import (
 from ekf_plugin.bpnn.label_predictor import label_predictor_for
 
 _RNG_KEY = "ekf_plugin_label_rng"
+_SELECTION_KEY = "ekf_plugin_force_selection"
 LABEL_MODES = ("study", "reduced")
+FORCE_SELECTIONS = ("random", "threshold")
 
 
 @contextlib.contextmanager
@@ -97,6 +100,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             an RMSE). About 5 ms per 192-atom frame instead of a full forward and backward; the features
             of a validation frame are computed at its first validation. 0: the full model for every
             validation. Test metrics always use the full model.
+        force_selection: ``"random"`` (the study: force components drawn at random) or ``"threshold"`` (n2p2's
+            ``selection_mode 2``: per component up to ``selection_trials`` random candidates, the first whose error
+            is at least ``selection_threshold`` × the running force RMSE; :class:`~ekf_plugin.training.schedule.
+            ThresholdSelection`). Study label mode only; the candidates' values cost about one more force label
+            pass per force update.
     """
 
     def __init__(
@@ -126,6 +134,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         n_force_groups: int = 4,
         force_group_size: int = 6,
         val_force_components: int = 10,
+        force_selection: str = "random",
+        selection_threshold: float = 1.0,
+        selection_trials: int = 3,
     ) -> None:
         optimizer_args = dict(optimizer_args or {"lr": 1e-3})
         if "lr" not in optimizer_args:
@@ -144,6 +155,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             raise ValueError(f"n_force_groups must be >= 0 and force_group_size >= 1, got {n_force_groups}, {force_group_size}")
         if val_force_components < 0:
             raise ValueError(f"val_force_components must be >= 0, got {val_force_components}")
+        if force_selection not in FORCE_SELECTIONS:
+            raise ValueError(f"force_selection must be one of {FORCE_SELECTIONS}, got {force_selection!r}")
+        if force_selection != "random" and label_mode != "study":
+            raise ValueError("force_selection='threshold' selects the study label mode's force components; "
+                             f"label_mode={label_mode!r} has force groups instead")
         if warmup_steps:
             raise ValueError("warmup_steps is not supported by PaperScheduleTask (use a scheduler)")
         super().__init__(
@@ -163,6 +179,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.label_predictor = label_predictor_for(model, fast_labels if label_mode == "study" else False, energy_key)
         self.label_rng = torch.Generator().manual_seed(int(seed))
         self.val_force_components, self.val_seed = int(val_force_components), int(seed)
+        self.selection = (ThresholdSelection(selection_threshold, selection_trials)
+                          if force_selection == "threshold" else None)
         self._val_nonfinite = 0  # validation batches with a non-finite loss in the current validation
         self._rmse_registered = {"e": False, "f": False}  # train RMSE metrics logged this epoch
         self.rmse = torch.nn.ModuleDict(
@@ -211,9 +229,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             else:
                 energies = lambda: predictor.energies(batch)  # noqa: E731
                 forces = lambda b, pick: predictor.force_components(batch, b, pick)  # noqa: E731
+            values = lambda b, pick: predictor.energy_and_force_values(batch, b, pick)[1]  # noqa: E731
             return label_errors(
                 energies, forces, batch, kinds, self.label_rng, self.energy_key, self.forces_key,
                 self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom, record=store["labels"],
+                selection=self.selection, force_values=values,
             )
         if self.label_mode == "reduced":
             fast = None if params is None else reduced_rows_with_jacobian(  # the energy row from the force pass
@@ -236,7 +256,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         store["pred"] = pred
         return weighted_errors(
             pred, batch, kinds, self.label_rng, self.energy_key, self.forces_key,
-            self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom,
+            self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom, selection=self.selection,
         )
 
     def training_step(self, batch, batch_idx):
@@ -433,7 +453,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint[_RNG_KEY] = self.label_rng.get_state()
+        if self.selection is not None:
+            checkpoint[_SELECTION_KEY] = self.selection.state_dict()
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         if _RNG_KEY in checkpoint:
             self.label_rng.set_state(checkpoint[_RNG_KEY])
+        if self.selection is not None and _SELECTION_KEY in checkpoint:
+            self.selection.load_state_dict(checkpoint[_SELECTION_KEY])

@@ -121,6 +121,36 @@ def test_closed_form_rows_equal_autograd_jacobians(hidden):
     assert float(jf.abs().sum()) > 0
 
 
+def test_threshold_selection_chooses_the_same_labels_on_the_fast_and_the_full_model_path():
+    """task.force_selection='threshold': the fast path (candidates' values from cached features, closed-form rows)
+    and the full model pick the same components and make the same EKF updates; the selection state is saved in
+    and restored from a checkpoint."""
+    model = _model()
+    batch = _batch(model, seed=2)
+    tasks = {fast: PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=fast, seed=4,
+                                     force_selection="threshold", n_force_components=5) for fast in (True, False)}
+    xis = {}
+    for fast, task in tasks.items():
+        opt = EKF(task.model.parameters(), lr=1e-2)
+        xis[fast] = []
+        for _ in range(6):
+            kinds = draw_kinds(2, 0.3, task.label_rng)
+            xis[fast].append(opt.step(lambda: task._errors(batch, kinds, {}, opt.params if fast else None)))
+    for a, b in zip(xis[True], xis[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    ms = tasks[True].selection.mean_square
+    assert ms is not None and ms == pytest.approx(tasks[False].selection.mean_square, rel=1e-9)
+    ckpt = {}
+    tasks[True].on_save_checkpoint(ckpt)
+    fresh = PaperScheduleTask(copy.deepcopy(model), outputs(), seed=0, force_selection="threshold")
+    fresh.on_load_checkpoint(ckpt)
+    assert fresh.selection.mean_square == ms
+    with pytest.raises(ValueError, match="force_selection"):
+        PaperScheduleTask(copy.deepcopy(model), outputs(), force_selection="largest")
+
+
 def test_closed_form_rows_refuse_foreign_parameters_and_activations():
     model = _model()
     pred = BPNNLabelPredictor(model)

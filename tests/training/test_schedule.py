@@ -1,4 +1,4 @@
-"""The study's label schedule: unit conversion of c_E/c_F, draw frequencies, and ξ = √(c/n)(ŷ − y)."""
+"""The study's label schedule: unit conversion of c_E/c_F, draw frequencies, ξ = √(c/n)(ŷ − y), threshold selection."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ekf_plugin.training.schedule import (
     C_FORCES_EV_ANG,
     ENERGY,
     FORCES,
+    ThresholdSelection,
     draw_kinds,
     weighted_errors,
 )
@@ -95,3 +96,48 @@ def test_reduced_rows_are_signed_sums_of_group_force_errors():
         expect[atoms[k]] = 3.0 * torch.sign(df[atoms[k]]).detach() / 12.0
         torch.testing.assert_close(grad, expect, rtol=0, atol=1e-15)
     assert len(set(atoms.reshape(-1).tolist())) == 12, "atoms drawn without replacement"
+
+
+def test_threshold_selection_takes_the_first_candidate_above_the_running_rmse():
+    """n2p2's selection_mode 2 with a known error per component: slot j takes the first of its candidates whose
+    error reaches threshold × RMSE (RMSE over the evaluated candidates), else its last candidate."""
+    errors = torch.linspace(-3.0, 3.0, 60)  # component c has error errors[c]
+    sel = ThresholdSelection(threshold=1.0, trials=3)
+    seen = []
+
+    def errors_of(cand):
+        seen.append(cand.clone())
+        return errors[cand]
+
+    pick = sel.choose(60, 10, torch.Generator().manual_seed(4), errors_of)
+    cand = seen[0]
+    assert cand.numel() == 30 and len(set(cand.tolist())) == 30, "k · trials distinct candidates"
+    rms = float((errors[cand].double() ** 2).mean() ** 0.5)
+    assert sel.mean_square == pytest.approx(rms**2)
+    for j in range(10):
+        group = cand[j::10].tolist()  # slot j's candidates, in order
+        above = [c for c in group if abs(float(errors[c])) >= rms]
+        assert int(pick[j]) == (above[0] if above else group[-1])
+    assert float(errors[pick].abs().mean()) > float(errors[cand].abs().mean()), "the chosen errors are the larger ones"
+    # the running mean moves by `memory` per update and survives a state_dict round trip
+    again = ThresholdSelection(threshold=1.0, trials=3)
+    again.load_state_dict(sel.state_dict())
+    sel.choose(60, 10, torch.Generator().manual_seed(5), lambda c: 2 * errors[c])
+    again.choose(60, 10, torch.Generator().manual_seed(5), lambda c: 2 * errors[c])
+    assert sel.mean_square == again.mean_square != rms**2
+    # fewer components than k · trials: all of them are candidates; threshold 0 takes the first candidate
+    first = ThresholdSelection(threshold=0.0, trials=3).choose(6, 2, torch.Generator().manual_seed(0), lambda c: errors[c])
+    assert first.numel() == 2
+    with pytest.raises(ValueError):
+        ThresholdSelection(trials=0)
+
+
+def test_weighted_errors_with_threshold_selection_use_the_chosen_components():
+    pred, batch = _fake()
+    sel = ThresholdSelection(threshold=1.0, trials=3)
+    xi = weighted_errors(pred, batch, [ENERGY, FORCES], torch.Generator().manual_seed(2), n_force_components=4,
+                         selection=sel, c_energy=1.0, c_forces=4.0)
+    assert xi.shape == (5,) and sel.mean_square is not None
+    dF = (pred["forces"][3:] - batch["forces"][3:]).reshape(-1)  # structure 1 (4 atoms, 12 components)
+    assert all(int(torch.isclose(dF, v).nonzero().numel()) == 1 for v in xi[1:])
+    assert float(xi[1:].abs().mean()) >= float(dF.abs().mean()) * 0.9
