@@ -79,22 +79,29 @@ def test_supports_only_bpnn_potentials():
         PaperScheduleTask(toy_model(), outputs(), fast_labels=True)
 
 
+def _same_updates(tasks, batch, energy_fraction=0.5, rows_for=lambda key: False):
+    """Six EKF updates (B = 2 structures, both kinds drawn) with each task; asserts equal ξ and weights across them."""
+    xis = {}
+    for key, task in tasks.items():
+        opt = EKF(task.model.parameters(), lr=1e-2)
+        xis[key] = []
+        for _ in range(6):
+            kinds = draw_kinds(2, energy_fraction, task.label_rng)
+            params = opt.params if rows_for(key) else None
+            xis[key].append(opt.step(lambda: task._errors(batch, kinds, {}, params)))
+    (a_xi, b_xi), (a, b) = xis.values(), tasks.values()
+    for x, y in zip(a_xi, b_xi):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
 def test_ekf_updates_with_fast_labels_equal_the_full_model_path():
     model = _model()
     batch = _batch(model, seed=1)
     tasks = {fast: PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=fast, seed=4) for fast in (True, False)}
     assert tasks[True].label_predictor is not None and tasks[False].label_predictor is None
-    xis = {}
-    for fast, task in tasks.items():
-        opt = EKF(task.model.parameters(), lr=1e-2)
-        xis[fast] = []
-        for _ in range(6):  # both kinds drawn; B = 2 structures per update
-            kinds = draw_kinds(2, 0.5, task.label_rng)
-            xis[fast].append(opt.step(lambda: task._errors(batch, kinds, {})))
-    for a, b in zip(xis[True], xis[False]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    _same_updates(tasks, batch)
     assert not torch.equal(next(tasks[True].model.parameters()), next(model.parameters())), "weights moved"
 
 
@@ -129,17 +136,7 @@ def test_threshold_selection_chooses_the_same_labels_on_the_fast_and_the_full_mo
     batch = _batch(model, seed=2)
     tasks = {fast: PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=fast, seed=4,
                                      force_selection="threshold", n_force_components=5) for fast in (True, False)}
-    xis = {}
-    for fast, task in tasks.items():
-        opt = EKF(task.model.parameters(), lr=1e-2)
-        xis[fast] = []
-        for _ in range(6):
-            kinds = draw_kinds(2, 0.3, task.label_rng)
-            xis[fast].append(opt.step(lambda: task._errors(batch, kinds, {}, opt.params if fast else None)))
-    for a, b in zip(xis[True], xis[False]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    _same_updates(tasks, batch, energy_fraction=0.3, rows_for=lambda fast: fast)
     ms = tasks[True].selection.mean_square
     assert ms is not None and ms == pytest.approx(tasks[False].selection.mean_square, rel=1e-9)
     ckpt = {}
@@ -163,17 +160,7 @@ def test_ekf_updates_with_closed_form_rows_equal_the_autograd_path():
     model = _model()
     batch = _batch(model, seed=2)
     tasks = {cf: PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=True, seed=4) for cf in (True, False)}
-    xis = {}
-    for cf, task in tasks.items():
-        opt = EKF(task.model.parameters(), lr=1e-2)
-        xis[cf] = []
-        for _ in range(6):
-            kinds = draw_kinds(2, 0.5, task.label_rng)
-            xis[cf].append(opt.step(lambda: task._errors(batch, kinds, {}, opt.params if cf else None)))
-    for a, b in zip(xis[True], xis[False]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    for p, q in zip(tasks[True].model.parameters(), tasks[False].model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    _same_updates(tasks, batch, rows_for=lambda cf: cf)
 
 
 def test_prepare_fits_the_scaling_and_caches_the_features_in_one_pass():
