@@ -287,11 +287,13 @@ def _make_datamodule():
             self.shuffle_seed = int(shuffle_seed)
 
         def train_dataloader(self):
-            """The training loader in a resumable order (see ``shuffle_seed``); SchNetPack's own under DDP or with a
-            ``train_sampler_cls``."""
+            """The training loader in a resumable order (see ``shuffle_seed``); SchNetPack's own with a
+            ``train_sampler_cls`` or under a distributed strategy (DDP, also with one process), where Lightning puts
+            its distributed sampler in."""
             trainer = getattr(self, "trainer", None)
+            distributed = trainer is not None and hasattr(trainer.strategy, "distributed_sampler_kwargs")
             if self._train_dataloader is None and self.train_sampler_cls is None and trainer is not None \
-                    and trainer.world_size == 1:
+                    and not distributed:
                 from .training.resumable_loader import resumable_loader, trainer_progress
 
                 self._train_dataloader = resumable_loader(
