@@ -77,13 +77,17 @@ def resumable_loader(dataset, batch_size: int, seed: int, progress: Callable[[],
 
     class ResumableLoader(loader_cls):  # a class per host loader class: Lightning checks state_dict on the instance
         def state_dict(self) -> Dict[str, Any]:
-            epoch, batches, over = progress()
             order = self.sampler
+            if not isinstance(order, EpochPermutation):  # the host replaced the sampler (e.g. a distributed one)
+                return {}
+            epoch, batches, over = progress()
             return {"seed": order.seed, "n": order.n, "epoch": epoch + 1 if over else epoch,
                     "start": 0 if over else min(order.n, batches * self.batch_size)}
 
         def load_state_dict(self, state: Dict[str, Any]) -> None:
             order = self.sampler
+            if not state or not isinstance(order, EpochPermutation):
+                return
             if int(state.get("n", -1)) != order.n:
                 raise ValueError(f"the checkpoint's training loader had {state.get('n')} frames, this one has "
                                  f"{order.n}: not the same training set, cannot resume its order")
