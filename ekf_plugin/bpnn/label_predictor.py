@@ -62,6 +62,9 @@ class BPNNLabelPredictor:
         self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # _idx → (features (N, W), checksum (2,))
         # _idx → (pick (k,), columns (k, N, W), checksum (2,)): the fixed validation components' dG/dr columns
         self._columns: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # the last candidates' columns of :meth:`energy_and_force_values` (threshold selection), taken once by
+        # :meth:`force_components_and_rows` for the chosen subset: (key, checksum (2,), pick (c,), columns (c, N, W))
+        self._candidates: Optional[Tuple[Optional[int], torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._bytes = 0
         self._rows: Optional[Tuple[Tuple[int, ...], Optional[NetworkJacobians]]] = None
         self._scaling: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # scaling the cache was filled with
@@ -76,6 +79,7 @@ class BPNNLabelPredictor:
         """Forget all cached features (call when the scaling or the data change)."""
         self._cache.clear()
         self._columns.clear()
+        self._candidates = None
         self._bytes = 0
         self._scaling = None
 
@@ -87,6 +91,11 @@ class BPNNLabelPredictor:
         return torch.equal(self._scaling[0], rep.scale_weight) and torch.equal(self._scaling[1], rep.scale_bias)
 
     # ------------------------------------------------------------------ features
+    @staticmethod
+    def _frame_key(batch: Dict[str, torch.Tensor], b: int) -> Optional[int]:
+        """The dataset index ``_idx`` of structure b (the caches' key), None if the batch has none."""
+        return int(batch[props.idx][b]) if props.idx in batch else None
+
     def _structure(self, batch: Dict[str, torch.Tensor], b: int, with_rij: bool = True) -> Dict[str, torch.Tensor]:
         """Input dict of structure b alone (positions, numbers, its neighbour list, Å); with ``with_rij`` also its
         pair vectors ``_Rij`` (an energy from cached features does not need them: 0.2–0.4 ms on 192 atoms)."""
@@ -189,7 +198,7 @@ class BPNNLabelPredictor:
     def features(self, batch: Dict[str, torch.Tensor], b: int, structure: Optional[Dict] = None) -> torch.Tensor:
         """Scaled features s (N_b, W) of structure b of ``batch`` (cached by ``_idx``), no graph."""
         structure = self._structure(batch, b, with_rij=False) if structure is None else structure
-        key = int(batch[props.idx][b]) if props.idx in batch else None
+        key = self._frame_key(batch, b)
         check = self._checksum(structure)
         hit = self._cache.get(key) if key is not None else None
         if hit is not None and torch.equal(hit[1], check.to(hit[1].device)):
@@ -235,7 +244,7 @@ class BPNNLabelPredictor:
                 species = species_of(structure[props.Z], rep.species_table, rep.elements)  # (N_b,)
                 g = self.raw_features(batch, b, structure).to(torch.float64)  # (N_b, W) in the positions' dtype
                 stats.add(g, species)
-                key = int(batch[props.idx][b]) if props.idx in batch else None
+                key = self._frame_key(batch, b)
                 raw.append((key, species, g, self._checksum(structure), structure[props.R].dtype))
         if fit_scaling:
             rep.set_scaling(*stats.result())
@@ -305,17 +314,19 @@ class BPNNLabelPredictor:
             cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
             if keep_columns:
                 self._keep_columns(batch, b, structure, pick, cols)
+            else:  # candidates of a threshold selection: the chosen ones' rows follow (force_components_and_rows)
+                self._candidates = (self._frame_key(batch, b), self._checksum(structure), pick.clone(), cols)
         return energy.detach(), -torch.einsum("nw,knw->k", grad_s, cols)  # (1,), (k,)
 
     def _kept_columns(self, batch, b: int, structure, pick: torch.Tensor) -> Optional[torch.Tensor]:
-        key = int(batch[props.idx][b]) if props.idx in batch else None
+        key = self._frame_key(batch, b)
         hit = self._columns.get(key) if key is not None else None
         if hit is None or not torch.equal(hit[0], pick):
             return None
         return hit[1] if torch.equal(hit[2], self._checksum(structure).to(hit[2].device)) else None
 
     def _keep_columns(self, batch, b: int, structure, pick: torch.Tensor, cols: torch.Tensor) -> None:
-        key = int(batch[props.idx][b]) if props.idx in batch else None
+        key = self._frame_key(batch, b)
         size = cols.numel() * cols.element_size()
         if key is None or self._bytes + size > self.max_cache_bytes:
             return
@@ -359,8 +370,25 @@ class BPNNLabelPredictor:
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s = self.features(batch, b, structure)  # (N_b, W)
         pick = pick.to(s.device)
-        cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
+        cols = self._candidate_columns(batch, b, structure, pick)
+        if cols is None:
+            cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
         return rows.forces(s, self._species(structure), cols)  # (k,), (k, n)
+
+    def _candidate_columns(self, batch, b: int, structure, pick: torch.Tensor) -> Optional[torch.Tensor]:
+        """(k, N_b, W) columns of ``pick`` gathered from the last candidates' columns (taken once) when ``pick`` is
+        a subset of them on the same frame and positions, else None. A column does not depend on the other
+        labels of its call, so the gather equals a new evaluation bitwise (tested)."""
+        memo, self._candidates = self._candidates, None
+        if memo is None or memo[0] is None or memo[0] != self._frame_key(batch, b):
+            return None
+        key, check, cand, cols = memo
+        if not torch.equal(check, self._checksum(structure).to(check.device)):
+            return None
+        where = (cand.to(pick.device).unsqueeze(0) == pick.unsqueeze(1))  # (k, c)
+        if not bool(where.any(dim=1).all()):
+            return None
+        return cols[where.to(torch.int8).argmax(dim=1).to(cols.device)]  # (k, N_b, W)
 
     def _species(self, structure: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(N_b,) element index of each atom in the networks' element order."""

@@ -148,6 +148,49 @@ def test_threshold_selection_chooses_the_same_labels_on_the_fast_and_the_full_mo
         PaperScheduleTask(copy.deepcopy(model), outputs(), force_selection="largest")
 
 
+def test_threshold_selection_computes_each_force_structures_columns_once(monkeypatch):
+    """The chosen components' dG/dr columns are gathered from the candidates' columns (one feature_columns call
+    per force structure, not two), bitwise equal to a fresh evaluation; a pick outside the candidates, another
+    frame or moved positions compute anew."""
+    model = _model()
+    batch = _batch(model, seed=2)
+    pred = BPNNLabelPredictor(model)
+    rows = pred.closed_form(list(model.parameters()))
+    rep = model.representation
+    calls = []
+    original = type(rep).feature_columns
+
+    def counted(self, inputs, atoms, components):
+        calls.append(atoms.numel())
+        return original(self, inputs, atoms, components)
+
+    cand = torch.tensor([7, 0, 13, 2, 25, 4, 19, 11])  # flat indices into structure 1 (9 atoms: 27 components)
+    pred.energy_and_force_values(batch, 1, cand)
+    monkeypatch.setattr(type(rep), "feature_columns", counted)
+    chosen = cand[torch.tensor([5, 0, 3])]
+    f, jf = pred.force_components_and_rows(batch, 1, chosen, rows)
+    assert calls == [], "the chosen columns come from the candidates"
+    f_new, jf_new = pred.force_components_and_rows(batch, 1, chosen, rows)  # the candidates are taken once
+    assert calls == [3]
+    assert torch.equal(f, f_new) and torch.equal(jf, jf_new)
+    pred.energy_and_force_values(batch, 1, cand)  # the candidates' columns: 8
+    pred.force_components_and_rows(batch, 1, torch.tensor([7, 1]), rows)  # 1 is no candidate: 2 anew
+    pred.energy_and_force_values(batch, 1, cand)
+    pred.force_components_and_rows(batch, 0, torch.tensor([0, 2]), rows)  # another structure of the batch
+    pred.energy_and_force_values(batch, 1, cand)
+    moved = dict(batch)
+    moved[props.R] = batch[props.R].clone()
+    moved[props.R][-1, 0] += 0.05  # an atom of structure 1
+    pred.force_components_and_rows(moved, 1, chosen, rows)
+    assert calls == [3, 8, 2, 8, 2, 8, 3]
+    task = PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=True, seed=4, force_selection="threshold",
+                             n_force_components=3)
+    opt = EKF(task.model.parameters(), lr=1e-2)
+    calls.clear()
+    opt.step(lambda: task._errors(batch, [1, 1], {}, opt.params))  # two force structures
+    assert calls == [9, 9], "candidates only (3 components x 3 trials per structure)"
+
+
 def test_closed_form_rows_refuse_foreign_parameters_and_activations():
     model = _model()
     pred = BPNNLabelPredictor(model)
