@@ -5,9 +5,10 @@
 #   DATA        extxyz in Bohr/Hartree (default: ../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz
 #               beside the checkout)
 #   WORK        working directory (default: ./work)
-#   RUNS        run ids <ekf|adam>_lr<η>_s<seed>[_ef<f>] (default: EKF η=1e-3 and Adam η=1e-4, seeds 0 and 1; Adam
-#               η=1e-3, seed 0); the seed sets the initial weights and the label draws; the 80/20 split is the same
-#               for all runs; _ef<f> sets the fraction of energy updates (study: 0.5, e.g. _ef0.1)
+#   RUNS        run ids <ekf|adam>_lr<η>_s<seed>[_ef<f>][_thr] (default: EKF η=1e-3 and Adam η=1e-4, seeds 0 and 1;
+#               Adam η=1e-3, seed 0); the seed sets the initial weights and the label draws; the 80/20 split is the
+#               same for all runs; _ef<f> sets the fraction of energy updates (study: 0.5, e.g. _ef0.1); _thr chooses
+#               the force labels by their error (n2p2's threshold selection, task.force_selection=threshold)
 #   TRAIN_MIN   wall-clock minutes per training run (default 30); runs go in parallel, 1 thread each
 #   MAX_UPDATES stop a run after this many updates (default: none, TRAIN_MIN decides); the full budget of the
 #               study is MAX_UPDATES=500000 with a TRAIN_MIN large enough. A rerun resumes from the run's
@@ -15,6 +16,8 @@
 #   VAL_EVERY   updates between validations (default 1000)
 #   VAL_FRAMES  validation frames per validation (default 30, rounded up to batches of 10; the first ones of the
 #               validation split)
+#   VAL_FORCES  force components per validation frame from the cached features (default 10; 0: the full model,
+#               all forces of every validation frame, as the 5 × 10⁵-update runs of sessions 5–7 did)
 #   KEEP        the model kept per run: last (final weights, default) or best (lowest val_loss)
 #   MD_STEPS    i-PI NPT steps per model (0.5 fs each; default 400)
 #   EVAL_FRAMES validation frames for the RMSE of each model (default 280: all of them)
@@ -34,18 +37,27 @@ export OMP_NUM_THREADS=1
 if [[ $stage == train || $stage == all ]]; then
   # one database for all runs (Å, eV), the same 80/20 split (+seed=0), one update per step
   [ -f data/water.db ] || "$BIN/python" -c "import sys; from ekf_plugin.data import read_frames, frames_to_db; frames_to_db(read_frames(sys.argv[1]), 'data/water.db')" "$DATA"
+  m=${TRAIN_MIN:-30}
+  max_time=$(printf '%02d:%02d:%02d:00' $((m / 1440)) $((m % 1440 / 60)) $((m % 60)))   # Lightning's DD:HH:MM:SS
   common=(data.datapath="$WORK/data/water.db" +seed=0 logger=csv trainer.accelerator=cpu data.num_workers=0
           trainer.limit_val_batches=$(( (${VAL_FRAMES:-30} + 9) / 10 )) trainer.val_check_interval="${VAL_EVERY:-1000}"
           trainer.check_val_every_n_epoch=null trainer.max_epochs=100000 trainer.max_steps="${MAX_UPDATES:--1}"
-          "+trainer.max_time=00:00:${TRAIN_MIN:-30}:00")
+          "+trainer.max_time=$max_time" task.val_force_components="${VAL_FORCES:-10}")
+  pids=()
   for r in "${RUNS[@]}"; do
-    [[ $r =~ ^(ekf|adam)_lr([0-9.e-]+)_s([0-9]+)(_ef([0-9.]+))?$ ]] || {
-      echo "bad run id $r (want <ekf|adam>_lr<eta>_s<seed>[_ef<energy fraction>])" >&2; exit 2; }
+    [[ $r =~ ^(ekf|adam)_lr([0-9.e-]+)_s([0-9]+)(_ef([0-9.]+))?(_thr)?$ ]] || {
+      echo "bad run id $r (want <ekf|adam>_lr<eta>_s<seed>[_ef<energy fraction>][_thr])" >&2; exit 2; }
     opt=${BASH_REMATCH[1]} lr=${BASH_REMATCH[2]} seed=${BASH_REMATCH[3]} ef=${BASH_REMATCH[5]:-0.5}
+    selection=random; [[ -n ${BASH_REMATCH[6]} ]] && selection=threshold
     "$BIN/spktrain" experiment=water_bpnn_$opt "${common[@]}" task.optimizer_args.lr="$lr" model.seed="$seed" \
-      task.seed="$seed" task.energy_fraction="$ef" run.id="$r" >> "$r.log" 2>&1 &
+      task.seed="$seed" task.energy_fraction="$ef" task.force_selection="$selection" run.id="$r" >> "$r.log" 2>&1 &
+    pids+=("$!:$r")
   done
-  wait
+  failed=0
+  for p in "${pids[@]}"; do
+    wait "${p%%:*}" || { echo "training ${p#*:} failed: see $WORK/${p#*:}.log" >&2; failed=1; }
+  done
+  [ $failed = 0 ] || exit 1
 fi
 if [[ $stage == evaluate || $stage == all ]]; then
   "$BIN/python" "$HERE/evaluate.py" "${RUNS[@]/#/runs/}" --db data/water.db --models "$HERE/models" --json errors.json \
