@@ -134,6 +134,28 @@ def test_npt_water_run(tmp_path):
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_unthreaded_simulation_runs_the_same_trajectory(tmp_path):
+    """npt_xml turns i-PI's per-step worker threads off (threading='False'); the same seed then gives the same
+    NPT trajectory as i-PI's threaded default, to the digits i-PI writes."""
+    results = {}
+    for threading in (True, False):
+        work = tmp_path / str(threading)
+        work.mkdir()
+        s = Setup(work)
+        xml = s.socket_xml(20, stride=2, threading=threading)
+        assert f"threading='{threading}'" in xml
+        with IPIServer(work, xml, socket_path=s.socket) as server:
+            proc = s.client()
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            assert server.wait(30) == 0
+        results[threading] = read_properties(work / "npt.out")
+    assert results[True]["step"][-1] == results[False]["step"][-1] == 20
+    for key in ("conserved", "potential", "volume", "temperature"):
+        np.testing.assert_allclose(results[False][key], results[True][key], rtol=1e-12, atol=0)
+    assert np.ptp(results[False]["volume"]) > 0  # the barostat acted
+
+
 def test_example_start_structure(tmp_path, shared_data):
     """make_init.py writes an i-PI xyz with 192 atoms and a CELL line from the revPBE0-D3 set."""
     shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
