@@ -14,6 +14,7 @@ logs both): the socket + i-PI share; the in-process median model step is printed
 
     python benchmarks/bench_ipi.py [--quick]
     python benchmarks/bench_ipi.py --round-trip 400     # only the n2p2 client round trip
+    python benchmarks/bench_ipi.py --round-trip 300 --threading-ab 4   # i-PI threading on/off, alternating
     python benchmarks/bench_ipi.py --pimd-batch 40      # 8 beads: one call per batch vs one per bead
 
 ``--pimd-batch STEPS`` isolates the batched evaluation in-process (no i-PI): 8 beads of the 192-atom box
@@ -168,7 +169,7 @@ def direct_cost(model_path: Path, numbers, positions, cell, repeats: int) -> Dic
 
 
 def client_round_trip(work: Path, model: Path, steps: int, numbers, positions, cell,
-                      dtype: str = "float64") -> Dict[str, float]:
+                      dtype: str = "float64", threading: bool = False) -> Dict[str, float]:
     """One NPT run of ``steps`` steps through ``ekf-plugin ipi``: the client's own cycle time per force
     call after the first (model step + socket + i-PI's work until the next request), and the model
     step of a ModelEvaluator in this process on the same structure, moved as in MD (median)."""
@@ -181,7 +182,7 @@ def client_round_trip(work: Path, model: Path, steps: int, numbers, positions, c
 
     name = f"ekfb_{uuid.uuid4().hex[:10]}"
     xml = npt_xml("init.xyz", FORCEFIELD_SOCKET.format(address=name, timeout=0), steps=steps, temperature=320.0,
-                  stride=1000, barostat=True)
+                  stride=1000, barostat=True, threading=threading)
     server = IPIServer(work, xml, socket_path="/tmp/ipi_" + name).start()
     try:
         cmd = [str(BIN / "ekf-plugin"), "ipi", "--model", str(model), "--template", "init.xyz", "--unix", name,
@@ -301,6 +302,11 @@ if __name__ == "__main__":
     parser.add_argument("--null-client", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--round-trip", type=int, metavar="STEPS", default=0,
                         help="only the n2p2 client round trip over STEPS NPT steps (float64 and float32)")
+    parser.add_argument("--threading-ab", type=int, metavar="REPS", default=0,
+                        help="with --round-trip: float64 only, i-PI's <simulation threading> True and False "
+                             "alternating, REPS runs each (the socket + i-PI share of each run)")
+    parser.add_argument("--model", type=lambda p: Path(p).resolve(), default=N2P2,
+                        help="with --round-trip: the model the client serves (default: the n2p2 RPBE-D3 potential)")
     parser.add_argument("--pimd-batch", type=int, metavar="STEPS", default=0,
                         help="only the in-process 8-bead comparison: one call per batch vs one per bead")
     args = parser.parse_args()
@@ -320,8 +326,17 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory(prefix="bench_ipi_") as tmp:
             numbers, positions, cell, _ = start_structure(Path(tmp) / "init.xyz")
             out = {"load_average_start": os.getloadavg()[0]}
-            for dt in ("float64", "float32"):
-                out.update(client_round_trip(Path(tmp), N2P2, args.round_trip, numbers, positions, cell, dt))
+            if args.threading_ab:
+                for rep in range(args.threading_ab):
+                    for threading in (True, False):
+                        fig = client_round_trip(Path(tmp), args.model, args.round_trip, numbers, positions, cell,
+                                                "float64", threading=threading)
+                        for k, v in fig.items():  # keys name the model only when it is the n2p2 potential
+                            k = k if args.model == N2P2 else k.replace("n2p2_", "model_", 1)
+                            out.setdefault(f"threading_{threading}_{k}", []).append(v)
+            else:
+                for dt in ("float64", "float32"):
+                    out.update(client_round_trip(Path(tmp), args.model, args.round_trip, numbers, positions, cell, dt))
             out["load_average_end"] = os.getloadavg()[0]
         print(json.dumps(out, indent=1))
         sys.exit(0)
