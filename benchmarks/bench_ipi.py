@@ -199,6 +199,8 @@ def client_round_trip(work: Path, model: Path, steps: int, numbers, positions, c
     if not (m and mm):
         raise RuntimeError(f"no rate in the client log:\n{proc.stderr[-1000:]}")
     cycle, in_model = float(m.group(1)), float(mm.group(1))
+    turn = re.search(r"i-PI's turn ([0-9.]+) ms \(forces to its STATUS ([0-9.]+) ms, then to the next positions "
+                     r"([0-9.]+) ms\)", log)
     torch.set_num_threads(1)
     ev = ModelEvaluator(str(model), dtype=getattr(torch, dtype), threads=1)
     rng = np.random.default_rng(0)
@@ -216,7 +218,10 @@ def client_round_trip(work: Path, model: Path, steps: int, numbers, positions, c
     # (no rebuilds: random 0.01 Å moves from one frame) is reported beside it for reference only
     return {f"n2p2_{dtype}_client_cycle_ms": cycle, f"n2p2_{dtype}_client_model_ms": in_model,
             f"n2p2_{dtype}_model_step_median_ms": step,
-            f"n2p2_{dtype}_socket_and_ipi_fraction": (cycle - in_model) / in_model}
+            f"n2p2_{dtype}_socket_and_ipi_fraction": (cycle - in_model) / in_model,
+            **({f"n2p2_{dtype}_ipi_turn_ms": float(turn.group(1)),
+                f"n2p2_{dtype}_ipi_turn_to_status_ms": float(turn.group(2)),
+                f"n2p2_{dtype}_ipi_turn_status_to_positions_ms": float(turn.group(3))} if turn else {})}
 
 
 def run(quick: bool = False, device: Optional[str] = None) -> dict:

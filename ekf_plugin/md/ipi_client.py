@@ -183,6 +183,13 @@ class IPIClient:
         self.compute_seconds: list = []  # time in the model (the compute call alone) of each FORCEREADY
         self._compute_s = 0.0
         self._evaluated = 1
+        # i-PI's turn, between each FORCEREADY of ours and its next POSDATA (seconds, summed over the calls):
+        # the STATUS it sends on receiving the forces, then its integrator step until the next positions
+        self.wait_status_s = 0.0
+        self.wait_positions_s = 0.0
+        self.n_waits = 0
+        self._sent_at: Optional[float] = None
+        self._status_at: Optional[float] = None
 
     # -- one connection -----------------------------------------------------------------
     def serve(self, sock: socket.socket) -> None:
@@ -191,6 +198,7 @@ class IPIClient:
         reply: Optional[bytes] = None
         while True:
             word = proto.recv_header(sock, self.read_timeout, self.idle_timeout)
+            self._time_ipi(word)
             if word == b"STATUS":
                 status = "HAVEDATA" if reply is not None else ("READY" if initialized else "NEEDINIT")
                 proto.send(sock, proto.header(status))
@@ -221,6 +229,8 @@ class IPIClient:
                 with _no_sigterm():  # never leave half a message on the wire
                     proto.send(sock, reply)
                 reply = None
+                self._sent_at = time.perf_counter()
+                self._status_at = None
                 self.n_calls += 1
                 self.n_structures += self.batch_size
                 self.call_structures.append(self._evaluated)
@@ -228,6 +238,20 @@ class IPIClient:
                 self.call_times.append(time.monotonic())
             elif word == b"EXIT":
                 return
+
+    def _time_ipi(self, word: bytes) -> None:
+        """Account i-PI's turn after a FORCEREADY: to its first STATUS, and from there to the next POSDATA."""
+        if self._sent_at is None:
+            return
+        now = time.perf_counter()
+        if word == b"STATUS" and self._status_at is None:
+            self._status_at = now
+        elif word == b"POSDATA":
+            status = self._status_at if self._status_at is not None else now
+            self.wait_status_s += status - self._sent_at
+            self.wait_positions_s += now - status
+            self.n_waits += 1
+            self._sent_at = None
 
     def _evaluate(self, cell_h: np.ndarray, pos: np.ndarray) -> bytes:
         nat = pos.shape[0]
@@ -333,6 +357,10 @@ class IPIClient:
         model = sum(self.compute_seconds[1:len(t)]) / (len(t) - 1)  # the same calls' time in the model
         split = (f"; model {model * 1e3:.2f} ms per call, socket and i-PI {(per - model) * 1e3:.2f} ms "
                  f"(+{100 * (per - model) / model:.1f} %)") if model > 0 else ""
+        if self.n_waits:  # where the socket and i-PI share goes: i-PI's turn between our reply and its next request
+            split += (f"; i-PI's turn {(self.wait_status_s + self.wait_positions_s) / self.n_waits * 1e3:.2f} ms "
+                      f"(forces to its STATUS {self.wait_status_s / self.n_waits * 1e3:.2f} ms, then to the next "
+                      f"positions {self.wait_positions_s / self.n_waits * 1e3:.2f} ms)")
         if self.batch_size > 1:
             n = sum(self.call_structures[1:len(t)])
             return (f" ({per * 1e3:.2f} ms per call of up to {self.batch_size} structures; "

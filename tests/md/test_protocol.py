@@ -152,6 +152,9 @@ def test_the_closing_log_splits_each_call_into_model_time_and_socket_and_ipi_tim
             msg, _ = posdata(seed=step)
             conn.sendall(msg + proto.header("GETFORCE"))
             read_forceready(conn)
+            time.sleep(0.004)  # i-PI receives the forces, then asks for the status (as i-PI 3.x does)
+            conn.sendall(proto.header("STATUS"))
+            assert proto.recvall(conn, 12).strip() == b"READY"
             time.sleep(0.01)  # "i-PI's step"
         conn.sendall(proto.header("EXIT"))
 
@@ -164,7 +167,15 @@ def test_the_closing_log_splits_each_call_into_model_time_and_socket_and_ipi_tim
     m = re.search(r"([0-9.]+) ms per call.*model ([0-9.]+) ms per call, socket and i-PI ([0-9.]+) ms", log)
     assert m, log
     cycle, model, rest = map(float, m.groups())
-    assert 20 <= model < cycle and rest >= 10 and abs(cycle - model - rest) < 0.02
+    assert 20 <= model < cycle and rest >= 14 and abs(cycle - model - rest) < 0.02
+    # i-PI's turn, split: forces → its STATUS (the 4 ms), STATUS → next positions (the 10 ms); 4 of 5 calls
+    m = re.search(r"i-PI's turn ([0-9.]+) ms \(forces to its STATUS ([0-9.]+) ms, then to the next positions "
+                  r"([0-9.]+) ms\)", log)
+    assert m, log
+    turn, to_status, to_positions = map(float, m.groups())
+    assert c.n_waits == 4
+    assert 4 <= to_status < 9 and 10 <= to_positions < 15 and abs(turn - to_status - to_positions) < 0.02
+    assert turn <= rest + 0.5
 
 
 def test_lost_connection_exits_nonzero_fast(capfd):
