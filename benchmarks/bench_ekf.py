@@ -275,6 +275,22 @@ def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
         out[f"{name}force_filter_ms"] = 1e3 * f_filt
         out[f"{name}updates_per_s_study_mix"] = 2 / (e_all + f_all)
         out[f"{name}labels_per_s_study_mix"] = 11 / (e_all + f_all)
+    # threshold selection of the force labels (task.force_selection=threshold: 3 candidates per component), the
+    # chosen columns gathered from the candidates' (default) or computed again (as before session 7)
+    thr = PaperScheduleTask(model, [], seed=0, force_selection="threshold")
+    thr.label_predictor = predictor  # the same feature cache
+    for name, reuse in (("threshold_", True), ("threshold_recomputed_", False)):
+        if not reuse:
+            predictor._candidate_columns = lambda *a: None  # instance attribute: no gather
+        opt = EKF(model.parameters(), lr=1e-3)
+
+        def closure_for(b, kind, opt=opt):
+            return lambda: thr._errors(b, [kind], {}, opt.params)
+
+        times = _update_times(opt, batches, closure_for, device, k_updates)
+        predictor.__dict__.pop("_candidate_columns", None)
+        out[f"{name}force_update_ms"] = 1e3 * times[FORCES][0]
+        out[f"{name}force_labels_and_rows_ms"] = 1e3 * (times[FORCES][0] - times[FORCES][1])
     out["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return out
 
