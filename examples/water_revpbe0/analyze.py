@@ -74,7 +74,7 @@ def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    seed_re = r"_s(\d+)(?=(_ef[0-9.]+)?$)"  # <opt>_lr<η>_s<seed>[_ef<f>]
+    seed_re = r"_s(\d+)(?=(_ef[0-9.]+)?(_thr)?$)"  # <opt>_lr<η>_s<seed>[_ef<f>][_thr]
     setups = list(dict.fromkeys(re.sub(seed_re, "", Path(run).name) for run in run_dirs))  # one colour per setup
     for run in run_dirs:
         m = read_metrics(run)
