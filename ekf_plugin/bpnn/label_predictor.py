@@ -382,7 +382,7 @@ class BPNNLabelPredictor:
         memo, self._candidates = self._candidates, None
         if memo is None or memo[0] is None or memo[0] != self._frame_key(batch, b):
             return None
-        key, check, cand, cols = memo
+        _, check, cand, cols = memo
         if not torch.equal(check, self._checksum(structure).to(check.device)):
             return None
         where = (cand.to(pick.device).unsqueeze(0) == pick.unsqueeze(1))  # (k, c)
