@@ -6,6 +6,7 @@ import time
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 
 __all__ = ["ProgressBarEvery", "WallClock"]
 
@@ -13,6 +14,9 @@ __all__ = ["ProgressBarEvery", "WallClock"]
 class WallClock(pl.Callback):
     """Log ``wall_time_s``, seconds since the start of ``fit`` (resumed runs continue from the saved value),
     at every validation and every ``every_n_train_steps`` updates: learning curves against wall clock.
+
+    A run resumed from a checkpoint written without this callback (after updates whose time nobody recorded)
+    logs nothing and says so once: a clock restarted at zero there would put its points at the wrong time.
 
     Args:
         every_n_train_steps: also log during training every this many updates (0 = only at validation).
@@ -22,6 +26,8 @@ class WallClock(pl.Callback):
         self.every_n_train_steps = int(every_n_train_steps)
         self.offset = 0.0  # seconds already spent before a resume
         self._t0: Optional[float] = None
+        self._restored = False  # a saved clock was loaded (load_state_dict)
+        self.unknown = False  # resumed without a saved clock: the elapsed time is not known
 
     def elapsed(self) -> float:
         """Seconds of fit so far (s)."""
@@ -30,20 +36,30 @@ class WallClock(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not in on_fit_start: Lightning restores the loops (global_step) from a checkpoint in between
+        if int(trainer.global_step) > 0 and not self._restored and not self.unknown:
+            self.unknown = True
+            rank_zero_warn(f"WallClock: resumed at update {int(trainer.global_step)} from a checkpoint without a "
+                           "saved wall clock; wall_time_s is not logged for this run")
+
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0:
+        if n and not self.unknown and trainer.global_step % n == 0:
             pl_module.log("wall_time_s", self.elapsed(), on_step=True, on_epoch=False, batch_size=1)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and not self.unknown:
             pl_module.log("wall_time_s", self.elapsed(), on_step=False, on_epoch=True, batch_size=1)
 
     def state_dict(self) -> dict:
-        return {"elapsed_s": self.elapsed()}
+        return {"elapsed_s": None if self.unknown else self.elapsed()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.offset = float(state_dict.get("elapsed_s", 0.0))
+        elapsed = state_dict.get("elapsed_s", 0.0)
+        self._restored = True
+        self.unknown = elapsed is None
+        self.offset = 0.0 if elapsed is None else float(elapsed)
 
 
 class ProgressBarEvery(pl.Callback):

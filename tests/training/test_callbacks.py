@@ -38,6 +38,35 @@ def test_wall_clock_is_logged_at_validation_and_continues_after_a_resume(tmp_pat
     assert resumed.elapsed() >= seen[1], "a resumed run continues the clock"
 
 
+def test_wall_clock_resumed_without_a_saved_clock_logs_nothing(tmp_path):
+    """A checkpoint written without WallClock: the run continues, says so, and logs no wall_time_s (a clock
+    restarted at zero would misplace the points); a clock saved as unknown stays unknown."""
+    import pytest
+
+    train, val = toy_loaders(tmp_path, n_frames=8)
+    kw = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              inference_mode=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    task = PaperScheduleTask(toy_model(), outputs(), optimizer_cls=EKF, optimizer_args={"lr": 1.0})
+    tr = pl.Trainer(max_epochs=1, **kw)
+    tr.fit(task, train, val)
+    ckpt = tmp_path / "no_clock.ckpt"
+    tr.save_checkpoint(ckpt)
+    clock, seen = WallClock(every_n_train_steps=1), []
+
+    class Spy(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append("wall_time_s" in trainer.callback_metrics)
+
+    task = PaperScheduleTask(toy_model(), outputs(), optimizer_cls=EKF, optimizer_args={"lr": 1.0})
+    with pytest.warns(UserWarning, match="without a saved wall clock"):
+        pl.Trainer(max_epochs=2, callbacks=[clock, Spy()], **kw).fit(task, train, val, ckpt_path=str(ckpt),
+                                                                     weights_only=False)  # our own file
+    assert clock.unknown and seen == [False]
+    again = WallClock()
+    again.load_state_dict(clock.state_dict())
+    assert again.unknown
+
+
 def test_progress_bar_every_redraws_every_n_batches_and_at_the_epoch_end(tmp_path):
     import pytorch_lightning as pl
     import torch
