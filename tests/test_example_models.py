@@ -111,6 +111,8 @@ PER_FRAME_SESSIONS = {
         # Adam with the same schedule, seed and labels, after the same wall clock as ~76 k EKF updates
         "adam_lr1e-3_s0_ef0.1_thr_98k": [(11.923391, 88.2087), (18.738876, 187.81), (11.662409, 94.3354),
                                          (4.05655, 172.3866)],
+        "adam_lr1e-3_s0_ef0.1_thr_190k": [(-49.145404, 79.9803), (-47.359474, 163.0606), (-48.566402, 84.4053),
+                                          (-63.003101, 159.9401)],
     },
 }
 
