@@ -23,17 +23,14 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from benchmarks.bench_ekf import _sync  # the host-device synchronisation the other timings use
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_root() -> Path:
     env = os.environ.get("EKF_PLUGIN_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def md_step_figures(model: Path, device: torch.device, quick: bool) -> Dict[str, float]:
