@@ -98,3 +98,62 @@ def test_metrics_of_a_resumed_run_are_merged_in_version_order(tmp_path):
     m = analyze.read_metrics(run)
     np.testing.assert_allclose(m["val_forces_rmse"], [[4999, 0.30], [9999, 0.19], [14999, 0.15], [19999, 0.12],
                                                       [24999, 0.11]])
+
+
+def _summary_row(**kw):
+    row = {"label": "m", "optimizer": "EKF", "md_planned_ps": "20", "md_ps": "20", "density_g_per_mL": "0.93",
+           "temperature_K": "320.1", "forces_rmse_meV_per_A": "120", "energy_rmse_meV_per_atom": "2.3",
+           "fisher_log10_median": "-3.2"}
+    row.update(kw)
+    return row
+
+
+@pytest.mark.parametrize("kw, outcome", [
+    ({}, "holds density"),
+    ({"density_g_per_mL": "1.076"}, "wrong density"),  # stable, 17 % too dense
+    ({"density_g_per_mL": "0.86"}, "wrong density"),  # 6.5 % too light
+    ({"md_ps": "1.45", "density_g_per_mL": "", "temperature_K": ""}, "lost liquid"),  # stopped early
+    ({"density_g_per_mL": "0.70", "temperature_K": "423.6"}, "lost liquid"),  # ran 20 ps, boiled
+    ({"md_planned_ps": "", "md_ps": ""}, "no MD"),
+])
+def test_md_outcome_rules(kw, outcome):
+    assert analyze.md_outcome(_summary_row(**kw)) == outcome
+
+
+def test_fisher_map_plots_every_model_with_a_fisher_median(tmp_path):
+    import csv
+
+    rows = [_summary_row(label="ekf"), _summary_row(label="adam", optimizer="Adam", density_g_per_mL="1.19"),
+            _summary_row(label="no_fisher", fisher_log10_median="")]
+    path = tmp_path / "models_summary.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = analyze.plot_fisher_map(path, tmp_path / "map.png")
+    assert out == {"ekf": "holds density", "adam": "wrong density"}
+    assert (tmp_path / "map.png").stat().st_size > 10_000
+
+
+def test_committed_models_summary_matches_its_sources():
+    """Every row of results/models_summary.csv equals the committed errors/density/Fisher files it names."""
+    import csv
+
+    res = REPO / "examples" / "water_revpbe0" / "results"
+    rows = list(csv.DictReader(open(res / "models_summary.csv")))
+    assert len(rows) >= 14
+    fisher = {}
+    for f in sorted(res.glob("session*/fisher_table.csv")):
+        fisher.update({r["model"]: float(r["log10_median"]) for r in csv.DictReader(open(f))})
+    errors = {}
+    for f in [res / "errors.json", *sorted(res.glob("session*/errors*.json"))]:
+        session = f.parent.name.replace("session", "s") if f.parent.name.startswith("session") else "s2"
+        for name, e in json.loads(f.read_text()).items():
+            if e.get("split", "val") == "val" and e.get("frames", 280) == 280:
+                errors.setdefault(f"{session}_{name}", e)
+    for row in rows:
+        e = errors[row["label"]]
+        assert float(row["forces_rmse_meV_per_A"]) == pytest.approx(e["forces_rmse_meV_per_A"], abs=0.006)
+        assert float(row["energy_rmse_meV_per_atom"]) == pytest.approx(e["energy_rmse_meV_per_atom"], abs=6e-4)
+        if row["fisher_log10_median"]:
+            assert float(row["fisher_log10_median"]) == pytest.approx(fisher[row["label"]], abs=6e-4)

@@ -4,6 +4,7 @@
     python analyze.py density IPI_OUT... --labels ekf adam --skip-ps 0.5 --out density.png
     python analyze.py table RUN_DIR... --errors errors.json --fisher fisher/fisher_table.csv --density density.json
     python analyze.py rdf IPI_XYZ... --labels ekf adam --skip-ps 10 --stride-ps 0.1 --out goo.png --json goo.json
+    python analyze.py fisher-map results/models_summary.csv --out fisher_map.png
 
 Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps, distances in Å.
 """
@@ -216,6 +217,68 @@ def plot_rdf(files: List[Path], labels: List[str], out: Path, skip_ps: float, st
     return summary
 
 
+HOLDS_DENSITY_TOLERANCE = 0.05  # relative: a stable run whose density is within 5 % of 0.92 g/mL "holds" it
+LOST_LIQUID_TEMPERATURE_K = 340.0  # a 320 K NPT run whose averaged temperature exceeds this has lost the liquid
+
+
+def md_outcome(row: Dict[str, str]) -> str:
+    """What one model's NPT run did, from a ``models_summary.csv`` row: ``"lost liquid"`` (stopped before the
+    planned time, averaged temperature above 340 K, or no average), ``"holds density"`` (within 5 % of
+    0.92 g/mL), ``"wrong density"`` (stable, further off), or ``"no MD"``."""
+    if not row.get("md_planned_ps"):
+        return "no MD"
+    ran, planned = float(row.get("md_ps") or 0.0), float(row["md_planned_ps"])
+    rho = float(row["density_g_per_mL"]) if row.get("density_g_per_mL") else float("nan")
+    temp = float(row["temperature_K"]) if row.get("temperature_K") else float("nan")
+    if ran < planned or not np.isfinite(rho) or not (temp <= LOST_LIQUID_TEMPERATURE_K):
+        return "lost liquid"
+    return "holds density" if abs(rho - REFERENCE_DENSITY) <= HOLDS_DENSITY_TOLERANCE * REFERENCE_DENSITY \
+        else "wrong density"
+
+
+def plot_fisher_map(summary_csv: Path, out: Path) -> Dict[str, str]:
+    """The study's question as one figure: Fisher median (log10) against force and energy RMSE on the 280
+    validation frames (meV/Å, meV/atom), one point per model of ``summary_csv``, marker by optimizer and colour
+    by what the model did in NPT (:func:`md_outcome`). Returns {label: outcome}."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(summary_csv)))
+    colours = {"holds density": "C2", "wrong density": "C1", "lost liquid": "C3", "no MD": "0.6"}
+    markers = {"EKF": "o", "Adam": "s"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    outcomes, seen = {}, set()
+    for row in rows:
+        if not row.get("fisher_log10_median"):
+            continue
+        outcome = md_outcome(row)
+        outcomes[row["label"]] = outcome
+        key = (row["optimizer"], outcome)
+        for ax, x in zip(axes, ("forces_rmse_meV_per_A", "energy_rmse_meV_per_atom")):
+            ax.scatter(float(row[x]), float(row["fisher_log10_median"]), c=colours[outcome],
+                       marker=markers.get(row["optimizer"], "^"), s=45, edgecolors="k", linewidths=0.5,
+                       label=f"{row['optimizer']}, {outcome}" if key not in seen else None)
+        seen.add(key)
+    axes[0].set(xlabel="force RMSE, 280 validation frames / meV/Å", ylabel="Fisher median (log10)")
+    axes[1].set(xlabel="energy RMSE, 280 validation frames / meV/atom", xscale="log")
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.FixedLocator([1, 2, 3, 5, 10, 20, 50, 100]))
+    axes[1].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0].axvline(119, color="k", ls=":", lw=0.8)
+    axes[1].axvline(2.37, color="k", ls=":", lw=0.8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("Fisher median against RMSE; NPT at 320 K, 1 bar (dotted: RuNNer on its fit frames)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    print(f"written: {out}")
+    return outcomes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -242,7 +305,14 @@ def main(argv=None) -> int:
     rd.add_argument("--stride-ps", type=float, default=0.1, help="time between trajectory frames (ps)")
     rd.add_argument("--out", type=Path, default=Path("goo.png"))
     rd.add_argument("--json", type=Path, default=None)
+    fm = sub.add_parser("fisher-map", help="Fisher median against RMSE of all models, coloured by their NPT outcome")
+    fm.add_argument("summary", type=Path, help="a models_summary.csv (one row per model)")
+    fm.add_argument("--out", type=Path, default=Path("fisher_map.png"))
     args = parser.parse_args(argv)
+    if args.cmd == "fisher-map":
+        for k, v in plot_fisher_map(args.summary, args.out).items():
+            print(f"{k}: {v}")
+        return 0
     if args.cmd == "rdf":
         summary = plot_rdf(args.files, args.labels or [f.parent.name for f in args.files], args.out, args.skip_ps,
                            args.stride_ps)
