@@ -157,3 +157,22 @@ def test_committed_models_summary_matches_its_sources():
         assert float(row["energy_rmse_meV_per_atom"]) == pytest.approx(e["energy_rmse_meV_per_atom"], abs=6e-4)
         if row["fisher_log10_median"]:
             assert float(row["fisher_log10_median"]) == pytest.approx(fisher[row["label"]], abs=6e-4)
+
+
+def test_summary_rows_from_the_workflow_files(tmp_path):
+    (tmp_path / "errors.json").write_text(json.dumps({
+        "ekf_lr1e-3_s0_ef0.1_thr": {"energy_rmse_meV_per_atom": 2.2, "forces_rmse_meV_per_A": 118.0, "updates": 500000},
+        "adam_lr1e-4_s1": {"energy_rmse_meV_per_atom": 16.4, "forces_rmse_meV_per_A": 317.0, "updates": 22280}}))
+    (tmp_path / "fisher.csv").write_text("model,log10_median\nekf_lr1e-3_s0_ef0.1_thr,-3.2\nadam_lr1e-4_s1,-3.6\n")
+    (tmp_path / "density.json").write_text(json.dumps({
+        "ekf_lr1e-3_s0_ef0.1_thr": {"density_mean": 0.92, "density_err": 0.01, "temperature_mean_K": 320.0, "time_ps": 20.0},
+        "adam_lr1e-4_s1": {"density_mean": float("nan"), "density_err": float("nan"), "temperature_mean_K": float("nan"),
+                           "time_ps": 0.49}}))
+    rows = analyze.summary_rows([tmp_path / "runs" / "ekf_lr1e-3_s0_ef0.1_thr", tmp_path / "runs" / "adam_lr1e-4_s1"],
+                                tmp_path / "errors.json", tmp_path / "fisher.csv", tmp_path / "density.json", 20.0)
+    ekf, adam = rows
+    assert (ekf["optimizer"], ekf["eta"], ekf["protocol"], ekf["updates"]) == ("EKF", "1e-3", "ef 0.1, threshold", 500000)
+    assert (adam["optimizer"], adam["protocol"], adam["density_g_per_mL"]) == ("Adam", "ef 0.5, random", "")
+    as_str = [{k: str(v) for k, v in r.items()} for r in rows]
+    assert [analyze.md_outcome(r) for r in as_str] == ["holds density", "lost liquid"]
+    assert set(ekf) == set(analyze.SUMMARY_FIELDS)

@@ -4,6 +4,8 @@
     python analyze.py density IPI_OUT... --labels ekf adam --skip-ps 0.5 --out density.png
     python analyze.py table RUN_DIR... --errors errors.json --fisher fisher/fisher_table.csv --density density.json
     python analyze.py rdf IPI_XYZ... --labels ekf adam --skip-ps 10 --stride-ps 0.1 --out goo.png --json goo.json
+    python analyze.py summary RUN_DIR... --errors errors.json --fisher fisher/fisher_table.csv --density density.json \
+        --md-planned-ps 10 --out models_summary.csv
     python analyze.py fisher-map results/models_summary.csv --out fisher_map.png
 
 Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps, distances in Å.
@@ -236,6 +238,41 @@ def md_outcome(row: Dict[str, str]) -> str:
         else "wrong density"
 
 
+SUMMARY_FIELDS = ["label", "session", "optimizer", "eta", "protocol", "updates", "energy_rmse_meV_per_atom",
+                  "forces_rmse_meV_per_A", "md_planned_ps", "md_ps", "density_g_per_mL", "density_err",
+                  "temperature_K", "fisher_log10_median", "source"]
+
+
+def summary_rows(runs: List[Path], errors: Path, fisher: Path, density: Path, md_planned_ps: float,
+                 session: str = "") -> List[Dict[str, str]]:
+    """One ``models_summary.csv`` row per run (the columns of :data:`SUMMARY_FIELDS`) from the files the
+    workflow writes: errors.json (meV/atom, meV/Å), the Fisher table, density.json (g/mL, K, ps)."""
+    err = json.loads(Path(errors).read_text()) if Path(errors).exists() else {}
+    fis = {r["model"]: r for r in csv.DictReader(open(fisher))} if Path(fisher).exists() else {}
+    den = json.loads(Path(density).read_text()) if Path(density).exists() else {}
+    rows = []
+    for run in runs:
+        name = Path(run).name
+        m = re.match(r"(ekf|adam)_lr([0-9.e-]+)_s(\d+)(?:_ef([0-9.]+))?(_thr)?$", name)
+        e, f, d = err.get(name, {}), fis.get(name, {}), den.get(name, {})
+        finite = lambda x: x is not None and np.isfinite(x)  # noqa: E731
+        rows.append({
+            "label": name, "session": session,
+            "optimizer": ("EKF" if m.group(1) == "ekf" else "Adam") if m else "?", "eta": m.group(2) if m else "",
+            "protocol": (f"ef {m.group(4) or 0.5}, " + ("threshold" if m.group(5) else "random")) if m else "",
+            "updates": e.get("updates", ""),
+            "energy_rmse_meV_per_atom": e.get("energy_rmse_meV_per_atom", ""),
+            "forces_rmse_meV_per_A": e.get("forces_rmse_meV_per_A", ""),
+            "md_planned_ps": md_planned_ps if d else "", "md_ps": d.get("time_ps", ""),
+            "density_g_per_mL": d["density_mean"] if finite(d.get("density_mean")) else "",
+            "density_err": d["density_err"] if finite(d.get("density_err")) else "",
+            "temperature_K": d["temperature_mean_K"] if finite(d.get("temperature_mean_K")) else "",
+            "fisher_log10_median": f.get("log10_median", ""),
+            "source": f"{Path(errors).name}, {Path(fisher).name}, {Path(density).name}",
+        })
+    return rows
+
+
 def plot_fisher_map(summary_csv: Path, out: Path) -> Dict[str, str]:
     """The study's question as one figure: Fisher median (log10) against force and energy RMSE on the 280
     validation frames (meV/Å, meV/atom), one point per model of ``summary_csv``, marker by optimizer and colour
@@ -305,10 +342,25 @@ def main(argv=None) -> int:
     rd.add_argument("--stride-ps", type=float, default=0.1, help="time between trajectory frames (ps)")
     rd.add_argument("--out", type=Path, default=Path("goo.png"))
     rd.add_argument("--json", type=Path, default=None)
+    sm = sub.add_parser("summary", help="models_summary.csv (one row per run) from errors.json, the Fisher table "
+                        "and density.json")
+    sm.add_argument("runs", nargs="+", type=Path)
+    sm.add_argument("--errors", type=Path, default=Path("errors.json"))
+    sm.add_argument("--fisher", type=Path, default=Path("fisher/fisher_table.csv"))
+    sm.add_argument("--density", type=Path, default=Path("density.json"))
+    sm.add_argument("--md-planned-ps", type=float, required=True, help="the NPT length asked for (ps)")
+    sm.add_argument("--out", type=Path, default=Path("models_summary.csv"))
     fm = sub.add_parser("fisher-map", help="Fisher median against RMSE of all models, coloured by their NPT outcome")
     fm.add_argument("summary", type=Path, help="a models_summary.csv (one row per model)")
     fm.add_argument("--out", type=Path, default=Path("fisher_map.png"))
     args = parser.parse_args(argv)
+    if args.cmd == "summary":
+        with open(args.out, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+            w.writeheader()
+            w.writerows(summary_rows(args.runs, args.errors, args.fisher, args.density, args.md_planned_ps))
+        print(f"written: {args.out}")
+        return 0
     if args.cmd == "fisher-map":
         for k, v in plot_fisher_map(args.summary, args.out).items():
             print(f"{k}: {v}")

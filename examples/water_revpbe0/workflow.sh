@@ -83,5 +83,8 @@ if [[ $stage == plots || $stage == all ]]; then
   "$BIN/python" "$HERE/analyze.py" rdf "${trajs[@]}" --labels "${RUNS[@]}" --skip-ps "$half_ps" --out goo.png \
     --json goo.json || true
   "$BIN/python" "$HERE/analyze.py" table "${RUNS[@]/#/runs/}" > results_table.md
+  md_ps=$(awk "BEGIN{print ${MD_STEPS:-400} * 0.0005}")
+  "$BIN/python" "$HERE/analyze.py" summary "${RUNS[@]/#/runs/}" --md-planned-ps "$md_ps" --out models_summary.csv
+  "$BIN/python" "$HERE/analyze.py" fisher-map models_summary.csv --out fisher_map.png || true
   cat results_table.md
 fi
