@@ -117,6 +117,9 @@ PER_FRAME_SESSIONS = {
     "session8": {  # the same threshold-selection run at the study's budget, 5 × 10⁵ updates
         "ekf_lr1e-3_s0_ef0.1_thr_500k": [(-0.523995, 61.259), (5.342572, 134.5443), (0.896593, 75.5479),
                                          (-0.839498, 163.8854)],
+        # Adam, same schedule, seed and labels, after 88 % of that EKF run's wall clock (side by side)
+        "adam_lr1e-3_s0_ef0.1_thr_577k": [(39.520729, 80.0601), (30.90959, 138.7935), (41.328935, 95.7608),
+                                          (20.722072, 140.8274)],
     },
 }
 
@@ -158,6 +161,8 @@ def test_session_models_reproduce_their_errors_and_load_safely(session):
         assert row["energy_rmse_meV_per_atom"] <= 2.37 and row["forces_rmse_meV_per_A"] <= 119.0
         assert row["updates"] == 500000 > before["updates"]
         assert row["forces_rmse_meV_per_A"] < before["forces_rmse_meV_per_A"]
+        adam = errors["adam_lr1e-3_s0_ef0.1_thr_577k"]  # at nearly equal wall clock, worse on both
+        assert adam["energy_rmse_meV_per_atom"] > 2.37 and adam["forces_rmse_meV_per_A"] > 119.0
     if session == "session4":  # the force-heavy schedule (one energy update in ten) is the more accurate force model
         assert errors["ekf_lr1e-3_s0_ef0.1"]["forces_rmse_meV_per_A"] < errors["ekf_lr1e-3_s0"]["forces_rmse_meV_per_A"]
     if session in ("session5", "session6"):  # the same run further on has a lower force error on all 280 frames
