@@ -124,16 +124,25 @@ def plot_density(files: List[Path], labels: List[str], out: Path, skip_ps: float
     return summary
 
 
-def results_table(runs: List[Path], errors: Path, fisher: Path, density: Path) -> str:
-    """Markdown table: model, optimizer, η, updates, RMSEs, Fisher median, density (all inputs the workflow writes)."""
+RUN_ID = re.compile(r"(ekf|adam)_lr([0-9.e-]+)_s(\d+)(?:_ef([0-9.]+))?(_thr)?$")  # optimizer, η, seed, ef, thr
+
+
+def read_result_files(errors: Path, fisher: Path, density: Path) -> Tuple[dict, dict, dict]:
+    """errors.json, the Fisher table (rows by model) and density.json as dicts; a missing file gives {}."""
     err = json.loads(Path(errors).read_text()) if Path(errors).exists() else {}
     fis = {r["model"]: r for r in csv.DictReader(open(fisher))} if Path(fisher).exists() else {}
     den = json.loads(Path(density).read_text()) if Path(density).exists() else {}
+    return err, fis, den
+
+
+def results_table(runs: List[Path], errors: Path, fisher: Path, density: Path) -> str:
+    """Markdown table: model, optimizer, η, updates, RMSEs, Fisher median, density (all inputs the workflow writes)."""
+    err, fis, den = read_result_files(errors, fisher, density)
     lines = ["| model | optimizer | η | updates | E RMSE (meV/atom) | F RMSE (meV/Å) | Fisher median (log10) "
              "| density (g/mL) | T (K) | MD (ps) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         name = Path(run).name
-        m = re.match(r"(ekf|adam)_lr([0-9.e-]+)_s(\d+)$", name)
+        m = RUN_ID.match(name)
         opt, lr = (m.group(1).upper() if m.group(1) == "ekf" else "Adam", m.group(2)) if m else ("?", "?")
         steps = max((int(v[-1, 0]) + 1 for v in read_metrics(run).values() if len(v)), default=0)
         e, f, d = err.get(name, {}), fis.get(name, {}), den.get(name, {})
@@ -247,15 +256,13 @@ def summary_rows(runs: List[Path], errors: Path, fisher: Path, density: Path, md
                  session: str = "") -> List[Dict[str, str]]:
     """One ``models_summary.csv`` row per run (the columns of :data:`SUMMARY_FIELDS`) from the files the
     workflow writes: errors.json (meV/atom, meV/Å), the Fisher table, density.json (g/mL, K, ps)."""
-    err = json.loads(Path(errors).read_text()) if Path(errors).exists() else {}
-    fis = {r["model"]: r for r in csv.DictReader(open(fisher))} if Path(fisher).exists() else {}
-    den = json.loads(Path(density).read_text()) if Path(density).exists() else {}
+    err, fis, den = read_result_files(errors, fisher, density)
+    finite = lambda x: x is not None and np.isfinite(x)  # noqa: E731
     rows = []
     for run in runs:
         name = Path(run).name
-        m = re.match(r"(ekf|adam)_lr([0-9.e-]+)_s(\d+)(?:_ef([0-9.]+))?(_thr)?$", name)
+        m = RUN_ID.match(name)
         e, f, d = err.get(name, {}), fis.get(name, {}), den.get(name, {})
-        finite = lambda x: x is not None and np.isfinite(x)  # noqa: E731
         rows.append({
             "label": name, "session": session,
             "optimizer": ("EKF" if m.group(1) == "ekf" else "Adam") if m else "?", "eta": m.group(2) if m else "",
