@@ -13,6 +13,10 @@
 #   MAX_UPDATES stop a run after this many updates (default: none, TRAIN_MIN decides); the full budget of the
 #               study is MAX_UPDATES=500000 with a TRAIN_MIN large enough. A rerun resumes from the run's
 #               checkpoints/last.ckpt (written every 1000 updates, P and the label-draw state included)
+#   ADAM_UPDATES the same for the Adam runs (default MAX_UPDATES); e.g. 659000, the wall clock of a 500 k-update
+#               threshold EKF run (1.32 Adam updates per EKF update, measured side by side; docs/results.md)
+#   JOBS        trainings at a time (default: all runs at once); JOBS=2 on a 2-core machine queues the rest, each
+#               run starts when one ends
 #   VAL_EVERY   updates between validations (default 1000)
 #   VAL_FRAMES  validation frames per validation (default 30, rounded up to batches of 10; the first ones of the
 #               validation split)
@@ -41,22 +45,33 @@ if [[ $stage == train || $stage == all ]]; then
   max_time=$(printf '%02d:%02d:%02d:00' $((m / 1440)) $((m % 1440 / 60)) $((m % 60)))   # Lightning's DD:HH:MM:SS
   common=(data.datapath="$WORK/data/water.db" +seed=0 logger=csv trainer.accelerator=cpu data.num_workers=0
           trainer.limit_val_batches=$(( (${VAL_FRAMES:-30} + 9) / 10 )) trainer.val_check_interval="${VAL_EVERY:-1000}"
-          trainer.check_val_every_n_epoch=null trainer.max_epochs=100000 trainer.max_steps="${MAX_UPDATES:--1}"
+          trainer.check_val_every_n_epoch=null trainer.max_epochs=100000
           "+trainer.max_time=$max_time" task.val_force_components="${VAL_FORCES:-10}")
-  pids=()
-  for r in "${RUNS[@]}"; do
+  for r in "${RUNS[@]}"; do   # all ids checked before anything starts
     [[ $r =~ ^(ekf|adam)_lr([0-9.e-]+)_s([0-9]+)(_ef([0-9.]+))?(_thr)?$ ]] || {
       echo "bad run id $r (want <ekf|adam>_lr<eta>_s<seed>[_ef<energy fraction>][_thr])" >&2; exit 2; }
+  done
+  jobs_max=${JOBS:-${#RUNS[@]}}
+  declare -A names=()
+  failed=0 running=0
+  finish_one() {   # wait for the next training to end (bash >= 5.1); report it if it failed
+    local pid=""
+    wait -n -p pid || { echo "training ${names[$pid]} failed: see $WORK/${names[$pid]}.log" >&2; failed=1; }
+    running=$((running - 1))
+  }
+  for r in "${RUNS[@]}"; do
+    while (( running >= jobs_max )); do finish_one; done
+    [[ $r =~ ^(ekf|adam)_lr([0-9.e-]+)_s([0-9]+)(_ef([0-9.]+))?(_thr)?$ ]]
     opt=${BASH_REMATCH[1]} lr=${BASH_REMATCH[2]} seed=${BASH_REMATCH[3]} ef=${BASH_REMATCH[5]:-0.5}
     selection=random; [[ -n ${BASH_REMATCH[6]} ]] && selection=threshold
-    "$BIN/spktrain" experiment=water_bpnn_$opt "${common[@]}" task.optimizer_args.lr="$lr" model.seed="$seed" \
-      task.seed="$seed" task.energy_fraction="$ef" task.force_selection="$selection" run.id="$r" >> "$r.log" 2>&1 &
-    pids+=("$!:$r")
+    steps=${MAX_UPDATES:--1}; [[ $opt == adam ]] && steps=${ADAM_UPDATES:-$steps}
+    echo "$(date -u +%FT%TZ) training $r (max_steps $steps)"
+    "$BIN/spktrain" experiment=water_bpnn_$opt "${common[@]}" trainer.max_steps="$steps" task.optimizer_args.lr="$lr" \
+      model.seed="$seed" task.seed="$seed" task.energy_fraction="$ef" task.force_selection="$selection" run.id="$r" \
+      >> "$r.log" 2>&1 &
+    names[$!]=$r running=$((running + 1))
   done
-  failed=0
-  for p in "${pids[@]}"; do
-    wait "${p%%:*}" || { echo "training ${p#*:} failed: see $WORK/${p#*:}.log" >&2; failed=1; }
-  done
+  while (( running > 0 )); do finish_one; done
   [ $failed = 0 ] || exit 1
 fi
 if [[ $stage == evaluate || $stage == all ]]; then

@@ -1,0 +1,86 @@
+"""examples/water_revpbe0/workflow.sh, train stage: the run queue (JOBS), per-optimizer step budgets
+(MAX_UPDATES, ADAM_UPDATES), the spktrain command line of each run id, failures reported.
+
+``spktrain`` is replaced by a script on ``BIN`` that records its arguments and start/end times: this tests the
+shell queue, not training (real ``spktrain`` runs are in tests/training/)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import REPO
+
+WORKFLOW = REPO / "examples" / "water_revpbe0" / "workflow.sh"
+RECORDER = r"""#!/usr/bin/env bash
+id=""; for a in "$@"; do case $a in run.id=*) id=${a#run.id=};; esac; done
+echo "start $id $(date +%s.%N) $*" >> "$TRACE"
+sleep 0.6
+echo "end $id $(date +%s.%N)" >> "$TRACE"
+[[ $id == *_s9* ]] && exit 3
+exit 0
+"""
+
+
+def _run(tmp_path, runs, **env):
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "water.db").touch()  # the database exists: the stage does not build it
+    spk = bin_dir / "spktrain"
+    spk.write_text(RECORDER)
+    spk.chmod(0o755)
+    trace = tmp_path / "trace"
+    full_env = {**os.environ, "BIN": str(bin_dir), "WORK": str(work), "RUNS": runs, "TRACE": str(trace), **env}
+    proc = subprocess.run(["bash", str(WORKFLOW), "train"], env=full_env, capture_output=True, text=True, timeout=60)
+    events = [line.split(" ", 3) for line in trace.read_text().splitlines()] if trace.exists() else []
+    return proc, events
+
+
+def _max_concurrent(events) -> int:
+    timeline = sorted((float(e[2]), 1 if e[0] == "start" else -1) for e in events)
+    level = peak = 0
+    for _, d in timeline:
+        level += d
+        peak = max(peak, level)
+    return peak
+
+
+def test_queue_runs_jobs_at_a_time_with_per_optimizer_budgets(tmp_path):
+    runs = "ekf_lr1e-3_s1_ef0.1_thr adam_lr1e-4_s0_ef0.1_thr ekf_lr1e-3_s2 adam_lr1e-5_s1"
+    proc, events = _run(tmp_path, runs, JOBS="2", MAX_UPDATES="500000", ADAM_UPDATES="659000")
+    assert proc.returncode == 0, proc.stderr
+    starts = {e[1]: e[3] for e in events if e[0] == "start"}
+    assert list(starts) == runs.split()  # queued in the order given
+    assert _max_concurrent(events) == 2
+    assert "trainer.max_steps=500000" in starts["ekf_lr1e-3_s2"]
+    assert "trainer.max_steps=659000" in starts["adam_lr1e-5_s1"]
+    thr = starts["ekf_lr1e-3_s1_ef0.1_thr"].split()
+    assert "experiment=water_bpnn_ekf" in thr and "task.force_selection=threshold" in thr
+    assert "task.energy_fraction=0.1" in thr and "model.seed=1" in thr and "task.seed=1" in thr
+    adam = starts["adam_lr1e-4_s0_ef0.1_thr"].split()
+    assert "experiment=water_bpnn_adam" in adam and "task.optimizer_args.lr=1e-4" in adam
+
+
+def test_without_jobs_all_runs_start_at_once_and_adam_follows_max_updates(tmp_path):
+    proc, events = _run(tmp_path, "ekf_lr1e-3_s0 adam_lr1e-4_s0 adam_lr1e-4_s1", MAX_UPDATES="1000")
+    assert proc.returncode == 0, proc.stderr
+    assert _max_concurrent(events) == 3
+    assert all("trainer.max_steps=1000" in e[3] for e in events if e[0] == "start")
+
+
+def test_a_failed_run_is_named_and_the_queue_goes_on(tmp_path):
+    proc, events = _run(tmp_path, "adam_lr1e-4_s9 ekf_lr1e-3_s0 ekf_lr1e-3_s1", JOBS="1")
+    assert proc.returncode == 1
+    assert "training adam_lr1e-4_s9 failed" in proc.stderr
+    assert [e[1] for e in events if e[0] == "end"] == ["adam_lr1e-4_s9", "ekf_lr1e-3_s0", "ekf_lr1e-3_s1"]
+    assert _max_concurrent(events) == 1
+
+
+@pytest.mark.parametrize("bad", ["sgd_lr1e-3_s0", "ekf_lr1e-3", "ekf_lr1e-3_s0_thr_ef0.1"])
+def test_bad_run_ids_stop_before_anything_starts(tmp_path, bad):
+    proc, events = _run(tmp_path, f"ekf_lr1e-3_s0 {bad}", JOBS="1")
+    assert proc.returncode == 2 and f"bad run id {bad}" in proc.stderr
+    assert events == []
