@@ -135,6 +135,24 @@ def test_fisher_map_plots_every_model_with_a_fisher_median(tmp_path):
     assert (tmp_path / "map.png").stat().st_size > 10_000
 
 
+def test_pressure_map_plots_models_with_a_bias_and_a_density(tmp_path):
+    import csv
+
+    rows = [_summary_row(label="ekf", pressure_bias_bar="-32", density_err="0.01"),
+            _summary_row(label="adam", optimizer="Adam", density_g_per_mL="0.733", pressure_bias_bar="4179",
+                         density_err="0.009"),
+            _summary_row(label="no_bias", pressure_bias_bar="", density_err=""),
+            _summary_row(label="no_md", pressure_bias_bar="100", density_g_per_mL="", density_err="")]
+    path = tmp_path / "models_summary.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = analyze.plot_pressure_map(path, tmp_path / "map.png")
+    assert out == {"ekf": (-32.0, 0.93), "adam": (4179.0, 0.733)}
+    assert (tmp_path / "map.png").stat().st_size > 10_000
+
+
 def test_committed_models_summary_matches_its_sources():
     """Every row of results/models_summary.csv equals the committed errors/density/Fisher files it names."""
     import csv
@@ -151,12 +169,43 @@ def test_committed_models_summary_matches_its_sources():
         for name, e in json.loads(f.read_text()).items():
             if e.get("split", "val") == "val" and e.get("frames", 280) == 280:
                 errors.setdefault(f"{session}_{name}", e)
+    pressure = json.loads((res / "session9" / "pressure_bias.json").read_text())
     for row in rows:
         e = errors[row["label"]]
         assert float(row["forces_rmse_meV_per_A"]) == pytest.approx(e["forces_rmse_meV_per_A"], abs=0.006)
         assert float(row["energy_rmse_meV_per_atom"]) == pytest.approx(e["energy_rmse_meV_per_atom"], abs=6e-4)
         if row["fisher_log10_median"]:
             assert float(row["fisher_log10_median"]) == pytest.approx(fisher[row["label"]], abs=6e-4)
+        p = pressure[row["label"]]  # every committed model, on the same 280 validation frames
+        assert p["frames"] == 280 and float(row["pressure_bias_bar"]) == pytest.approx(p["pressure_bias_bar"], abs=0.06)
+        # the per-frame energy errors reproduce the committed RMSE (the same frames, the same model)
+        e_frames = np.array(p["energy_error_meV_per_atom"])
+        assert np.sqrt((e_frames**2).mean()) == pytest.approx(e["energy_rmse_meV_per_atom"], rel=1e-6)
+
+
+def test_pressure_bias_predicts_the_direction_of_every_wrong_density():
+    """The session-9 claim, on the committed data: every stable NPT run more than 3 % off 0.92 g/mL is off in the
+    direction of its model's pressure bias (ΔP > 0: too dilute), and every EKF model's bias is below 600 bar."""
+    import csv
+
+    from tests.test_example_evaluate import evaluate
+
+    res = REPO / "examples" / "water_revpbe0" / "results"
+    rows = list(csv.DictReader(open(res / "models_summary.csv")))
+    pressure = json.loads((res / "session9" / "pressure_bias.json").read_text())
+    off = 0
+    for row in rows:
+        p = pressure[row["label"]]
+        again = evaluate.energy_volume_trend(np.array(p["volume_A3_per_atom"]), 1e-3 * np.array(p["energy_error_meV_per_atom"]))
+        assert again["pressure_bias_bar"] == pytest.approx(p["pressure_bias_bar"], rel=1e-9)
+        if row["optimizer"] == "EKF":
+            assert abs(p["pressure_bias_bar"]) < 600
+        if analyze.md_outcome(row) == "wrong density":
+            rho = float(row["density_g_per_mL"])
+            assert abs(rho / analyze.REFERENCE_DENSITY - 1) > 0.03
+            assert np.sign(p["pressure_bias_bar"]) == -np.sign(rho - analyze.REFERENCE_DENSITY), row["label"]
+            off += 1
+    assert off >= 3  # Adam 98 k and 190 k (too dense), Adam 659 k (too dilute)
 
 
 def test_summary_rows_from_the_workflow_files(tmp_path):

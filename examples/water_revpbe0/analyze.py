@@ -7,8 +7,12 @@
     python analyze.py summary RUN_DIR... --errors errors.json --fisher fisher/fisher_table.csv --density density.json \
         --md-planned-ps 10 --out models_summary.csv
     python analyze.py fisher-map results/models_summary.csv --out fisher_map.png
+    python analyze.py pressure-bias MODEL.pt... --db work/data/water.db --split work/runs/RUN/split.npz \
+        --json pressure_bias.json --out energy_volume.png
+    python analyze.py pressure-map results/models_summary.csv --out pressure_map.png
 
-Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps, distances in Å.
+Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps, distances in Å,
+pressure in bar.
 """
 
 from __future__ import annotations
@@ -249,7 +253,7 @@ def md_outcome(row: Dict[str, str]) -> str:
 
 SUMMARY_FIELDS = ["label", "session", "optimizer", "eta", "protocol", "updates", "energy_rmse_meV_per_atom",
                   "forces_rmse_meV_per_A", "md_planned_ps", "md_ps", "density_g_per_mL", "density_err",
-                  "temperature_K", "fisher_log10_median", "source"]
+                  "temperature_K", "fisher_log10_median", "pressure_bias_bar", "source"]
 
 
 def summary_rows(runs: List[Path], errors: Path, fisher: Path, density: Path, md_planned_ps: float,
@@ -275,6 +279,7 @@ def summary_rows(runs: List[Path], errors: Path, fisher: Path, density: Path, md
             "density_err": d["density_err"] if finite(d.get("density_err")) else "",
             "temperature_K": d["temperature_mean_K"] if finite(d.get("temperature_mean_K")) else "",
             "fisher_log10_median": f.get("log10_median", ""),
+            "pressure_bias_bar": e.get("pressure_bias_bar", ""),
             "source": f"{Path(errors).name}, {Path(fisher).name}, {Path(density).name}",
         })
     return rows
@@ -323,6 +328,100 @@ def plot_fisher_map(summary_csv: Path, out: Path) -> Dict[str, str]:
     return outcomes
 
 
+WATER_COMPRESSIBILITY_PER_BAR = 4.5e-5  # isothermal compressibility of liquid water near 320 K (1/bar)
+WATER_MOLECULE_G = 18.015 / 6.02214076e23  # g per H₂O
+
+
+def _evaluate_module():
+    """evaluate.py beside this file (one place for per-frame errors and the energy–volume trend)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("water_evaluate", Path(__file__).with_name("evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], json_out: Path, out: Path,
+                  part: str = "val_idx") -> Dict[str, dict]:
+    """Each model's energy error against the volume per atom on the frames ``split[part]`` of ``db`` (Å, eV),
+    its pressure bias (:func:`evaluate.energy_volume_trend`, bar), and one figure: the per-frame energy error
+    without its mean (meV/atom) against the frame's density (g/mL, water), with each model's fitted line."""
+    import matplotlib
+    from ase.db import connect
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = _evaluate_module()
+    with connect(str(db)) as con:
+        rows = [con.get(int(i) + 1) for i in np.load(split)[part]]
+    results: Dict[str, dict] = {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (model, label) in enumerate(zip(models, labels)):
+        err = ev.frame_errors(model, rows)
+        trend = ev.energy_volume_trend(err["volume"], err["energy"])
+        results[label] = {**trend, "model": str(model), "frames": len(rows),
+                          "volume_A3_per_atom": err["volume"].tolist(),
+                          "energy_error_meV_per_atom": (1e3 * err["energy"]).tolist()}
+        rho = WATER_MOLECULE_G / (3 * err["volume"] * 1e-24)  # g/mL: three atoms per molecule
+        e = 1e3 * err["energy"] - trend["energy_error_mean_meV_per_atom"]
+        ax.scatter(rho, e, s=6, color=f"C{k}", alpha=0.5)
+        v = np.linspace(err["volume"].min(), err["volume"].max(), 50)
+        slope = trend["energy_error_volume_slope_meV_per_A3"]
+        ax.plot(WATER_MOLECULE_G / (3 * v * 1e-24), slope * (v - err["volume"].mean()), color=f"C{k}",
+                label=f"{label}: ΔP {trend['pressure_bias_bar']:+.0f} bar (r {trend['energy_error_volume_r']:+.2f})")
+        print(f"{label}: {json.dumps({k2: round(v2, 4) for k2, v2 in trend.items()})}", flush=True)
+    ax.set(xlabel="frame density / g mL⁻¹", ylabel="energy error − its mean / meV/atom",
+           title=f"energy error against density, {len(rows)} frames ({part.split('_')[0]})")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    print(f"written: {out}")
+    Path(json_out).write_text(json.dumps(results))
+    return results
+
+
+def plot_pressure_map(summary_csv: Path, out: Path) -> Dict[str, Tuple[float, float]]:
+    """NPT density against the pressure bias, one point per model of ``summary_csv`` with both (marker by
+    optimizer, colour by :func:`md_outcome`), and the density a bias ΔP predicts for liquid water,
+    0.92·exp(−κ·ΔP) with κ = 4.5e-5 /bar. Returns {label: (bias bar, density g/mL)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"holds density": "C2", "wrong density": "C1", "lost liquid": "C3", "no MD": "0.6"}
+    markers = {"EKF": "o", "Adam": "s"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points, seen = {}, set()
+    for row in csv.DictReader(open(summary_csv)):
+        if not (row.get("pressure_bias_bar") and row.get("density_g_per_mL")):
+            continue
+        bias, rho = float(row["pressure_bias_bar"]), float(row["density_g_per_mL"])
+        outcome = md_outcome(row)
+        key = (row["optimizer"], outcome)
+        ax.errorbar(bias, rho, yerr=float(row["density_err"] or 0), fmt=markers.get(row["optimizer"], "^"),
+                    color=colours[outcome], mec="k", mew=0.5, ms=7,
+                    label=f"{row['optimizer']}, {outcome}" if key not in seen else None)
+        seen.add(key)
+        points[row["label"]] = (bias, rho)
+    if points:
+        x = np.linspace(min(min(b for b, _ in points.values()), -1000), max(max(b for b, _ in points.values()), 1000), 100)
+        ax.plot(x, REFERENCE_DENSITY * np.exp(-WATER_COMPRESSIBILITY_PER_BAR * x), "k--", lw=0.8,
+                label="0.92·exp(−κΔP), κ = 4.5e-5 /bar")
+    ax.set(xlabel="pressure bias from the energy error's volume trend / bar", ylabel="NPT density / g mL⁻¹",
+           title="NPT density (320 K, 1 bar) against the pressure bias")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    print(f"written: {out}")
+    return points
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -360,7 +459,26 @@ def main(argv=None) -> int:
     fm = sub.add_parser("fisher-map", help="Fisher median against RMSE of all models, coloured by their NPT outcome")
     fm.add_argument("summary", type=Path, help="a models_summary.csv (one row per model)")
     fm.add_argument("--out", type=Path, default=Path("fisher_map.png"))
+    pb = sub.add_parser("pressure-bias", help="energy error against volume and the pressure bias of each model")
+    pb.add_argument("models", nargs="+", type=Path)
+    pb.add_argument("--db", type=Path, required=True, help="the ASE database the runs trained on (Å, eV)")
+    pb.add_argument("--split", type=Path, required=True, help="a run's split.npz (its val_idx frames are used)")
+    pb.add_argument("--part", default="val_idx", choices=("val_idx", "train_idx"))
+    pb.add_argument("--labels", nargs="+")
+    pb.add_argument("--json", type=Path, default=Path("pressure_bias.json"))
+    pb.add_argument("--out", type=Path, default=Path("energy_volume.png"))
+    pm = sub.add_parser("pressure-map", help="NPT density against the pressure bias of all models")
+    pm.add_argument("summary", type=Path, help="a models_summary.csv with pressure_bias_bar")
+    pm.add_argument("--out", type=Path, default=Path("pressure_map.png"))
     args = parser.parse_args(argv)
+    if args.cmd == "pressure-bias":
+        pressure_bias(args.models, args.db, args.split, args.labels or [m.stem for m in args.models], args.json,
+                      args.out, args.part)
+        return 0
+    if args.cmd == "pressure-map":
+        for k, v in plot_pressure_map(args.summary, args.out).items():
+            print(f"{k}: {v}")
+        return 0
     if args.cmd == "summary":
         with open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)

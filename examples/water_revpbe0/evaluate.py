@@ -12,6 +12,12 @@ Selection (``--keep``): ``last`` (default; the rule of the full-budget study, fi
 weights at the end of the run's budget, ``checkpoints/last.ckpt`` (read without running code from it) put
 into the architecture of ``best_model``; no validation number chooses the model. ``best``: SchNetPack's
 ``best_model`` (lowest ``val_loss``, which the total-energy term dominates).
+
+Besides the RMSEs, each entry has the energy error's trend with volume (:func:`energy_volume_trend`): its mean
+(a common offset, which moves no atom), and the pressure the model adds, estimated from how its per-frame energy
+error changes with the volume per atom across the frames (ΔP = −d(ΔE)/dV, in bar). A force RMSE cannot see this
+pressure error, and it decides the density of NPT runs. ``--per-frame FILE`` also writes each frame's volume and
+errors.
 """
 
 from __future__ import annotations
@@ -33,19 +39,57 @@ def validation_frames(db: Path, run_dir: Path, max_frames: int, split: str = "va
         return [con.get(int(i) + 1) for i in idx]
 
 
-def rmse_on(model_path: Path, rows, device: str) -> dict:
+def frame_errors(model_path: Path, rows, device: str = "cpu") -> dict:
+    """Per-frame errors of a model on database ``rows`` (Å, eV), float64: ``energy`` (n,) model − reference per
+    atom (eV/atom), ``forces_rmse`` (n,) per frame (eV/Å), ``forces`` (3·Σ atoms,) every component's error
+    (eV/Å), ``volume`` (n,) volume per atom (Å³/atom)."""
     from ekf_plugin.evaluation import ModelEvaluator
 
     ev = ModelEvaluator(str(model_path), device=device)
-    de, df = [], []
+    de, df, vol = [], [], []
     for row in rows:
         atoms = row.toatoms()
         res = ev(atoms.numbers, atoms.positions, atoms.cell.array, pbc=atoms.pbc)
-        de.append((res.energy - float(row.data["energy"][0])) / len(atoms))
-        df.append((res.forces - row.data["forces"]).ravel())
-    de, df = np.array(de), np.concatenate(df)
-    return {"energy_rmse_meV_per_atom": float(np.sqrt((de**2).mean()) * 1e3),
-            "forces_rmse_meV_per_A": float(np.sqrt((df**2).mean()) * 1e3), "frames": len(rows)}
+        de.append((res.energy - float(row.data["energy"][0])) / len(atoms))  # eV/atom
+        df.append((res.forces - row.data["forces"]).ravel())  # (3N,) eV/Å
+        vol.append(atoms.get_volume() / len(atoms))  # Å³/atom
+    return {"energy": np.array(de), "forces_rmse": np.array([np.sqrt((f**2).mean()) for f in df]),
+            "forces": np.concatenate(df), "volume": np.array(vol)}
+
+
+def energy_volume_trend(volume: np.ndarray, energy_error: np.ndarray) -> dict:
+    """The linear trend of a model's energy error e (eV/atom) with the volume per atom v (Å³/atom) over frames.
+
+    For a structure of N atoms the error of the total energy is ΔE = N·e and V = N·v, so the trend
+    d(ΔE)/dV = de/dv (eV/Å³) is the model's pressure error with the opposite sign: ΔP = −de/dv. A model whose
+    energy error falls with volume pushes the box outward (ΔP > 0: an NPT run at the reference pressure ends
+    less dense), one whose error rises with volume compresses it. Returns the mean error (a common offset,
+    meV/atom), the slope (meV/Å³), its correlation coefficient r, ΔP (bar) and the error's standard deviation
+    about the line (meV/atom). Needs frames at more than one volume."""
+    from ase import units
+
+    v, e = np.asarray(volume, dtype=float), np.asarray(energy_error, dtype=float)
+    if v.shape != e.shape or v.size < 3 or np.ptp(v) <= 1e-9 * abs(v).max():
+        raise ValueError(f"need >= 3 frames at different volumes, got {v.size} (volume range {np.ptp(v) if v.size else 0} Å³/atom)")
+    slope, intercept = np.polyfit(v, e, 1)  # eV/Å³, eV/atom
+    return {"energy_error_mean_meV_per_atom": float(e.mean() * 1e3),
+            "energy_error_volume_slope_meV_per_A3": float(slope * 1e3),
+            "energy_error_volume_r": float(np.corrcoef(v, e)[0, 1]) if e.std() > 0 else 0.0,
+            "pressure_bias_bar": float(-slope / units.bar),
+            "energy_error_std_about_trend_meV_per_atom": float((e - (intercept + slope * v)).std() * 1e3)}
+
+
+def rmse_on(model_path: Path, rows, device: str, per_frame: dict | None = None) -> dict:
+    """Energy (meV/atom) and force (meV/Å) RMSE of a model on ``rows``, with its energy–volume trend; the
+    per-frame values go into ``per_frame`` when given."""
+    err = frame_errors(model_path, rows, device)
+    out = {"energy_rmse_meV_per_atom": float(np.sqrt((err["energy"] ** 2).mean()) * 1e3),
+           "forces_rmse_meV_per_A": float(np.sqrt((err["forces"] ** 2).mean()) * 1e3), "frames": len(rows)}
+    out.update(energy_volume_trend(err["volume"], err["energy"]))
+    if per_frame is not None:
+        per_frame.update(volume_A3_per_atom=err["volume"].tolist(), energy_error_meV_per_atom=(1e3 * err["energy"]).tolist(),
+                         forces_rmse_meV_per_A=(1e3 * err["forces_rmse"]).tolist())
+    return out
 
 
 def kept_model(run: Path, keep: str):
@@ -77,20 +121,25 @@ def main(argv=None) -> int:
                    help="which model of a run to keep: its final weights (last.ckpt) or best_model (lowest val_loss)")
     p.add_argument("--split", choices=("val", "train"), default="val",
                    help="frames to measure on: the run's validation split (default) or its training split")
+    p.add_argument("--per-frame", type=Path, default=None,
+                   help="also write each frame's volume (Å³/atom), energy error (meV/atom) and force RMSE (meV/Å) here")
     args = p.parse_args(argv)
     from ekf_plugin.models import save_model
 
     args.models.mkdir(parents=True, exist_ok=True)
-    table = {}
+    table, frames = {}, {}
     for run in args.runs:
         out = args.models / f"{run.name}.pt"
         model, updates = kept_model(run, args.keep)
         save_model(model, out)
+        frames[run.name] = {}
         table[run.name] = rmse_on(out, validation_frames(args.db, run, args.max_frames, args.split),
-                                  args.device)
+                                  args.device, frames[run.name])
         table[run.name].update(kept=args.keep, updates=updates, split=args.split)
         print(f"{run.name}: {table[run.name]}  -> {out}", flush=True)
     args.json.write_text(json.dumps(table, indent=2))
+    if args.per_frame:
+        args.per_frame.write_text(json.dumps(frames))
     return 0
 
 

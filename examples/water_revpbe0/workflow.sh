@@ -101,5 +101,6 @@ if [[ $stage == plots || $stage == all ]]; then
   md_ps=$(awk "BEGIN{print ${MD_STEPS:-400} * 0.0005}")
   "$BIN/python" "$HERE/analyze.py" summary "${RUNS[@]/#/runs/}" --md-planned-ps "$md_ps" --out models_summary.csv
   "$BIN/python" "$HERE/analyze.py" fisher-map models_summary.csv --out fisher_map.png || true
+  "$BIN/python" "$HERE/analyze.py" pressure-map models_summary.csv --out pressure_map.png || true
   cat results_table.md
 fi
