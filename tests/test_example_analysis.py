@@ -120,34 +120,33 @@ def test_md_outcome_rules(kw, outcome):
     assert analyze.md_outcome(_summary_row(**kw)) == outcome
 
 
-def test_fisher_map_plots_every_model_with_a_fisher_median(tmp_path):
+def _write_summary(tmp_path, rows):
     import csv
 
-    rows = [_summary_row(label="ekf"), _summary_row(label="adam", optimizer="Adam", density_g_per_mL="1.19"),
-            _summary_row(label="no_fisher", fisher_log10_median="")]
     path = tmp_path / "models_summary.csv"
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    return path
+
+
+def test_fisher_map_plots_every_model_with_a_fisher_median(tmp_path):
+    rows = [_summary_row(label="ekf"), _summary_row(label="adam", optimizer="Adam", density_g_per_mL="1.19"),
+            _summary_row(label="no_fisher", fisher_log10_median="")]
+    path = _write_summary(tmp_path, rows)
     out = analyze.plot_fisher_map(path, tmp_path / "map.png")
     assert out == {"ekf": "holds density", "adam": "wrong density"}
     assert (tmp_path / "map.png").stat().st_size > 10_000
 
 
 def test_pressure_map_plots_models_with_a_bias_and_a_density(tmp_path):
-    import csv
-
     rows = [_summary_row(label="ekf", pressure_bias_bar="-32", density_err="0.01"),
             _summary_row(label="adam", optimizer="Adam", density_g_per_mL="0.733", pressure_bias_bar="4179",
                          density_err="0.009"),
             _summary_row(label="no_bias", pressure_bias_bar="", density_err=""),
             _summary_row(label="no_md", pressure_bias_bar="100", density_g_per_mL="", density_err="")]
-    path = tmp_path / "models_summary.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = _write_summary(tmp_path, rows)
     out = analyze.plot_pressure_map(path, tmp_path / "map.png")
     assert out == {"ekf": (-32.0, 0.93), "adam": (4179.0, 0.733)}
     assert (tmp_path / "map.png").stat().st_size > 10_000
@@ -185,7 +184,8 @@ def test_committed_models_summary_matches_its_sources():
 
 def test_pressure_bias_predicts_the_direction_of_every_wrong_density():
     """The session-9 claim, on the committed data: every stable NPT run more than 3 % off 0.92 g/mL is off in the
-    direction of its model's pressure bias (ΔP > 0: too dilute), and every EKF model's bias is below 600 bar."""
+    direction of its model's pressure bias (ΔP > 0: too dilute), and every EKF model's bias is below 600 bar
+    (recomputed from the per-frame errors)."""
     import csv
 
     from tests.test_example_evaluate import evaluate
@@ -200,12 +200,12 @@ def test_pressure_bias_predicts_the_direction_of_every_wrong_density():
         assert again["pressure_bias_bar"] == pytest.approx(p["pressure_bias_bar"], rel=1e-9)
         if row["optimizer"] == "EKF":
             assert abs(p["pressure_bias_bar"]) < 600
-        if analyze.md_outcome(row) == "wrong density":
+        stable = analyze.md_outcome(row) in ("holds density", "wrong density")
+        if stable and abs(float(row["density_g_per_mL"]) / analyze.REFERENCE_DENSITY - 1) > 0.03:
             rho = float(row["density_g_per_mL"])
-            assert abs(rho / analyze.REFERENCE_DENSITY - 1) > 0.03
             assert np.sign(p["pressure_bias_bar"]) == -np.sign(rho - analyze.REFERENCE_DENSITY), row["label"]
             off += 1
-    assert off >= 3  # Adam 98 k and 190 k (too dense), Adam 659 k (too dilute)
+    assert off >= 4  # Adam 98 k and 190 k (too dense), Adam 659 k and session 2's EKF seed 1 (too dilute)
 
 
 def test_summary_rows_from_the_workflow_files(tmp_path):

@@ -30,6 +30,13 @@ import numpy as np
 REFERENCE_DENSITY = 0.92  # g/mL, revPBE0-D3 at 320 K, 1 bar (the study)
 
 
+def _save(fig, out: Path, dpi: int) -> None:
+    """Lay out, write and report a figure."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    print(f"written: {out}")
+
+
 def read_ipi_properties(path: Path) -> Dict[str, np.ndarray]:
     """Columns of an i-PI ``*.out`` properties file, keyed by name without the unit (``density``)."""
     names: List[str] = []
@@ -97,9 +104,7 @@ def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"written: {out}")
+    _save(fig, out, 120)
 
 
 def plot_density(files: List[Path], labels: List[str], out: Path, skip_ps: float) -> Dict[str, dict]:
@@ -122,9 +127,7 @@ def plot_density(files: List[Path], labels: List[str], out: Path, skip_ps: float
     ax.axhline(REFERENCE_DENSITY, color="k", ls="--", label="revPBE0-D3 reference 0.92")
     ax.set(xlabel="time / ps", ylabel="density / g mL⁻¹", title="NPT, 320 K, 1 bar, 64 H₂O")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"written: {out}")
+    _save(fig, out, 120)
     return summary
 
 
@@ -226,9 +229,7 @@ def plot_rdf(files: List[Path], labels: List[str], out: Path, skip_ps: float, st
     ax.set_ylabel("g$_{OO}$(r)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    print(f"written: {out}")
+    _save(fig, out, 130)
     return summary
 
 
@@ -322,9 +323,7 @@ def plot_fisher_map(summary_csv: Path, out: Path) -> Dict[str, str]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("Fisher median against RMSE; NPT at 320 K, 1 bar (dotted: RuNNer on its fit frames)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    print(f"written: {out}")
+    _save(fig, out, 130)
     return outcomes
 
 
@@ -377,9 +376,7 @@ def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], 
     ax.axhline(0, color="k", lw=0.6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    print(f"written: {out}")
+    _save(fig, out, 130)
     Path(json_out).write_text(json.dumps(results))
     return results
 
@@ -416,9 +413,7 @@ def plot_pressure_map(summary_csv: Path, out: Path) -> Dict[str, Tuple[float, fl
            title="NPT density (320 K, 1 bar) against the pressure bias")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    print(f"written: {out}")
+    _save(fig, out, 130)
     return points
 
 
