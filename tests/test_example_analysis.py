@@ -188,7 +188,7 @@ def test_pressure_bias_predicts_the_direction_of_every_wrong_density():
     (recomputed from the per-frame errors)."""
     import csv
 
-    from tests.test_example_evaluate import evaluate
+    from ekf_plugin.model_errors import energy_volume_trend
 
     res = REPO / "examples" / "water_revpbe0" / "results"
     rows = list(csv.DictReader(open(res / "models_summary.csv")))
@@ -196,7 +196,7 @@ def test_pressure_bias_predicts_the_direction_of_every_wrong_density():
     off = 0
     for row in rows:
         p = pressure[row["label"]]
-        again = evaluate.energy_volume_trend(np.array(p["volume_A3_per_atom"]), 1e-3 * np.array(p["energy_error_meV_per_atom"]))
+        again = energy_volume_trend(np.array(p["volume_A3_per_atom"]), 1e-3 * np.array(p["energy_error_meV_per_atom"]))
         assert again["pressure_bias_bar"] == pytest.approx(p["pressure_bias_bar"], rel=1e-9)
         if row["optimizer"] == "EKF":
             assert abs(p["pressure_bias_bar"]) < 600

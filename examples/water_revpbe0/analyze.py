@@ -327,7 +327,6 @@ def plot_fisher_map(summary_csv: Path, out: Path) -> Dict[str, str]:
     return outcomes
 
 
-WATER_COMPRESSIBILITY_PER_BAR = 4.5e-5  # isothermal compressibility of liquid water near 320 K (1/bar)
 WATER_MOLECULE_G = 18.015 / 6.02214076e23  # g per H₂O
 
 
@@ -344,10 +343,12 @@ def _evaluate_module():
 def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], json_out: Path, out: Path,
                   part: str = "val_idx") -> Dict[str, dict]:
     """Each model's energy error against the volume per atom on the frames ``split[part]`` of ``db`` (Å, eV),
-    its pressure bias (:func:`evaluate.energy_volume_trend`, bar), and one figure: the per-frame energy error
+    its pressure bias (:func:`ekf_plugin.model_errors.energy_volume_trend`, bar), and one figure: the per-frame energy error
     without its mean (meV/atom) against the frame's density (g/mL, water), with each model's fitted line."""
     import matplotlib
     from ase.db import connect
+
+    from ekf_plugin.model_errors import energy_volume_trend
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -359,16 +360,16 @@ def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (model, label) in enumerate(zip(models, labels)):
         err = ev.frame_errors(model, rows)
-        trend = ev.energy_volume_trend(err["volume"], err["energy"])
+        trend = energy_volume_trend(err.volume, err.energy)
         results[label] = {**trend, "model": str(model), "frames": len(rows),
-                          "volume_A3_per_atom": err["volume"].tolist(),
-                          "energy_error_meV_per_atom": (1e3 * err["energy"]).tolist()}
-        rho = WATER_MOLECULE_G / (3 * err["volume"] * 1e-24)  # g/mL: three atoms per molecule
-        e = 1e3 * err["energy"] - trend["energy_error_mean_meV_per_atom"]
+                          "volume_A3_per_atom": err.volume.tolist(),
+                          "energy_error_meV_per_atom": (1e3 * err.energy).tolist()}
+        rho = WATER_MOLECULE_G / (3 * err.volume * 1e-24)  # g/mL: three atoms per molecule
+        e = 1e3 * err.energy - trend["energy_error_mean_meV_per_atom"]
         ax.scatter(rho, e, s=6, color=f"C{k}", alpha=0.5)
-        v = np.linspace(err["volume"].min(), err["volume"].max(), 50)
+        v = np.linspace(err.volume.min(), err.volume.max(), 50)
         slope = trend["energy_error_volume_slope_meV_per_A3"]
-        ax.plot(WATER_MOLECULE_G / (3 * v * 1e-24), slope * (v - err["volume"].mean()), color=f"C{k}",
+        ax.plot(WATER_MOLECULE_G / (3 * v * 1e-24), slope * (v - err.volume.mean()), color=f"C{k}",
                 label=f"{label}: ΔP {trend['pressure_bias_bar']:+.0f} bar (r {trend['energy_error_volume_r']:+.2f})")
         print(f"{label}: {json.dumps({k2: round(v2, 4) for k2, v2 in trend.items()})}", flush=True)
     ax.set(xlabel="frame density / g mL⁻¹", ylabel="energy error − its mean / meV/atom",
@@ -407,7 +408,9 @@ def plot_pressure_map(summary_csv: Path, out: Path) -> Dict[str, Tuple[float, fl
         points[row["label"]] = (bias, rho)
     if points:
         x = np.linspace(min(min(b for b, _ in points.values()), -1000), max(max(b for b, _ in points.values()), 1000), 100)
-        ax.plot(x, REFERENCE_DENSITY * np.exp(-WATER_COMPRESSIBILITY_PER_BAR * x), "k--", lw=0.8,
+        from ekf_plugin.model_errors import density_factor
+
+        ax.plot(x, REFERENCE_DENSITY * np.array([density_factor(b) for b in x]), "k--", lw=0.8,
                 label="0.92·exp(−κΔP), κ = 4.5e-5 /bar")
     ax.set(xlabel="pressure bias from the energy error's volume trend / bar", ylabel="NPT density / g mL⁻¹",
            title="NPT density (320 K, 1 bar) against the pressure bias")

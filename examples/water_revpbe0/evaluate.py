@@ -13,7 +13,8 @@ weights at the end of the run's budget, ``checkpoints/last.ckpt`` (read without 
 into the architecture of ``best_model``; no validation number chooses the model. ``best``: SchNetPack's
 ``best_model`` (lowest ``val_loss``, which the total-energy term dominates).
 
-Besides the RMSEs, each entry has the energy error's trend with volume (:func:`energy_volume_trend`): its mean
+Besides the RMSEs, each entry has the energy error's trend with volume
+(:func:`ekf_plugin.model_errors.energy_volume_trend`, the same as ``ekf-plugin errors``): its mean
 (a common offset, which moves no atom), and the pressure the model adds, estimated from how its per-frame energy
 error changes with the volume per atom across the frames (ΔP = −d(ΔE)/dV, in bar). A force RMSE cannot see this
 pressure error, and it decides the density of NPT runs. ``--per-frame FILE`` also writes each frame's volume and
@@ -39,57 +40,32 @@ def validation_frames(db: Path, run_dir: Path, max_frames: int, split: str = "va
         return [con.get(int(i) + 1) for i in idx]
 
 
-def frame_errors(model_path: Path, rows, device: str = "cpu") -> dict:
-    """Per-frame errors of a model on database ``rows`` (Å, eV), float64: ``energy`` (n,) model − reference per
-    atom (eV/atom), ``forces_rmse`` (n,) per frame (eV/Å), ``forces`` (3·Σ atoms,) every component's error
-    (eV/Å), ``volume`` (n,) volume per atom (Å³/atom)."""
-    from ekf_plugin.evaluation import ModelEvaluator
+def frame_errors(model_path: Path, rows, device: str = "cpu"):
+    """Per-frame errors (:class:`ekf_plugin.model_errors.FrameErrors`: eV/atom, eV/Å, Å³/atom) of a model file on
+    database ``rows`` (Å, eV; the labels in ``row.data``), float64."""
+    from ase.calculators.singlepoint import SinglePointCalculator
 
-    ev = ModelEvaluator(str(model_path), device=device)
-    de, df, vol = [], [], []
+    from ekf_plugin.evaluation import ModelEvaluator
+    from ekf_plugin.model_errors import frame_errors as errors_of
+
+    frames = []
     for row in rows:
         atoms = row.toatoms()
-        res = ev(atoms.numbers, atoms.positions, atoms.cell.array, pbc=atoms.pbc)
-        de.append((res.energy - float(row.data["energy"][0])) / len(atoms))  # eV/atom
-        df.append((res.forces - row.data["forces"]).ravel())  # (3N,) eV/Å
-        vol.append(atoms.get_volume() / len(atoms))  # Å³/atom
-    return {"energy": np.array(de), "forces_rmse": np.array([np.sqrt((f**2).mean()) for f in df]),
-            "forces": np.concatenate(df), "volume": np.array(vol)}
-
-
-def energy_volume_trend(volume: np.ndarray, energy_error: np.ndarray) -> dict:
-    """The linear trend of a model's energy error e (eV/atom) with the volume per atom v (Å³/atom) over frames.
-
-    For a structure of N atoms the error of the total energy is ΔE = N·e and V = N·v, so the trend
-    d(ΔE)/dV = de/dv (eV/Å³) is the model's pressure error with the opposite sign: ΔP = −de/dv. A model whose
-    energy error falls with volume pushes the box outward (ΔP > 0: an NPT run at the reference pressure ends
-    less dense), one whose error rises with volume compresses it. Returns the mean error (a common offset,
-    meV/atom), the slope (meV/Å³), its correlation coefficient r, ΔP (bar) and the error's standard deviation
-    about the line (meV/atom). Needs frames at more than one volume."""
-    from ase import units
-
-    v, e = np.asarray(volume, dtype=float), np.asarray(energy_error, dtype=float)
-    if v.shape != e.shape or v.size < 3 or np.ptp(v) <= 1e-9 * abs(v).max():
-        raise ValueError(f"need >= 3 frames at different volumes, got {v.size} (volume range {np.ptp(v) if v.size else 0} Å³/atom)")
-    slope, intercept = np.polyfit(v, e, 1)  # eV/Å³, eV/atom
-    return {"energy_error_mean_meV_per_atom": float(e.mean() * 1e3),
-            "energy_error_volume_slope_meV_per_A3": float(slope * 1e3),
-            "energy_error_volume_r": float(np.corrcoef(v, e)[0, 1]) if e.std() > 0 else 0.0,
-            "pressure_bias_bar": float(-slope / units.bar),
-            "energy_error_std_about_trend_meV_per_atom": float((e - (intercept + slope * v)).std() * 1e3)}
+        atoms.calc = SinglePointCalculator(atoms, energy=float(row.data["energy"][0]), forces=row.data["forces"])
+        frames.append(atoms)
+    return errors_of(ModelEvaluator(str(model_path), device=device), frames)
 
 
 def rmse_on(model_path: Path, rows, device: str, per_frame: dict | None = None) -> dict:
-    """Energy (meV/atom) and force (meV/Å) RMSE of a model on ``rows``, with its energy–volume trend; the
-    per-frame values go into ``per_frame`` when given."""
+    """Energy (meV/atom) and force (meV/Å) RMSE of a model on ``rows``, with its energy–volume trend
+    (:func:`ekf_plugin.model_errors.error_summary`); the per-frame values go into ``per_frame`` when given."""
+    from ekf_plugin.model_errors import error_summary
+
     err = frame_errors(model_path, rows, device)
-    out = {"energy_rmse_meV_per_atom": float(np.sqrt((err["energy"] ** 2).mean()) * 1e3),
-           "forces_rmse_meV_per_A": float(np.sqrt((err["forces"] ** 2).mean()) * 1e3), "frames": len(rows)}
-    out.update(energy_volume_trend(err["volume"], err["energy"]))
     if per_frame is not None:
-        per_frame.update(volume_A3_per_atom=err["volume"].tolist(), energy_error_meV_per_atom=(1e3 * err["energy"]).tolist(),
-                         forces_rmse_meV_per_A=(1e3 * err["forces_rmse"]).tolist())
-    return out
+        per_frame.update(volume_A3_per_atom=err.volume.tolist(), energy_error_meV_per_atom=(1e3 * err.energy).tolist(),
+                         forces_rmse_meV_per_A=(1e3 * err.forces_rmse).tolist())
+    return error_summary(err)
 
 
 def kept_model(run: Path, keep: str):
