@@ -53,8 +53,8 @@ def frame_errors(evaluate: Callable, frames: Iterable, progress: Optional[Callab
 def energy_volume_trend(volume: np.ndarray, energy_error: np.ndarray) -> Dict[str, float]:
     """The linear trend of a model's energy error e (eV/atom) with the volume per atom v (Å³/atom) over frames:
     the mean error (a common offset, which moves no atom; meV/atom), the slope de/dv (meV/Å³), its correlation
-    coefficient r, the pressure bias ΔP = −de/dv (bar) and the error's standard deviation about the line
-    (meV/atom). ΔP > 0: the model pushes the box outward, an NPT run at the reference pressure ends less dense;
+    coefficient r, the pressure bias ΔP = −de/dv (bar) with its standard error (bar; the least-squares slope's,
+    frames taken as independent) and the error's standard deviation about the line (meV/atom). ΔP > 0: the model pushes the box outward, an NPT run at the reference pressure ends less dense;
     ΔP < 0: it compresses. Needs at least 3 frames at different volumes (``ValueError`` otherwise)."""
     from ase import units
 
@@ -63,11 +63,14 @@ def energy_volume_trend(volume: np.ndarray, energy_error: np.ndarray) -> Dict[st
         spread = np.ptp(v) if v.size and np.isfinite(v).all() else float("nan")
         raise ValueError(f"need >= 3 periodic frames at different volumes, got {v.size} (volume range {spread} Å³/atom)")
     slope, intercept = np.polyfit(v, e, 1)  # eV/Å³, eV/atom
+    resid = e - (intercept + slope * v)  # (n,) eV/atom
+    slope_err = np.sqrt((resid**2).sum() / (v.size - 2) / ((v - v.mean()) ** 2).sum()) if v.size > 2 else np.inf
     return {"energy_error_mean_meV_per_atom": float(e.mean() * 1e3),
             "energy_error_volume_slope_meV_per_A3": float(slope * 1e3),
             "energy_error_volume_r": float(np.corrcoef(v, e)[0, 1]) if e.std() > 0 else 0.0,
             "pressure_bias_bar": float(-slope / units.bar),
-            "energy_error_std_about_trend_meV_per_atom": float((e - (intercept + slope * v)).std() * 1e3)}
+            "pressure_bias_err_bar": float(slope_err / units.bar),
+            "energy_error_std_about_trend_meV_per_atom": float(resid.std() * 1e3)}
 
 
 def error_summary(err: FrameErrors) -> Dict[str, object]:

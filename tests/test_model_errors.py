@@ -24,6 +24,7 @@ def test_trend_of_an_error_linear_in_volume_is_the_pressure_error():
     assert t["energy_error_mean_meV_per_atom"] == pytest.approx(1e3 * e.mean())
     assert t["energy_error_volume_r"] == pytest.approx(-1.0)
     assert t["energy_error_std_about_trend_meV_per_atom"] == pytest.approx(0.0, abs=1e-9)
+    assert t["pressure_bias_err_bar"] == pytest.approx(0.0, abs=1e-6)
 
 
 def _frame(n_atoms: int, box: float, energy: float, forces=None) -> Atoms:
@@ -63,6 +64,20 @@ def test_force_errors_per_frame_and_over_all_components():
     s = error_summary(err)  # two volumes only: no trend, and it says why
     assert s["forces_rmse_meV_per_A"] == pytest.approx(500.0) and s["pressure_bias_bar"] is None
     assert "different volumes" in s["pressure_bias_note"]
+
+
+def test_standard_error_of_the_bias_follows_the_noise():
+    rng = np.random.default_rng(2)
+    v = rng.uniform(8.0, 14.0, 400)
+    sigma = 5e-3  # eV/atom of scatter about the trend
+    biases, errs = [], []
+    for _ in range(200):
+        t = energy_volume_trend(v, 1e-4 * v + rng.normal(0, sigma, v.size))
+        biases.append(t["pressure_bias_bar"]), errs.append(t["pressure_bias_err_bar"])
+    expected = sigma / np.sqrt(((v - v.mean()) ** 2).sum()) / units.bar  # the least-squares slope's s.e.
+    assert np.mean(errs) == pytest.approx(expected, rel=0.05)
+    assert np.std(biases) == pytest.approx(expected, rel=0.15)  # the spread over repeats is what it claims
+    assert np.mean(biases) == pytest.approx(-1e-4 / units.bar, abs=3 * expected / np.sqrt(200))
 
 
 def test_a_constant_offset_gives_no_pressure_bias():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 NAME = "errors"
 HELP = "energy and force RMSE of models on labelled frames, with the pressure bias of their energy errors"
-WARN_BAR = 500.0  # |ΔP| above which the command warns (water: ~2 % density)
+WARN_BAR = 500.0  # |ΔP| above which (and above twice its standard error) the command warns (water: ~2 % density)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def read_labelled_frames(path: Path, index: str, length_unit: str, energy_unit: 
 
 COLUMNS = (("model", None, "{}"), ("frames", "frames", "{}"), ("E RMSE (meV/atom)", "energy_rmse_meV_per_atom", "{:.3f}"),
            ("F RMSE (meV/Å)", "forces_rmse_meV_per_A", "{:.2f}"), ("E mean (meV/atom)", "energy_error_mean_meV_per_atom", "{:+.3f}"),
-           ("pressure bias (bar)", "pressure_bias_bar", "{:+.0f}"))
+           ("pressure bias (bar)", "pressure_bias_bar", "{:+.0f}"), ("±", "pressure_bias_err_bar", "{:.0f}"))
 
 
 def _print_table(table: dict) -> None:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         bias = row.get("pressure_bias_bar")
         if bias is None:
             print(f"{name}: no pressure bias: {row['pressure_bias_note']}")
-        elif abs(bias) > WARN_BAR:
+        elif abs(bias) > max(WARN_BAR, 2 * row["pressure_bias_err_bar"]):
             print(f"{name}: pressure bias {bias:+.0f} bar: an NPT run at the reference pressure will end "
                   f"{'less' if bias > 0 else 'more'} dense (liquid water: about {100 * (density_factor(bias) - 1):+.0f} %)")
     if args.json:

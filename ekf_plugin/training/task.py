@@ -14,7 +14,10 @@ With the study's batch size of 1 this is exactly its schedule; with B > 1 each s
 kind and all labels join one update (m = Σ labels, like multistream).
 
 Logged: ``{train,val,test}_energy_per_atom_rmse`` (eV/atom) and ``{train,val,test}_forces_rmse_all``
-(eV/Å, all components), besides SchNetPack's usual per-output metrics and ``val_loss``. The label-draw
+(eV/Å, all components), besides SchNetPack's usual per-output metrics and ``val_loss``; with periodic
+validation frames at more than one density also ``val_pressure_bias_bar``, the pressure error that the
+energy errors imply (:func:`ekf_plugin.model_errors.energy_volume_trend`: ΔP = −d(ΔE)/dV in bar; a force
+RMSE cannot see it, and it sets the density of NPT runs). The label-draw
 RNG is stored in Lightning checkpoints, so a resumed run continues exactly.
 """
 
@@ -182,6 +185,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.selection = (ThresholdSelection(selection_threshold, selection_trials)
                           if force_selection == "threshold" else None)
         self._val_nonfinite = 0  # validation batches with a non-finite loss in the current validation
+        self._val_volume_error: List[torch.Tensor] = []  # per validation batch (B', 2): Å³/atom, eV/atom
         self._rmse_registered = {"e": False, "f": False}  # train RMSE metrics logged this epoch
         self.rmse = torch.nn.ModuleDict(
             {f"{s}_{k}": MeanSquaredError(squared=False) for s in ("train", "val", "test") for k in ("e", "f")}
@@ -307,7 +311,44 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         if sch is not None and not isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sch.step()
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_volume_error = []
+
+    def _collect_volume_error(self, batch: Dict[str, torch.Tensor], energy: torch.Tensor) -> None:
+        """Keep (volume per atom Å³, energy error per atom eV) of the periodic structures of a validation batch;
+        ``energy`` (B,) is the predicted total energy (eV)."""
+        cell, pbc = batch.get(spk.properties.cell), batch.get(spk.properties.pbc)
+        if cell is None or pbc is None:
+            return
+        with torch.no_grad():
+            nat = atoms_per_structure(batch).to(energy.device).double()  # (B,)
+            cell = cell.reshape(-1, 3, 3).double()  # (B, 3, 3) Å
+            periodic = pbc.reshape(-1, 3).all(1).to(energy.device)  # (B,)
+            volume = torch.linalg.det(cell).abs().to(energy.device) / nat  # (B,) Å³/atom
+            error = (energy.detach().reshape(-1).double() - batch[self.energy_key].reshape(-1).double()) / nat  # (B,)
+            keep = periodic & (volume > 0)
+            self._val_volume_error.append(torch.stack([volume[keep], error[keep]], 1).cpu())  # (B', 2)
+
+    def _log_pressure_bias(self) -> None:
+        """``val_pressure_bias_bar`` from the validation frames collected by :meth:`_collect_volume_error` (all
+        processes' frames under DDP); nothing when they do not span more than one volume."""
+        from ekf_plugin.model_errors import energy_volume_trend
+
+        rows = torch.cat(self._val_volume_error) if self._val_volume_error else torch.zeros(0, 2, dtype=torch.float64)
+        self._val_volume_error = []
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, rows)
+            rows = torch.cat(parts)
+        try:
+            trend = energy_volume_trend(rows[:, 0].numpy(), rows[:, 1].numpy())
+        except ValueError:  # fewer than 3 periodic frames, or one density only
+            return
+        self.log("val_pressure_bias_bar", trend["pressure_bias_bar"], on_step=False, on_epoch=True, sync_dist=False)
+
     def on_validation_epoch_end(self) -> None:
+        self._log_pressure_bias()
         bad, self._val_nonfinite = self._val_nonfinite, 0
         if bad:
             step = int(self.trainer.global_step) if self._trainer is not None else 0
@@ -398,6 +439,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.log(f"{subset}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["_idx"]))
         self.log_metrics(pred, targets, subset)
         self._update_rmse(pred, batch, subset)
+        if subset == "val" and self.energy_key in pred:
+            self._collect_volume_error(batch, pred[self.energy_key])
         return {f"{subset}_loss": loss}
 
     def _fast_validation(self) -> bool:
@@ -432,6 +475,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             self._val_nonfinite += 1
         self.log(f"{subset}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["_idx"]))
         self.log_metrics(pred, targets, subset)
+        if subset == "val":
+            self._collect_volume_error(batch, pred[self.energy_key])
         nat = atoms_per_structure(batch).to(pred[self.energy_key].device)  # (B,)
         m = self.rmse[f"{subset}_e"]
         m((pred[self.energy_key] / nat).double(), (targets[self.energy_key] / nat).double())

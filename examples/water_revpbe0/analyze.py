@@ -254,7 +254,7 @@ def md_outcome(row: Dict[str, str]) -> str:
 
 SUMMARY_FIELDS = ["label", "session", "optimizer", "eta", "protocol", "updates", "energy_rmse_meV_per_atom",
                   "forces_rmse_meV_per_A", "md_planned_ps", "md_ps", "density_g_per_mL", "density_err",
-                  "temperature_K", "fisher_log10_median", "pressure_bias_bar", "source"]
+                  "temperature_K", "fisher_log10_median", "pressure_bias_bar", "pressure_bias_err_bar", "source"]
 
 
 def summary_rows(runs: List[Path], errors: Path, fisher: Path, density: Path, md_planned_ps: float,
@@ -281,6 +281,7 @@ def summary_rows(runs: List[Path], errors: Path, fisher: Path, density: Path, md
             "temperature_K": d["temperature_mean_K"] if finite(d.get("temperature_mean_K")) else "",
             "fisher_log10_median": f.get("log10_median", ""),
             "pressure_bias_bar": e.get("pressure_bias_bar", ""),
+            "pressure_bias_err_bar": e.get("pressure_bias_err_bar", ""),
             "source": f"{Path(errors).name}, {Path(fisher).name}, {Path(density).name}",
         })
     return rows
@@ -361,7 +362,7 @@ def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], 
     for k, (model, label) in enumerate(zip(models, labels)):
         err = ev.frame_errors(model, rows)
         trend = energy_volume_trend(err.volume, err.energy)
-        results[label] = {**trend, "model": str(model), "frames": len(rows),
+        results[label] = {**trend, "model": str(model), "frames": len(rows),  # pressure_bias_err_bar: 1 s.e.
                           "volume_A3_per_atom": err.volume.tolist(),
                           "energy_error_meV_per_atom": (1e3 * err.energy).tolist()}
         rho = WATER_MOLECULE_G / (3 * err.volume * 1e-24)  # g/mL: three atoms per molecule
@@ -370,7 +371,8 @@ def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], 
         v = np.linspace(err.volume.min(), err.volume.max(), 50)
         slope = trend["energy_error_volume_slope_meV_per_A3"]
         ax.plot(WATER_MOLECULE_G / (3 * v * 1e-24), slope * (v - err.volume.mean()), color=f"C{k}",
-                label=f"{label}: ΔP {trend['pressure_bias_bar']:+.0f} bar (r {trend['energy_error_volume_r']:+.2f})")
+                label=f"{label}: ΔP {trend['pressure_bias_bar']:+.0f} ± {trend['pressure_bias_err_bar']:.0f} bar "
+                      f"(r {trend['energy_error_volume_r']:+.2f})")
         print(f"{label}: {json.dumps({k2: round(v2, 4) for k2, v2 in trend.items()})}", flush=True)
     ax.set(xlabel="frame density / g mL⁻¹", ylabel="energy error − its mean / meV/atom",
            title=f"energy error against density, {len(rows)} frames ({part.split('_')[0]})")
@@ -401,7 +403,8 @@ def plot_pressure_map(summary_csv: Path, out: Path) -> Dict[str, Tuple[float, fl
         bias, rho = float(row["pressure_bias_bar"]), float(row["density_g_per_mL"])
         outcome = md_outcome(row)
         key = (row["optimizer"], outcome)
-        ax.errorbar(bias, rho, yerr=float(row["density_err"] or 0), fmt=markers.get(row["optimizer"], "^"),
+        ax.errorbar(bias, rho, yerr=float(row["density_err"] or 0), xerr=float(row.get("pressure_bias_err_bar") or 0),
+                    fmt=markers.get(row["optimizer"], "^"),
                     color=colours[outcome], mec="k", mew=0.5, ms=7,
                     label=f"{row['optimizer']}, {outcome}" if key not in seen else None)
         seen.add(key)

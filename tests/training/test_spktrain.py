@@ -15,8 +15,9 @@ from tests.helpers import REPO, run_cli
 def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment):
     src = shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
     args = [
-        "spktrain", f"experiment={experiment}", f"data.source={src}", "data.max_frames=5",
-        f"data.datapath={tmp_path}/water5.db", "trainer.max_epochs=1", f"run.path={tmp_path}/runs", "run.id=t",
+        "spktrain", f"experiment={experiment}", f"data.source={src}", "data.max_frames=10", "data.num_train=4",
+        "data.num_val=6", f"data.datapath={tmp_path}/water10.db", "+seed=0", "trainer.max_epochs=1", f"run.path={tmp_path}/runs",
+        "run.id=t",
         "logger=csv", "+trainer.enable_progress_bar=false", "callbacks.latest_checkpoint.every_n_train_steps=2",
     ]
     res = run_cli(args, cwd=REPO, timeout=600)
@@ -34,6 +35,8 @@ def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment
     assert len(val) == 1, "one validation per epoch"
     for r in val:
         assert math.isfinite(float(r["val_forces_rmse_all"])) and math.isfinite(float(r["val_energy_per_atom_rmse"]))
+    bias = [float(r["val_pressure_bias_bar"]) for r in rows if r.get("val_pressure_bias_bar")]
+    assert len(bias) == 1 and math.isfinite(bias[0]), "6 periodic validation frames at >1 density: the pressure bias is logged"
     assert max(float(r["step"]) for r in rows if r.get("val_loss")) >= 3  # 4 training frames: 4 updates
 
 
