@@ -225,3 +225,18 @@ def test_summary_rows_from_the_workflow_files(tmp_path):
     as_str = [{k: str(v) for k, v in r.items()} for r in rows]
     assert [analyze.md_outcome(r) for r in as_str] == ["holds density", "lost liquid"]
     assert set(ekf) == set(analyze.SUMMARY_FIELDS)
+
+
+def test_curves_add_a_pressure_panel_when_a_run_logged_the_bias(tmp_path):
+    old, new = tmp_path / "ekf_lr1e-3_s0", tmp_path / "adam_lr1e-4_s0_ef0.1_thr"
+    for run, extra in ((old, ""), (new, ",val_pressure_bias_bar")):
+        (run / "csv" / "version_0").mkdir(parents=True)
+        rows = "".join(f"0,{s},0.003,0.12{',' + str(-5000 + s) if extra else ''}\n" for s in (999, 1999))
+        (run / "csv" / "version_0" / "metrics.csv").write_text(
+            f"epoch,step,val_energy_per_atom_rmse,val_forces_rmse_all{extra}\n" + rows)
+    keys = analyze.plot_curves([old, new], tmp_path / "c.png", "val_energy_per_atom_rmse", "val_forces_rmse_all")
+    assert keys == ["val_energy_per_atom_rmse", "val_forces_rmse_all", "val_pressure_bias_bar"]
+    assert analyze.read_metrics(new)["val_pressure_bias_bar"][:, 1].tolist() == [-4001.0, -3001.0]
+    assert analyze.plot_curves([old], tmp_path / "d.png", "val_energy_per_atom_rmse", "val_forces_rmse_all") == \
+        ["val_energy_per_atom_rmse", "val_forces_rmse_all"]
+    assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -81,30 +81,43 @@ def read_metrics(run_dir: Path) -> Dict[str, np.ndarray]:
     return {k: np.array(sorted(v.items())) for k, v in merged.items()}
 
 
-def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str) -> None:
+PRESSURE_KEY = "val_pressure_bias_bar"  # logged by the task since session 9 (bar)
+
+
+def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str) -> List[str]:
+    """Validation energy and force RMSE against updates (log axes), and the pressure bias (bar) in a third panel
+    when a run logged it. Returns the panels' metric keys."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    metrics = {run: read_metrics(run) for run in run_dirs}
+    keys = [energy_key, force_key] + ([PRESSURE_KEY] if any(PRESSURE_KEY in m for m in metrics.values()) else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
     seed_re = r"_s(\d+)(?=(_ef[0-9.]+)?(_thr)?$)"  # <opt>_lr<η>_s<seed>[_ef<f>][_thr]
     setups = list(dict.fromkeys(re.sub(seed_re, "", Path(run).name) for run in run_dirs))  # one colour per setup
     for run in run_dirs:
-        m = read_metrics(run)
+        m = metrics[run]
         name = Path(run).name
         setup = re.sub(seed_re, "", name)
         seed = re.search(seed_re, name)
         style = dict(color=f"C{setups.index(setup)}", ls=["-", "--", ":", "-."][int(seed.group(1)) % 4 if seed else 0])
-        for ax, key in zip(axes, (energy_key, force_key)):
-            if key in m:
+        for ax, key in zip(axes, keys):
+            if key == PRESSURE_KEY and key in m:
+                ax.semilogx(m[key][:, 0] + 1, m[key][:, 1], marker=".", label=name, **style)
+            elif key in m:
                 ax.loglog(m[key][:, 0] + 1, m[key][:, 1] * 1000, marker=".", label=name, **style)
     axes[0].set(xlabel="updates", ylabel="validation energy RMSE / meV/atom")
     axes[1].set(xlabel="updates", ylabel="validation force RMSE / meV/Å")
+    if len(keys) == 3:
+        axes[2].set(xlabel="updates", ylabel="pressure bias from the energy errors / bar")
+        axes[2].axhline(0, color="k", lw=0.6)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, out, 120)
+    return keys
 
 
 def plot_density(files: List[Path], labels: List[str], out: Path, skip_ps: float) -> Dict[str, dict]:
