@@ -58,3 +58,23 @@ def test_units_and_missing_files_give_one_line_errors(four_frames, tmp_path):
     res = run_cli(["ekf-plugin", "errors", str(tmp_path / "none.pt"), "--data", str(four_frames),
                    "--length-unit", "Bohr", "--energy-unit", "Hartree"])
     assert res.returncode != 0 and "does not exist" in res.stderr
+
+
+def test_schnetpack_database_with_a_split_gives_the_same_errors(four_frames, tmp_path):
+    """spktrain's own data (an ASEAtomsData .db, Å/eV in its metadata) and split.npz select the same frames."""
+    from ekf_plugin.data import frames_to_db, read_frames
+
+    frames = read_frames(four_frames, length_unit="Bohr", energy_unit="Hartree")
+    frames_to_db(frames, tmp_path / "four.db")
+    np.savez(tmp_path / "split.npz", train_idx=np.array([0, 1]), val_idx=np.array([3, 2]), test_idx=np.array([], int))
+    model = MODELS / "session8" / "ekf_lr1e-3_s0_ef0.1_thr_500k.pt"
+    res = run_cli(["ekf-plugin", "errors", str(model), "--data", str(tmp_path / "four.db"), "--split",
+                   str(tmp_path / "split.npz"), "--per-frame", str(tmp_path / "f.csv"), "--threads", "1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = [(float(r["energy_error_meV_per_atom"]), float(r["forces_rmse_meV_per_A"])) for r in csv.DictReader(open(tmp_path / "f.csv"))]
+    ref = PER_FRAME_SESSIONS["session8"]["ekf_lr1e-3_s0_ef0.1_thr_500k"]
+    np.testing.assert_allclose(got, [ref[3], ref[2]], atol=2e-4)  # val_idx order
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, val_idx=np.array([7]))
+    res = run_cli(["ekf-plugin", "errors", str(model), "--data", str(tmp_path / "four.db"), "--split", str(bad)])
+    assert res.returncode != 0 and "reaches frame 7" in res.stderr

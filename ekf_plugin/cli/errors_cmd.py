@@ -2,6 +2,7 @@
 imply (check it before NPT molecular dynamics).
 
     ekf-plugin errors model.pt --data val.extxyz --length-unit Bohr --energy-unit Hartree --json errors.json
+    ekf-plugin errors runs/a/best_model --data data/water.db --split runs/a/split.npz   # spktrain's own frames
 
 Prints one row per model: frames, energy RMSE (meV/atom), force RMSE (meV/Å), the mean energy error (a common
 offset, meV/atom) and the **pressure bias** (bar): from how the model's energy error per atom changes with the
@@ -9,8 +10,10 @@ volume per atom over the frames, ΔP = −d(ΔE)/dV. A force RMSE does not see i
 NPT run (ΔP > 0: too dilute, ΔP < 0: too dense; for liquid water ρ/ρ₀ ≈ exp(−4.5e-5·ΔP/bar)). It needs
 periodic frames at different densities. Models: anything ``ekf_plugin.models.load_model`` reads. Data: extxyz
 (energy in ``TotEnergy`` or a calculator, forces in ``force`` or a calculator) and n2p2 ``input.data`` in the
-units given, or any ASE-readable file with energies and forces on its calculators (converted from the units
-given). Evaluation in float64.
+units given; a SchNetPack database (``.db``: labels in each row's data, units from its metadata, as ``spktrain``
+writes it); or any ASE-readable file with energies and forces on its calculators (converted from the units
+given). ``--split`` takes the frames of a ``split.npz`` (``spktrain``'s, 0-based indices into the file).
+Evaluation in float64.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default=":", help="ASE index of the frames to use (default ':')")
     parser.add_argument("--length-unit", default="Angstrom", help="length unit of the data, an ase.units name (e.g. Bohr)")
     parser.add_argument("--energy-unit", default="eV", help="energy unit of the data, an ase.units name (e.g. Hartree)")
+    parser.add_argument("--split", type=Path, default=None,
+                        help="a split.npz (spktrain's): evaluate its --part frames only (0-based indices into the data)")
+    parser.add_argument("--part", choices=("val", "train", "test"), default="val", help="which frames of --split (default val)")
+    parser.add_argument("--energy-key", default="energy", help="energy property of a SchNetPack database (default energy)")
+    parser.add_argument("--forces-key", default="forces", help="forces property of a SchNetPack database (default forces)")
     parser.add_argument("--names", default=None, help="comma-separated names for the models (default: file names)")
     parser.add_argument("--json", type=Path, default=None, help="write the table as JSON (one entry per model)")
     parser.add_argument("--per-frame", type=Path, default=None,
@@ -43,7 +51,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "this can run code from the file, use it only for files you trust")
 
 
-def read_labelled_frames(path: Path, index: str, length_unit: str, energy_unit: str) -> list:
+def _schnetpack_db_frames(path: Path, energy_key: str, forces_key: str) -> list:
+    """All rows of a SchNetPack ``ASEAtomsData`` file in Å, eV, eV/Å (units from its metadata, Å/eV without)."""
+    import numpy as np
+    import schnetpack.units as spk_units
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.db import connect
+
+    with connect(str(path)) as con:
+        meta = con.metadata
+        units = meta.get("_property_unit_dict", {})
+        a = spk_units.convert_units(meta.get("_distance_unit", "Ang"), "Ang")
+        ev = spk_units.convert_units(units.get(energy_key, "eV"), "eV")
+        evA = spk_units.convert_units(units.get(forces_key, "eV/Ang"), "eV/Ang")
+        frames = []
+        for k, row in enumerate(con.select(sort="id")):
+            data = row.data
+            if energy_key not in data or forces_key not in data:
+                raise SystemExit(f"error: {path}, row {row.id}: no {energy_key!r}/{forces_key!r} in its data "
+                                 f"(has {sorted(data)}); set --energy-key/--forces-key")
+            atoms = row.toatoms()
+            atoms.set_cell(atoms.cell.array * a)
+            atoms.positions = atoms.positions * a
+            atoms.calc = SinglePointCalculator(atoms, energy=float(np.asarray(data[energy_key]).reshape(-1)[0]) * ev,
+                                               forces=np.asarray(data[forces_key]).reshape(-1, 3) * evA)
+            frames.append(atoms)
+    return frames
+
+
+def read_labelled_frames(path: Path, index: str, length_unit: str, energy_unit: str, energy_key: str = "energy",
+                         forces_key: str = "forces") -> list:
     """Frames of ``path`` in Å with reference energies (eV) and forces (eV/Å) on their calculators."""
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -56,6 +93,13 @@ def read_labelled_frames(path: Path, index: str, length_unit: str, energy_unit: 
         raise SystemExit(f"error: no data file {path}")
     try:
         a, ev = length_factor(length_unit), energy_factor(energy_unit)  # ValueError names the known units
+        if path.suffix == ".db":
+            from ekf_plugin.data import validate_frames  # DataValidationError is a ValueError (caught below)
+
+            frames = _schnetpack_db_frames(path, energy_key, forces_key)[string2index(index)]
+            frames = frames if isinstance(frames, list) else [frames]
+            validate_frames(frames, str(path))
+            return frames
         if path.suffix in (".xyz", ".extxyz") or path.name.endswith(".data"):
             frames = read_frames(path, length_unit=length_unit, energy_unit=energy_unit)[string2index(index)]
             return frames if isinstance(frames, list) else [frames]
@@ -91,6 +135,19 @@ def _print_table(table: dict) -> None:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width))))
 
 
+def _split_frames(frames: list, split: Path, part: str) -> list:
+    """The ``part`` frames of ``split`` (``<part>_idx``: 0-based indices into ``frames``)."""
+    import numpy as np
+
+    try:
+        idx = np.load(split)[f"{part}_idx"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise SystemExit(f"error: {split}: no {part}_idx ({exc})") from None
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(frames)):
+        raise SystemExit(f"error: {split}: {part}_idx reaches frame {int(idx.max())}, the data has {len(frames)} frames")
+    return [frames[int(i)] for i in idx]
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -100,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else [p.stem if p.is_file() else p.name for p in args.models]
     if len(names) != len(args.models) or len(set(names)) != len(names):
         raise SystemExit(f"error: need {len(args.models)} distinct names, got {names}")
-    frames = read_labelled_frames(args.data, args.index, args.length_unit, args.energy_unit)
+    frames = read_labelled_frames(args.data, args.index, args.length_unit, args.energy_unit, args.energy_key,
+                                  args.forces_key)
+    if args.split is not None:
+        frames = _split_frames(frames, args.split, args.part)
     table, per_frame = {}, []
     for name, path in zip(names, args.models):
         try:
