@@ -341,6 +341,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             parts: List[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(parts, rows)
             rows = torch.cat(parts)
+        rows = rows[torch.isfinite(rows).all(1)]  # (n, 2)
         try:
             trend = energy_volume_trend(rows[:, 0].numpy(), rows[:, 1].numpy())
         except ValueError:  # fewer than 3 periodic frames, or one density only
@@ -348,7 +349,6 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.log("val_pressure_bias_bar", trend["pressure_bias_bar"], on_step=False, on_epoch=True, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_pressure_bias()
         bad, self._val_nonfinite = self._val_nonfinite, 0
         if bad:
             step = int(self.trainer.global_step) if self._trainer is not None else 0
@@ -357,6 +357,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 "the model or the validation data is broken (NaN/absurd labels, or a diverged model). Stopping "
                 "with an error; the checkpoints written before this validation are kept."
             )
+        self._log_pressure_bias()
         sch = self.lr_schedulers() if self.trainer is not None else None
         if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.schedule_monitor:
             metric = self.trainer.callback_metrics.get(self.schedule_monitor)

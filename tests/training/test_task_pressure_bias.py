@@ -41,6 +41,16 @@ def test_energy_error_c_times_volume_logs_pressure_bias_minus_c(task):
     assert task._val_volume_error == []  # consumed: the next validation starts empty
 
 
+def test_non_finite_energies_are_left_out(task):
+    task.on_validation_epoch_start()
+    batch = _batch([8.0, 9.0, 10.0, 11.0])
+    energy = batch["energy"] + 1e-4 * torch.tensor([8.0, 9.0, 10.0, 11.0]).double() ** 3
+    energy[1] = float("nan")
+    task._collect_volume_error(batch, energy)
+    task._log_pressure_bias()
+    assert task.logged["val_pressure_bias_bar"] == pytest.approx(-1e-4 / units.bar, rel=1e-9)
+
+
 @pytest.mark.parametrize("boxes, periodic", [([10.0, 10.0, 10.0], True),  # one density: no trend
                                              ([8.0, 10.0, 12.0], False),  # molecules: no volume
                                              ([8.0, 10.0], True)])  # fewer than 3 frames
