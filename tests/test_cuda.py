@@ -1,5 +1,6 @@
 """On a CUDA device, the same numbers as on the CPU: the EKF filter, the BPNN model (energy, forces, stress),
-the fast BPNN label path with threshold selection, the n2p2 potential, and the i-PI client with ``--device cuda``
+the fast BPNN label path with threshold selection, the n2p2 potential, the model errors and pressure bias
+(``ekf-plugin errors``), and the i-PI client with ``--device cuda``
 against a real i-PI server.
 
 Skipped without a GPU (this project's CI has none); ``scripts/device_check.sh`` runs them on a lent device."""
@@ -118,3 +119,31 @@ def test_ipi_client_on_cuda_runs_npt_and_its_first_step_equals_the_cpu_evaluatio
     props = read_properties(tmp_path / "npt.out")
     assert props["step"][-1] == 20
     check_step0(props, s.direct(), abs(np.linalg.det(s.cell_ipi)))  # step 0 against the CPU evaluation
+
+
+def test_model_errors_and_pressure_bias_on_cuda_equal_the_cpu_ones():
+    """``ekf-plugin errors``' per-frame errors (ekf_plugin.model_errors) with the evaluator on CUDA: water boxes at
+    four densities, labels from a second model, the same errors and pressure bias as on the CPU."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from ekf_plugin.demo import water_box
+    from ekf_plugin.evaluation import ModelEvaluator
+    from ekf_plugin.model_errors import error_summary, frame_errors
+    from ekf_plugin.models import water_bpnn
+
+    from tests.bpnn._systems import randomise_scaling
+
+    model, reference = water_bpnn(dtype=torch.float64, seed=3), water_bpnn(dtype=torch.float64, seed=4)
+    randomise_scaling(model), randomise_scaling(reference)
+    ref = ModelEvaluator(reference, device="cpu")
+    frames = []
+    for k, density in enumerate((0.8, 0.9, 1.0, 1.1)):
+        atoms = water_box(n_side=2, density=density, seed=k)
+        r = ref(atoms.numbers, atoms.positions, atoms.cell.array, pbc=atoms.pbc)
+        atoms.calc = SinglePointCalculator(atoms, energy=r.energy, forces=r.forces)
+        frames.append(atoms)
+    out = {k: error_summary(frame_errors(ModelEvaluator(copy.deepcopy(model), device=d), frames))
+           for k, d in (("cpu", "cpu"), ("gpu", GPU))}
+    for key in ("energy_rmse_meV_per_atom", "forces_rmse_meV_per_A", "pressure_bias_bar"):
+        assert out["gpu"][key] == pytest.approx(out["cpu"][key], rel=1e-8, abs=1e-6), key
+    assert out["cpu"]["forces_rmse_meV_per_A"] > 1.0  # two different models: real errors
