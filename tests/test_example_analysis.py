@@ -240,3 +240,24 @@ def test_curves_add_a_pressure_panel_when_a_run_logged_the_bias(tmp_path):
     assert analyze.plot_curves([old], tmp_path / "d.png", "val_energy_per_atom_rmse", "val_forces_rmse_all") == \
         ["val_energy_per_atom_rmse", "val_forces_rmse_all"]
     assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_committed_densities_are_the_block_averages_of_their_committed_trajectories():
+    """Every density entry that names its averaging window and has its i-PI properties file committed beside it
+    (results/session<k>/<model>/npt.out) is that file's block average (g/mL), temperature (K) and length (ps)."""
+    res = REPO / "examples" / "water_revpbe0" / "results"
+    checked = 0
+    for f in sorted(res.glob("session*/density*.json")):
+        for name, entry in json.loads(f.read_text()).items():
+            npt = f.parent / name / "npt.out"
+            if "averaged_from_ps" not in entry or not npt.exists():
+                continue
+            p = analyze.read_ipi_properties(npt)
+            keep = p["time"] >= entry["averaged_from_ps"]
+            mean, err = analyze.block_average(p["density"][keep])
+            assert mean == pytest.approx(entry["density_mean"], abs=1e-9), (f, name)
+            assert err == pytest.approx(entry["density_err"], abs=1e-9)
+            assert p["temperature"][keep].mean() == pytest.approx(entry["temperature_mean_K"], abs=1e-6)
+            assert p["time"][-1] == pytest.approx(entry["time_ps"])
+            checked += 1
+    assert checked >= 13  # every 3 ps and 20 ps run of sessions 4–9 with its npt.out
