@@ -49,13 +49,14 @@ def test_results_table_joins_all_outputs(tmp_path):
     (run / "csv" / "version_0" / "metrics.csv").write_text(
         "epoch,step,val_forces_rmse_all\n0,999,0.2\n1,2499,0.15\n")
     (tmp_path / "errors.json").write_text(json.dumps(
-        {"ekf_lr1e-3_s0": {"energy_rmse_meV_per_atom": 2.345, "forces_rmse_meV_per_A": 150.4}}))
+        {"ekf_lr1e-3_s0": {"energy_rmse_meV_per_atom": 2.345, "forces_rmse_meV_per_A": 150.4,
+                           "pressure_bias_bar": -31.6, "pressure_bias_err_bar": 187.2}}))
     (tmp_path / "fisher.csv").write_text("model,log10_median\nekf_lr1e-3_s0,-2.13\n")
     (tmp_path / "density.json").write_text(json.dumps({"ekf_lr1e-3_s0": {
         "density_mean": 0.931, "density_err": 0.004, "temperature_mean_K": 321.0, "time_ps": 2.0}}))
     table = analyze.results_table([run], tmp_path / "errors.json", tmp_path / "fisher.csv", tmp_path / "density.json")
     row = table.splitlines()[2]
-    assert row == "| `ekf_lr1e-3_s0` | EKF | 1e-3 | 2,500 | 2.35 | 150 | -2.13 | 0.931 ± 0.004 | 321 | 2.00 |"
+    assert row == "| `ekf_lr1e-3_s0` | EKF | 1e-3 | 2,500 | 2.35 | 150 | -32 ± 187 | -2.13 | 0.931 ± 0.004 | 321 | 2.00 |"
 
 
 def test_goo_of_a_lattice_and_of_an_ideal_gas(tmp_path):

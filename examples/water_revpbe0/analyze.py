@@ -156,10 +156,11 @@ def read_result_files(errors: Path, fisher: Path, density: Path) -> Tuple[dict, 
 
 
 def results_table(runs: List[Path], errors: Path, fisher: Path, density: Path) -> str:
-    """Markdown table: model, optimizer, η, updates, RMSEs, Fisher median, density (all inputs the workflow writes)."""
+    """Markdown table: model, optimizer, η, updates, RMSEs, pressure bias, Fisher median, density (all inputs the
+    workflow writes)."""
     err, fis, den = read_result_files(errors, fisher, density)
-    lines = ["| model | optimizer | η | updates | E RMSE (meV/atom) | F RMSE (meV/Å) | Fisher median (log10) "
-             "| density (g/mL) | T (K) | MD (ps) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | optimizer | η | updates | E RMSE (meV/atom) | F RMSE (meV/Å) | pressure bias (bar) "
+             "| Fisher median (log10) | density (g/mL) | T (K) | MD (ps) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         name = Path(run).name
         m = RUN_ID.match(name)
@@ -170,8 +171,10 @@ def results_table(runs: List[Path], errors: Path, fisher: Path, density: Path) -
         rho = f"{d['density_mean']:.3f} ± {d['density_err']:.3f}" if d else "—"
         if d and not np.isfinite(d["density_mean"]):
             rho, d = f"no average (run ended at {d['time_ps']:.2f} ps)", {**d, "temperature_mean_K": None}
+        bias = (f"{e['pressure_bias_bar']:+.0f} ± {e['pressure_bias_err_bar']:.0f}"
+                if e.get("pressure_bias_bar") is not None and "pressure_bias_err_bar" in e else "—")
         lines.append(f"| `{name}` | {opt} | {lr} | {steps:,} | {fmt(e.get('energy_rmse_meV_per_atom'), '.2f')} | "
-                     f"{fmt(e.get('forces_rmse_meV_per_A'), '.0f')} | {fmt(f.get('log10_median'), '.2f')} | {rho} | "
+                     f"{fmt(e.get('forces_rmse_meV_per_A'), '.0f')} | {bias} | {fmt(f.get('log10_median'), '.2f')} | {rho} | "
                      f"{fmt(d.get('temperature_mean_K'), '.0f')} | {fmt(d.get('time_ps'), '.2f')} |")
     return "\n".join(lines)
 
