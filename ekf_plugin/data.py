@@ -148,6 +148,43 @@ def frames_to_db(frames: Sequence, db_path: Union[str, Path], provenance: Option
     return ASEAtomsData(str(db_path))
 
 
+def read_db_frames(db_path: Union[str, Path], indices: Optional[Sequence[int]] = None, energy_key: str = "energy",
+                   forces_key: str = "forces") -> list:
+    """Frames of a SchNetPack ``ASEAtomsData`` file (what :func:`frames_to_db` and ``spktrain`` write) as ASE
+    ``Atoms`` in Å with the reference energy (eV) and forces (eV/Å) on a ``SinglePointCalculator``, converted
+    from the units in the database's metadata (Å and eV without). ``indices``: 0-based dataset indices (row id
+    − 1, as in ``split.npz``); all rows in order by default.
+
+    Raises:
+        DataValidationError: a row without ``energy_key``/``forces_key`` in its data.
+    """
+    import schnetpack.units as spk_units
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.db import connect
+
+    with connect(str(db_path)) as con:
+        meta = con.metadata
+        units = meta.get("_property_unit_dict", {})
+        a = spk_units.convert_units(meta.get("_distance_unit", "Ang"), "Ang")
+        ev = spk_units.convert_units(units.get(energy_key, "eV"), "eV")
+        ev_per_a = spk_units.convert_units(units.get(forces_key, "eV/Ang"), "eV/Ang")
+        rows = con.select(sort="id") if indices is None else (con.get(id=int(i) + 1) for i in indices)
+        frames = []
+        for row in rows:
+            data = row.data
+            if energy_key not in data or forces_key not in data:
+                raise DataValidationError(f"{db_path}, row {row.id}: no {energy_key!r}/{forces_key!r} in its data "
+                                          f"(has {sorted(data)}); name the label keys (energy_key/forces_key, "
+                                          "--energy-key/--forces-key)")
+            atoms = row.toatoms()
+            atoms.set_cell(atoms.cell.array * a)
+            atoms.positions = atoms.positions * a
+            atoms.calc = SinglePointCalculator(atoms, energy=float(np.asarray(data[energy_key]).reshape(-1)[0]) * ev,
+                                               forces=np.asarray(data[forces_key]).reshape(-1, 3) * ev_per_a)
+            frames.append(atoms)
+    return frames
+
+
 def check_database(db_path: Union[str, Path], provenance: dict) -> bool:
     """Whether ``db_path`` can be reused for ``provenance``: ``False`` if it does not exist, ``True`` if it
     was built from the same source, units and frame selection and holds all its frames.

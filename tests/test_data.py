@@ -44,6 +44,38 @@ def test_frames_to_atoms_db(tmp_path):
     np.testing.assert_allclose(item["_positions"].numpy(), frames[1].positions)
 
 
+def test_db_frames_read_back_in_angstrom_and_ev_from_any_stored_units(tmp_path):
+    """read_db_frames: what frames_to_db wrote (Å, eV) comes back with its labels, by 0-based dataset index; a
+    database in Bohr/Hartree (its metadata says so) is converted; a row without the labels is refused."""
+    import ekf_plugin.compat  # noqa: F401
+    from schnetpack.data import ASEAtomsData
+
+    from ekf_plugin.data import read_db_frames
+    from ekf_plugin.validation import DataValidationError
+
+    frames = read_frames(shared_data_path("n2p2-h2o-rpbe-d3", "input.data"), max_frames=3)
+    frames_to_db(frames, tmp_path / "x.db")
+    back = read_db_frames(tmp_path / "x.db", [2, 0])
+    for got, ref in zip(back, [frames[2], frames[0]]):
+        np.testing.assert_allclose(got.positions, ref.positions)
+        np.testing.assert_allclose(got.cell.array, ref.cell.array)
+        assert got.get_potential_energy() == pytest.approx(ref.get_potential_energy())
+        np.testing.assert_allclose(got.get_forces(), ref.get_forces())
+    assert len(read_db_frames(tmp_path / "x.db")) == 3
+    au = ASEAtomsData.create(str(tmp_path / "au.db"), distance_unit="Bohr",
+                             property_unit_dict={"energy": "Hartree", "forces": "Hartree/Bohr"})
+    plain = frames[0].copy()
+    plain.positions, plain.cell = frames[0].positions / BOHR, frames[0].cell.array / BOHR
+    au.add_systems([{"energy": np.array([frames[0].get_potential_energy() / HARTREE]),
+                     "forces": frames[0].get_forces() / (HARTREE / BOHR)}], [plain])
+    (conv,) = read_db_frames(tmp_path / "au.db")
+    np.testing.assert_allclose(conv.positions, frames[0].positions, rtol=1e-6)
+    assert conv.get_potential_energy() == pytest.approx(frames[0].get_potential_energy(), rel=1e-6)
+    np.testing.assert_allclose(conv.get_forces(), frames[0].get_forces(), rtol=1e-6, atol=1e-9)
+    with pytest.raises(DataValidationError, match="no 'E'/'forces'"):
+        read_db_frames(tmp_path / "x.db", [0], energy_key="E")
+
+
 def test_water_datamodule_prepares_database(tmp_path):
     from ekf_plugin.data import WaterDataModule
 

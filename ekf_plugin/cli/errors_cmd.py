@@ -51,34 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "this can run code from the file, use it only for files you trust")
 
 
-def _schnetpack_db_frames(path: Path, energy_key: str, forces_key: str) -> list:
-    """All rows of a SchNetPack ``ASEAtomsData`` file in Å, eV, eV/Å (units from its metadata, Å/eV without)."""
-    import numpy as np
-    import schnetpack.units as spk_units
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.db import connect
-
-    with connect(str(path)) as con:
-        meta = con.metadata
-        units = meta.get("_property_unit_dict", {})
-        a = spk_units.convert_units(meta.get("_distance_unit", "Ang"), "Ang")
-        ev = spk_units.convert_units(units.get(energy_key, "eV"), "eV")
-        evA = spk_units.convert_units(units.get(forces_key, "eV/Ang"), "eV/Ang")
-        frames = []
-        for k, row in enumerate(con.select(sort="id")):
-            data = row.data
-            if energy_key not in data or forces_key not in data:
-                raise SystemExit(f"error: {path}, row {row.id}: no {energy_key!r}/{forces_key!r} in its data "
-                                 f"(has {sorted(data)}); set --energy-key/--forces-key")
-            atoms = row.toatoms()
-            atoms.set_cell(atoms.cell.array * a)
-            atoms.positions = atoms.positions * a
-            atoms.calc = SinglePointCalculator(atoms, energy=float(np.asarray(data[energy_key]).reshape(-1)[0]) * ev,
-                                               forces=np.asarray(data[forces_key]).reshape(-1, 3) * evA)
-            frames.append(atoms)
-    return frames
-
-
 def read_labelled_frames(path: Path, index: str, length_unit: str, energy_unit: str, energy_key: str = "energy",
                          forces_key: str = "forces") -> list:
     """Frames of ``path`` in Å with reference energies (eV) and forces (eV/Å) on their calculators."""
@@ -86,39 +58,34 @@ def read_labelled_frames(path: Path, index: str, length_unit: str, energy_unit: 
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io.formats import string2index
 
-    from ekf_plugin.data import read_frames
+    from ekf_plugin.data import read_db_frames, read_frames, validate_frames
     from ekf_plugin.units import energy_factor, length_factor
 
     if not path.exists():
         raise SystemExit(f"error: no data file {path}")
     try:
         a, ev = length_factor(length_unit), energy_factor(energy_unit)  # ValueError names the known units
-        if path.suffix == ".db":
-            from ekf_plugin.data import validate_frames  # DataValidationError is a ValueError (caught below)
-
-            frames = _schnetpack_db_frames(path, energy_key, forces_key)[string2index(index)]
-            frames = frames if isinstance(frames, list) else [frames]
+        if path.suffix == ".db":  # a SchNetPack database: labels in the rows' data, units from its metadata
+            frames = read_db_frames(path, energy_key=energy_key, forces_key=forces_key)
             validate_frames(frames, str(path))
-            return frames
-        if path.suffix in (".xyz", ".extxyz") or path.name.endswith(".data"):
-            frames = read_frames(path, length_unit=length_unit, energy_unit=energy_unit)[string2index(index)]
-            return frames if isinstance(frames, list) else [frames]
-        frames = ase.io.read(str(path), index=index)
-        frames = frames if isinstance(frames, list) else [frames]
-        out = []
-        for k, atoms in enumerate(frames):
-            try:
-                energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-            except Exception as exc:  # no calculator or no stored results
-                raise SystemExit(f"error: {path}, frame {k}: no reference energy and forces ({exc})") from None
-            new = atoms.copy()
-            new.set_cell(atoms.cell.array * a)
-            new.positions = atoms.positions * a
-            new.calc = SinglePointCalculator(new, energy=energy * ev, forces=forces * ev / a)
-            out.append(new)
-        return out
-    except ValueError as exc:  # unknown unit, data validation (NaN labels, unit mix-up, ...)
+        elif path.suffix in (".xyz", ".extxyz") or path.name.endswith(".data"):
+            frames = read_frames(path, length_unit=length_unit, energy_unit=energy_unit)
+        else:
+            frames = []
+            for k, atoms in enumerate(ase.io.read(str(path), index=":")):
+                try:
+                    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+                except Exception as exc:  # no calculator or no stored results
+                    raise SystemExit(f"error: {path}, frame {k}: no reference energy and forces ({exc})") from None
+                new = atoms.copy()
+                new.set_cell(atoms.cell.array * a)
+                new.positions = atoms.positions * a
+                new.calc = SinglePointCalculator(new, energy=energy * ev, forces=forces * ev / a)
+                frames.append(new)
+    except ValueError as exc:  # unknown unit, data validation (NaN labels, unit mix-up, a row without labels)
         raise SystemExit(f"error: {exc}") from None
+    picked = frames[string2index(index)]
+    return picked if isinstance(picked, list) else [picked]
 
 
 COLUMNS = (("model", None, "{}"), ("frames", "frames", "{}"), ("E RMSE (meV/atom)", "energy_rmse_meV_per_atom", "{:.3f}"),

@@ -363,22 +363,21 @@ def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], 
     its pressure bias (:func:`ekf_plugin.model_errors.energy_volume_trend`, bar), and one figure: the per-frame energy error
     without its mean (meV/atom) against the frame's density (g/mL, water), with each model's fitted line."""
     import matplotlib
-    from ase.db import connect
 
+    from ekf_plugin.data import read_db_frames
     from ekf_plugin.model_errors import energy_volume_trend
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ev = _evaluate_module()
-    with connect(str(db)) as con:
-        rows = [con.get(int(i) + 1) for i in np.load(split)[part]]
+    frames = read_db_frames(db, np.load(split)[part])  # Å, eV, eV/Å
     results: Dict[str, dict] = {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (model, label) in enumerate(zip(models, labels)):
-        err = ev.frame_errors(model, rows)
+        err = ev.frame_errors(model, frames)
         trend = energy_volume_trend(err.volume, err.energy)
-        results[label] = {**trend, "model": str(model), "frames": len(rows),  # pressure_bias_err_bar: 1 s.e.
+        results[label] = {**trend, "model": str(model), "frames": len(frames),  # pressure_bias_err_bar: 1 s.e.
                           "volume_A3_per_atom": err.volume.tolist(),
                           "energy_error_meV_per_atom": (1e3 * err.energy).tolist()}
         rho = WATER_MOLECULE_G / (3 * err.volume * 1e-24)  # g/mL: three atoms per molecule
@@ -391,7 +390,7 @@ def pressure_bias(models: List[Path], db: Path, split: Path, labels: List[str], 
                       f"(r {trend['energy_error_volume_r']:+.2f})")
         print(f"{label}: {json.dumps({k2: round(v2, 4) for k2, v2 in trend.items()})}", flush=True)
     ax.set(xlabel="frame density / g mL⁻¹", ylabel="energy error − its mean / meV/atom",
-           title=f"energy error against density, {len(rows)} frames ({part.split('_')[0]})")
+           title=f"energy error against density, {len(frames)} frames ({part.split('_')[0]})")
     ax.axhline(0, color="k", lw=0.6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -32,36 +32,28 @@ import numpy as np
 
 
 def validation_frames(db: Path, run_dir: Path, max_frames: int, split: str = "val"):
-    """The first ``max_frames`` rows of the run's ``split`` ("val" or "train", from its ``split.npz``)."""
-    from ase.db import connect
+    """The first ``max_frames`` frames of the run's ``split`` ("val" or "train", from its ``split.npz``), in Å
+    with their reference energy (eV) and forces (eV/Å) (:func:`ekf_plugin.data.read_db_frames`)."""
+    from ekf_plugin.data import read_db_frames
 
-    idx = np.load(run_dir / "split.npz")[f"{split}_idx"][:max_frames]
-    with connect(str(db)) as con:
-        return [con.get(int(i) + 1) for i in idx]
+    return read_db_frames(db, np.load(run_dir / "split.npz")[f"{split}_idx"][:max_frames])
 
 
-def frame_errors(model_path: Path, rows, device: str = "cpu"):
+def frame_errors(model_path: Path, frames, device: str = "cpu"):
     """Per-frame errors (:class:`ekf_plugin.model_errors.FrameErrors`: eV/atom, eV/Å, Å³/atom) of a model file on
-    database ``rows`` (Å, eV; the labels in ``row.data``), float64."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-
+    labelled ``frames`` (:func:`validation_frames`), float64."""
     from ekf_plugin.evaluation import ModelEvaluator
     from ekf_plugin.model_errors import frame_errors as errors_of
 
-    frames = []
-    for row in rows:
-        atoms = row.toatoms()
-        atoms.calc = SinglePointCalculator(atoms, energy=float(row.data["energy"][0]), forces=row.data["forces"])
-        frames.append(atoms)
     return errors_of(ModelEvaluator(str(model_path), device=device), frames)
 
 
-def rmse_on(model_path: Path, rows, device: str, per_frame: dict | None = None) -> dict:
-    """Energy (meV/atom) and force (meV/Å) RMSE of a model on ``rows``, with its energy–volume trend
+def rmse_on(model_path: Path, frames, device: str, per_frame: dict | None = None) -> dict:
+    """Energy (meV/atom) and force (meV/Å) RMSE of a model on labelled ``frames``, with its energy–volume trend
     (:func:`ekf_plugin.model_errors.error_summary`); the per-frame values go into ``per_frame`` when given."""
     from ekf_plugin.model_errors import error_summary
 
-    err = frame_errors(model_path, rows, device)
+    err = frame_errors(model_path, frames, device)
     if per_frame is not None:
         per_frame.update(volume_A3_per_atom=err.volume.tolist(), energy_error_meV_per_atom=(1e3 * err.energy).tolist(),
                          forces_rmse_meV_per_A=(1e3 * err.forces_rmse).tolist())

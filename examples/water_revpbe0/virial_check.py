@@ -31,12 +31,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from ase import units
-    from ase.db import connect
 
+    from ekf_plugin.data import read_db_frames
     from ekf_plugin.evaluation import ModelEvaluator
 
-    with connect(str(args.db)) as con:
-        atoms = [con.get(id=int(i) + 1).toatoms() for i in np.load(args.split)["val_idx"]]
+    atoms = read_db_frames(args.db, np.load(args.split)["val_idx"])
     labels = args.labels or [m.stem for m in args.models]
     if len(labels) != len(args.models):
         raise SystemExit(f"need {len(args.models)} labels, got {len(labels)}")
