@@ -6,9 +6,38 @@ import time
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["ProgressBarEvery", "WallClock"]
+__all__ = ["LatestCheckpoint", "ProgressBarEvery", "WallClock"]
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """Overwrite one checkpoint (``dirpath/filename.ckpt``, e.g. ``checkpoints/last.ckpt``) with the latest
+    training state every ``every_n_train_steps`` updates **and after every validation pass**.
+
+    Why: since Lightning 2.6, ``ModelCheckpoint(save_last=True)`` (SchNetPack's default ``checkpoint``
+    callback) writes ``last.ckpt`` only at a step where its monitored value improved, so a run stopped after an
+    epoch that did not improve ``val_loss`` resumes from an older state. A plain ``ModelCheckpoint`` with
+    ``every_n_train_steps`` saves before the validation of that step, so the state that validation adds (other
+    callbacks' state, e.g. the Fisher history, the best scores) would be missing. This one saves again at the
+    end of every validation (after all ``on_validation_epoch_end`` hooks; Lightning runs checkpoint callbacks
+    last). Without a monitor; the file is overwritten in place (with ``AtomicCheckpointIO`` never partially).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_top_k", 1)
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+        if self.monitor is not None:
+            raise ValueError("LatestCheckpoint keeps the latest state; it takes no monitor "
+                             f"(got monitor={self.monitor!r}; use a ModelCheckpoint for the best one)")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
+            return
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class WallClock(pl.Callback):

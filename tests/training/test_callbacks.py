@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -100,3 +101,59 @@ def test_progress_bar_every_redraws_every_n_batches_and_at_the_epoch_end(tmp_pat
     pl.Trainer(callbacks=[Bar(), ProgressBarEvery(1)], **kw).fit(Module(), data)
     assert drawn == list(range(1, 13)) * 2
     pl.Trainer(callbacks=[ProgressBarEvery(5)], enable_progress_bar=False, **kw).fit(Module(), data)  # no bar: no effect
+
+
+class _Worsening(pl.LightningModule):
+    """A linear model whose logged ``val_loss`` grows every epoch (so a val_loss monitor never improves after
+    epoch 0), with a callback-like counter of validations in its checkpoints."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", float(self.current_epoch), batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class _ValidationCounter(pl.Callback):
+    """State added at validation (as the Fisher callback adds its history)."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.epochs.append(trainer.current_epoch)
+
+    def state_dict(self):
+        return {"epochs": list(self.epochs)}
+
+
+def test_latest_checkpoint_holds_the_last_validation_even_when_val_loss_did_not_improve(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ekf_plugin.training.callbacks import LatestCheckpoint
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 2)), batch_size=2)
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", save_top_k=1, save_last=True)
+    latest = LatestCheckpoint(dirpath=tmp_path / "checkpoints", filename="last", every_n_train_steps=1000)
+    counter = _ValidationCounter()
+    tr = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=1, callbacks=[counter, best, latest])
+    tr.fit(_Worsening(), data, data)
+    assert counter.epochs == [0, 1, 2]
+    mine = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert mine["epoch"] == 2 and mine["global_step"] == 9
+    assert mine["callbacks"]["_ValidationCounter"]["epochs"] == [0, 1, 2], "saved after the last validation"
+    # what this callback is for: the host's save_last copy stopped at the last improvement (epoch 0)
+    host = torch.load(tmp_path / "best" / "last.ckpt", weights_only=False)
+    assert host["global_step"] < mine["global_step"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    with pytest.raises(ValueError, match="takes no monitor"):
+        LatestCheckpoint(monitor="val_loss")
