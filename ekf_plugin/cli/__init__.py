@@ -11,9 +11,19 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from ..__about__ import __version__
+
+
+def default_model_name(path: Path) -> str:
+    """A model's name in tables and plots: the run folder's name for spktrain's ``best_model``/
+    ``best_model_fisher`` (every run has one), the file stem for a file, the folder name for a folder (n2p2)."""
+    path = Path(path)
+    if path.name.startswith("best_model"):
+        return path.resolve().parent.name
+    return path.stem if path.is_file() else path.name
 
 
 def _command_modules():

@@ -23,6 +23,8 @@ import csv
 import json
 from pathlib import Path
 
+from . import default_model_name
+
 NAME = "errors"
 HELP = "energy and force RMSE of models on labelled frames, with the pressure bias of their energy errors"
 WARN_BAR = 500.0  # |ΔP| above which (and above twice its standard error) the command warns (water: ~2 % density)
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", choices=("val", "train", "test"), default="val", help="which frames of --split (default val)")
     parser.add_argument("--energy-key", default="energy", help="energy property of a SchNetPack database (default energy)")
     parser.add_argument("--forces-key", default="forces", help="forces property of a SchNetPack database (default forces)")
-    parser.add_argument("--names", default=None, help="comma-separated names for the models (default: file names)")
+    parser.add_argument("--names", default=None, help="comma-separated names for the models (default: file or folder names; a run's best_model: its run folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the table as JSON (one entry per model)")
     parser.add_argument("--per-frame", type=Path, default=None,
                         help="write a CSV of every frame: model, frame, volume (Å³/atom), energy error (meV/atom), "
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from ekf_plugin.evaluation import ModelEvaluator
     from ekf_plugin.model_errors import density_factor, error_summary, frame_errors
 
-    names = args.names.split(",") if args.names else [p.stem if p.is_file() else p.name for p in args.models]
+    names = args.names.split(",") if args.names else [default_model_name(p) for p in args.models]
     if len(names) != len(args.models) or len(set(names)) != len(names):
         raise SystemExit(f"error: need {len(args.models)} distinct names, got {names}")
     frames = read_labelled_frames(args.data, args.index, args.length_unit, args.energy_unit, args.energy_key,

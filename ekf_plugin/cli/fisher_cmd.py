@@ -16,9 +16,10 @@ import csv
 import json
 from pathlib import Path
 
+from . import default_model_name
+
 NAME = "fisher"
 HELP = "compare trained models by their Fisher-information spectrum on the same labels"
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,11 +80,6 @@ def read_frames(path: Path, index: str = ":", length_unit: str = "Angstrom"):
     return frames
 
 
-def _default_name(path: Path) -> str:
-    """File stem, or the run folder's name for spktrain's ``best_model``/``best_model_fisher``."""
-    return path.parent.resolve().name if path.name.startswith("best_model") else path.stem
-
-
 def _load(path: Path, dtype, device, trust_pickle: bool = False):
     """The model at ``path``; an unreadable, empty, truncated or untrusted file ends the command with one line."""
     from ekf_plugin.models import load_model
@@ -132,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.labels < 1:
         raise SystemExit("error: --labels must be >= 1")
-    names = args.names.split(",") if args.names else [_default_name(p) for p in args.models]
+    names = args.names.split(",") if args.names else [default_model_name(p) for p in args.models]
     if len(names) != len(args.models) or len(set(names)) != len(names):
         raise SystemExit(f"error: need {len(args.models)} distinct names, got {names}")
     for path in args.models:  # fail on a bad model file before the long work starts
