@@ -153,6 +153,40 @@ def filter_figures(device="cpu", quick=False) -> Dict[str, float]:
     return out
 
 
+def shard_piece_figures(quick=False, n: int = 2827) -> Dict[str, float]:
+    """The two passes over P of each process of a 2-process sharded filter (``trainer=ddp_cpu_split``), timed
+    in this one process without communication, against the single-process passes on the same P: X = P Jᵀ
+    (``ShardPlan.xt_and_diag``) and P −= VᵀV (``ShardPlan.sub_gram_``), float64, the default kernel, one
+    thread, m = 1 and 10. Rank 0 owns the first rows (a small triangle and the rectangle right of it), rank 1
+    the rest (a large triangle)."""
+    from ekf_plugin.optim.kernels import select_kernel
+    from ekf_plugin.optim.sharded import ShardPlan
+
+    kernel = select_kernel("auto", torch.device("cpu"), torch.float64)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    P = A @ A.T / n + torch.eye(n, dtype=torch.float64)  # (n, n) symmetric positive definite
+    del A
+    reps = 5 if quick else 25
+    out = _Figures()
+    for name, rank, world in (("rank0", 0, 2), ("rank1", 1, 2), ("1proc", 0, 1)):
+        plan = ShardPlan([(0, n)], rank, world, None, kernel)
+        plan._all_reduce = lambda t: None  # the passes alone
+        local = plan.scatter([P], torch.float64, "cpu")
+        out[f"shard_{name}_rows"] = float(plan.pieces[0].rows)
+        for m in (1, 10):
+            J = torch.randn(m, n, generator=g, dtype=torch.float64)  # (m, n)
+            V = 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64)  # (m, n), small: P stays positive
+            xt = _median(lambda: plan.xt_and_diag(local, J), reps, "cpu")
+            sg = _median(lambda: plan.sub_gram_(local, V), reps, "cpu")
+            out[f"shard_{name}_xt_ms_m{m}"], out[f"shard_{name}_sub_gram_ms_m{m}"] = 1e3 * xt, 1e3 * sg
+    for m in (1, 10):
+        one = out[f"shard_1proc_xt_ms_m{m}"] + out[f"shard_1proc_sub_gram_ms_m{m}"]
+        busiest = max(out[f"shard_rank{r}_xt_ms_m{m}"] + out[f"shard_rank{r}_sub_gram_ms_m{m}"] for r in (0, 1))
+        out[f"shard_passes_speedup_m{m}"] = one / busiest  # the filter passes' share of the 2-process target
+    return out
+
+
 # ----------------------------------------------------------------------------- water BPNN
 def _frames(limit: Optional[int] = None):
     """revPBE0-D3 frames converted once to Å, eV, eV/Å (the file is Bohr/Hartree)."""
@@ -584,6 +618,7 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
     out = _Figures(filter_figures(device, quick))
     out.update(bpnn_figures(device, quick))
     if (device or "cpu") == "cpu":
+        out.update(shard_piece_figures(quick))
         out.update(spktrain_figures(quick))
         out.update(spktrain_first_update_full(quick))
         out.update(spktrain_2proc_figures(quick))

@@ -57,8 +57,9 @@ Options and their sources:
   rank-r pass when it reaches ``defer_rows`` rows, or when P is read (``state_dict``, ``covariance``,
   ``ekf_state``, ``diagnostics``). X = PJᵀ is c·(S Jᵀ − Wᵀ(W Jᵀ)). The rank-1 update of an energy label was
   a pass over the triangle of P at memory speed (≈ 3 ms for the water BPNN); deferred, 32 rows cost one
-  ``?syrk`` pass at FMA speed. 0 = apply every update at once (the behaviour before). A sharded P applies
-  every update. Same P and weights to round-off.
+  ``?syrk`` pass at FMA speed. 0 = apply every update at once (the behaviour before). A sharded P defers
+  in the same way: every process keeps the same W and applies it to its own rows. Same P and weights to
+  round-off.
 
 Safety: before P is overwritten the new diagonal diag(P) − Σ_rows V∘V is checked to stay positive (a
 float32 P with a huge η went indefinite silently before); if not, the update is rejected.
@@ -327,6 +328,15 @@ class EKF(torch.optim.Optimizer):
     def apply_deferred(self) -> None:
         """Apply the deferred rows W and scale c to the stored blocks (S ← c·(S − WᵀW)); P does not change."""
         Ps, c, kern = self.state[_STATE_KEY]["P"], self._c, self.kernel
+        if self.shard is not None:  # this process's pieces of every block; W_b side by side: (r, n)
+            if self._deferred[0] is not None:
+                self.shard.sub_gram_(Ps, torch.cat(self._deferred, 1))
+                self._deferred = [None] * len(self.blocks)
+            if c != 1.0:
+                for piece in Ps:
+                    piece.mul_(c)
+            self._c = 1.0
+            return
         for b, W in enumerate(self._deferred):
             if W is not None:
                 if kern.fused_scale:
@@ -550,7 +560,18 @@ class EKF(torch.optim.Optimizer):
         if m == 0:
             return
         local = st["P"]
-        XT, diag = self.shard.xt_and_diag(local, J)  # (m, n), (n,)
+        defer = self.defer_rows > 0
+        if not defer:
+            self.apply_deferred()
+        Ws, c = self._deferred, self._c  # per block None or W_b (r, n_b): P_b = c (S_b − W_bᵀ W_b), as in _update
+        XT, diag = self.shard.xt_and_diag(local, J)  # (m, n), (n,) of the stored S
+        if Ws[0] is not None:
+            XT, diag = XT.clone(), diag.clone()
+            for (a, b), W in zip(self.blocks, Ws):
+                XT[:, a:b] -= (J[:, a:b] @ W.T) @ W  # (m, n_b)
+                diag[a:b] -= (W * W).sum(0)  # (n_b,)
+        if c != 1.0:
+            XT, diag = XT * c, diag * c
         A = J @ XT.T  # (m, m)
         A = 0.5 * (A + A.T)
         A.diagonal().add_(self._noise())
@@ -564,6 +585,18 @@ class EKF(torch.optim.Optimizer):
             ok = ok & ((xi.abs() / A.diagonal().sqrt()).amax() <= self.innovation_gate)
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
+        if defer:  # as in _update: W ← [W; V/√c], applied to the own rows at defer_rows rows
+            s = 1.0 / math.sqrt(c)
+            for b, (a, e) in enumerate(self.blocks):
+                Wn = V[:, a:e] if s == 1.0 else V[:, a:e] * s  # (m, n_b)
+                Ws[b] = Wn if Ws[b] is None else torch.cat([Ws[b], Wn])  # (r + m, n_b)
+            if st["lam"] is not None:
+                self._c = c / st["lam"]
+            if Ws[0].shape[0] >= self.defer_rows:
+                self.apply_deferred()
+            self._apply_dw((V.T @ u).squeeze(1))  # (n,) = K ξ, the same on every process
+            self._advance(local, faded=True)
+            return
         self.shard.sub_gram_(local, V)  # own rows: P ← P − Vᵀ V
         self._apply_dw((V.T @ u).squeeze(1))  # (n,) = K ξ, the same on every process
         self._advance(local)

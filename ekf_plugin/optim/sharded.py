@@ -18,10 +18,11 @@ within 10 %.
 One update (every process; ξ (m,) and J (m, n) identical on all of them)::
 
     Z[:m] = Xᵀ contributions:  D J_loᵀ (symm)  +  R J_restᵀ  into the own rows,  Rᵀ J_loᵀ  into the rows right
+                               (both R products in one pass over R: FilterKernel.rect_xt)
     Z[m]  = diag D             (the own rows' diagonal of P)
     all_reduce(Z, SUM)         # (m+1, n): X = P Jᵀ and diag P, identical on every process
     A = J X + R, L = chol(A), V = L⁻¹ Xᵀ, Δw = Vᵀ L⁻¹ ξ        # computed identically everywhere
-    D −= V_loᵀ V_lo (syrk),  R −= V_loᵀ V_rest                  # own rows only
+    D −= V_loᵀ V_lo (syrk),  R −= V_loᵀ V_rest (gemm)           # own rows only
 
 A sum with zeros is exact and gloo's all-reduce hands every process the same result, so all processes
 compute the same A, V and Δw: their weights stay bitwise identical. The result equals the single-process
@@ -29,7 +30,7 @@ filter to round-off (the sums of X are split differently): 1e-10 after many upda
 
 Memory per process for one dense block of n weights: the pieces (k-th range: h_k × (n − c_k) entries, the
 diagonal block stored square) plus Z ((m+1)·n) and, while ``state_dict()`` runs, one full block. For W = 2
-and n = 2827 (the study's water BPNN, float64, rows [0, 1008) and [1008, 2827)): 21.7 MiB and 25.2 MiB against
+and n = 2827 (the study's water BPNN, float64, rows [0, 828) and [828, 2827)): 17.9 MiB and 30.5 MiB against
 61.0 MiB for the whole P
 (:meth:`ShardPlan.local_bytes`).
 
@@ -59,16 +60,17 @@ def process_group_info(group: Any = None) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-TRIANGLE_COST = 1.6  # cost of a stored triangle entry (symm + syrk) over a rectangle entry (2 gemm + gemm)
+TRIANGLE_COST = 1.0  # cost of a stored triangle entry (thin_xt + syrk) over a rectangle entry (rect_xt + gemm), measured
 
 
 def triangle_row_split(nb: int, world: int, tri_cost: float = TRIANGLE_COST) -> List[int]:
     """Row boundaries [0 = c_0 ≤ c_1 ≤ … ≤ c_W = nb] that cut the upper triangle of an nb×nb block into W
     row ranges of (nearly) equal cost. Range [a, c) costs ``tri_cost``·h(h+1)/2 + h·(nb − c) with h = c − a:
-    its diagonal block goes through the symmetric kernels (``symm``/``syrk``, per stored entry ``tri_cost``
-    times slower than the ``gemm`` calls on the rectangle right of it: 1.6 measured on this project's CPU for
-    m = 1 and 10). ``tri_cost=1`` gives ranges of equal area (the first rows are longer, so their ranges
-    are shorter)."""
+    its diagonal block goes through the symmetric kernels (``thin_xt``/``syrk``), per stored entry ``tri_cost``
+    times the cost of an entry of the rectangle right of it (``rect_xt``, one pass, and ``gemm``). Measured on
+    this project's CPU (n = 2827, one thread, float64): 0.86 (m = 10) and 1.09 (m = 1) since the rectangle has
+    its own kernel (1.6 with two MKL GEMMs); the default 1 gives ranges of equal area (the first rows are
+    longer, so their ranges are shorter)."""
     if nb == 0:
         return [0] * (world + 1)
 
@@ -214,8 +216,9 @@ class ShardPlan:
             Jlo = J[:, p.lo : p.hi]  # (m, h)
             Z[:m, p.lo : p.hi] += self.kernel.xt(D, Jlo.contiguous())  # (m, h) = (D J_loᵀ)ᵀ
             if R.numel():
-                Z[:m, p.lo : p.hi].addmm_(J[:, p.hi : p.end], R.T)  # (m, h) += (R J_restᵀ)ᵀ
-                Z[:m, p.hi : p.end].addmm_(Jlo, R)  # (m, end − hi) += (Rᵀ J_loᵀ)ᵀ
+                X1, X2 = self.kernel.rect_xt(R, Jlo, J[:, p.hi : p.end])  # (m, h), (m, end − hi): one pass over R
+                Z[:m, p.lo : p.hi] += X1  # (R J_restᵀ)ᵀ
+                Z[:m, p.hi : p.end] += X2  # (Rᵀ J_loᵀ)ᵀ
             Z[m, p.lo : p.hi] = self.kernel.diagonal(D)
         self._all_reduce(Z)
         return Z[:m], Z[m]

@@ -166,3 +166,22 @@ def test_blas_kernel_leaves_the_flat_jacobian_path_exact():
     prec = np.eye(d) / p0 + eta * X.numpy().T @ X.numpy()
     np.testing.assert_allclose(w.detach().numpy(), np.linalg.solve(prec, eta * X.numpy().T @ y.numpy()), atol=1e-12)
     np.testing.assert_allclose(opt.covariance().numpy(), np.linalg.inv(prec), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("h,w,m", [(13, 29, 1), (16, 600, 10), (7, 5, 3), (131, 257, 4)])
+def test_rectangle_product_of_a_sharded_p_in_one_pass_equals_the_two_torch_products(dtype, tol, h, w, m):
+    from ekf_plugin.optim.native import load, rect_xt
+
+    if load() is None:
+        pytest.skip("no C++ compiler for the native kernels")
+    g = torch.Generator().manual_seed(h * w + m)
+    R, Jl, Jr = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((h, w), (m, h), (m, w)))
+    X1, X2 = rect_xt(R.to(dtype), Jl.to(dtype), Jr.to(dtype))  # h % 8 != 0: the tail rows too
+    assert X1.dtype == X2.dtype == dtype and X1.shape == (m, h) and X2.shape == (m, w)
+    torch.testing.assert_close(X1.double(), Jr @ R.T, rtol=tol, atol=tol * w)
+    torch.testing.assert_close(X2.double(), Jl @ R, rtol=tol, atol=tol * h)
+    blas, ref = BlasKernel().rect_xt(R, Jl[:, :], Jr[:, ::1]), TorchKernel().rect_xt(R, Jl, Jr)
+    for a, b in zip(blas, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert rect_xt(R.T, Jr, Jl) is None, "a non-contiguous rectangle goes to the torch products"

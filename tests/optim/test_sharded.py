@@ -55,7 +55,9 @@ def _train(opt, net, steps=range(0, 40, 4)):
 
 
 @pytest.mark.parametrize("kw", [{}, {"kernel": "torch", "symmetrize_every": 3}, {"blocks": "tensor"},
-                                {"fading_lambda": 0.97, "fading_nu": 0.99}, {"innovation_gate": 1e3}])
+                                {"fading_lambda": 0.97, "fading_nu": 0.99}, {"innovation_gate": 1e3},
+                                {"defer_rows": 0},  # every update applied at once
+                                {"defer_rows": 5, "blocks": "tensor", "fading_lambda": 0.97, "fading_nu": 0.99}])
 def test_sharded_algebra_with_one_process_equals_plain_filter(kw):
     net_a, net_b = mlp(), mlp()
     plain, rows = EKF(net_a.parameters(), **KW, **kw), EKF(net_b.parameters(), shard="rows", **KW, **kw)
