@@ -36,18 +36,47 @@ SOURCE = r"""
 #define CH 512  /* column chunk: the rows of P in flight (16 KB of eight rows in float32) stay in L1
                    while each row of J, X or V passes */
 #define MAXM 64
+/* Eight rows p0 (leading dimension ld) of a row-major matrix, columns [c0, c1), against m labels: for each
+   label k, acc[k][r] += sum_j p_r[j] B_k[j] and C_k[j] += sum_r p_r[j] a_k[r], with B_k = B + k ldb,
+   C_k = C + k ldb and a_k = A + k lda (eight values). Column chunks of CH: each element of B_k and C_k is
+   loaded once per eight rows (half the cache traffic of four rows). The off-diagonal part of X = P J^T,
+   where a row block of P's upper triangle serves both its own rows and (by symmetry) its columns. */
+template <typename T>
+static inline void rows8(const T *restrict p0, long ld, const T *restrict A, long lda, const T *restrict B,
+                         T *restrict C, long ldb, long c0, long c1, long m, T acc[][8]) {
+  const T *restrict p1 = p0 + ld, *restrict p2 = p1 + ld, *restrict p3 = p2 + ld, *restrict p4 = p3 + ld;
+  const T *restrict p5 = p4 + ld, *restrict p6 = p5 + ld, *restrict p7 = p6 + ld;
+  for (long c = c0; c < c1; c += CH) {
+    const long ce = c + CH < c1 ? c + CH : c1;
+    for (long k = 0; k < m; ++k) {
+      const T *restrict Bk = B + k * ldb; T *restrict Ck = C + k * ldb;
+      const T *ak = A + k * lda;
+      const T j0 = ak[0], j1 = ak[1], j2 = ak[2], j3 = ak[3], j4 = ak[4], j5 = ak[5], j6 = ak[6], j7 = ak[7];
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+      _Pragma("omp simd reduction(+:a0,a1,a2,a3,a4,a5,a6,a7)")
+      for (long j = c; j < ce; ++j) {
+        const T bk = Bk[j];
+        a0 += p0[j] * bk; a1 += p1[j] * bk; a2 += p2[j] * bk; a3 += p3[j] * bk;
+        a4 += p4[j] * bk; a5 += p5[j] * bk; a6 += p6[j] * bk; a7 += p7[j] * bk;
+        Ck[j] += ((p0[j] * j0 + p1[j] * j1) + (p2[j] * j2 + p3[j] * j3))
+               + ((p4[j] * j4 + p5[j] * j5) + (p6[j] * j6 + p7[j] * j7));
+      }
+      T *r = acc[k];
+      r[0] += a0; r[1] += a1; r[2] += a2; r[3] += a3; r[4] += a4; r[5] += a5; r[6] += a6; r[7] += a7;
+    }
+  }
+}
+
 /* X (m, n) = (P J^T)^T for P (n, n) row-major and symmetric, of which only the upper triangle (j >= i) is
-   read; J (m, n), m <= MAXM. Eight rows of P at a time, in column chunks: per chunk and label k, each
-   element of J_k and X_k is loaded once per eight rows (half the cache traffic of four rows). */
+   read; J (m, n), m <= MAXM. Eight rows of P at a time (rows8 right of their diagonal block). */
 template <typename T>
 static void xt(const T *restrict P, const T *restrict J, T *restrict X, long n, long m) {
   enum { R = 8 };
   for (long k = 0; k < m * n; ++k) X[k] = 0;
   long i = 0;
   for (; i + R <= n; i += R) {
-    const T *restrict p0 = P + i * n, *restrict p1 = p0 + n, *restrict p2 = p1 + n, *restrict p3 = p2 + n;
-    const T *restrict p4 = p3 + n, *restrict p5 = p4 + n, *restrict p6 = p5 + n, *restrict p7 = p6 + n;
-    const T *rows[R] = {p0, p1, p2, p3, p4, p5, p6, p7};
+    const T *rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = P + (i + r) * n;
     T acc[MAXM][R];
     for (long k = 0; k < m; ++k) {  /* the R x R diagonal block, from its upper triangle */
       const T *Jk = J + k * n;
@@ -57,25 +86,7 @@ static void xt(const T *restrict P, const T *restrict J, T *restrict X, long n, 
         acc[k][r] = a;
       }
     }
-    for (long c = i + R; c < n; c += CH) {
-      const long ce = c + CH < n ? c + CH : n;
-      for (long k = 0; k < m; ++k) {
-        const T *restrict Jk = J + k * n; T *restrict Xk = X + k * n;
-        const T j0 = Jk[i], j1 = Jk[i + 1], j2 = Jk[i + 2], j3 = Jk[i + 3];
-        const T j4 = Jk[i + 4], j5 = Jk[i + 5], j6 = Jk[i + 6], j7 = Jk[i + 7];
-        T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
-        _Pragma("omp simd reduction(+:a0,a1,a2,a3,a4,a5,a6,a7)")
-        for (long j = c; j < ce; ++j) {
-          const T jk = Jk[j];
-          a0 += p0[j] * jk; a1 += p1[j] * jk; a2 += p2[j] * jk; a3 += p3[j] * jk;
-          a4 += p4[j] * jk; a5 += p5[j] * jk; a6 += p6[j] * jk; a7 += p7[j] * jk;
-          Xk[j] += ((p0[j] * j0 + p1[j] * j1) + (p2[j] * j2 + p3[j] * j3))
-                 + ((p4[j] * j4 + p5[j] * j5) + (p6[j] * j6 + p7[j] * j7));
-        }
-        T *ak = acc[k];
-        ak[0] += a0; ak[1] += a1; ak[2] += a2; ak[3] += a3; ak[4] += a4; ak[5] += a5; ak[6] += a6; ak[7] += a7;
-      }
-    }
+    rows8<T>(rows[0], n, J + i, n, J, X, n, i + R, n, m, acc);
     for (long k = 0; k < m; ++k)
       for (int r = 0; r < R; ++r) X[k * n + i + r] += acc[k][r];
   }
@@ -136,39 +147,18 @@ static void sg(T *restrict P, const T *restrict V, long n, long m4, T s) {
 }
 
 /* The rectangle R (h, w) right of a process's diagonal block in the sharded filter (row-major, leading
-   dimension w): X1 (m, h) += (R Jr^T)^T and X2 (m, w) += Jl R for Jl (m, h), Jr (m, w), reading R once.
-   Eight rows of R at a time in column chunks, as in xt (two GEMM calls read R twice, and MKL's skinny
-   GEMM on AMD CPUs runs at a third of OpenBLAS's speed). */
+   dimension w): X1 (m, h) += (R Jr^T)^T and X2 (m, w) += Jl R for Jl (m, h), Jr (m, w), reading R once
+   (two GEMM calls read R twice, and MKL's skinny GEMM on AMD CPUs runs at a third of OpenBLAS's speed). */
 template <typename T>
 static void rxt(const T *restrict Rm, const T *restrict Jl, const T *restrict Jr, T *restrict X1, T *restrict X2,
                 long h, long w, long m) {
   enum { R = 8 };
   long i = 0;
   for (; i + R <= h; i += R) {
-    const T *restrict p0 = Rm + i * w, *restrict p1 = p0 + w, *restrict p2 = p1 + w, *restrict p3 = p2 + w;
-    const T *restrict p4 = p3 + w, *restrict p5 = p4 + w, *restrict p6 = p5 + w, *restrict p7 = p6 + w;
     T acc[MAXM][R];
     for (long k = 0; k < m; ++k)
       for (int r = 0; r < R; ++r) acc[k][r] = 0;
-    for (long c = 0; c < w; c += CH) {
-      const long ce = c + CH < w ? c + CH : w;
-      for (long k = 0; k < m; ++k) {
-        const T *restrict Jk = Jr + k * w; T *restrict Xk = X2 + k * w;
-        const T *jl = Jl + k * h + i;
-        const T j0 = jl[0], j1 = jl[1], j2 = jl[2], j3 = jl[3], j4 = jl[4], j5 = jl[5], j6 = jl[6], j7 = jl[7];
-        T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
-        _Pragma("omp simd reduction(+:a0,a1,a2,a3,a4,a5,a6,a7)")
-        for (long j = c; j < ce; ++j) {
-          const T jk = Jk[j];
-          a0 += p0[j] * jk; a1 += p1[j] * jk; a2 += p2[j] * jk; a3 += p3[j] * jk;
-          a4 += p4[j] * jk; a5 += p5[j] * jk; a6 += p6[j] * jk; a7 += p7[j] * jk;
-          Xk[j] += ((p0[j] * j0 + p1[j] * j1) + (p2[j] * j2 + p3[j] * j3))
-                 + ((p4[j] * j4 + p5[j] * j5) + (p6[j] * j6 + p7[j] * j7));
-        }
-        T *ak = acc[k];
-        ak[0] += a0; ak[1] += a1; ak[2] += a2; ak[3] += a3; ak[4] += a4; ak[5] += a5; ak[6] += a6; ak[7] += a7;
-      }
-    }
+    rows8<T>(Rm + i * w, w, Jl + i, h, Jr, X2, w, 0, w, m, acc);
     for (long k = 0; k < m; ++k)
       for (int r = 0; r < R; ++r) X1[k * h + i + r] += acc[k][r];
   }
