@@ -529,15 +529,8 @@ class EKF(torch.optim.Optimizer):
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
-        if defer:  # P ← (P − VᵀV)/λ = c/λ·(S − [W; V/√c]ᵀ[W; V/√c]); W applied to S at defer_rows rows
-            s = 1.0 / math.sqrt(c)
-            for b, Vb in enumerate(Vs):
-                Wn = Vb if s == 1.0 else Vb * s  # (m, n_b)
-                Ws[b] = Wn if Ws[b] is None else torch.cat([Ws[b], Wn])  # (r + m, n_b)
-            if st["lam"] is not None:
-                self._c = c / st["lam"]
-            if Ws[0].shape[0] >= self.defer_rows:
-                self.apply_deferred()
+        if defer:
+            self._defer(Vs, c)
             self._apply_dw(torch.cat(dws))
             self._advance(Ps, faded=True)
             return
@@ -585,21 +578,27 @@ class EKF(torch.optim.Optimizer):
             ok = ok & ((xi.abs() / A.diagonal().sqrt()).amax() <= self.innovation_gate)
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
-        if defer:  # as in _update: W ← [W; V/√c], applied to the own rows at defer_rows rows
-            s = 1.0 / math.sqrt(c)
-            for b, (a, e) in enumerate(self.blocks):
-                Wn = V[:, a:e] if s == 1.0 else V[:, a:e] * s  # (m, n_b)
-                Ws[b] = Wn if Ws[b] is None else torch.cat([Ws[b], Wn])  # (r + m, n_b)
-            if st["lam"] is not None:
-                self._c = c / st["lam"]
-            if Ws[0].shape[0] >= self.defer_rows:
-                self.apply_deferred()
+        if defer:  # as in _update; apply_deferred then updates the own rows
+            self._defer([V[:, a:e] for a, e in self.blocks], c)
             self._apply_dw((V.T @ u).squeeze(1))  # (n,) = K ξ, the same on every process
             self._advance(local, faded=True)
             return
         self.shard.sub_gram_(local, V)  # own rows: P ← P − Vᵀ V
         self._apply_dw((V.T @ u).squeeze(1))  # (n,) = K ξ, the same on every process
         self._advance(local)
+
+    def _defer(self, Vs: List[torch.Tensor], c: float) -> None:
+        """Defer P ← (P − VᵀV)/λ = c/λ·(S − [W; V/√c]ᵀ[W; V/√c]) for the accepted rows V_b (m, n_b) of each
+        block: append V_b/√c to W_b, fold 1/λ into c, apply W to S once it has ``defer_rows`` rows."""
+        s = 1.0 / math.sqrt(c)
+        for b, Vb in enumerate(Vs):
+            Wn = Vb if s == 1.0 else Vb * s  # (m, n_b)
+            self._deferred[b] = Wn if self._deferred[b] is None else torch.cat([self._deferred[b], Wn])  # (r + m, n_b)
+        lam = self.state[_STATE_KEY]["lam"]
+        if lam is not None:
+            self._c = c / lam
+        if self._deferred[0].shape[0] >= self.defer_rows:
+            self.apply_deferred()
 
     def _diagnose(self, xi: torch.Tensor, J: torch.Tensor, info: torch.Tensor, A: torch.Tensor, dmin) -> str:
         """Why an update was rejected (slow path, only after a failure)."""
