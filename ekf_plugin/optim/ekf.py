@@ -355,7 +355,8 @@ class EKF(torch.optim.Optimizer):
         Ps = self.ekf_state["P"]
         if self.shard is not None:
             return self.shard.gather([p.detach() for p in Ps])
-        return [self.kernel.full(p.detach()).clone() for p in Ps]
+        return [f.clone() if f.data_ptr() == p.data_ptr() else f  # a copy, never P itself
+                for p, f in ((p, self.kernel.full(p.detach())) for p in Ps)]
 
     def state_dict(self) -> Dict[str, Any]:
         """Torch optimizer state dict; the filter state (P blocks, counters) is copied, not aliased.

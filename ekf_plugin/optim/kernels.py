@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["FilterKernel", "TorchKernel", "BlasKernel", "select_kernel", "KERNELS"]
+__all__ = ["FilterKernel", "TorchKernel", "BlasKernel", "select_kernel", "KERNELS", "symmetric_from_upper"]
 
 KERNELS = ("auto", "blas", "torch", "native")
 NATIVE_XT = os.environ.get("EKF_PLUGIN_NATIVE_XT", "1") != "0"  # BlasKernel: compiled X = P Jᵀ for m >= 2, one thread
@@ -73,6 +73,24 @@ class TorchKernel(FilterKernel):
             P.addr_(V[0], V[0], alpha=-1.0)  # rank 1
         else:
             P.addmm_(V.T, V, alpha=-1.0)  # (n_b, n_b)
+
+
+def symmetric_from_upper(P: torch.Tensor, tile: int = 128) -> torch.Tensor:
+    """A new symmetric (n, n) tensor from the upper triangle of P (n, n) (its lower triangle is ignored).
+
+    Strips of ``tile`` rows at a time: the part left of each diagonal tile is the transpose of the column strip
+    above it, so every transposed read stays within a few hundred KB. ``triu(P) + triu(P, 1).T`` reads the whole
+    matrix column-wise instead: 242 against 58 ms for n = 2827 float64 on one core (a checkpoint of the study's
+    BPNN writes P this way every 1000 updates).
+    """
+    out = P.clone()  # (n, n)
+    n = P.shape[0]
+    for i in range(0, n, tile):
+        e = min(i + tile, n)
+        out[i:e, :i].copy_(P[:i, i:e].T)  # (e − i, i) lower strip ← transposed upper strip
+        d = P[i:e, i:e]  # (e − i, e − i) diagonal tile
+        out[i:e, i:e] = torch.triu(d) + torch.triu(d, 1).T
+    return out
 
 
 class BlasKernel(FilterKernel):
@@ -154,7 +172,7 @@ class BlasKernel(FilterKernel):
             C[...] = out
 
     def full(self, P: torch.Tensor) -> torch.Tensor:
-        return torch.triu(P) + torch.triu(P, 1).T  # (n_b, n_b) symmetric
+        return symmetric_from_upper(P)  # (n_b, n_b) symmetric, a new tensor
 
 
 class _OpenBLASThreads:

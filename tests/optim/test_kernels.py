@@ -16,7 +16,7 @@ from _ekf_models import mlp, regression_data  # noqa: E402
 from ekf_plugin.jacobian import flat_jacobian  # noqa: E402
 from ekf_plugin.optim import EKF  # noqa: E402
 from ekf_plugin.optim.ekf import EKFDivergenceError  # noqa: E402
-from ekf_plugin.optim.kernels import BlasKernel, TorchKernel, select_kernel  # noqa: E402
+from ekf_plugin.optim.kernels import BlasKernel, TorchKernel, select_kernel, symmetric_from_upper  # noqa: E402
 
 
 def _batches(m_rows=(1, 3, 2, 1, 4)):
@@ -82,6 +82,32 @@ def test_state_dict_holds_full_p_and_resumes_under_the_other_kernel():
         opt_b.step(lambda: (net_b(xb) - yb).reshape(-1))
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, tile", [(1, 128), (7, 3), (300, 128), (257, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_from_upper_mirrors_the_upper_triangle_and_ignores_the_lower(n, tile, dtype):
+    g = torch.Generator().manual_seed(n)
+    P = torch.randn(n, n, generator=g, dtype=dtype)  # lower triangle: garbage the result must not read
+    S = symmetric_from_upper(P, tile=tile)
+    assert S.data_ptr() != P.data_ptr()
+    assert torch.equal(S, torch.triu(P) + torch.triu(P, 1).T)
+    assert torch.equal(S, S.T)
+
+
+def test_state_dict_p_is_a_copy_under_both_kernels():
+    """The P in a state dict never aliases the filter's own block (BLAS kernel: a new symmetric tensor;
+    torch kernel: a clone), so a checkpoint taken mid-run is not changed by later updates."""
+    for kernel in ("blas", "torch"):
+        net = mlp()
+        opt = EKF(net.parameters(), lr=0.3, kernel=kernel)
+        xb, yb = _batches()[0]
+        opt.step(lambda: (net(xb) - yb).reshape(-1))
+        P_saved = opt.state_dict()["state"]["ekf"]["P"][0]
+        before = P_saved.clone()
+        opt.step(lambda: (net(xb) - yb).reshape(-1))
+        assert all(P_saved.data_ptr() != p.data_ptr() for p in opt.ekf_state["P"])
+        assert torch.equal(P_saved, before)
 
 
 def test_closure_may_return_its_own_jacobian():
