@@ -185,6 +185,13 @@ def test_native_kernel_equals_the_torch_path(functions, cutoff_type, dtype):
         torch.testing.assert_close(native, torch_path, **tol)
         if dtype == torch.float64:
             torch.testing.assert_close(native, reference_columns(*args), rtol=1e-10, atol=1e-12)
+        # pair vectors formed from positions and offsets (the training path), pair list not sorted by centre
+        perm = torch.randperm(batch[props.idx_i].shape[0], generator=torch.Generator().manual_seed(2))
+        lazy = (rep.sf, species, None, batch[props.idx_i][perm], batch[props.idx_j][perm], flat // 3, flat % 3)
+        kw = dict(positions=batch[props.R].to(dtype), offsets=batch[props.offsets][perm])
+        torch.testing.assert_close(feature_derivatives.feature_columns(*lazy, native=True, **kw),
+                                   feature_derivatives.feature_columns(*lazy, native=False, **kw), **tol)
+        torch.testing.assert_close(feature_derivatives.feature_columns(*lazy, native=True, **kw), native, **tol)
 
 
 # ---------------------------------------------------------------------------------------------------------
