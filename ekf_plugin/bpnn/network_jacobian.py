@@ -162,7 +162,8 @@ class NetworkJacobians:
                 zbar = delta * dzs[l] * d2[l]  # (k, N_e, H_l): from σ'(z_l) in t_l
                 if hbar is not None:
                     zbar = zbar + hbar * d1[l]
-                gw = torch.einsum("nh,knj->khj", delta, ts[l]) + torch.einsum("knh,nj->khj", zbar, hs[l])  # (k, H_l, H_{l−1})
+                # (k, H_l, H_{l−1}) = Σ_n δ_nh t_knj + z̄_knh h_nj (matmul, not einsum: 107 against 177 µs here)
+                gw = torch.matmul(delta.T, ts[l]) + torch.matmul(zbar.transpose(1, 2), hs[l])
                 grads[l] = (-scale * gw, -scale * zbar.sum(1))  # (k, H_l, H_{l−1}), (k, H_l)
                 if l:
                     hbar = zbar @ linears[l].weight  # (k, N_e, H_{l−1})
