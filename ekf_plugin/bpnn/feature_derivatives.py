@@ -128,6 +128,20 @@ class _Slots(NamedTuple):
     element: torch.Tensor  # (L, M) element of p
 
 
+def _centre_ranges(idx_i: torch.Tensor, atoms: torch.Tensor):
+    """Where the pairs of each label atom lie in the centre-sorted pair list: (order, first, count, M) with
+    ``order`` (P,) the stable sort of an unsorted ``idx_i`` (None when it is sorted already), ``first`` and
+    ``count`` (L,) the range of a_l's pairs in sorted order, M = max(count, 1)."""
+    n_pairs = idx_i.shape[0]
+    order = None
+    if n_pairs > 1 and not bool((idx_i[1:] >= idx_i[:-1]).all()):
+        order = torch.argsort(idx_i, stable=True)  # (P,)
+        idx_i = idx_i.index_select(0, order)  # (P,) sorted
+    first = torch.searchsorted(idx_i, atoms)  # (L,)
+    count = torch.searchsorted(idx_i, atoms, right=True) - first  # (L,)
+    return order, first, count, max(int(count.max()) if count.numel() else 0, 1)
+
+
 def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components, positions=None, offsets=None) -> _Slots:
     """Pairs with centre a_l of every label, gathered from the neighbour list sorted by centre. Their vectors
     come from ``r_ij`` (P, 3), or when it is None from ``positions`` (N, 3) and ``offsets`` (P, 3) for the
@@ -136,13 +150,7 @@ def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components, positions=N
     device, dtype = ref.device, ref.dtype
     n_pairs = idx_i.shape[0]
     idx_i_orig = idx_i  # (P,) in list order
-    order = None
-    if n_pairs > 1 and not bool((idx_i[1:] >= idx_i[:-1]).all()):
-        order = torch.argsort(idx_i, stable=True)  # (P,)
-        idx_i = idx_i.index_select(0, order)  # (P,) sorted
-    first = torch.searchsorted(idx_i, atoms)  # (L,)
-    count = torch.searchsorted(idx_i, atoms, right=True) - first  # (L,)
-    m = max(int(count.max()) if count.numel() else 0, 1)
+    order, first, count, m = _centre_ranges(idx_i, atoms)
     slot = torch.arange(m, device=device)  # (M,)
     listed = slot[None, :] < count[:, None]  # (L, M)
     pos = (first[:, None] + slot[None, :]).clamp(max=max(n_pairs - 1, 0)).reshape(-1)  # (L·M,)
@@ -700,14 +708,7 @@ def _columns_native(module, sf, keys: _Keys, species, r_ij, idx_i, idx_j, atoms,
     if dtype not in (torch.float64, torch.float32):
         raise TypeError(f"native feature columns: float32/float64 only, got {dtype}")
     E, n_atoms, L = len(sf.elements), species.shape[0], atoms.shape[0]
-    n_pairs = idx_i.shape[0]
-    order = None
-    if n_pairs > 1 and not bool((idx_i[1:] >= idx_i[:-1]).all()):
-        order = torch.argsort(idx_i, stable=True)  # (P,)
-        idx_i = idx_i.index_select(0, order)  # (P,) sorted
-    first = torch.searchsorted(idx_i, atoms)  # (L,)
-    count = torch.searchsorted(idx_i, atoms, right=True) - first  # (L,)
-    m = max(int(count.max()) if count.numel() else 0, 1)
+    order, first, count, m = _centre_ranges(idx_i, atoms)
     U_r, U_a = sf.n_rad_keys, sf.n_ang_keys
     table = ref.new_zeros(L, n_atoms, E * U_r + E * E * U_a)  # (L, N, S)
     if r_ij is not None:
