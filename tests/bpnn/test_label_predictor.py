@@ -343,12 +343,23 @@ def test_sampled_validation_is_the_full_model_on_a_fixed_sample_of_force_compone
     f_rmse = float(torch.cat(f_err).pow(2).mean().sqrt())
     assert first["val_energy_per_atom_rmse"] == pytest.approx(e_rmse, rel=1e-6)  # Lightning logs float32
     assert first["val_forces_rmse_all"] == pytest.approx(f_rmse, rel=1e-6)
-    # 0: the full model, every component
+    # 0: the full model, every component (a plain BPNN: through the MD step's compiled kernels, a periodic and a
+    # non-periodic structure per batch), the same metrics as the model's own forward and autograd forces
     task.val_force_components = 0
     every = _validate(task, batches)
     f_all = torch.cat([(model(dict(b))["forces"].detach() - b["forces"]).reshape(-1) for b in batches])
     assert every["val_forces_rmse_all"] == pytest.approx(float(f_all.pow(2).mean().sqrt()), rel=1e-6)
+    assert every["val_energy_per_atom_rmse"] == pytest.approx(
+        float(torch.cat([(model(dict(b))["energy"].detach() - b["energy"]) / b[props.n_atoms] for b in batches])
+              .pow(2).mean().sqrt()), rel=1e-6)
     assert every["val_forces_rmse_all"] != pytest.approx(first["val_forces_rmse_all"], rel=1e-3)
+    if task._full_model_step() is not None:  # the compiled kernels build here: the same as the model's own path
+        for b in batches:
+            stepped, own = task._stepped_predictions(b), model(dict(b))
+            torch.testing.assert_close(stepped["energy"], own["energy"].detach(), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(stepped["forces"], own["forces"].detach(), rtol=1e-9, atol=1e-10)
+        task._full_step = False  # the model's forward: the same metrics
+        assert _validate(task, batches) == pytest.approx(every, rel=1e-6)
 
 
 def test_prepare_on_float32_data_caches_what_the_float32_model_computes():
