@@ -290,6 +290,7 @@ class EKF(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
         self._deferred: List[Optional[torch.Tensor]] = [None] * len(self.blocks)  # W_b (r, n_b): P_b = c(S_b − WᵀW)
+        self._wsq: List[Optional[torch.Tensor]] = [None] * len(self.blocks)  # Σ_rows W_b∘W_b (n_b,), kept with W_b
         self._c = 1.0
         dev = self._params[0].device
         if self.shard is not None:
@@ -332,6 +333,7 @@ class EKF(torch.optim.Optimizer):
             if self._deferred[0] is not None:
                 self.shard.sub_gram_(Ps, torch.cat(self._deferred, 1))
                 self._deferred = [None] * len(self.blocks)
+                self._wsq = [None] * len(self.blocks)
             if c != 1.0:
                 for piece in Ps:
                     piece.mul_(c)
@@ -345,7 +347,7 @@ class EKF(torch.optim.Optimizer):
                     kern.sub_gram_(Ps[b], W)
                     if c != 1.0:
                         Ps[b].mul_(c)
-                self._deferred[b] = None
+                self._deferred[b] = self._wsq[b] = None
             elif c != 1.0:
                 Ps[b].mul_(c)
         self._c = 1.0
@@ -394,6 +396,7 @@ class EKF(torch.optim.Optimizer):
             st["P"] = [p.to(device=dev, dtype=self.dtype).clone() for p in st["P"]]
         self.state[_STATE_KEY] = st
         self._deferred = [None] * len(self.blocks)
+        self._wsq = [None] * len(self.blocks)
         self._c = 1.0
 
     def covariance(self) -> torch.Tensor:
@@ -519,8 +522,8 @@ class EKF(torch.optim.Optimizer):
         u = Linv @ xi.unsqueeze(1)  # (m, 1) = L⁻¹ ξ
         Vs = [torch.mm(Linv, XTb) for XTb in XTs]  # each (m, n_b) = L⁻¹ X_bᵀ
         # new diagonal of P, checked before P is overwritten: diag P_b − Σ_rows V_b∘V_b, each (n_b,)
-        dmin = torch.stack([(c * (kern.diagonal(Pb) - (0 if W is None else (W * W).sum(0))) - (Vb * Vb).sum(0)).amin()
-                            for Pb, Vb, W in zip(Ps, Vs, Ws)]).amin()
+        dmin = torch.stack([(c * (kern.diagonal(Pb) - (0 if wsq is None else wsq)) - (Vb * Vb).sum(0)).amin()
+                            for Pb, Vb, wsq in zip(Ps, Vs, self._wsq)]).amin()
         # one host sync: |V| <= max^(1/4) bounds VᵀV, so P − VᵀV stays finite; NaN fails every comparison
         vmax = torch.stack([Vb.abs().amax() for Vb in Vs]).amax()
         ok = (info == 0) & torch.isfinite(xi).all() & torch.isfinite(u).all() & (vmax <= self._big) & (dmin > 0)
@@ -561,9 +564,9 @@ class EKF(torch.optim.Optimizer):
         XT, diag = self.shard.xt_and_diag(local, J)  # (m, n), (n,) of the stored S
         if Ws[0] is not None:
             XT, diag = XT.clone(), diag.clone()
-            for (a, b), W in zip(self.blocks, Ws):
+            for (a, b), W, wsq in zip(self.blocks, Ws, self._wsq):
                 XT[:, a:b] -= (J[:, a:b] @ W.T) @ W  # (m, n_b)
-                diag[a:b] -= (W * W).sum(0)  # (n_b,)
+                diag[a:b] -= wsq  # (n_b,) diag(WᵀW)
         if c != 1.0:
             XT, diag = XT * c, diag * c
         A = J @ XT.T  # (m, m)
@@ -595,6 +598,8 @@ class EKF(torch.optim.Optimizer):
         for b, Vb in enumerate(Vs):
             Wn = Vb if s == 1.0 else Vb * s  # (m, n_b)
             self._deferred[b] = Wn if self._deferred[b] is None else torch.cat([self._deferred[b], Wn])  # (r + m, n_b)
+            sq = (Wn * Wn).sum(0)  # (n_b,): diag(WᵀW) kept up to date, not recomputed from all r rows per update
+            self._wsq[b] = sq if self._wsq[b] is None else self._wsq[b] + sq
         lam = self.state[_STATE_KEY]["lam"]
         if lam is not None:
             self._c = c / lam

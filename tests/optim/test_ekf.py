@@ -216,6 +216,11 @@ def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel, fading)
         for net, opt in zip(nets, opts):
             opt.step(lambda: (net(x[at : at + k]) - y[at : at + k]).reshape(-1))
         seen.add(None if opts[1]._deferred[0] is None else opts[1]._deferred[0].shape[0])
+        W = opts[1]._deferred[0]
+        if W is not None:  # the kept diag(WᵀW) that the positivity check reads
+            torch.testing.assert_close(opts[1]._wsq[0], (W * W).sum(0), rtol=1e-12, atol=1e-15)
+        else:
+            assert opts[1]._wsq[0] is None
         at += k
     assert None in seen and len(seen) > 2, f"rows were deferred and applied: {seen}"
     assert opts[1]._deferred[0] is not None, "the last rows are still pending here"
