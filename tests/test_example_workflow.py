@@ -53,7 +53,10 @@ def test_queue_runs_jobs_at_a_time_with_per_optimizer_budgets(tmp_path):
     proc, events = _run(tmp_path, runs, JOBS="2", MAX_UPDATES="500000", ADAM_UPDATES="659000")
     assert proc.returncode == 0, proc.stderr
     starts = {e[1]: e[3] for e in events if e[0] == "start"}
-    assert list(starts) == runs.split()  # queued in the order given
+    assert sorted(starts) == sorted(runs.split())
+    launched = [line.split()[2] for line in proc.stdout.splitlines() if " training " in line]
+    assert launched == runs.split()  # queued in the order given (the queue's own log: two runs that start in the
+    # same instant may write their first line in either order on a busy machine)
     assert _max_concurrent(events) == 2
     assert "trainer.max_steps=500000" in starts["ekf_lr1e-3_s2"]
     assert "trainer.max_steps=659000" in starts["adam_lr1e-5_s1"]
