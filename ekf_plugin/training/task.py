@@ -102,8 +102,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             unbiased estimates from that sample (~3·10³ components on 280 frames: ~1 % relative error of
             an RMSE). About 5 ms per 192-atom frame instead of a full forward and backward; the features
             of a validation frame are computed at its first validation. 0: the full model for every
-            validation (a plain BPNN through the MD step's compiled kernels, ~30 ms per 192-atom frame on one
-            core; other models through their forward and autograd). Test metrics always use the model's
+            validation (a plain BPNN through the MD step's compiled kernels, 45 against 100 ms per 192-atom
+            frame on one core; other models through their forward and autograd). Test metrics always use the model's
             own forward.
         force_selection: ``"random"`` (the study: force components drawn at random) or ``"threshold"`` (n2p2's
             ``selection_mode 2``: per component up to ``selection_trials`` random candidates, the first whose error
@@ -463,8 +463,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
     def _stepped_eval_step(self, batch, subset: str):
         """Full-model validation through :meth:`_full_model_step`: every energy and every force component of
         every structure, the same loss and metrics as :meth:`_eval_step` (the same model; float64 sums), at the
-        cost of an MD step per structure (~30 ms for 192 atoms on one core, against ~0.5 s for the model's
-        forward and autograd backward in float32)."""
+        cost of an MD step per structure with a new neighbour list (45 ms for 192 atoms on one core, against
+        100 ms for the model's forward and autograd backward, float32)."""
         targets = {o.target_property: batch[o.target_property] for o in self.outputs}
         return self._log_eval(self._stepped_predictions(batch), targets, batch, subset)
 
