@@ -358,12 +358,17 @@ def spktrain_first_update_full(quick=False) -> Dict[str, float]:
     return {"spktrain_1400_first_update_s": rec["first_update_time"] - t0}
 
 
-def spktrain_figures(quick=False) -> Dict[str, float]:
+# the protocol of the README's headline run (one energy update in ten, force labels chosen by their error)
+README_PROTOCOL = ("task.energy_fraction=0.1", "task.force_selection=threshold")
+
+
+def spktrain_figures(quick=False, overrides=(), prefix="spktrain_") -> Dict[str, float]:
     """What a user's ``spktrain experiment=water_bpnn_ekf`` does, timed by a callback inside the run
     (:mod:`benchmarks.step_timer`): time to the first update, steady-state updates/s of the whole loop
-    (data loading, ``training_step``, logging, callbacks), validation time against epoch time. One thread."""
+    (data loading, ``training_step``, logging, callbacks), validation time against epoch time. One thread.
+    ``overrides``: further Hydra overrides (e.g. :data:`README_PROTOCOL`); the figures' names start with ``prefix``."""
     if not DATA.exists():
-        return {"spktrain_skipped_no_data": 1.0}
+        return {f"{prefix}skipped_no_data": 1.0}
     frames = 60 if quick else 400
     root = Path(__file__).resolve().parents[1]
     exe = Path(sys.executable).with_name("spktrain")
@@ -373,7 +378,7 @@ def spktrain_figures(quick=False) -> Dict[str, float]:
                 f"data.datapath={tmp}/water.db", "trainer.max_epochs=3", f"run.path={tmp}/runs", "run.id=b",
                 "logger=csv", "trainer.num_sanity_val_steps=0",  # progress bar on, as a user's run has it
                 "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
-                f"+callbacks.step_timer.path={steps_json}"]
+                f"+callbacks.step_timer.path={steps_json}", *overrides]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                    PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         # the database is built once before timing (ASE db from the extxyz); this warm-up run's ending
@@ -392,30 +397,30 @@ def spktrain_figures(quick=False) -> Dict[str, float]:
         rec = json.loads(steps_json.read_text())
     out = _Figures()
     steps = rec["steps_s"]
-    out["spktrain_frames"] = float(frames)
-    out["spktrain_first_update_s"] = rec["first_update_time"] - t0
+    out[f"{prefix}frames"] = float(frames)
+    out[f"{prefix}first_update_s"] = rec["first_update_time"] - t0
     # the study's mix is bimodal (energy updates ~5 ms, force updates ~20 ms): the rate is 1/mean, medians per kind
-    out["spktrain_step_ms_median"] = 1e3 * statistics.median(steps)
-    out["spktrain_step_ms_mean"] = 1e3 * statistics.fmean(steps)
-    out["spktrain_updates_per_s"] = 1 / statistics.fmean(steps)
+    out[f"{prefix}step_ms_median"] = 1e3 * statistics.median(steps)
+    out[f"{prefix}step_ms_mean"] = 1e3 * statistics.fmean(steps)
+    out[f"{prefix}updates_per_s"] = 1 / statistics.fmean(steps)
     opt_steps = rec.get("optimizer_steps_s", [])
     if len(opt_steps) > 1:  # the first one is left out of steps_s too
-        out["spktrain_optimizer_step_ms_mean"] = 1e3 * statistics.fmean(opt_steps[1:])
-        out["spktrain_loop_ms_per_update"] = out["spktrain_step_ms_mean"] - out["spktrain_optimizer_step_ms_mean"]
+        out[f"{prefix}optimizer_step_ms_mean"] = 1e3 * statistics.fmean(opt_steps[1:])
+        out[f"{prefix}loop_ms_per_update"] = out[f"{prefix}step_ms_mean"] - out[f"{prefix}optimizer_step_ms_mean"]
     train_steps = rec.get("training_steps_s", [])
     if len(train_steps) > 1 and len(opt_steps) > 1:  # the loop split: the task's own work / Lightning and data
-        task_ms = 1e3 * statistics.fmean(train_steps[1:]) - out["spktrain_optimizer_step_ms_mean"]
-        out["spktrain_task_ms_per_update"] = task_ms
-        out["spktrain_lightning_and_data_ms_per_update"] = out["spktrain_loop_ms_per_update"] - task_ms
+        task_ms = 1e3 * statistics.fmean(train_steps[1:]) - out[f"{prefix}optimizer_step_ms_mean"]
+        out[f"{prefix}task_ms_per_update"] = task_ms
+        out[f"{prefix}lightning_and_data_ms_per_update"] = out[f"{prefix}loop_ms_per_update"] - task_ms
     # an epoch's time includes its validation (Lightning validates before on_train_epoch_end): split them;
     # the first validation also computes the validation frames' features (cached for the later ones)
     vals = rec["validations_s"]
     train_s = [e - v for e, v in zip(rec["epochs_s"], vals)] if len(vals) == len(rec["epochs_s"]) else rec["epochs_s"]
-    out["spktrain_epoch_s"] = statistics.median(train_s)
+    out[f"{prefix}epoch_s"] = statistics.median(train_s)
     if vals:
-        out["spktrain_first_validation_s"] = vals[0]
-        out["spktrain_validation_s"] = statistics.median(vals[1:] or vals)
-        out["spktrain_validation_over_epoch"] = out["spktrain_validation_s"] / out["spktrain_epoch_s"]
+        out[f"{prefix}first_validation_s"] = vals[0]
+        out[f"{prefix}validation_s"] = statistics.median(vals[1:] or vals)
+        out[f"{prefix}validation_over_epoch"] = out[f"{prefix}validation_s"] / out[f"{prefix}epoch_s"]
     return out
 
 
@@ -620,6 +625,7 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
     if (device or "cpu") == "cpu":
         out.update(shard_piece_figures(quick))
         out.update(spktrain_figures(quick))
+        out.update(spktrain_figures(quick, README_PROTOCOL, "spktrain_readme_protocol_"))
         out.update(spktrain_first_update_full(quick))
         out.update(spktrain_2proc_figures(quick))
     out.update(gnn_figures(device, quick))
