@@ -101,6 +101,29 @@ def test_metrics_of_a_resumed_run_are_merged_in_version_order(tmp_path):
                                                       [24999, 0.11]])
 
 
+def test_status_of_a_resumed_run_reads_rate_time_left_and_last_errors(tmp_path):
+    """Two log segments (a resume), the run's own clock continued across them: the rate is measured on the
+    last `window` updates of that clock, the time left uses config.yaml's max_steps."""
+    run = tmp_path / "ekf_lr1e-3_s1_ef0.1_thr"
+    (run / "config.yaml").parent.mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer:\n  max_epochs: 100000\n  max_steps: 100000\n")
+    head = "epoch,step,val_energy_per_atom_rmse,val_forces_rmse,val_pressure_bias_bar,wall_time_s\n"
+    seg0 = "".join(f"1,{s},,,,{s / 10}\n" for s in range(0, 10001, 1000)) + "1,9999,0.004,0.2,-300,\n"
+    seg1 = "".join(f"2,{s},,,,{1000 + (s - 10000) / 40}\n" for s in range(10000, 20001, 1000))
+    seg1 += "2,19999,0.0025,0.125,150,\n"
+    for v, text in ((0, seg0), (1, seg1)):
+        (run / "csv" / f"version_{v}").mkdir(parents=True)
+        (run / "csv" / f"version_{v}" / "metrics.csv").write_text(head + text)
+    st = analyze.run_status(run, window=5000)
+    assert st["updates"] == 20000 and st["max_steps"] == 100000
+    assert st["updates_per_s"] == pytest.approx(40.0)  # the second segment's rate, not the first one's 10/s
+    assert st["hours_left"] == pytest.approx(80000 / 40 / 3600)
+    assert st["val_energy_meV_per_atom"] == pytest.approx(2.5) and st["val_forces_meV_per_A"] == pytest.approx(125)
+    assert st["pressure_bias_bar"] == pytest.approx(150) and 0 <= st["minutes_since_log"] < 5
+    table = analyze.status_table([st])
+    assert "20000/100000" in table and "40.0" in table and "0.56" in table
+    assert analyze.run_status(run, window=100000)["updates_per_s"] == pytest.approx(20000 / 1250)  # both segments
+
 def _summary_row(**kw):
     row = {"label": "m", "optimizer": "EKF", "md_planned_ps": "20", "md_ps": "20", "density_g_per_mL": "0.93",
            "temperature_K": "320.1", "forces_rmse_meV_per_A": "120", "energy_rmse_meV_per_atom": "2.3",

@@ -10,6 +10,7 @@
     python analyze.py pressure-bias MODEL.pt... --db work/data/water.db --split work/runs/RUN/split.npz \
         --json pressure_bias.json --out energy_volume.png
     python analyze.py pressure-map results/models_summary.csv --out pressure_map.png
+    python analyze.py status work/runs/*        # how far each training is: updates, rate, time left, last errors
 
 Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps, distances in Å,
 pressure in bar.
@@ -438,6 +439,62 @@ def plot_pressure_map(summary_csv: Path, out: Path) -> Dict[str, Tuple[float, fl
     return points
 
 
+def _max_steps(run_dir: Path) -> int:
+    """``trainer.max_steps`` from the run's ``config.yaml`` (-1: none, or no config)."""
+    cfg = Path(run_dir) / "config.yaml"
+    text = cfg.read_text() if cfg.is_file() else ""
+    m = re.search(r"^\s+max_steps:\s*(-?\d+)\s*$", text, flags=re.M)
+    return int(m.group(1)) if m else -1
+
+
+def run_status(run_dir: Path, window: int = 5000, now: float = None) -> Dict[str, object]:
+    """How far a (running or stopped) ``spktrain`` run is, from its CSV logs and ``config.yaml``: the last logged
+    update, ``max_steps``, the rate in updates/s over the last ``window`` updates of its ``wall_time_s`` curve
+    (the run's own clock, continued across resumes), the time left at that rate (h), the minutes since its log
+    was last written (a run that writes nothing for long has stopped), and its last validation errors
+    (meV/atom, meV/Å) and pressure bias (bar)."""
+    import time
+
+    m = read_metrics(run_dir)
+    clock = m.get("wall_time_s")
+    steps = [a[-1, 0] for a in m.values() if len(a)]
+    last = int(max(steps)) if steps else 0
+    rate = None
+    if clock is not None and len(clock) >= 2:
+        recent = clock[clock[:, 0] >= clock[-1, 0] - window]
+        if len(recent) < 2:
+            recent = clock[-2:]
+        dt = recent[-1, 1] - recent[0, 1]
+        rate = float((recent[-1, 0] - recent[0, 0]) / dt) if dt > 0 else None
+    target = _max_steps(run_dir)
+    left_h = (target - last) / rate / 3600 if rate and target > last else (0.0 if target > 0 else None)
+    logs = list(Path(run_dir).rglob("metrics.csv"))
+    idle_min = ((now if now is not None else time.time()) - max(f.stat().st_mtime for f in logs)) / 60
+
+    def last_of(key: str, scale: float = 1.0):
+        return float(m[key][-1, 1] * scale) if key in m and len(m[key]) else None
+
+    return {"run": Path(run_dir).name, "updates": last, "max_steps": target, "updates_per_s": rate,
+            "hours_left": left_h, "minutes_since_log": idle_min,
+            "val_energy_meV_per_atom": last_of("val_energy_per_atom_rmse", 1000.0),
+            "val_forces_meV_per_A": last_of("val_forces_rmse", 1000.0), "pressure_bias_bar": last_of(PRESSURE_KEY)}
+
+
+def status_table(rows: List[Dict[str, object]]) -> str:
+    """The rows of :func:`run_status` as a fixed-width text table."""
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{'run':<28} {'updates':>17} {'upd/s':>6} {'h left':>6} {'log age':>8} {'val E':>6} {'val F':>6} "
+             f"{'bias':>7}", f"{'':<28} {'':>17} {'':>6} {'':>6} {'(min)':>8} {'meV/at':>6} {'meV/Å':>6} {'bar':>7}"]
+    for r in rows:
+        done = f"{r['updates']}/{r['max_steps']}" if r["max_steps"] > 0 else str(r["updates"])
+        lines.append(f"{r['run']:<28} {done:>17} {f(r['updates_per_s'], '.1f'):>6} {f(r['hours_left'], '.2f'):>6} "
+                     f"{f(r['minutes_since_log'], '.1f'):>8} {f(r['val_energy_meV_per_atom'], '.2f'):>6} "
+                     f"{f(r['val_forces_meV_per_A'], '.1f'):>6} {f(r['pressure_bias_bar'], '.0f'):>7}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -486,7 +543,13 @@ def main(argv=None) -> int:
     pm = sub.add_parser("pressure-map", help="NPT density against the pressure bias of all models")
     pm.add_argument("summary", type=Path, help="a models_summary.csv with pressure_bias_bar")
     pm.add_argument("--out", type=Path, default=Path("pressure_map.png"))
+    st = sub.add_parser("status", help="how far each spktrain run is: updates, rate, time left, last errors")
+    st.add_argument("runs", nargs="+", type=Path)
+    st.add_argument("--window", type=int, default=5000, help="updates over which the rate is measured")
     args = parser.parse_args(argv)
+    if args.cmd == "status":
+        print(status_table([run_status(r, args.window) for r in args.runs if Path(r).is_dir()]))
+        return 0
     if args.cmd == "pressure-bias":
         pressure_bias(args.models, args.db, args.split, args.labels or [m.stem for m in args.models], args.json,
                       args.out, args.part)

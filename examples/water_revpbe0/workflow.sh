@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The study's comparison on revPBE0-D3 water with ekf-plugin, end to end:
 #   bash workflow.sh [train|evaluate|fisher|md|plots|all]     (default: all)
+#   bash workflow.sh status     how far each run under $WORK/runs is (updates, rate, hours left, last errors)
 # Environment:
 #   DATA        extxyz in Bohr/Hartree (default: ../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz
 #               beside the checkout)
@@ -34,8 +35,13 @@ DATA="${DATA:-$REPO/../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz}"
 WORK="${WORK:-$HERE/work}"
 read -r -a RUNS <<< "${RUNS:-ekf_lr1e-3_s0 ekf_lr1e-3_s1 adam_lr1e-4_s0 adam_lr1e-4_s1 adam_lr1e-3_s0}"
 stage="${1:-all}"
+case $stage in train|evaluate|fisher|md|plots|all|status) ;; *) echo "unknown stage $stage (want train, evaluate, fisher, md, plots, all or status)" >&2; exit 2;; esac
 mkdir -p "$WORK/data"
 cd "$WORK"
+if [[ $stage == status ]]; then
+  shopt -s nullglob; runs=(runs/*/); [ ${#runs[@]} -gt 0 ] || { echo "no runs under $WORK/runs" >&2; exit 1; }
+  exec "$BIN/python" "$HERE/analyze.py" status "${runs[@]}"
+fi
 export OMP_NUM_THREADS=1
 
 if [[ $stage == train || $stage == all ]]; then
