@@ -87,3 +87,24 @@ def test_bad_run_ids_stop_before_anything_starts(tmp_path, bad):
     proc, events = _run(tmp_path, f"ekf_lr1e-3_s0 {bad}", JOBS="1")
     assert proc.returncode == 2 and f"bad run id {bad}" in proc.stderr
     assert events == []
+
+
+def test_editing_the_script_during_a_queue_does_not_change_the_running_queue(tmp_path):
+    # bash reads a script as it runs it: a `git pull` or an edit of workflow.sh during a multi-hour queue used to
+    # make the running queue read a shifted file (a syntax error in its log). Here each "training" appends a line
+    # to the script being run; the queue must neither run it nor fail.
+    script = tmp_path / "workflow.sh"
+    script.write_text(WORKFLOW.read_text())
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "water.db").touch()
+    spk = bin_dir / "spktrain"
+    spk.write_text(RECORDER.replace("sleep 0.6", 'echo "echo INJECTED; exit 7" >> "$SCRIPT"; sleep 0.2'))
+    spk.chmod(0o755)
+    env = {**os.environ, "BIN": str(bin_dir), "WORK": str(work), "RUNS": "ekf_lr1e-3_s0 adam_lr1e-4_s0",
+           "TRACE": str(tmp_path / "trace"), "SCRIPT": str(script), "JOBS": "1"}
+    proc = subprocess.run(["bash", str(script), "train"], env=env, capture_output=True, text=True, timeout=60)
+    assert script.read_text().count("INJECTED") == 2  # the file did change under the queue
+    assert proc.returncode == 0, proc.stderr
+    assert "INJECTED" not in proc.stdout and proc.stdout.count(" training ") == 2

@@ -28,6 +28,7 @@
 #   EVAL_FRAMES validation frames for the RMSE of each model (default 280: all of them)
 #   FISHER_LABELS  labels for the Fisher spectra (default 1000)
 set -euo pipefail
+{ # the whole script is read before it runs: editing it (or a git pull) during a long queue cannot break the queue
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 BIN="${BIN:-$REPO/.venv/bin}"
@@ -110,3 +111,5 @@ if [[ $stage == plots || $stage == all ]]; then
   "$BIN/python" "$HERE/analyze.py" pressure-map models_summary.csv --out pressure_map.png || true
   cat results_table.md
 fi
+exit
+}
