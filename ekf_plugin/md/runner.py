@@ -90,6 +90,7 @@ def npt_xml(
     nbeads: int = 1,
     thermostat: str = "svr",
     threading: bool = False,
+    checkpoint_stride: Optional[int] = None,
 ) -> str:
     """i-PI input for NPT MD (SVR thermostat, isotropic Bussi–Zykova–Parrinello barostat).
 
@@ -101,6 +102,9 @@ def npt_xml(
     ``threading``: i-PI's ``<simulation threading>``, which runs each step and each output write of its one system
     in a worker thread (i-PI's default, for several systems at once); off here, which saves those thread hand-offs
     (0.57 ms of a 33–36 ms step measured, docs/md.md). The beads' force requests are parallel either way.
+    ``checkpoint_stride``: steps between i-PI's checkpoints (default max(stride, 100)), each a new file
+    ``<prefix>.restart_<k>`` (i-PI truncates an overwritten checkpoint before it writes it, so a kill in that window
+    would leave none); a killed run resumes from the newest complete one (:func:`resume_checkpoint`).
     """
     traj = (f"    <trajectory filename='pos' stride='{traj_stride}' format='xyz' cell_units='angstrom'>"
             " positions{angstrom} </trajectory>\n") if traj_stride else ""
@@ -115,7 +119,7 @@ def npt_xml(
     <properties stride='{stride}' filename='out'> [ step, time{{picosecond}}, conserved{{electronvolt}},
       temperature{{kelvin}}, potential{{electronvolt}}, kinetic_md{{electronvolt}}, pressure_md{{bar}},
       volume{{angstrom3}}, density{{g/cm3}}, virial_md{{bar}} ] </properties>
-{traj}    <checkpoint stride='{max(stride, 100)}'/>
+{traj}    <checkpoint stride='{checkpoint_stride or max(stride, 100)}' overwrite='False'/>
   </output>
   <total_steps>{steps}</total_steps>
   <prng><seed>{seed}</seed></prng>
@@ -150,6 +154,78 @@ def read_properties(path: PathLike) -> Dict[str, np.ndarray]:
             cols.append((lo, hi))
     data = np.loadtxt(path, ndmin=2)
     return {n: (data[:, lo] if hi - lo == 1 else data[:, lo:hi]) for n, (lo, hi) in zip(names, cols)}
+
+
+def checkpoint_step(path: PathLike) -> int:
+    """The step an i-PI checkpoint (``RESTART``, ``<prefix>.restart[_k]``) was written at (its ``<step>``); a file
+    that is not a complete checkpoint (e.g. cut short by a kill while i-PI wrote it) raises ValueError."""
+    text = Path(path).read_text()
+    m = re.search(r"<step>\s*(\d+)\s*</step>", text)
+    if not m or not text.rstrip().endswith("</simulation>"):
+        raise ValueError(f"{path} is not a complete i-PI checkpoint (no <step> or no closing </simulation>)")
+    return int(m.group(1))
+
+
+def resume_checkpoint(run_dir: PathLike, total_steps: int, prefix: str = "npt") -> Optional[Path]:
+    """The checkpoint a stopped i-PI run in ``run_dir`` continues from, or None when there is nothing to resume.
+
+    Candidates: ``RESTART`` (written when i-PI exits cleanly: SIGTERM, a dropped client, the end), and the periodic
+    ``<prefix>.restart`` / ``<prefix>.restart_<k>`` (``overwrite='False'``, as :func:`npt_xml` and the examples
+    write them). The complete one with the highest ``<step>`` below ``total_steps`` is taken; files cut short are
+    skipped, so a kill while i-PI writes a checkpoint falls back to the one before.
+    """
+    run_dir = Path(run_dir)
+    best: Optional[Path] = None
+    step = -1
+    for path in [run_dir / "RESTART", *sorted(run_dir.glob(f"{prefix}.restart*"))]:
+        try:
+            k = checkpoint_step(path)
+        except (OSError, ValueError):
+            continue
+        if step < k < total_steps:
+            best, step = path, k
+    return best
+
+
+def drop_replayed_steps(path: PathLike) -> int:
+    """Make an i-PI output continued by a restarted run have each step once, in order; returns the rows dropped.
+
+    i-PI appends to its outputs when it starts from a checkpoint, so the steps between that checkpoint and the
+    moment the earlier run stopped appear twice. The later copy (the run that went on) is kept. Works on
+    properties files (step in the column named ``step``, else the first) and xyz trajectories (``Step: N`` in
+    each frame's comment line). The file is replaced atomically.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[0].startswith("#") and lines[0].strip().isdigit():  # xyz: frames of n + 2 lines
+        blocks, k = [], 0
+        while k < len(lines):
+            n = int(lines[k])
+            m = re.search(r"Step:\s*(\d+)", lines[k + 1])
+            if not m:
+                raise ValueError(f"{path}: frame at line {k + 2} has no 'Step:' in its comment")
+            blocks.append((int(m.group(1)), lines[k:k + n + 2]))
+            k += n + 2
+        header: list = []
+    else:
+        column = 0
+        for line in lines:
+            m = re.match(r"#\s*(column|cols\.)\s+(\d+)(?:-\d+)?\s+-->\s+step\b", line)
+            if m:
+                column = int(m.group(2)) - 1
+                break
+        first = next((k for k, ln in enumerate(lines) if ln.strip() and not ln.startswith("#")), len(lines))
+        header = lines[:first]  # the header at the top; a header repeated further down is dropped
+        blocks = [(int(round(float(ln.split()[column]))), [ln]) for ln in lines if ln.strip() and not ln.startswith("#")]
+    kept: list = []
+    for step, block in blocks:
+        while kept and kept[-1][0] >= step:
+            kept.pop()
+        kept.append((step, block))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(header) + "".join("".join(b) for _, b in kept))
+    os.replace(tmp, path)
+    return len(blocks) - len(kept)
 
 
 class IPIServer:

@@ -4,8 +4,12 @@
 # MODEL: spktrain best_model, an exported model, or an n2p2 potential directory
 #        (default: the RPBE-D3 n2p2 water potential in ../shared/data beside the checkout).
 # Environment: DEVICE (cpu|cuda, default cpu), THREADS (torch threads, default 1), PYTHON,
-#              RUN_DIR (default ./run) and SOCKET_NAME (default ekf_npt_water) for several runs at once.
+#              RUN_DIR (default ./run) and SOCKET_NAME (default ekf_npt_water) for several runs at once,
+#              INPUT (i-PI input template, default ./input.xml), FRESH=1 (start over instead of resuming).
+# A run that was stopped (killed, a crash, the machine went down) resumes when the same command is given again:
+# from i-PI's newest checkpoint in RUN_DIR, if it was started with the same MODEL and STEPS.
 set -euo pipefail
+{ # read whole before it runs: editing this file during a run cannot change the run
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 MODEL="${1:-$REPO/../shared/data/n2p2-h2o-potentials/H2O_RPBE-D3}"
@@ -15,16 +19,36 @@ BIN="$(dirname "$PYTHON")"
 NAME="${SOCKET_NAME:-ekf_npt_water}"
 SOCKET="/tmp/ipi_$NAME"
 RUN="${RUN_DIR:-$HERE/run}"
+INPUT="$(cd "$(dirname "${INPUT:-$HERE/input.xml}")" && pwd)/$(basename "${INPUT:-input.xml}")"
 
 mkdir -p "$RUN"
 cd "$RUN"
 [ -f init.xyz ] || "$PYTHON" "$HERE/make_init.py" --out init.xyz
-sed -e "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" \
-    -e "s|<address>ekf_npt_water</address>|<address>$NAME</address>|" "$HERE/input.xml" > input.xml
-rm -f RESTART EXIT npt.out npt.pos_0.xyz npt.chk
+this_run="model=$MODEL steps=$STEPS input=$INPUT"
+resume=""
+if [ -z "${FRESH:-}" ] && [ -f run.args ] && [ "$(cat run.args)" == "$this_run" ]; then
+  if [ -f RESTART ] && [ "$("$PYTHON" -c "from ekf_plugin.md.runner import checkpoint_step as c; print(c('RESTART'))" 2>/dev/null)" == "$STEPS" ]; then
+    echo "already done: $RUN has all $STEPS steps of this run (FRESH=1 runs it again)"
+    "$PYTHON" "$HERE/plot_density.py" npt.out --out density.png
+    exit 0
+  fi
+  resume=$("$PYTHON" -c "import sys; from ekf_plugin.md.runner import resume_checkpoint as r; p = r('.', int(sys.argv[1])); print(p or '')" "$STEPS")
+fi
+if [ -n "$resume" ]; then   # i-PI continues from its checkpoint and appends to its outputs
+  step=$(sed -n 's|.*<step>[[:space:]]*\([0-9]*\)[[:space:]]*</step>.*|\1|p' "$resume")
+  echo "resuming from $RUN/$resume (step $step of $STEPS; FRESH=1 starts over)"
+  sed -e "s|<address>.*</address>|<address>$NAME</address>|" "$resume" > resume.xml
+  IPI_INPUT=resume.xml
+else
+  sed -e "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" \
+      -e "s|<address>ekf_npt_water</address>|<address>$NAME</address>|" "$INPUT" > input.xml
+  rm -f RESTART EXIT npt.out npt.pos_0.xyz npt.restart npt.restart_* npt.chk resume.xml ipi.log
+  echo "$this_run" > run.args
+  IPI_INPUT=input.xml
+fi
 # shellcheck source=../ipi_npt_water/start_ipi.sh
 source "$HERE/start_ipi.sh"
-start_ipi    # i-PI in the background, its socket ready, stopped on exit
+start_ipi    # i-PI in the background on $IPI_INPUT, its socket ready, stopped on exit
 
 echo "running $STEPS steps with $MODEL (i-PI log: $RUN/ipi.log)"
 SECONDS=0
@@ -34,10 +58,17 @@ set +e
 RC=$?
 set -e
 if [ $RC -ne 0 ]; then
-  echo "client failed with exit code $RC; stopping i-PI (SIGTERM leaves a restartable RESTART file)"
+  echo "client failed with exit code $RC; stopping i-PI (SIGTERM leaves a restartable RESTART file: the same command resumes)"
   exit $RC
 fi
 wait "$IPI"
 trap - EXIT
+if [ -n "$resume" ]; then   # the steps between the checkpoint and the stop were written twice: keep the later copy
+  "$PYTHON" -c "import sys; from ekf_plugin.md.runner import drop_replayed_steps as d; [d(p) for p in sys.argv[1:]]" \
+    npt.out $(ls npt.pos_*.xyz 2>/dev/null)
+fi
+rm -f npt.restart_*   # the run is complete (RESTART holds its end): the periodic checkpoints are not needed
 echo "done: $STEPS steps in ${SECONDS} s"
 "$PYTHON" "$HERE/plot_density.py" npt.out --out density.png
+exit
+}

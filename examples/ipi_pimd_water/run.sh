@@ -24,7 +24,7 @@ cd "$RUN"
 sed -e "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" \
     -e "s|<batch_size>.*</batch_size>|<batch_size>$BATCH</batch_size>|" \
     -e "s|<address>ekf_pimd_water</address>|<address>$NAME</address>|" "$HERE/input.xml" > input.xml
-rm -f RESTART EXIT pimd.out pimd.pos_*.xyz pimd.chk
+rm -f RESTART EXIT pimd.out pimd.pos_*.xyz pimd.chk ipi.log
 # shellcheck source=../ipi_npt_water/start_ipi.sh
 source "$HERE/../ipi_npt_water/start_ipi.sh"
 start_ipi    # i-PI in the background, its socket ready, stopped on exit

@@ -338,3 +338,63 @@ def _xyz_values(path: Path) -> np.ndarray:
         frames.append([[float(x) for x in ln.split()[1:4]] for ln in lines[i + 2:i + 2 + n]])
         i += n + 2
     return np.array(frames)
+
+
+def test_run_sh_killed_mid_run_resumes_and_continues_the_same_trajectory(tmp_path):
+    """The example's ``run.sh``, killed hard (i-PI and client, as when a machine goes down), given again: it resumes
+    from i-PI's last checkpoint, and the merged outputs equal an uninterrupted run's, each step once."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "ipi_npt_water" / "run.sh"
+    s = Setup(tmp_path)
+    steps = 120
+    xml = tmp_path / "input.xml"  # the example's protocol on the toy box, checkpoints every 10 steps
+    xml.write_text(npt_xml("init.xyz", FORCEFIELD_SOCKET.format(address="ekf_npt_water", timeout=0), steps=steps,
+                           stride=5, traj_stride=5, checkpoint_stride=10))
+
+    def command(run_dir):
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "init.xyz").write_bytes((tmp_path / "init.xyz").read_bytes())
+        env = {**os.environ, "RUN_DIR": str(run_dir), "SOCKET_NAME": f"{s.name}_{run_dir.name}", "INPUT": str(xml),
+               "PYTHON": sys.executable}
+        return ["bash", str(script), str(s.model_path), str(steps)], env
+
+    cmd, env = command(tmp_path / "whole")
+    whole = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    cmd, env = command(tmp_path / "stopped")
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    wait_for_step(tmp_path / "stopped" / "npt.out", 25, timeout=120)
+    os.killpg(first.pid, signal.SIGKILL)  # no clean exit: i-PI's last periodic checkpoint is all that is left
+    first.communicate(timeout=30)
+    stopped_at = read_properties(tmp_path / "stopped" / "npt.out")["step"][-1]
+    assert 25 <= stopped_at < steps
+    # i-PI wrote one file per checkpoint; the newest is cut short here, as a kill while i-PI writes it leaves it
+    checkpoints = sorted((tmp_path / "stopped").glob("npt.restart_*"), key=lambda p: int(p.name.split("_")[-1]))
+    assert len(checkpoints) >= 2
+    text = checkpoints[-1].read_text()
+    checkpoints[-1].write_text(text[:len(text) // 2])
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming from {tmp_path / 'stopped' / checkpoints[-2].name}" in again.stdout, again.stdout
+    assert f"of {steps}" in again.stdout and not list((tmp_path / "stopped").glob("npt.restart_*"))
+    ref, got = (read_properties(tmp_path / d / "npt.out") for d in ("whole", "stopped"))
+    assert got["step"].tolist() == ref["step"].tolist() == list(range(0, steps + 1, 5))
+    for key in ("conserved", "temperature", "potential", "volume", "density"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-7, err_msg=key)  # i-PI prints 9 digits
+    assert _xyz_steps(tmp_path / "stopped" / "npt.pos_0.xyz") == list(range(0, steps + 1, 5))
+    np.testing.assert_allclose(_xyz_values(tmp_path / "stopped" / "npt.pos_0.xyz"),
+                               _xyz_values(tmp_path / "whole" / "npt.pos_0.xyz"), rtol=0, atol=1.1e-5)  # 5 decimals
+    # the same command once more: the run is complete, nothing is run again or lost
+    before = (tmp_path / "stopped" / "npt.out").read_text()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "already done" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "stopped" / "npt.out").read_text() == before
+    # a different model or length in the same folder starts over instead of continuing a foreign trajectory
+    cmd[-1] = str(steps // 3)
+    fresh = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0 and "resuming" not in fresh.stdout, fresh.stdout + fresh.stderr
+    assert read_properties(tmp_path / "stopped" / "npt.out")["step"].tolist() == list(range(0, steps // 3 + 1, 5))
+
+
+def _xyz_steps(path: Path) -> list:
+    return [int(line.split("Step:")[1].split()[0]) for line in path.read_text().splitlines() if "Step:" in line]
