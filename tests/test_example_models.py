@@ -142,6 +142,13 @@ PER_FRAME_SESSIONS = {
         "adam_lr1e-5_s0_ef0.1_thr_357k": [(1.179823, 115.5621), (-8.785979, 212.207), (5.370091, 141.3042),
                                           (-16.124852, 233.0744)],
     },
+    "session13": {  # the EKF's second seed rerun from zero to the study's 500 k, Adam η = 1e-5 at the EKF run's
+        # whole wall clock (the session-12 run resumed)
+        "ekf_lr1e-3_s1_ef0.1_thr_500k": [(-0.207091, 63.2282), (5.625448, 123.3497), (1.150722, 72.4618),
+                                         (-0.187695, 163.0349)],
+        "adam_lr1e-5_s0_ef0.1_thr_659k": [(2.102476, 101.2922), (-3.535521, 185.6245), (5.469367, 119.6474),
+                                          (-12.62148, 208.7301)],
+    },
 }
 
 
@@ -194,6 +201,12 @@ def test_session_models_reproduce_their_errors_and_load_safely(session):
         row, seed0 = errors["ekf_lr1e-3_s1_ef0.1_thr_300k"], _session_errors("session8")["ekf_lr1e-3_s0_ef0.1_thr_500k"]
         assert row["updates"] == 300000 and row["forces_rmse_meV_per_A"] <= 119.0
         assert abs(row["forces_rmse_meV_per_A"] / seed0["forces_rmse_meV_per_A"] - 1) < 0.02
+    if session == "session13":  # the second seed at 500 k meets the force target, the energy target is missed by
+        # one frame (see test_example_analysis); Adam η = 1e-5 at the same wall clock is worse on both
+        row, adam = errors["ekf_lr1e-3_s1_ef0.1_thr_500k"], errors["adam_lr1e-5_s0_ef0.1_thr_659k"]
+        assert row["updates"] == 500000 and row["forces_rmse_meV_per_A"] <= 119.0
+        assert adam["updates"] == 659000 and adam["forces_rmse_meV_per_A"] > 1.4 * row["forces_rmse_meV_per_A"]
+        assert adam["energy_rmse_meV_per_atom"] > 3 * row["energy_rmse_meV_per_atom"]
     if session == "session4":  # the force-heavy schedule (one energy update in ten) is the more accurate force model
         assert errors["ekf_lr1e-3_s0_ef0.1"]["forces_rmse_meV_per_A"] < errors["ekf_lr1e-3_s0"]["forces_rmse_meV_per_A"]
     if session in ("session5", "session6"):  # the same run further on has a lower force error on all 280 frames
