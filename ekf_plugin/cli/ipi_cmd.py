@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-model", action="store_true",
                         help="allow a full unpickle of a best_model that needs classes outside the allow-list: "
                              "this can run code from the file, use it only for files you trust")
+    parser.add_argument("--progress", type=float, default=60.0, metavar="SECONDS",
+                        help="a progress line on stderr every SECONDS (force calls, calls/s, time left with "
+                             "--expected-calls; 0: none; default 60)")
+    parser.add_argument("--expected-calls", type=int, default=None, metavar="N",
+                        help="force calls the run will take (i-PI's steps + 1 for one bead), for the time left")
     parser.add_argument("--uncertainty-every", type=int, default=0, metavar="N",
                         help="put the EKF energy uncertainty into i-PI's extras every N force calls (0: off; needs "
                              "<model>.cov.pt or --covariance, see docs/uncertainty.md)")
@@ -59,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
             args.uncertainty_forces or args.uncertainty_threshold is not None or args.covariance)):
         print("ekf-plugin ipi: error: --covariance, --uncertainty-forces and --uncertainty-threshold need "
               "--uncertainty-every N (N >= 1)")
+        return 1
+    if args.progress < 0 or (args.expected_calls is not None and args.expected_calls < 1):
+        print("ekf-plugin ipi: error: --progress needs SECONDS >= 0 and --expected-calls N >= 1")
         return 1
     from ..md.ipi_client import run_client
 
@@ -82,4 +90,6 @@ def run(args: argparse.Namespace) -> int:
         covariance=args.covariance,
         uncertainty_forces=args.uncertainty_forces,
         uncertainty_threshold=args.uncertainty_threshold,
+        progress_every=args.progress or None,
+        expected_calls=args.expected_calls,
     )

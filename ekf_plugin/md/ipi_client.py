@@ -158,11 +158,23 @@ class IPIClient:
         drain_timeout: seconds to wait for i-PI to close after we shut down our side.
         read_timeout: seconds a started message may take to arrive completely (``None``: no limit).
         idle_timeout: seconds to wait for the next message (``None``: no limit; i-PI may be busy).
+        progress_every: seconds between progress lines on stderr (force calls, calls/s over the interval, time
+            in the model; ``None``: none).
+        expected_calls: force calls the run will take (e.g. steps + 1 for one bead), for "k of N" and the time
+            left in the progress lines (``None``: unknown).
     """
 
     def __init__(self, compute: Compute, address: Address, natoms: Optional[int] = None, reconnect: float = 0.0,
                  connect_timeout: float = 30.0, drain_timeout: float = 1.0, read_timeout: Optional[float] = 60.0,
-                 idle_timeout: Optional[float] = None) -> None:
+                 idle_timeout: Optional[float] = None, progress_every: Optional[float] = None,
+                 expected_calls: Optional[int] = None) -> None:
+        if progress_every is not None and not progress_every > 0:
+            raise ValueError(f"progress_every must be > 0 seconds or None, got {progress_every!r}")
+        if expected_calls is not None and expected_calls < 1:
+            raise ValueError(f"expected_calls must be >= 1 or None, got {expected_calls!r}")
+        self.progress_every = progress_every
+        self.expected_calls = expected_calls
+        self._progress_mark: Optional[Tuple[float, int]] = None  # (monotonic time, calls) of the last line
         for name, value in (("read_timeout", read_timeout), ("idle_timeout", idle_timeout)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds or None, got {value!r}")
@@ -236,8 +248,32 @@ class IPIClient:
                 self.call_structures.append(self._evaluated)
                 self.compute_seconds.append(self._compute_s)
                 self.call_times.append(time.monotonic())
+                if self.progress_every is not None:
+                    self._progress()
             elif word == b"EXIT":
                 return
+
+    def _progress(self) -> None:
+        """One progress line every ``progress_every`` seconds: calls so far, the rate since the last line, the time
+        in the model, and with ``expected_calls`` the share done and the time left at that rate."""
+        now, n = self.call_times[-1], self.n_calls
+        if self._progress_mark is None:  # the first call (start-up, first model call) is not timed
+            self._progress_mark = (now, n)
+            return
+        t0, n0 = self._progress_mark
+        if now - t0 < self.progress_every:
+            return
+        rate = (n - n0) / (now - t0)
+        model = sum(self.compute_seconds[-(n - n0):]) / (n - n0)
+        line = f"{n} force calls"
+        if self.expected_calls:
+            line += f" of {self.expected_calls} ({100 * min(n / self.expected_calls, 1.0):.0f} %)"
+        line += f", {rate:.1f} calls/s ({1e3 / rate:.1f} ms per call, model {model * 1e3:.1f} ms)"
+        if self.expected_calls and n < self.expected_calls:
+            left = (self.expected_calls - n) / rate
+            line += f", about {int(left // 3600)}:{int(left % 3600 // 60):02d} h left"
+        _log(line)
+        self._progress_mark = (now, n)
 
     def _time_ipi(self, word: bytes) -> None:
         """Account i-PI's turn after a FORCEREADY: to its first STATUS, and from there to the next POSDATA."""
@@ -436,6 +472,8 @@ def run_client(
     covariance: Optional[str] = None,
     uncertainty_forces: bool = False,
     uncertainty_threshold: Optional[float] = None,
+    progress_every: Optional[float] = 60.0,
+    expected_calls: Optional[int] = None,
 ) -> int:
     """Drive an i-PI simulation with a trained model until i-PI sends ``EXIT``.
 
@@ -455,6 +493,8 @@ def run_client(
         uncertainty_every: put σ_E (eV) into the extras every N force calls (0: off), from ``covariance``
             (default ``<model>.cov.pt``); ``uncertainty_forces``: also the largest per-atom σ_F (eV/Å);
             ``uncertainty_threshold``: warn above this σ_E/N (meV/atom). See docs/uncertainty.md.
+        progress_every: seconds between progress lines on stderr (``None``: none); expected_calls: the run's force
+            calls (steps + 1 for one bead), for the share done and the time left in those lines.
 
     Returns:
         The process exit code: 0 after EXIT, 1 bad arguments, 2 connection lost,
@@ -477,7 +517,8 @@ def run_client(
                                              log_fn=lambda m: _log(f"warning: {m}"))
             _log(f"EKF uncertainty into i-PI's extras every {uncertainty_every} force call(s) (eV, meV/atom, eV/Å)")
         client = IPIClient(pes, address, natoms=pes.natoms, reconnect=reconnect, connect_timeout=connect_timeout,
-                           read_timeout=read_timeout, idle_timeout=idle_timeout)
+                           read_timeout=read_timeout, idle_timeout=idle_timeout, progress_every=progress_every,
+                           expected_calls=expected_calls)
     except (ValueError, OSError) as exc:  # bad arguments, template or model file (ModelLoadError is a ValueError)
         _log(f"error: {exc}")
         return EXIT_USAGE

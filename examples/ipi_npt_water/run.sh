@@ -39,12 +39,14 @@ if [ -n "$resume" ]; then   # i-PI continues from its checkpoint and appends to 
   echo "resuming from $RUN/$resume (step $step of $STEPS; FRESH=1 starts over)"
   sed -e "s|<address>.*</address>|<address>$NAME</address>|" "$resume" > resume.xml
   IPI_INPUT=resume.xml
+  calls=$((STEPS - step + 1))
 else
   sed -e "s|<total_steps>.*</total_steps>|<total_steps>$STEPS</total_steps>|" \
       -e "s|<address>ekf_npt_water</address>|<address>$NAME</address>|" "$INPUT" > input.xml
   rm -f RESTART EXIT npt.out npt.pos_0.xyz npt.restart npt.restart_* npt.chk resume.xml ipi.log
   echo "$this_run" > run.args
   IPI_INPUT=input.xml
+  calls=$((STEPS + 1))
 fi
 # shellcheck source=../ipi_npt_water/start_ipi.sh
 source "$HERE/start_ipi.sh"
@@ -54,7 +56,7 @@ echo "running $STEPS steps with $MODEL (i-PI log: $RUN/ipi.log)"
 SECONDS=0
 set +e
 "$BIN/ekf-plugin" ipi --model "$MODEL" --template init.xyz --unix "$NAME" \
-  --device "${DEVICE:-cpu}" --threads "${THREADS:-1}"
+  --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" --expected-calls "$calls"   # a progress line every minute
 RC=$?
 set -e
 if [ $RC -ne 0 ]; then

@@ -110,15 +110,21 @@ def check_step0(props, ref, volume):
 
 def test_npt_water_run(tmp_path):
     """i-PI finishes, client exits 0, the volume changes, the conserved quantity is conserved,
-    step 0 equals a direct evaluation of the model."""
+    step 0 equals a direct evaluation of the model; the client reports its progress while it runs."""
     s = Setup(tmp_path)
     steps = 200
     with IPIServer(tmp_path, s.socket_xml(steps, stride=10), socket_path=s.socket) as server:
-        proc = s.client()
+        proc = s.client(extra=("--progress", "0.05", "--expected-calls", str(steps + 1)))
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert server.wait(30) == 0
     assert "received EXIT" in err
+    progress = [ln for ln in err.splitlines() if f" of {steps + 1} (" in ln]
+    assert progress, err  # e.g. "ekf-plugin ipi: 57 force calls of 201 (28 %), 91.3 calls/s (11.0 ms per call, ..."
+    counts = [int(ln.split("ekf-plugin ipi: ")[1].split()[0]) for ln in progress]
+    assert counts == sorted(counts) and 1 < counts[0] and counts[-1] <= steps + 1
+    assert all("calls/s" in ln and "model" in ln for ln in progress)
+    assert any("h left" in ln for ln in progress)
     props = read_properties(tmp_path / "npt.out")
     assert props["step"][-1] == steps
     vol = props["volume"]
