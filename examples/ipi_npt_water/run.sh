@@ -24,7 +24,7 @@ INPUT="$(cd "$(dirname "${INPUT:-$HERE/input.xml}")" && pwd)/$(basename "${INPUT
 mkdir -p "$RUN"
 cd "$RUN"
 [ -f init.xyz ] || "$PYTHON" "$HERE/make_init.py" --out init.xyz
-this_run="model=$MODEL steps=$STEPS input=$INPUT"
+this_run="model=$(realpath -m "$MODEL") steps=$STEPS input=$INPUT"   # what a resumed run must match
 resume=""
 if [ -z "${FRESH:-}" ] && [ -f run.args ] && [ "$(cat run.args)" == "$this_run" ]; then
   if [ -f RESTART ] && [ "$("$PYTHON" -c "from ekf_plugin.md.runner import checkpoint_step as c; print(c('RESTART'))" 2>/dev/null)" == "$STEPS" ]; then
