@@ -218,7 +218,7 @@ def feature_columns(
     keys = _keys(sf, ref.dtype, ref.device)
     native = NATIVE_DEFAULT if native is None else native
     table = None
-    if native and _native_supported(sf, keys, ref):
+    if native and _native_supported(sf, ref):
         module = native_module()
         if module is not None:  # slots, radial and angular parts in one compiled call
             table = _columns_native(module, sf, keys, species, r_ij, idx_i, idx_j, atoms, components, positions,
@@ -308,7 +308,7 @@ def _angular_columns(sf, keys: _Keys, slots: _Slots, atoms, components, label_el
     n_rows = L * n_atoms * E * E
     if not (U_a and L and M >= 2):
         return slots.r.new_zeros(n_rows, U_a)
-    if native and _native_supported(sf, keys, slots.r):
+    if native and _native_supported(sf, slots.r):
         module = native_module()
         if module is not None:
             return _angular_columns_native(module, sf, keys, slots, atoms, components, label_elem, n_atoms)
@@ -499,6 +499,7 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
           const T* __restrict__ dc = dcs + vx * CH;
           T* __restrict__ Pv = Pq.data();
           T* __restrict__ Sv = Sq.data();
+          // zeta 1, 2 and 4 spelled out: one loop with the power as an inner loop is 1.3x slower (5.8 vs 4.5 ms, 30 labels)
           if (zq == 1) {
 #pragma omp simd
             for (int64_t i = 0; i < nt; ++i) {
@@ -550,11 +551,11 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
       for (int64_t i = 0; i < nt; ++i) {
         T* A = acc_a.data() + slot_a[i];
         T* Sp = acc_s.data() + slot_p[i];
-        T* Sq_ = acc_s.data() + slot_q[i];
+        T* Q = acc_s.data() + slot_q[i];
         for (int64_t v = 0; v < U; ++v) {
           A[v] += ta[v * CH + i];
           Sp[v] += tp[v * CH + i];
-          Sq_[v] += tq[v * CH + i];
+          Q[v] += tq[v * CH + i];
         }
       }
     }
@@ -708,7 +709,7 @@ def _native_cutoff(cutoff_fn) -> Optional[Tuple[int, float]]:
     return None
 
 
-def _native_supported(sf, keys: _Keys, r: torch.Tensor) -> bool:
+def _native_supported(sf, r: torch.Tensor) -> bool:
     return (r.device.type == "cpu" and sf.ang_zeta_int is not None and min(sf.ang_zeta_int, default=1) >= 1
             and _native_cutoff(sf.cutoff_fn) is not None)
 
