@@ -362,11 +362,12 @@ def spktrain_first_update_full(quick=False) -> Dict[str, float]:
 README_PROTOCOL = ("task.energy_fraction=0.1", "task.force_selection=threshold")
 
 
-def spktrain_figures(quick=False, overrides=(), prefix="spktrain_") -> Dict[str, float]:
+def spktrain_figures(quick=False, overrides=(), prefix="spktrain_", experiment="water_bpnn_ekf") -> Dict[str, float]:
     """What a user's ``spktrain experiment=water_bpnn_ekf`` does, timed by a callback inside the run
     (:mod:`benchmarks.step_timer`): time to the first update, steady-state updates/s of the whole loop
     (data loading, ``training_step``, logging, callbacks), validation time against epoch time. One thread.
-    ``overrides``: further Hydra overrides (e.g. :data:`README_PROTOCOL`); the figures' names start with ``prefix``."""
+    ``overrides``: further Hydra overrides (e.g. :data:`README_PROTOCOL`); the figures' names start with ``prefix``;
+    ``experiment``: e.g. ``water_bpnn_adam``, the Adam baseline of the same protocol."""
     if not DATA.exists():
         return {f"{prefix}skipped_no_data": 1.0}
     frames = 60 if quick else 400
@@ -374,7 +375,7 @@ def spktrain_figures(quick=False, overrides=(), prefix="spktrain_") -> Dict[str,
     exe = Path(sys.executable).with_name("spktrain")
     with tempfile.TemporaryDirectory() as tmp:
         steps_json = Path(tmp) / "steps.json"
-        args = [str(exe), "experiment=water_bpnn_ekf", f"data.source={DATA.resolve()}", f"data.max_frames={frames}",
+        args = [str(exe), f"experiment={experiment}", f"data.source={DATA.resolve()}", f"data.max_frames={frames}",
                 f"data.datapath={tmp}/water.db", "trainer.max_epochs=3", f"run.path={tmp}/runs", "run.id=b",
                 "logger=csv", "trainer.num_sanity_val_steps=0",  # progress bar on, as a user's run has it
                 "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
@@ -468,7 +469,8 @@ def CpuStepTimer(path: str):  # noqa: N802 - a Hydra target that builds the call
     return _cpu_step_timer()(path)
 
 
-def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None) -> Dict[str, float]:
+def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None, overrides=(),
+                           prefix="spktrain_2proc_", runs=("1proc", "split", "streams")) -> Dict[str, float]:
     """One process against two (Lightning DDP, gloo, one thread each) sharing one EKF, through ``spktrain
     experiment=water_bpnn_ekf`` on the revPBE0-D3 frames (80 % training frames), the study's mix,
     validation on 2 frames (not timed), updates timed by :mod:`benchmarks.step_timer` (mean step after the first, 2 epochs):
@@ -482,9 +484,11 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
 
     Labels/s use the expected labels per update of the mix (5.5 per structure). ``pause``: a callable run
     as ``pause(True)`` before and ``pause(False)`` after the timed runs (e.g. to stop a background job).
+    ``overrides``: further Hydra overrides for every run (e.g. :data:`README_PROTOCOL`, whose labels per update
+    are 0.1·1 + 0.9·10); the figures' names start with ``prefix``; ``runs``: which of the three to time.
     """
     if not DATA.exists():
-        return {"spktrain_2proc_skipped_no_data": 1.0}
+        return {f"{prefix}skipped_no_data": 1.0}
     frames = frames or (40 if quick else 300)
     root = Path(__file__).resolve().parents[1]
     exe = Path(sys.executable).with_name("spktrain")
@@ -493,11 +497,14 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
         base = [str(exe), "experiment=water_bpnn_ekf", f"data.source={DATA.resolve()}", f"data.max_frames={frames}",
                 f"data.datapath={tmp}/water.db", "trainer.max_epochs=2", f"run.path={tmp}/runs", "logger=csv",
                 "+trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=2",
-                "+seed=0", "+callbacks.step_timer._target_=benchmarks.bench_ekf.CpuStepTimer"]
+                "+seed=0", "+callbacks.step_timer._target_=benchmarks.bench_ekf.CpuStepTimer", *overrides]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                    PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        runs = {"1proc": ["trainer=ddp_cpu_split", "trainer.devices=1"], "split": ["trainer=ddp_cpu_split"],
-                "streams": ["trainer=ddp_cpu"]}
+        all_runs = {"1proc": ["trainer=ddp_cpu_split", "trainer.devices=1"], "split": ["trainer=ddp_cpu_split"],
+                    "streams": ["trainer=ddp_cpu"]}
+        runs = {name: all_runs[name] for name in runs}
+        e_frac = next((float(o.split("=", 1)[1]) for o in overrides if o.startswith("task.energy_fraction=")), 0.5)
+        labels = e_frac * 1 + (1 - e_frac) * 10  # expected labels per structure
         warm = [a for a in base if "step_timer" not in a] + ["trainer.max_steps=1", "run.id=warm"]
         subprocess.run(warm, cwd=tmp, env=env, capture_output=True, timeout=3600)  # builds the database once
         if not (Path(tmp) / "water.db").exists():
@@ -513,26 +520,26 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
                     raise RuntimeError(res.stderr[-3000:])
                 recs = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"steps_{name}_*.json"))]
                 steps = recs[0]["steps_s"]  # rank 0; the processes wait for each other every update
-                per_update = 11.0 if name == "streams" else 5.5  # expected labels: 0.5·1 + 0.5·10 per structure
-                out[f"spktrain_2proc_{name}_updates"] = float(len(steps) + 1)
-                out[f"spktrain_2proc_{name}_step_ms_mean"] = 1e3 * statistics.fmean(steps)
-                out[f"spktrain_2proc_{name}_updates_per_s"] = 1 / statistics.fmean(steps)
-                out[f"spktrain_2proc_{name}_labels_per_s"] = per_update / statistics.fmean(steps)
+                per_update = 2 * labels if name == "streams" else labels
+                out[f"{prefix}{name}_updates"] = float(len(steps) + 1)
+                out[f"{prefix}{name}_step_ms_mean"] = 1e3 * statistics.fmean(steps)
+                out[f"{prefix}{name}_updates_per_s"] = 1 / statistics.fmean(steps)
+                out[f"{prefix}{name}_labels_per_s"] = per_update / statistics.fmean(steps)
                 # CPU time per update of the busiest process: the step time of a machine with a free core each
-                out[f"spktrain_2proc_{name}_cpu_ms_per_update"] = 1e3 * max(statistics.fmean(r["steps_cpu_s"]) for r in recs)
+                out[f"{prefix}{name}_cpu_ms_per_update"] = 1e3 * max(statistics.fmean(r["steps_cpu_s"]) for r in recs)
         finally:
             if pause:
                 pause(False)
-    out["spktrain_2proc_frames"] = float(frames)
-    out["spktrain_2proc_split_over_1proc_updates_per_s"] = (out["spktrain_2proc_split_updates_per_s"]
-                                                            / out["spktrain_2proc_1proc_updates_per_s"])
-    out["spktrain_2proc_streams_over_1proc_labels_per_s"] = (out["spktrain_2proc_streams_labels_per_s"]
-                                                             / out["spktrain_2proc_1proc_labels_per_s"])
-    out["spktrain_2proc_streams_over_1proc_updates_per_s"] = (out["spktrain_2proc_streams_updates_per_s"]
-                                                              / out["spktrain_2proc_1proc_updates_per_s"])
-    out["spktrain_2proc_split_over_1proc_cpu_per_update"] = (out["spktrain_2proc_1proc_cpu_ms_per_update"]
-                                                            / out["spktrain_2proc_split_cpu_ms_per_update"])
-    out["spktrain_2proc_load_average_1min"] = os.getloadavg()[0]
+    out[f"{prefix}frames"] = float(frames)
+    for name in runs:
+        if name != "1proc" and "1proc" in runs:
+            one = out[f"{prefix}1proc_updates_per_s"]
+            out[f"{prefix}{name}_over_1proc_updates_per_s"] = out[f"{prefix}{name}_updates_per_s"] / one
+            out[f"{prefix}{name}_over_1proc_labels_per_s"] = (out[f"{prefix}{name}_labels_per_s"]
+                                                             / out[f"{prefix}1proc_labels_per_s"])
+            out[f"{prefix}{name}_over_1proc_cpu_per_update"] = (out[f"{prefix}1proc_cpu_ms_per_update"]
+                                                               / out[f"{prefix}{name}_cpu_ms_per_update"])
+    out[f"{prefix}load_average_1min"] = os.getloadavg()[0]
     return out
 
 
@@ -626,8 +633,11 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
         out.update(shard_piece_figures(quick))
         out.update(spktrain_figures(quick))
         out.update(spktrain_figures(quick, README_PROTOCOL, "spktrain_readme_protocol_"))
+        out.update(spktrain_figures(quick, README_PROTOCOL, "spktrain_adam_readme_protocol_", "water_bpnn_adam"))
         out.update(spktrain_first_update_full(quick))
         out.update(spktrain_2proc_figures(quick))
+        out.update(spktrain_2proc_figures(quick, overrides=README_PROTOCOL, prefix="spktrain_2proc_readme_protocol_",
+                                          runs=("1proc", "split")))
     out.update(gnn_figures(device, quick))
     return out
 

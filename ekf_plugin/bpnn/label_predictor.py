@@ -289,8 +289,10 @@ class BPNNLabelPredictor:
         energy = self._energy_from(structure, s).sum()
         grad_s, = torch.autograd.grad(energy, s, create_graph=True)  # (N_b, W) eV per feature unit
         pick = pick.to(s.device)
-        cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
-        return -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (k,) eV/Å
+        cols = self._candidate_columns(batch, b, structure, pick)  # a threshold selection's chosen ones: gathered
+        if cols is None:
+            cols = self.representation.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W) per Å
+        return -(grad_s.unsqueeze(0) * cols.to(s.dtype)).sum(dim=(1, 2))  # (k,) eV/Å
 
     def energy_and_force_values(
         self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor, keep_columns: bool = False

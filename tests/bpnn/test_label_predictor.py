@@ -189,6 +189,18 @@ def test_threshold_selection_computes_each_force_structures_columns_once(monkeyp
     calls.clear()
     opt.step(lambda: task._errors(batch, [1, 1], {}, opt.params))  # two force structures
     assert calls == [9, 9], "candidates only (3 components x 3 trials per structure)"
+    # the autograd path (Adam, or the EKF without closed-form rows) gathers the chosen columns as well
+    calls.clear()
+    pred.energy_and_force_values(batch, 1, cand)
+    f_grad = pred.force_components(batch, 1, chosen)
+    assert calls == [8], "the chosen columns come from the candidates"
+    assert torch.equal(f_grad.detach(), pred.force_components(batch, 1, chosen).detach()) and calls == [8, 3]
+    torch.testing.assert_close(f_grad.detach(), f, rtol=1e-12, atol=1e-12)
+    adam = PaperScheduleTask(copy.deepcopy(model), outputs(), fast_labels=True, seed=4, force_selection="threshold",
+                             n_force_components=3)
+    calls.clear()
+    xi = adam._errors(batch, [1, 1], {})  # no params: the autograd path, as the Adam baseline trains
+    assert xi.requires_grad and calls == [9, 9], "candidates only on the autograd path too"
 
 
 def test_closed_form_rows_refuse_foreign_parameters_and_activations():
