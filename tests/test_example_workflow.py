@@ -108,3 +108,63 @@ def test_editing_the_script_during_a_queue_does_not_change_the_running_queue(tmp
     assert script.read_text().count("INJECTED") == 2  # the file did change under the queue
     assert proc.returncode == 0, proc.stderr
     assert "INJECTED" not in proc.stdout and proc.stdout.count(" training ") == 2
+
+
+STEP_RECORDER = r"""#!/usr/bin/env bash
+# records one THEN step: evaluate.py (run dir runs/<id>) or the NPT script (model models/<id>.pt)
+id=""; for a in "$@"; do case $a in runs/*) id=evaluate:${a#runs/};; *.pt) id=md:$(basename "$a" .pt);; esac; done
+echo "start $id $(date +%s.%N) $* RUN_DIR=${RUN_DIR:-}" >> "$TRACE"
+sleep 0.3
+echo "end $id $(date +%s.%N)" >> "$TRACE"
+[[ $id == evaluate:*_s8* ]] && exit 4
+exit 0
+"""
+
+
+
+def _run_then(tmp_path, runs, **env):
+    """The train stage with spktrain, ``$BIN/python`` (evaluate.py) and ``MD_SCRIPT`` (the NPT run) recorded."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir(parents=True)
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "water.db").touch()
+    for name, text in (("spktrain", RECORDER), ("python", STEP_RECORDER), ("md.sh", STEP_RECORDER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    trace = tmp_path / "trace"
+    full_env = {**os.environ, "BIN": str(bin_dir), "WORK": str(work), "RUNS": runs, "TRACE": str(trace),
+                "MD_SCRIPT": str(bin_dir / "md.sh"), **env}
+    proc = subprocess.run(["bash", str(WORKFLOW), "train"], env=full_env, capture_output=True, text=True, timeout=60)
+    events = [line.split(" ", 3) for line in trace.read_text().splitlines()] if trace.exists() else []
+    return proc, events
+
+
+def test_then_evaluates_and_runs_npt_for_each_run_on_its_core_before_the_next_run(tmp_path):
+    """THEN="evaluate md": once a run's spktrain has ended, the same queue slot evaluates that run alone and runs
+    its NPT (MD_STEPS) before the slot takes the next run; JOBS bounds trainings, evaluations and MD together."""
+    runs = "ekf_lr1e-3_s0 adam_lr1e-4_s0 ekf_lr1e-3_s1"
+    proc, events = _run_then(tmp_path, runs, JOBS="2", THEN="evaluate md", MD_STEPS="40000", EVAL_FRAMES="280")
+    assert proc.returncode == 0, proc.stderr
+    t = {(e[0], e[1]): float(e[2]) for e in events}
+    args = {e[1]: e[3] for e in events if e[0] == "start"}
+    for r in runs.split():
+        assert t["end", r] <= t["start", f"evaluate:{r}"] and t["end", f"evaluate:{r}"] <= t["start", f"md:{r}"]
+        assert f"--json errors_{r}.json" in args[f"evaluate:{r}"] and "--max-frames 280" in args[f"evaluate:{r}"]
+        md = args[f"md:{r}"].split()
+        assert md[0] == str(REPO / "examples" / "water_revpbe0" / "models" / f"{r}.pt") and md[1] == "40000", md
+        assert md[-1].startswith("RUN_DIR=") and md[-1].endswith(f"md_{r}")
+    assert _max_concurrent(events) == 2
+    first_done = min(t["end", f"md:{r}"] for r in runs.split()[:2])
+    assert t["start", "ekf_lr1e-3_s1"] >= first_done, "the third run waits for a slot's training, evaluation and MD"
+
+
+def test_then_skips_the_steps_of_a_failed_run_and_stops_at_a_failed_step(tmp_path):
+    proc, events = _run_then(tmp_path, "ekf_lr1e-3_s9 adam_lr1e-4_s8 ekf_lr1e-3_s0", JOBS="1", THEN="evaluate md")
+    assert proc.returncode == 1
+    started = [e[1] for e in events if e[0] == "start"]
+    assert started == ["ekf_lr1e-3_s9", "adam_lr1e-4_s8", "evaluate:adam_lr1e-4_s8", "ekf_lr1e-3_s0",
+                       "evaluate:ekf_lr1e-3_s0", "md:ekf_lr1e-3_s0"]
+    assert "training ekf_lr1e-3_s9 failed" in proc.stderr and "evaluate of adam_lr1e-4_s8 failed" in proc.stderr
+    assert "training adam_lr1e-4_s8 failed" not in proc.stderr, "its training did not fail"
+    bad, no_events = _run_then(tmp_path / "bad", "ekf_lr1e-3_s0", THEN="evaluate fisher")
+    assert bad.returncode == 2 and "THEN: unknown step fisher" in bad.stderr and no_events == []

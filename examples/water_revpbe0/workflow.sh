@@ -18,6 +18,10 @@
 #               threshold EKF run (1.32 Adam updates per EKF update, measured side by side; docs/results.md)
 #   JOBS        trainings at a time (default: all runs at once); JOBS=2 on a 2-core machine queues the rest, each
 #               run starts when one ends
+#   THEN        what the train stage does with each run once its spktrain has ended without error, on the same core
+#               and before the queue's next run starts there: "evaluate" (the evaluate stage for this run alone:
+#               models/<run>.pt, errors_<run>.json) and/or "md" (the md stage for this run: MD_STEPS of NPT, resumed
+#               from i-PI's newest checkpoint if it was stopped); default none. E.g. THEN="evaluate md" MD_STEPS=40000
 #   VAL_EVERY   updates between validations (default 1000)
 #   VAL_FRAMES  validation frames per validation (default 30, rounded up to batches of 10; the first ones of the
 #               validation split)
@@ -34,6 +38,7 @@ REPO="$(cd "$HERE/../.." && pwd)"
 BIN="${BIN:-$REPO/.venv/bin}"
 DATA="${DATA:-$REPO/../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz}"
 WORK="${WORK:-$HERE/work}"
+MD_SCRIPT="${MD_SCRIPT:-$REPO/examples/ipi_npt_water/run.sh}"   # the NPT run of one model (i-PI + ekf-plugin ipi)
 read -r -a RUNS <<< "${RUNS:-ekf_lr1e-3_s0 ekf_lr1e-3_s1 adam_lr1e-4_s0 adam_lr1e-4_s1 adam_lr1e-3_s0}"
 stage="${1:-all}"
 case $stage in train|evaluate|fisher|md|plots|all|status) ;; *) echo "unknown stage $stage (want train, evaluate, fisher, md, plots, all or status)" >&2; exit 2;; esac
@@ -58,13 +63,31 @@ if [[ $stage == train || $stage == all ]]; then
     [[ $r =~ ^(ekf|adam)_lr([0-9.e-]+)_s([0-9]+)(_ef([0-9.]+))?(_thr)?$ ]] || {
       echo "bad run id $r (want <ekf|adam>_lr<eta>_s<seed>[_ef<energy fraction>][_thr])" >&2; exit 2; }
   done
+  read -r -a then_steps <<< "${THEN:-}"
+  for s in "${then_steps[@]}"; do
+    [[ $s == evaluate || $s == md ]] || { echo "THEN: unknown step $s (want evaluate and/or md)" >&2; exit 2; }
+  done
   jobs_max=${JOBS:-${#RUNS[@]}}
   declare -A names=()
   failed=0 running=0
   finish_one() {   # wait for the next training to end (bash >= 5.1); report it if it failed
-    local pid=""
-    wait -n -p pid || { echo "training ${names[$pid]} failed: see $WORK/${names[$pid]}.log" >&2; failed=1; }
+    local pid="" st=0
+    wait -n -p pid || st=$?
+    if (( st == 5 )); then failed=1   # a THEN step failed (after_training said which)
+    elif (( st != 0 )); then echo "training ${names[$pid]} failed: see $WORK/${names[$pid]}.log" >&2; failed=1; fi
     running=$((running - 1))
+  }
+  after_training() {   # THEN's steps for run $1, in order; the first that fails ends them (status 5)
+    local r=$1 s
+    for s in "${then_steps[@]}"; do
+      echo "$(date -u +%FT%TZ) $s $r"
+      case $s in
+        evaluate) "$BIN/python" "$HERE/evaluate.py" "runs/$r" --db data/water.db --models "$HERE/models" \
+                    --json "errors_$r.json" --max-frames "${EVAL_FRAMES:-280}" --keep "${KEEP:-last}" >> "$r.log" 2>&1 ;;
+        md) RUN_DIR="$WORK/md_$r" SOCKET_NAME="ekf_w7_$r" bash "$MD_SCRIPT" "$HERE/models/$r.pt" "${MD_STEPS:-400}" \
+              > "md_$r.log" 2>&1 ;;
+      esac || { echo "$s of $r failed: see $WORK/$([[ $s == md ]] && echo "md_$r" || echo "$r").log" >&2; return 5; }
+    done
   }
   for r in "${RUNS[@]}"; do
     while (( running >= jobs_max )); do finish_one; done
@@ -73,9 +96,9 @@ if [[ $stage == train || $stage == all ]]; then
     selection=random; [[ -n ${BASH_REMATCH[6]} ]] && selection=threshold
     steps=${MAX_UPDATES:--1}; [[ $opt == adam ]] && steps=${ADAM_UPDATES:-$steps}
     echo "$(date -u +%FT%TZ) training $r (max_steps $steps)"
-    "$BIN/spktrain" experiment=water_bpnn_$opt "${common[@]}" trainer.max_steps="$steps" task.optimizer_args.lr="$lr" \
-      model.seed="$seed" task.seed="$seed" task.energy_fraction="$ef" task.force_selection="$selection" run.id="$r" \
-      >> "$r.log" 2>&1 &
+    { "$BIN/spktrain" experiment=water_bpnn_$opt "${common[@]}" trainer.max_steps="$steps" task.optimizer_args.lr="$lr" \
+        model.seed="$seed" task.seed="$seed" task.energy_fraction="$ef" task.force_selection="$selection" run.id="$r" \
+        >> "$r.log" 2>&1 && after_training "$r"; } &
     names[$!]=$r running=$((running + 1))
   done
   while (( running > 0 )); do finish_one; done
@@ -91,7 +114,7 @@ if [[ $stage == fisher || $stage == all ]]; then
 fi
 if [[ $stage == md || $stage == all ]]; then
   for r in "${RUNS[@]}"; do
-    RUN_DIR="$WORK/md_$r" SOCKET_NAME="ekf_w7_$r" bash "$REPO/examples/ipi_npt_water/run.sh" "$HERE/models/$r.pt" "${MD_STEPS:-400}" > "md_$r.log" 2>&1 &
+    RUN_DIR="$WORK/md_$r" SOCKET_NAME="ekf_w7_$r" bash "$MD_SCRIPT" "$HERE/models/$r.pt" "${MD_STEPS:-400}" > "md_$r.log" 2>&1 &
   done
   wait
 fi
