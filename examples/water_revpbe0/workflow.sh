@@ -49,6 +49,14 @@ if [[ $stage == status ]]; then
   exec "$BIN/python" "$HERE/analyze.py" status "${runs[@]}"
 fi
 export OMP_NUM_THREADS=1
+evaluate_runs() {   # the evaluate stage for the run ids $2.. (errors into $1): models/<id>.pt and RMSEs
+  local json=$1; shift
+  "$BIN/python" "$HERE/evaluate.py" "${@/#/runs/}" --db data/water.db --models "$HERE/models" --json "$json" \
+    --max-frames "${EVAL_FRAMES:-280}" --keep "${KEEP:-last}"
+}
+md_run() {   # the md stage for run id $1: MD_STEPS of i-PI NPT with models/$1.pt, log md_$1.log
+  RUN_DIR="$WORK/md_$1" SOCKET_NAME="ekf_w7_$1" bash "$MD_SCRIPT" "$HERE/models/$1.pt" "${MD_STEPS:-400}" > "md_$1.log" 2>&1
+}
 
 if [[ $stage == train || $stage == all ]]; then
   # one database for all runs (Å, eV), the same 80/20 split (+seed=0), one update per step
@@ -82,10 +90,8 @@ if [[ $stage == train || $stage == all ]]; then
     for s in "${then_steps[@]}"; do
       echo "$(date -u +%FT%TZ) $s $r"
       case $s in
-        evaluate) "$BIN/python" "$HERE/evaluate.py" "runs/$r" --db data/water.db --models "$HERE/models" \
-                    --json "errors_$r.json" --max-frames "${EVAL_FRAMES:-280}" --keep "${KEEP:-last}" >> "$r.log" 2>&1 ;;
-        md) RUN_DIR="$WORK/md_$r" SOCKET_NAME="ekf_w7_$r" bash "$MD_SCRIPT" "$HERE/models/$r.pt" "${MD_STEPS:-400}" \
-              > "md_$r.log" 2>&1 ;;
+        evaluate) evaluate_runs "errors_$r.json" "$r" >> "$r.log" 2>&1 ;;
+        md) md_run "$r" ;;
       esac || { echo "$s of $r failed: see $WORK/$([[ $s == md ]] && echo "md_$r" || echo "$r").log" >&2; return 5; }
     done
   }
@@ -105,8 +111,7 @@ if [[ $stage == train || $stage == all ]]; then
   [ $failed = 0 ] || exit 1
 fi
 if [[ $stage == evaluate || $stage == all ]]; then
-  "$BIN/python" "$HERE/evaluate.py" "${RUNS[@]/#/runs/}" --db data/water.db --models "$HERE/models" --json errors.json \
-    --max-frames "${EVAL_FRAMES:-280}" --keep "${KEEP:-last}"
+  evaluate_runs errors.json "${RUNS[@]}"
 fi
 if [[ $stage == fisher || $stage == all ]]; then
   models=(); for r in "${RUNS[@]}"; do models+=("$HERE/models/$r.pt"); done
@@ -114,7 +119,7 @@ if [[ $stage == fisher || $stage == all ]]; then
 fi
 if [[ $stage == md || $stage == all ]]; then
   for r in "${RUNS[@]}"; do
-    RUN_DIR="$WORK/md_$r" SOCKET_NAME="ekf_w7_$r" bash "$MD_SCRIPT" "$HERE/models/$r.pt" "${MD_STEPS:-400}" > "md_$r.log" 2>&1 &
+    md_run "$r" &
   done
   wait
 fi
