@@ -288,11 +288,8 @@ class BPNNLabelPredictor:
         s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
         energy = self._energy_from(structure, s).sum()
         grad_s, = torch.autograd.grad(energy, s, create_graph=True)  # (N_b, W) eV per feature unit
-        pick = pick.to(s.device)
-        cols = self._candidate_columns(batch, b, structure, pick)  # a threshold selection's chosen ones: gathered
-        if cols is None:
-            cols = self.representation.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W) per Å
-        return -(grad_s.unsqueeze(0) * cols.to(s.dtype)).sum(dim=(1, 2))  # (k,) eV/Å
+        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype)  # (k, N_b, W) per Å
+        return -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (k,) eV/Å
 
     def energy_and_force_values(
         self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor, keep_columns: bool = False
@@ -371,11 +368,16 @@ class BPNNLabelPredictor:
         """:meth:`force_components` (k,) in eV/Å with their rows (k, n) = ∂F/∂θ, without autograd."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s = self.features(batch, b, structure)  # (N_b, W)
-        pick = pick.to(s.device)
+        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype)  # (k, N_b, W) per Å
+        return rows.forces(s, self._species(structure), cols)  # (k,), (k, n)
+
+    def _chosen_columns(self, batch, b: int, structure, pick: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(k, N_b, W) dG/dr columns per Å of the force components ``pick`` of structure b, in ``dtype``:
+        gathered from a threshold selection's candidates when ``pick`` is among them, else computed."""
         cols = self._candidate_columns(batch, b, structure, pick)
         if cols is None:
-            cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
-        return rows.forces(s, self._species(structure), cols)  # (k,), (k, n)
+            cols = self.representation.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W)
+        return cols.to(dtype)
 
     def _candidate_columns(self, batch, b: int, structure, pick: torch.Tensor) -> Optional[torch.Tensor]:
         """(k, N_b, W) columns of ``pick`` gathered from the last candidates' columns (taken once) when ``pick`` is
