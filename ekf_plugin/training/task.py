@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any, Dict, List, Optional, Type
 
 import torch
@@ -417,6 +418,10 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         """Before SchNetPack fits the transforms: with the BPNN label predictor, compute the training frames'
         symmetry functions once, fit the scaling from them (if not fitted yet) and keep them cached, so the
         first epoch does not compute them a second time (progress bar on stderr)."""
+        # Lightning notes at every step checkpoint of a manually optimised module that it holds the weights after
+        # the update (15 lines per run in the log): that is this task's contract (the weights, P and the label RNG
+        # of the same update are saved together and resume exactly), so that one note is dropped in this process
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and self.label_predictor is not None and dm is not None:
             rep = self.label_predictor.representation
@@ -451,8 +456,6 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             names = {o.name for o in self.outputs}
             if (names <= {self.energy_key, self.forces_key} and not any(o.constraints for o in self.outputs)
                     and md_step.supports(self.model)):
-                import warnings  # noqa: PLC0415
-
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # no compiler: keep the model's path
                     step = md_step.BPNNStep(self.model, skin=0.0, compile=True)  # frames unrelated: no list reuse

@@ -176,3 +176,23 @@ def test_reduced_row_ekf_trains_a_schnet_with_one_row_per_atom_group(loaders):
     after = _val_rmse(task, val)
     assert {s[0] for s in seen} == {4}, "one energy row and three group rows per update"
     assert after["val_forces_rmse_all"] < 0.7 * before["val_forces_rmse_all"], (before, after)
+
+
+def test_step_checkpoints_of_the_manual_update_do_not_warn(loaders, tmp_path):
+    """Lightning notes at a step checkpoint of a manually optimised module that it holds the weights after the
+    update (15 lines in every training's log); that is the task's contract (weights, P and label RNG of the
+    same step, resumed exactly above), so the task drops that one note and no other."""
+    import warnings
+
+    train, val = loaders
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), filename="last", every_n_train_steps=2)
+    trainer = pl.Trainer(logger=False, callbacks=[ckpt], enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, inference_mode=False, max_steps=4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(_ekf_task(lr=0.5), train, val)
+        warnings.warn("another warning of the run")
+    messages = [str(w.message) for w in seen]
+    assert (tmp_path / "last.ckpt").exists()
+    assert not [m for m in messages if "manual optimization" in m], messages
+    assert "another warning of the run" in messages
