@@ -123,6 +123,9 @@ def test_status_of_a_resumed_run_reads_rate_time_left_and_last_errors(tmp_path):
     table = analyze.status_table([st])
     assert "20000/100000" in table and "40.0" in table and "0.56" in table
     assert analyze.run_status(run, window=100000)["updates_per_s"] == pytest.approx(20000 / 1250)  # both segments
+    (run / "max_steps").write_text("180000\n")  # workflow.sh resumed it with a larger budget: config.yaml is the first
+    st = analyze.run_status(run, window=5000)
+    assert st["max_steps"] == 180000 and st["hours_left"] == pytest.approx(160000 / 40 / 3600)
 
 def _summary_row(**kw):
     row = {"label": "m", "optimizer": "EKF", "md_planned_ps": "20", "md_ps": "20", "density_g_per_mL": "0.93",

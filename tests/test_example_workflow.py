@@ -60,6 +60,9 @@ def test_queue_runs_jobs_at_a_time_with_per_optimizer_budgets(tmp_path):
     assert _max_concurrent(events) == 2
     assert "trainer.max_steps=500000" in starts["ekf_lr1e-3_s2"]
     assert "trainer.max_steps=659000" in starts["adam_lr1e-5_s1"]
+    # each launch's budget beside the run (`status` reads it: a resumed spktrain run keeps its first config.yaml)
+    assert (tmp_path / "work" / "runs" / "adam_lr1e-5_s1" / "max_steps").read_text() == "659000\n"
+    assert (tmp_path / "work" / "runs" / "ekf_lr1e-3_s2" / "max_steps").read_text() == "500000\n"
     thr = starts["ekf_lr1e-3_s1_ef0.1_thr"].split()
     assert "experiment=water_bpnn_ekf" in thr and "task.force_selection=threshold" in thr
     assert "task.energy_fraction=0.1" in thr and "model.seed=1" in thr and "task.seed=1" in thr

@@ -440,7 +440,12 @@ def plot_pressure_map(summary_csv: Path, out: Path) -> Dict[str, Tuple[float, fl
 
 
 def _max_steps(run_dir: Path) -> int:
-    """``trainer.max_steps`` from the run's ``config.yaml`` (-1: none, or no config)."""
+    """The run's update budget: the ``max_steps`` file that ``workflow.sh`` writes at each launch (a resumed
+    ``spktrain`` run keeps its first ``config.yaml``, so a budget raised on resuming is only there), else
+    ``trainer.max_steps`` from ``config.yaml`` (-1: none, or no config)."""
+    launched = Path(run_dir) / "max_steps"
+    if launched.is_file() and launched.read_text().strip().lstrip("-").isdigit():
+        return int(launched.read_text())
     cfg = Path(run_dir) / "config.yaml"
     text = cfg.read_text() if cfg.is_file() else ""
     m = re.search(r"^\s+max_steps:\s*(-?\d+)\s*$", text, flags=re.M)

@@ -102,6 +102,8 @@ if [[ $stage == train || $stage == all ]]; then
     selection=random; [[ -n ${BASH_REMATCH[6]} ]] && selection=threshold
     steps=${MAX_UPDATES:--1}; [[ $opt == adam ]] && steps=${ADAM_UPDATES:-$steps}
     echo "$(date -u +%FT%TZ) training $r (max_steps $steps)"
+    # spktrain keeps a resumed run's first config.yaml; the budget of this launch is what `status` must show
+    mkdir -p "runs/$r" && echo "$steps" > "runs/$r/max_steps"
     { "$BIN/spktrain" experiment=water_bpnn_$opt "${common[@]}" trainer.max_steps="$steps" task.optimizer_args.lr="$lr" \
         model.seed="$seed" task.seed="$seed" task.energy_fraction="$ef" task.force_selection="$selection" run.id="$r" \
         >> "$r.log" 2>&1 && after_training "$r"; } &
