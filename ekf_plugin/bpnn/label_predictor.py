@@ -65,6 +65,10 @@ class BPNNLabelPredictor:
         # the last candidates' columns of :meth:`energy_and_force_values` (threshold selection), taken once by
         # :meth:`force_components_and_rows` for the chosen subset: (key, checksum (2,), pick (c,), columns (c, N, W))
         self._candidates: Optional[Tuple[Optional[int], torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        # the last candidates' ∇_s E with its graph (``energy_and_force_values(graph=True)``), taken once by
+        # :meth:`force_components` of the same frame, positions and weights: (key, checksum (2,), weight versions,
+        # ∇_s E (N, W))
+        self._graph: Optional[Tuple[Optional[int], torch.Tensor, Tuple[int, ...], torch.Tensor]] = None
         self._bytes = 0
         self._rows: Optional[Tuple[Tuple[int, ...], Optional[NetworkJacobians]]] = None
         self._scaling: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # scaling the cache was filled with
@@ -80,6 +84,7 @@ class BPNNLabelPredictor:
         self._cache.clear()
         self._columns.clear()
         self._candidates = None
+        self._graph = None
         self._bytes = 0
         self._scaling = None
 
@@ -285,14 +290,17 @@ class BPNNLabelPredictor:
         """(k,) predicted force components in eV/Å of structure b at flat indices ``pick`` (atom ``pick // 3``,
         axis ``pick % 3``), differentiable w.r.t. the weights (the graph runs through the networks only)."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
-        s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
-        energy = self._energy_from(structure, s).sum()
-        grad_s, = torch.autograd.grad(energy, s, create_graph=True)  # (N_b, W) eV per feature unit
-        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype)  # (k, N_b, W) per Å
+        grad_s = self._candidates_graph(batch, b, structure)  # a threshold selection's candidates built it
+        if grad_s is None:
+            s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
+            energy = self._energy_from(structure, s).sum()
+            grad_s, = torch.autograd.grad(energy, s, create_graph=True)  # (N_b, W) eV per feature unit
+        cols = self._chosen_columns(batch, b, structure, pick.to(grad_s.device), grad_s.dtype)  # (k, N_b, W) per Å
         return -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (k,) eV/Å
 
     def energy_and_force_values(
-        self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor, keep_columns: bool = False
+        self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor, keep_columns: bool = False,
+        graph: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Energy (1,) in eV and force components (k,) in eV/Å of structure b at flat indices ``pick``,
         detached (no graph to the weights): one pass through the networks and one backward to the features.
@@ -301,12 +309,20 @@ class BPNNLabelPredictor:
         ``keep_columns``: keep the components' dG/dr columns (k, N_b, W) with the frame's features (same memory
         budget, same checksum of the positions), for a frame that is asked for the same ``pick`` again: the fixed
         validation sample, whose columns then cost nothing after the first validation (~230 kB per 192-atom frame
-        and 10 components in float32)."""
+        and 10 components in float32).
+
+        ``graph``: keep ∇_s E with its graph to the weights for the next :meth:`force_components` of this frame
+        (the autograd path of a threshold selection: the chosen components' values and gradients then come from
+        this one pass through the networks instead of a second one; bitwise the same, tested)."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
+        self._graph = None
         with torch.enable_grad():
             s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
             energy = self._energy_from(structure, s)  # (1,)
-            grad_s, = torch.autograd.grad(energy.sum(), s)  # (N_b, W) eV per feature unit
+            grad_s, = torch.autograd.grad(energy.sum(), s, create_graph=graph)  # (N_b, W) eV per feature unit
+        if graph:
+            self._graph = (self._frame_key(batch, b), self._checksum(structure), self._weight_versions(), grad_s)
+            grad_s = grad_s.detach()
         pick = pick.to(s.device)
         cols = self._kept_columns(batch, b, structure, pick) if keep_columns else None
         if cols is None:
@@ -316,6 +332,17 @@ class BPNNLabelPredictor:
             else:  # candidates of a threshold selection: the chosen ones' rows follow (force_components_and_rows)
                 self._candidates = (self._frame_key(batch, b), self._checksum(structure), pick.clone(), cols)
         return energy.detach(), -torch.einsum("nw,knw->k", grad_s, cols)  # (1,), (k,)
+
+    def _weight_versions(self) -> Tuple[int, ...]:
+        return tuple(p._version for p in self._energy_modules()[0].parameters())  # bumped by every in-place update
+
+    def _candidates_graph(self, batch, b: int, structure) -> Optional[torch.Tensor]:
+        """∇_s E (N_b, W) with its graph from the last ``energy_and_force_values(graph=True)`` (taken once) when it
+        was of this frame, with these positions and these weights, else None."""
+        memo, self._graph = self._graph, None
+        if memo is None or memo[0] is None or memo[0] != self._frame_key(batch, b) or memo[2] != self._weight_versions():
+            return None
+        return memo[3] if torch.equal(memo[1], self._checksum(structure).to(memo[1].device)) else None
 
     def _kept_columns(self, batch, b: int, structure, pick: torch.Tensor) -> Optional[torch.Tensor]:
         key = self._frame_key(batch, b)

@@ -203,6 +203,79 @@ def test_threshold_selection_computes_each_force_structures_columns_once(monkeyp
     assert xi.requires_grad and calls == [9, 9], "candidates only on the autograd path too"
 
 
+def test_the_autograd_path_takes_the_candidates_graph_once_and_bitwise(monkeypatch):
+    """With ``graph=True`` the candidates' pass keeps ∇_s E with its graph and ``force_components`` of the chosen
+    components uses it instead of a second pass through the networks: the same values and the same weight
+    gradients bitwise, taken once, and refused after the weights changed in place (an optimizer step)."""
+    model = _model()
+    batch = _batch(model, seed=5)
+    pred = BPNNLabelPredictor(model)
+    cand, chosen = torch.tensor([7, 0, 13, 2, 25, 4]), torch.tensor([13, 4, 0])
+    passes = []
+    original = BPNNLabelPredictor._energy_from
+
+    def counted(self, structure, s):
+        passes.append(1)
+        return original(self, structure, s)
+
+    monkeypatch.setattr(BPNNLabelPredictor, "_energy_from", counted)
+
+    def loss_and_grads(graph: bool):
+        model.zero_grad()
+        values = pred.energy_and_force_values(batch, 1, cand, graph=graph)[1]
+        f = pred.force_components(batch, 1, chosen)  # (3,) eV/Å with its graph to the weights
+        (f * torch.tensor([1.0, -2.0, 0.5], dtype=f.dtype)).sum().backward()
+        return values, f.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    passes.clear()
+    v_two, f_two, g_two = loss_and_grads(graph=False)
+    assert len(passes) == 2
+    passes.clear()
+    v_one, f_one, g_one = loss_and_grads(graph=True)
+    assert len(passes) == 1, "one pass through the networks"
+    assert torch.equal(v_one, v_two) and torch.equal(f_one, f_two)
+    assert len(g_one) == len(g_two) > 0 and all(torch.equal(a, b) for a, b in zip(g_one, g_two))
+    passes.clear()
+    pred.force_components(batch, 1, chosen)  # taken once: a second call passes again
+    assert len(passes) == 1
+    pred.energy_and_force_values(batch, 1, cand, graph=True)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.01)  # an optimizer step between: the kept graph has the old weights
+    passes.clear()
+    f_new = pred.force_components(batch, 1, chosen)
+    assert len(passes) == 1 and not torch.equal(f_new.detach(), f_one)
+    pred.energy_and_force_values(batch, 1, cand, graph=True)
+    passes.clear()
+    pred.force_components(batch, 0, torch.tensor([0, 2]))  # another structure of the batch
+    assert len(passes) == 1
+
+
+def test_adam_steps_with_the_shared_candidates_graph_equal_two_passes(monkeypatch):
+    """Adam on the task's threshold-selected labels (the autograd path, as `experiment=water_bpnn_adam` trains):
+    three updates with the candidates' graph shared give bitwise the weights of three updates with two passes."""
+    def train(share: bool):
+        model = _model()
+        batch = _batch(model, seed=6)
+        task = PaperScheduleTask(model, outputs(), fast_labels=True, seed=4, force_selection="threshold",
+                                 n_force_components=3)
+        if not share:
+            plain = BPNNLabelPredictor.energy_and_force_values
+            monkeypatch.setattr(BPNNLabelPredictor, "energy_and_force_values",
+                                lambda self, *a, graph=False, **k: plain(self, *a, graph=False, **k))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for kinds in ([1, 1], [0, 1], [1, 1]):
+            opt.zero_grad()
+            xi = task._errors(batch, kinds, {})
+            (xi * xi).sum().backward()
+            opt.step()
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()]
+
+    shared, two = train(True), train(False)
+    assert all(torch.equal(a, b) for a, b in zip(shared, two))
+    assert not all(torch.equal(a, b) for a, b in zip(shared, [p.detach() for p in _model().parameters()]))
+
+
 def test_closed_form_rows_refuse_foreign_parameters_and_activations():
     model = _model()
     pred = BPNNLabelPredictor(model)
