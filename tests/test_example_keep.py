@@ -45,7 +45,7 @@ def _queue_leftovers(tmp_path: Path, npt_ps: float):
     np.savez(run_dir / "split.npz", train_idx=np.array([0]), val_idx=np.array([1, 2, 3]))
     (run_dir / "csv" / "version_0" / "metrics.csv").write_text(
         "epoch,step,val_energy_per_atom_rmse,val_forces_rmse,wall_time_s\n0,4999,0.002,0.110,100\n0,9999,0.0015,0.105,200\n")
-    errors = {"frames": 280, "energy_rmse_meV_per_atom": 2.4749, "forces_rmse_meV_per_A": 118.1341, "updates": 500000,
+    errors = {"frames": 3, "energy_rmse_meV_per_atom": 2.4749, "forces_rmse_meV_per_A": 118.1341, "updates": 500000,
               "split": "val"}
     (work / f"errors_{RUN}.json").write_text(json.dumps({RUN: errors}))
     (work / f"md_{RUN}").mkdir()
@@ -98,7 +98,7 @@ def test_an_unfinished_npt_run_is_not_kept(tmp_path, capsys):
 
 def test_errors_of_fewer_than_all_validation_frames_are_refused(tmp_path):
     example, work, errors = _queue_leftovers(tmp_path, npt_ps=20.0)
-    (work / f"errors_{RUN}.json").write_text(json.dumps({RUN: errors | {"frames": 40}}))
-    with pytest.raises(SystemExit, match="not the 280 validation frames"):
+    (work / f"errors_{RUN}.json").write_text(json.dumps({RUN: errors | {"frames": 2}}))
+    with pytest.raises(SystemExit, match="not the run's 3 validation frames"):
         keep.keep_run(RUN, 18, example, work)
     assert (example / "models" / f"{RUN}.pt").exists()  # nothing moved

@@ -4,7 +4,7 @@ figures under results/session<K>/, keyed as results/models_summary.csv names the
     python keep.py RUN... --session K          # after `workflow.sh train` with THEN="evaluate md" has finished RUN
 
 Reads what the queue leaves in the work directory: ``models/<run>.pt`` and ``work/errors_<run>.json`` (THEN's
-evaluate step, all 280 validation frames), ``work/runs/<run>/`` (its validation curves and split), and
+evaluate step, on all the run's validation frames), ``work/runs/<run>/`` (its validation curves and split), and
 ``work/md_<run>/npt.out`` with ``npt.pos_0.xyz`` (THEN's md step; the NPT part is skipped, with a note, while that
 run is shorter than ``--md-ps``). Writes, merging with what the session kept before (a second call replaces the
 run's entries, it does not add them twice):
@@ -33,6 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -81,9 +83,11 @@ def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] 
     if m is None:
         raise SystemExit(f"bad run id {run!r} (want <ekf|adam>_lr<eta>_s<seed>[_ef<f>][_thr])")
     errors = json.loads((work / f"errors_{run}.json").read_text())[run]
-    if errors.get("frames") != 280 or errors.get("split", "val") != "val":
-        raise SystemExit(f"{run}: errors_{run}.json is not the 280 validation frames ({errors.get('frames')} "
-                         f"{errors.get('split')}); run the evaluate step with EVAL_FRAMES=280")
+    run_dir = work / "runs" / run
+    n_val = len(np.load(run_dir / "split.npz")["val_idx"])
+    if errors.get("frames") != n_val or errors.get("split", "val") != "val":
+        raise SystemExit(f"{run}: errors_{run}.json is not the run's {n_val} validation frames ({errors.get('frames')} "
+                         f"{errors.get('split')} frames); run the evaluate step with EVAL_FRAMES={n_val}")
     tag = f"{run}_{round(int(errors['updates']) / 1000)}k"
     label = f"s{session}_{tag}"
     res = example / "results" / f"session{session}"
@@ -99,7 +103,6 @@ def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] 
         raise SystemExit(f"{run}: neither {queued} nor {kept}: run the evaluate step first")
     _merge(res / "errors.json", {tag: errors})
 
-    run_dir = work / "runs" / run
     with tempfile.TemporaryDirectory() as tmp:
         bias = analyze.pressure_bias([kept], work / "data" / "water.db", run_dir / "split.npz", [label],
                                      Path(tmp) / "pressure_bias.json", own / "energy_volume.png")
