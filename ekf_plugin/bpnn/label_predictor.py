@@ -290,12 +290,13 @@ class BPNNLabelPredictor:
         """(k,) predicted force components in eV/Å of structure b at flat indices ``pick`` (atom ``pick // 3``,
         axis ``pick % 3``), differentiable w.r.t. the weights (the graph runs through the networks only)."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
-        grad_s = self._candidates_graph(batch, b, structure)  # a threshold selection's candidates built it
+        check = self._checksum(structure)  # (2,) once for both memos
+        grad_s = self._candidates_graph(batch, b, check)  # a threshold selection's candidates built it
         if grad_s is None:
             s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
             energy = self._energy_from(structure, s).sum()
             grad_s, = torch.autograd.grad(energy, s, create_graph=True)  # (N_b, W) eV per feature unit
-        cols = self._chosen_columns(batch, b, structure, pick.to(grad_s.device), grad_s.dtype)  # (k, N_b, W) per Å
+        cols = self._chosen_columns(batch, b, structure, pick.to(grad_s.device), grad_s.dtype, check)  # (k, N_b, W)
         return -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (k,) eV/Å
 
     def energy_and_force_values(
@@ -320,46 +321,50 @@ class BPNNLabelPredictor:
             s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
             energy = self._energy_from(structure, s)  # (1,)
             grad_s, = torch.autograd.grad(energy.sum(), s, create_graph=graph)  # (N_b, W) eV per feature unit
+        key, check = self._frame_key(batch, b), self._checksum(structure)  # the memos' validity: frame, positions
         if graph:
-            self._graph = (self._frame_key(batch, b), self._checksum(structure), self._weight_versions(), grad_s)
+            self._graph = (key, check, self._weight_versions(), grad_s)
             grad_s = grad_s.detach()
         pick = pick.to(s.device)
-        cols = self._kept_columns(batch, b, structure, pick) if keep_columns else None
+        cols = self._kept_columns(key, check, pick) if keep_columns else None
         if cols is None:
             cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
             if keep_columns:
-                self._keep_columns(batch, b, structure, pick, cols)
+                self._keep_columns(key, check, pick, cols)
             else:  # candidates of a threshold selection: the chosen ones' rows follow (force_components_and_rows)
-                self._candidates = (self._frame_key(batch, b), self._checksum(structure), pick.clone(), cols)
+                self._candidates = (key, check, pick.clone(), cols)
         return energy.detach(), -torch.einsum("nw,knw->k", grad_s, cols)  # (1,), (k,)
 
     def _weight_versions(self) -> Tuple[int, ...]:
         return tuple(p._version for p in self._energy_modules()[0].parameters())  # bumped by every in-place update
 
-    def _candidates_graph(self, batch, b: int, structure) -> Optional[torch.Tensor]:
-        """∇_s E (N_b, W) with its graph from the last ``energy_and_force_values(graph=True)`` (taken once) when it
-        was of this frame, with these positions and these weights, else None."""
-        memo, self._graph = self._graph, None
-        if memo is None or memo[0] is None or memo[0] != self._frame_key(batch, b) or memo[2] != self._weight_versions():
-            return None
-        return memo[3] if torch.equal(memo[1], self._checksum(structure).to(memo[1].device)) else None
+    def _memo_valid(self, memo: Optional[tuple], batch, b: int, check: torch.Tensor) -> bool:
+        """Whether a memo ``(frame key, positions checksum (2,), ...)`` was made for structure b of ``batch``
+        with the positions whose checksum is ``check``."""
+        return (memo is not None and memo[0] is not None and memo[0] == self._frame_key(batch, b)
+                and torch.equal(memo[1], check.to(memo[1].device)))
 
-    def _kept_columns(self, batch, b: int, structure, pick: torch.Tensor) -> Optional[torch.Tensor]:
-        key = self._frame_key(batch, b)
+    def _candidates_graph(self, batch, b: int, check: torch.Tensor) -> Optional[torch.Tensor]:
+        """∇_s E (N_b, W) with its graph from the last ``energy_and_force_values(graph=True)`` (taken once) when it
+        was of this frame, with these positions (checksum ``check``) and these weights, else None."""
+        memo, self._graph = self._graph, None
+        ok = self._memo_valid(memo, batch, b, check) and memo[2] == self._weight_versions()
+        return memo[3] if ok else None
+
+    def _kept_columns(self, key: Optional[int], check: torch.Tensor, pick: torch.Tensor) -> Optional[torch.Tensor]:
         hit = self._columns.get(key) if key is not None else None
         if hit is None or not torch.equal(hit[0], pick):
             return None
-        return hit[1] if torch.equal(hit[2], self._checksum(structure).to(hit[2].device)) else None
+        return hit[1] if torch.equal(hit[2], check.to(hit[2].device)) else None
 
-    def _keep_columns(self, batch, b: int, structure, pick: torch.Tensor, cols: torch.Tensor) -> None:
-        key = self._frame_key(batch, b)
+    def _keep_columns(self, key: Optional[int], check: torch.Tensor, pick: torch.Tensor, cols: torch.Tensor) -> None:
         size = cols.numel() * cols.element_size()
         if key is None or self._bytes + size > self.max_cache_bytes:
             return
         old = self._columns.pop(key, None)
         if old is not None:
             self._bytes -= old[1].numel() * old[1].element_size()
-        self._columns[key] = (pick.clone(), cols, self._checksum(structure))
+        self._columns[key] = (pick.clone(), cols, check)
         self._bytes += size
 
     # ------------------------------------------------------------------ closed-form Jacobian rows
@@ -395,27 +400,27 @@ class BPNNLabelPredictor:
         """:meth:`force_components` (k,) in eV/Å with their rows (k, n) = ∂F/∂θ, without autograd."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s = self.features(batch, b, structure)  # (N_b, W)
-        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype)  # (k, N_b, W) per Å
+        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype, self._checksum(structure))
         return rows.forces(s, self._species(structure), cols)  # (k,), (k, n)
 
-    def _chosen_columns(self, batch, b: int, structure, pick: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(k, N_b, W) dG/dr columns per Å of the force components ``pick`` of structure b, in ``dtype``:
-        gathered from a threshold selection's candidates when ``pick`` is among them, else computed."""
-        cols = self._candidate_columns(batch, b, structure, pick)
+    def _chosen_columns(self, batch, b: int, structure, pick: torch.Tensor, dtype: torch.dtype,
+                        check: torch.Tensor) -> torch.Tensor:
+        """(k, N_b, W) dG/dr columns per Å of the force components ``pick`` of structure b (positions checksum
+        ``check``), in ``dtype``: gathered from a threshold selection's candidates when ``pick`` is among them,
+        else computed."""
+        cols = self._candidate_columns(batch, b, check, pick)
         if cols is None:
             cols = self.representation.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W)
         return cols.to(dtype)
 
-    def _candidate_columns(self, batch, b: int, structure, pick: torch.Tensor) -> Optional[torch.Tensor]:
+    def _candidate_columns(self, batch, b: int, check: torch.Tensor, pick: torch.Tensor) -> Optional[torch.Tensor]:
         """(k, N_b, W) columns of ``pick`` gathered from the last candidates' columns (taken once) when ``pick`` is
-        a subset of them on the same frame and positions, else None. A column does not depend on the other
-        labels of its call, so the gather equals a new evaluation bitwise (tested)."""
+        a subset of them on the same frame and positions (checksum ``check``), else None. A column does not depend
+        on the other labels of its call, so the gather equals a new evaluation bitwise (tested)."""
         memo, self._candidates = self._candidates, None
-        if memo is None or memo[0] is None or memo[0] != self._frame_key(batch, b):
+        if not self._memo_valid(memo, batch, b, check):
             return None
-        _, check, cand, cols = memo
-        if not torch.equal(check, self._checksum(structure).to(check.device)):
-            return None
+        _, _, cand, cols = memo
         where = (cand.to(pick.device).unsqueeze(0) == pick.unsqueeze(1))  # (k, c)
         if not bool(where.any(dim=1).all()):
             return None

@@ -304,6 +304,14 @@ def summary_rows(runs: List[Path], errors: Path, fisher: Path, density: Path, md
     return rows
 
 
+def write_summary(rows: List[Dict[str, object]], path: Path) -> None:
+    """Write ``models_summary.csv`` rows (the columns of :data:`SUMMARY_FIELDS`) to ``path``."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def plot_fisher_map(summary_csv: Path, out: Path) -> Dict[str, str]:
     """The study's question as one figure: Fisher median (log10) against force and energy RMSE on the 280
     validation frames (meV/Å, meV/atom), one point per model of ``summary_csv``, marker by optimizer and colour
@@ -564,10 +572,7 @@ def main(argv=None) -> int:
             print(f"{k}: {v}")
         return 0
     if args.cmd == "summary":
-        with open(args.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
-            w.writeheader()
-            w.writerows(summary_rows(args.runs, args.errors, args.fisher, args.density, args.md_planned_ps))
+        write_summary(summary_rows(args.runs, args.errors, args.fisher, args.density, args.md_planned_ps), args.out)
         print(f"written: {args.out}")
         return 0
     if args.cmd == "fisher-map":

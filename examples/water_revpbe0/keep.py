@@ -68,10 +68,7 @@ def validation_curves(run_dir: Path, out: Path) -> int:
 def _replace_summary_row(summary: Path, row: Dict[str, object]) -> None:
     rows = list(csv.DictReader(open(summary))) if summary.exists() else []
     rows = [r for r in rows if r["label"] != row["label"]] + [row]
-    with open(summary, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=analyze.SUMMARY_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    analyze.write_summary(rows, summary)
 
 
 def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] = None, md_ps: float = 20.0,
