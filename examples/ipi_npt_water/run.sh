@@ -7,7 +7,7 @@
 #              RUN_DIR (default ./run) and SOCKET_NAME (default ekf_npt_water) for several runs at once,
 #              INPUT (i-PI input template, default ./input.xml), FRESH=1 (start over instead of resuming).
 # A run that was stopped (killed, a crash, the machine went down) resumes when the same command is given again:
-# from i-PI's newest checkpoint in RUN_DIR, if it was started with the same MODEL and STEPS.
+# from i-PI's newest checkpoint in RUN_DIR, if it was started with the same MODEL (path and content) and STEPS.
 set -euo pipefail
 { # read whole before it runs: editing this file during a run cannot change the run
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,11 +21,20 @@ SOCKET="/tmp/ipi_$NAME"
 RUN="${RUN_DIR:-$HERE/run}"
 INPUT="$(cd "$(dirname "${INPUT:-$HERE/input.xml}")" && pwd)/$(basename "${INPUT:-input.xml}")"
 
+[ -e "$MODEL" ] || { echo "no model at $MODEL" >&2; exit 2; }
+MODEL="$(realpath "$MODEL")"   # before cd: a relative MODEL is relative to where the command was given
 mkdir -p "$RUN"
 cd "$RUN"
 [ -f init.xyz ] || "$PYTHON" "$HERE/make_init.py" --out init.xyz
-this_run="model=$(realpath -m "$MODEL") steps=$STEPS input=$INPUT"   # what a resumed run must match
+model_sha() {   # the model's content (a file, or every file of an n2p2 directory): a new model at the same path
+  if [ -d "$1" ]; then (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  else sha256sum "$1" | cut -c1-16; fi   # is another run, not a continuation
+}
+this_run="model=$(realpath -m "$MODEL") sha256=$(model_sha "$MODEL") steps=$STEPS input=$INPUT"   # what a resumed run must match
 resume=""
+if [ -z "${FRESH:-}" ] && [ -f run.args ] && [ "$(cat run.args)" != "$this_run" ]; then
+  echo "starting over: $RUN held a run of another model, length or input ($(cat run.args))"
+fi
 if [ -z "${FRESH:-}" ] && [ -f run.args ] && [ "$(cat run.args)" == "$this_run" ]; then
   if [ -f RESTART ] && [ "$("$PYTHON" -c "from ekf_plugin.md.runner import checkpoint_step as c; print(c('RESTART'))" 2>/dev/null)" == "$STEPS" ]; then
     echo "already done: $RUN has all $STEPS steps of this run (FRESH=1 runs it again)"

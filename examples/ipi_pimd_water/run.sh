@@ -18,6 +18,8 @@ NAME="${SOCKET_NAME:-ekf_pimd_water}"
 SOCKET="/tmp/ipi_$NAME"
 RUN="${RUN_DIR:-$HERE/run}"
 
+[ -e "$MODEL" ] || { echo "no model at $MODEL" >&2; exit 2; }
+MODEL="$(realpath "$MODEL")"   # before cd: a relative MODEL is relative to where the command was given
 mkdir -p "$RUN"
 cd "$RUN"
 [ -f init.xyz ] || "$PYTHON" "$HERE/../ipi_npt_water/make_init.py" --out init.xyz

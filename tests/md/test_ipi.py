@@ -400,6 +400,16 @@ def test_run_sh_killed_mid_run_resumes_and_continues_the_same_trajectory(tmp_pat
     fresh = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout, fresh.stdout + fresh.stderr
     assert read_properties(tmp_path / "stopped" / "npt.out")["step"].tolist() == list(range(0, steps // 3 + 1, 5))
+    # a retrained model saved at the same path (a queue's models/<run>.pt) is another run, not "already done"
+    before = read_properties(tmp_path / "stopped" / "npt.out")
+    with torch.no_grad():
+        next(s.model.parameters()).mul_(1.01)
+    torch.save(s.model, s.model_path)
+    new = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert new.returncode == 0 and "starting over" in new.stdout and "already done" not in new.stdout, new.stdout
+    after = read_properties(tmp_path / "stopped" / "npt.out")
+    assert after["step"].tolist() == before["step"].tolist()
+    assert after["potential"][0] != before["potential"][0]  # the new model's energies
 
 
 def _xyz_steps(path: Path) -> list:
