@@ -4,6 +4,7 @@ under the summary's labels, the NPT part only for a finished NPT run, a second c
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import sys
@@ -52,6 +53,8 @@ def _queue_leftovers(tmp_path: Path, npt_ps: float):
     lines = NPT.read_text().splitlines()
     keep_lines = [ln for ln in lines if ln.startswith("#") or float(ln.split()[1]) <= npt_ps]
     (work / f"md_{RUN}" / "npt.out").write_text("\n".join(keep_lines) + "\n")
+    sha = hashlib.sha256((example / "models" / f"{RUN}.pt").read_bytes()).hexdigest()[:16]  # as run.sh records it
+    (work / f"md_{RUN}" / "run.args").write_text(f"model={example}/models/{RUN}.pt sha256={sha} steps=40000 input=x\n")
     return example, work, errors
 
 
@@ -94,6 +97,22 @@ def test_an_unfinished_npt_run_is_not_kept(tmp_path, capsys):
     assert not (example / "results" / "session18" / "density.json").exists()
     assert "NPT not kept (5.00 of 20.0 ps" in capsys.readouterr().out
     assert analyze.md_outcome({k: str(v) for k, v in row.items()}) == "no MD"
+
+
+def test_an_npt_run_of_another_model_at_the_same_path_is_not_kept(tmp_path, capsys):
+    """The queue's models/<run>.pt is overwritten when a run is trained further: an NPT run whose run.args
+    records another model's checksum is not filed as this model's density."""
+    example, work, _ = _queue_leftovers(tmp_path, npt_ps=20.0)
+    args = work / f"md_{RUN}" / "run.args"
+    args.write_text(args.read_text().replace("sha256=", "sha256=0"))
+    row = keep.keep_run(RUN, 18, example, work)
+    assert row["density_g_per_mL"] == "" and not (example / "results" / "session18" / "density.json").exists()
+    assert "NPT not kept" in capsys.readouterr().out
+    assert keep.npt_ran_model(args.parent, example / "models" / "session18" / f"{RUN}_500k.pt") is False
+    args.unlink()  # runs before the checksum: kept, with a line that says it was not checked
+    assert keep.npt_ran_model(args.parent, example / "models" / "session18" / f"{RUN}_500k.pt") is None
+    assert keep.keep_run(RUN, 18, example, work)["density_g_per_mL"] != ""
+    assert "not checked" in capsys.readouterr().out
 
 
 def test_errors_of_fewer_than_all_validation_frames_are_refused(tmp_path):

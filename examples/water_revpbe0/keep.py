@@ -6,7 +6,8 @@ figures under results/session<K>/, keyed as results/models_summary.csv names the
 Reads what the queue leaves in the work directory: ``models/<run>.pt`` and ``work/errors_<run>.json`` (THEN's
 evaluate step, on all the run's validation frames), ``work/runs/<run>/`` (its validation curves and split), and
 ``work/md_<run>/npt.out`` with ``npt.pos_0.xyz`` (THEN's md step; the NPT part is skipped, with a note, while that
-run is shorter than ``--md-ps``). Writes, merging with what the session kept before (a second call replaces the
+run is shorter than ``--md-ps``, or when its ``run.args`` records another model's checksum: a model trained further
+and saved at the same path). Writes, merging with what the session kept before (a second call replaces the
 run's entries, it does not add them twice):
 
     models/session<K>/<run>_<N>k.pt            the model; the queue's copy models/<run>.pt is removed
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -71,6 +74,16 @@ def _replace_summary_row(summary: Path, row: Dict[str, object]) -> None:
     analyze.write_summary(rows, summary)
 
 
+def npt_ran_model(md_dir: Path, model: Path) -> Optional[bool]:
+    """Whether the NPT run in ``md_dir`` (examples/ipi_npt_water/run.sh) ran ``model``: the checksum its
+    ``run.args`` records against the model's content; None where it records none (runs before session 19)."""
+    args = md_dir / "run.args"
+    recorded = re.search(r"\bsha256=([0-9a-f]+)", args.read_text()) if args.exists() else None
+    if recorded is None:
+        return None
+    return hashlib.sha256(model.read_bytes()).hexdigest().startswith(recorded.group(1))
+
+
 def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] = None, md_ps: float = 20.0,
              skip_ps: float = 10.0, stride_ps: float = 0.1) -> Dict[str, object]:
     """Keep ``run`` for session ``session`` (see the module docstring); returns its models_summary.csv row.
@@ -110,7 +123,13 @@ def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] 
     density: Dict[str, float] = {}
     npt = work / f"md_{run}" / "npt.out"
     ran = float(analyze.read_ipi_properties(npt)["time"][-1]) if npt.exists() else 0.0
-    if ran >= md_ps - 1e-6:
+    same = npt_ran_model(npt.parent, kept)
+    if ran >= md_ps - 1e-6 and same is False:
+        print(f"{run}: NPT not kept: {npt.parent} ran another model than {kept.name} (run.args: "
+              f"{(npt.parent / 'run.args').read_text().strip()}); run the md step again", flush=True)
+    elif ran >= md_ps - 1e-6:
+        if same is None:
+            print(f"{run}: the NPT's model is not checked ({npt.parent / 'run.args'} has no checksum)", flush=True)
         shutil.copyfile(npt, own / "npt.out")
         density = analyze.plot_density([own / "npt.out"], [tag], own / "density.png", skip_ps)[tag]
         _merge(res / "density.json", {tag: density})
