@@ -127,6 +127,34 @@ def test_status_of_a_resumed_run_reads_rate_time_left_and_last_errors(tmp_path):
     st = analyze.run_status(run, window=5000)
     assert st["max_steps"] == 180000 and st["hours_left"] == pytest.approx(160000 / 40 / 3600)
 
+def test_status_shows_the_npt_run_and_a_trajectory_of_another_model(tmp_path):
+    """`workflow.sh status` beside each training: the NPT run's simulated/planned ps and its density so far, and
+    "other model" where run.args records another model's checksum (a model retrained at the same path)."""
+    import hashlib
+
+    npt = REPO / "examples" / "water_revpbe0" / "results" / "session18" / "ekf_lr1e-3_s2_ef0.1_thr_500k" / "npt.out"  # committed, 20 ps
+    md, model = tmp_path / "md_run", tmp_path / "run.pt"
+    md.mkdir()
+    lines = [ln for ln in npt.read_text().splitlines() if ln.startswith("#") or float(ln.split()[1]) <= 5.0]
+    (md / "npt.out").write_text("\n".join(lines) + "\n")
+    model.write_bytes(b"weights")
+    sha = hashlib.sha256(b"weights").hexdigest()[:16]
+    (md / "run.args").write_text(f"model={model} sha256={sha} steps=40000 input=x.xml\n")
+    st = analyze.md_status(md, model)
+    p = analyze.read_ipi_properties(md / "npt.out")
+    assert st["md_ps"] == pytest.approx(5.0) and st["md_planned_ps"] == pytest.approx(20.0)
+    assert st["md_density"] == pytest.approx(p["density"][p["time"] >= 2.5].mean()) and st["md_same_model"] is True
+    row = {"run": "r", "updates": 10, "max_steps": 10, "updates_per_s": None, "hours_left": 0.0,
+           "minutes_since_log": 1.0, "val_energy_meV_per_atom": None, "val_forces_meV_per_A": None,
+           "pressure_bias_bar": None}
+    assert f"5.0/20 {st['md_density']:.3f}" in analyze.status_table([{**row, **st}])
+    model.write_bytes(b"weights trained further")
+    st = analyze.md_status(md, model)
+    assert st["md_same_model"] is False and "other model" in analyze.status_table([{**row, **st}])
+    assert analyze.md_status(tmp_path / "md_none", model)["md_ps"] is None
+    assert analyze.status_table([{**row, **analyze.md_status(tmp_path / "md_none", model)}]).rstrip().endswith("-")
+
+
 def _summary_row(**kw):
     row = {"label": "m", "optimizer": "EKF", "md_planned_ps": "20", "md_ps": "20", "density_g_per_mL": "0.93",
            "temperature_K": "320.1", "forces_rmse_meV_per_A": "120", "energy_rmse_meV_per_atom": "2.3",

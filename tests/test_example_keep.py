@@ -108,9 +108,9 @@ def test_an_npt_run_of_another_model_at_the_same_path_is_not_kept(tmp_path, caps
     row = keep.keep_run(RUN, 18, example, work)
     assert row["density_g_per_mL"] == "" and not (example / "results" / "session18" / "density.json").exists()
     assert "NPT not kept" in capsys.readouterr().out
-    assert keep.npt_ran_model(args.parent, example / "models" / "session18" / f"{RUN}_500k.pt") is False
+    assert analyze.npt_ran_model(args.parent, example / "models" / "session18" / f"{RUN}_500k.pt") is False
     args.unlink()  # runs before the checksum: kept, with a line that says it was not checked
-    assert keep.npt_ran_model(args.parent, example / "models" / "session18" / f"{RUN}_500k.pt") is None
+    assert analyze.npt_ran_model(args.parent, example / "models" / "session18" / f"{RUN}_500k.pt") is None
     assert keep.keep_run(RUN, 18, example, work)["density_g_per_mL"] != ""
     assert "not checked" in capsys.readouterr().out
 

@@ -10,7 +10,8 @@
     python analyze.py pressure-bias MODEL.pt... --db work/data/water.db --split work/runs/RUN/split.npz \
         --json pressure_bias.json --out energy_volume.png
     python analyze.py pressure-map results/models_summary.csv --out pressure_map.png
-    python analyze.py status work/runs/*        # how far each training is: updates, rate, time left, last errors
+    python analyze.py status work/runs/*        # how far each training is: updates, rate, time left, last errors,
+                                                # and its NPT run (work/md_<run>): ps done, density so far
 
 Units: energies per atom in meV/atom, forces in meV/Å, density in g/cm³ (= g/mL), time in ps, distances in Å,
 pressure in bar.
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -460,6 +462,35 @@ def _max_steps(run_dir: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def npt_ran_model(md_dir: Path, model: Path) -> Optional[bool]:
+    """Whether the NPT run in ``md_dir`` (examples/ipi_npt_water/run.sh) ran ``model``: the checksum its
+    ``run.args`` records against the model's content; None where it records none (runs before session 19)
+    or there is no model file."""
+    args = Path(md_dir) / "run.args"
+    recorded = re.search(r"\bsha256=([0-9a-f]+)", args.read_text()) if args.exists() else None
+    if recorded is None or not Path(model).is_file():
+        return None
+    return hashlib.sha256(Path(model).read_bytes()).hexdigest().startswith(recorded.group(1))
+
+
+def md_status(md_dir: Path, model: Path) -> Dict[str, object]:
+    """How far the NPT run in ``md_dir`` is: simulated time and planned time (ps; the steps of its ``run.args``
+    times the time step of its ``npt.out``), the mean density (g/mL) over the second half simulated so far, and
+    whether it ran ``model`` (:func:`npt_ran_model`; False: a trajectory of a model saved earlier at that path)."""
+    out = Path(md_dir) / "npt.out"
+    p = read_ipi_properties(out) if out.is_file() else {}
+    if not len(p.get("time", ())):
+        return {"md_ps": None, "md_planned_ps": None, "md_density": None, "md_same_model": None}
+    t = p["time"]
+    args = Path(md_dir) / "run.args"
+    steps = re.search(r"\bsteps=(\d+)", args.read_text()) if args.exists() else None
+    dt = t[-1] / p["step"][-1] if p["step"][-1] > 0 else None
+    planned = float(int(steps.group(1)) * dt) if steps and dt else None
+    return {"md_ps": float(t[-1]), "md_planned_ps": planned,
+            "md_density": float(p["density"][t >= t[-1] / 2].mean()) if "density" in p else None,
+            "md_same_model": npt_ran_model(md_dir, model)}
+
+
 def run_status(run_dir: Path, window: int = 5000, now: float = None) -> Dict[str, object]:
     """How far a (running or stopped) ``spktrain`` run is, from its CSV logs and ``config.yaml``: the last logged
     update, ``max_steps``, the rate in updates/s over the last ``window`` updates of its ``wall_time_s`` curve
@@ -498,13 +529,22 @@ def status_table(rows: List[Dict[str, object]]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    def npt(r):  # "7.1/20 0.931": simulated/planned ps and the density so far; a foreign trajectory says so
+        if r.get("md_ps") is None:
+            return "-"
+        if r.get("md_same_model") is False:
+            return "other model"
+        planned = "?" if r.get("md_planned_ps") is None else format(r["md_planned_ps"], ".0f")
+        return f"{r['md_ps']:.1f}/{planned} {f(r.get('md_density'), '.3f')}"
+
     lines = [f"{'run':<28} {'updates':>17} {'upd/s':>6} {'h left':>6} {'log age':>8} {'val E':>6} {'val F':>6} "
-             f"{'bias':>7}", f"{'':<28} {'':>17} {'':>6} {'':>6} {'(min)':>8} {'meV/at':>6} {'meV/Å':>6} {'bar':>7}"]
+             f"{'bias':>7}  {'NPT':<13}",
+             f"{'':<28} {'':>17} {'':>6} {'':>6} {'(min)':>8} {'meV/at':>6} {'meV/Å':>6} {'bar':>7}  {'ps, g/mL':<13}"]
     for r in rows:
         done = f"{r['updates']}/{r['max_steps']}" if r["max_steps"] > 0 else str(r["updates"])
         lines.append(f"{r['run']:<28} {done:>17} {f(r['updates_per_s'], '.1f'):>6} {f(r['hours_left'], '.2f'):>6} "
                      f"{f(r['minutes_since_log'], '.1f'):>8} {f(r['val_energy_meV_per_atom'], '.2f'):>6} "
-                     f"{f(r['val_forces_meV_per_A'], '.1f'):>6} {f(r['pressure_bias_bar'], '.0f'):>7}")
+                     f"{f(r['val_forces_meV_per_A'], '.1f'):>6} {f(r['pressure_bias_bar'], '.0f'):>7}  {npt(r)}")
     return "\n".join(lines)
 
 
@@ -559,9 +599,15 @@ def main(argv=None) -> int:
     st = sub.add_parser("status", help="how far each spktrain run is: updates, rate, time left, last errors")
     st.add_argument("runs", nargs="+", type=Path)
     st.add_argument("--window", type=int, default=5000, help="updates over which the rate is measured")
+    st.add_argument("--models", type=Path, default=Path(__file__).resolve().parent / "models",
+                    help="where the queue's evaluate step writes <run>.pt (the NPT runs' models)")
     args = parser.parse_args(argv)
     if args.cmd == "status":
-        print(status_table([run_status(r, args.window) for r in args.runs if Path(r).is_dir()]))
+        rows = []
+        for r in (Path(r) for r in args.runs if Path(r).is_dir()):  # work/runs/<id>; its NPT is work/md_<id>
+            rows.append({**run_status(r, args.window),
+                         **md_status(r.parent.parent / f"md_{r.name}", args.models / f"{r.name}.pt")})
+        print(status_table(rows))
         return 0
     if args.cmd == "pressure-bias":
         pressure_bias(args.models, args.db, args.split, args.labels or [m.stem for m in args.models], args.json,

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -74,16 +72,6 @@ def _replace_summary_row(summary: Path, row: Dict[str, object]) -> None:
     analyze.write_summary(rows, summary)
 
 
-def npt_ran_model(md_dir: Path, model: Path) -> Optional[bool]:
-    """Whether the NPT run in ``md_dir`` (examples/ipi_npt_water/run.sh) ran ``model``: the checksum its
-    ``run.args`` records against the model's content; None where it records none (runs before session 19)."""
-    args = md_dir / "run.args"
-    recorded = re.search(r"\bsha256=([0-9a-f]+)", args.read_text()) if args.exists() else None
-    if recorded is None:
-        return None
-    return hashlib.sha256(model.read_bytes()).hexdigest().startswith(recorded.group(1))
-
-
 def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] = None, md_ps: float = 20.0,
              skip_ps: float = 10.0, stride_ps: float = 0.1) -> Dict[str, object]:
     """Keep ``run`` for session ``session`` (see the module docstring); returns its models_summary.csv row.
@@ -123,7 +111,7 @@ def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] 
     density: Dict[str, float] = {}
     npt = work / f"md_{run}" / "npt.out"
     ran = float(analyze.read_ipi_properties(npt)["time"][-1]) if npt.exists() else 0.0
-    same = npt_ran_model(npt.parent, kept)
+    same = analyze.npt_ran_model(npt.parent, kept)
     if ran >= md_ps - 1e-6 and same is False:
         print(f"{run}: NPT not kept: {npt.parent} ran another model than {kept.name} (run.args: "
               f"{(npt.parent / 'run.args').read_text().strip()}); run the md step again", flush=True)

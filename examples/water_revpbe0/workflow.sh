@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The study's comparison on revPBE0-D3 water with ekf-plugin, end to end:
 #   bash workflow.sh [train|evaluate|fisher|md|plots|all]     (default: all)
-#   bash workflow.sh status     how far each run under $WORK/runs is (updates, rate, hours left, last errors)
+#   bash workflow.sh status     how far each run under $WORK/runs is (updates, rate, hours left, last errors; its NPT
+#                               run: ps done of planned, density so far, "other model" for an older model's trajectory)
 # Environment:
 #   DATA        extxyz in Bohr/Hartree (default: ../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz
 #               beside the checkout)
