@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a CSV of every frame: model, frame, volume (Å³/atom), energy error (meV/atom), "
                              "force RMSE (meV/Å)")
     parser.add_argument("--device", default=None, help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the cores the load average leaves idle, at least 1)")
     parser.add_argument("--trust-model", action="store_true",
                         help="allow a full unpickle of a best_model that needs classes outside the allow-list: "
                              "this can run code from the file, use it only for files you trust")
@@ -120,7 +121,7 @@ def _split_frames(frames: list, split: Path, part: str) -> list:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ekf_plugin.evaluation import ModelEvaluator
+    from ekf_plugin.evaluation import ModelEvaluator, idle_cores
     from ekf_plugin.model_errors import density_factor, error_summary, frame_errors
 
     names = args.names.split(",") if args.names else [default_model_name(p) for p in args.models]
@@ -131,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
     if args.split is not None:
         frames = _split_frames(frames, args.split, args.part)
     table, per_frame = {}, []
+    threads = args.threads if args.threads is not None else idle_cores()
     for name, path in zip(names, args.models):
         try:
-            ev = ModelEvaluator(str(path), device=args.device, threads=args.threads, trust_pickle=args.trust_model)
+            ev = ModelEvaluator(str(path), device=args.device, threads=threads, trust_pickle=args.trust_model)
         except ValueError as exc:  # missing, unreadable or untrusted model file
             raise SystemExit(f"error: {exc}") from None
         err = frame_errors(ev, frames, progress=lambda it: tqdm(it, total=len(frames), desc=name, unit="frame"))

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("auto", "JJt", "JtJ"), default="auto", help="eigen route (default auto)")
     parser.add_argument("--float64", action="store_true", help="evaluate models in float64 (more exact small eigenvalues)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the cores the load average leaves idle, at least 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="structures per forward pass")
     parser.add_argument("--chunk-size", type=int, default=32, help="Jacobian rows per backward pass")
     parser.add_argument("--out", type=Path, default=Path("fisher_compare"), help="output folder (default fisher_compare)")
@@ -126,8 +128,14 @@ def run(args: argparse.Namespace) -> int:
     from ekf_plugin.fisher.plot import plot_spectra
     from ekf_plugin.fisher.structures import frames_to_structures
 
+    from ekf_plugin.evaluation import idle_cores, set_threads
+
     if args.labels < 1:
         raise SystemExit("error: --labels must be >= 1")
+    try:
+        set_threads(args.threads if args.threads is not None else idle_cores())
+    except ValueError as exc:
+        raise SystemExit(f"error: --threads: {exc}") from None
     names = args.names.split(",") if args.names else [default_model_name(p) for p in args.models]
     if len(names) != len(args.models) or len(set(names)) != len(names):
         raise SystemExit(f"error: need {len(args.models)} distinct names, got {names}")

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--units", choices=["ase", "au"], default="ase",
                         help="units of FRAMES: ase = Å/eV (default), au = Bohr/Hartree extxyz (TotEnergy, force)")
     parser.add_argument("--include-noise", action="store_true", help="add the label noise R to σ² (ranks unchanged for σ_E)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores the load average leaves idle, at least 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("--trust-model", action="store_true", help="allow a full unpickle of a trusted best_model")
 
@@ -48,15 +48,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..evaluation import ModelEvaluator, set_threads
+    from ..evaluation import ModelEvaluator, idle_cores, set_threads
     from ..models import ModelLoadError
     from ..uncertainty import CovarianceError, PredictiveUncertainty, default_path, spearman
 
     if args.n < 1:
         print("ekf-plugin select: error: -n must be >= 1")
         return 1
-    if args.threads is not None:
-        set_threads(args.threads)
+    set_threads(args.threads if args.threads is not None else idle_cores())
     cov_path = Path(args.covariance) if args.covariance else default_path(args.model)
     try:
         if not cov_path.exists():

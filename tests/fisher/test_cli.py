@@ -57,3 +57,9 @@ def test_bad_label_count_is_refused(two_models):
     root, _, paths = two_models
     res = run_cli(["ekf-plugin", "fisher", str(paths[0]), "--data", str(root / "cu.extxyz"), "--labels", "0"])
     assert res.returncode != 0 and "--labels must be >= 1" in res.stderr
+
+
+def test_threads_below_one_are_refused(two_models):
+    root, _, paths = two_models
+    res = run_cli(["ekf-plugin", "fisher", str(paths[0]), "--data", str(root / "cu.extxyz"), "--threads", "0"])
+    assert res.returncode != 0 and "--threads" in res.stderr and "Traceback" not in res.stderr

@@ -263,3 +263,24 @@ def test_pes_refuses_template_with_bohr_read_as_angstrom(tmp_path, model, system
     Atoms(numbers=z, positions=r * units.Bohr, cell=h * units.Bohr, pbc=True).write(squeezed)
     with pytest.raises(ValueError, match=r"of the covalent radii \(median.*Å read as Bohr"):
         AtomicUnitsModel(str(squeezed), model)
+
+
+def test_idle_cores_leaves_the_busy_cores_to_the_other_processes(monkeypatch):
+    """Batch analysis (`ekf-plugin fisher`, `errors`, `select`) takes the cores the load average leaves idle:
+    threads beyond them spin against the other processes (a 20x slowdown measured beside two trainings)."""
+    import os
+
+    from ekf_plugin.evaluation import idle_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    for load, want in ((0.2, 4), (1.6, 2), (2.4, 2), (3.9, 1), (11.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert idle_cores() == want, load
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert idle_cores(cap=3) == 3
+
+    def no_load():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert idle_cores() == 4
