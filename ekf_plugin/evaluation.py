@@ -47,7 +47,11 @@ def idle_cores(cap: int = 8) -> int:
 
     Threads beyond the idle cores spin against the other processes: ``ekf-plugin fisher`` (1000 labels' worth
     of work, 100 labels) took 36 s with torch's default 2 threads and 1.8 s with 1 on the project's 2-core VM
-    while two trainings and an MD run kept both cores busy (session 19)."""
+    while two trainings and an MD run kept both cores busy (session 19). ``OMP_NUM_THREADS``, when set to a
+    whole number, is taken as it is (the user's own choice)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         busy = int(os.getloadavg()[0] + 0.5)

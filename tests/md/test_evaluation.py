@@ -272,6 +272,7 @@ def test_idle_cores_leaves_the_busy_cores_to_the_other_processes(monkeypatch):
 
     from ekf_plugin.evaluation import idle_cores
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     for load, want in ((0.2, 4), (1.6, 2), (2.4, 2), (3.9, 1), (11.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
@@ -284,3 +285,5 @@ def test_idle_cores_leaves_the_busy_cores_to_the_other_processes(monkeypatch):
 
     monkeypatch.setattr(os, "getloadavg", no_load)
     assert idle_cores() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice stands
+    assert idle_cores() == 3
