@@ -155,6 +155,24 @@ def test_status_shows_the_npt_run_and_a_trajectory_of_another_model(tmp_path):
     assert analyze.status_table([{**row, **analyze.md_status(tmp_path / "md_none", model)}]).rstrip().endswith("-")
 
 
+def test_late_spread_reads_the_last_window_of_validations(tmp_path):
+    """The spread of the bias and errors over a run's last updates: only validations inside the window count,
+    in bar, meV/atom and meV/Å; a run that logs no bias has no bias entry."""
+    run = tmp_path / "adam_lr1e-4_s1_ef0.1_thr"
+    (run / "csv" / "version_0").mkdir(parents=True)
+    head = "epoch,step,val_energy_per_atom_rmse,val_forces_rmse,val_pressure_bias_bar\n"
+    bias = [9000, -9000, 100, -300, 200, -100]  # the first two fall outside the last 35 000 updates
+    rows = "".join(f"1,{(k + 1) * 10000 - 1},{0.001 * (k + 1)},0.1,{b}\n" for k, b in enumerate(bias))
+    (run / "csv" / "version_0" / "metrics.csv").write_text(head + rows)
+    st = analyze.late_spread(run, window=35000)
+    assert st["pressure_bias_bar"]["validations"] == 4 and st["pressure_bias_bar"]["first_update"] == 29999
+    assert st["pressure_bias_bar"]["median"] == pytest.approx(0.0)
+    assert st["pressure_bias_bar"]["std"] == pytest.approx(np.std([100, -300, 200, -100]))
+    assert st["energy_meV_per_atom"]["median"] == pytest.approx(4.5) and st["forces_meV_per_A"]["std"] == pytest.approx(0)
+    (run / "csv" / "version_0" / "metrics.csv").write_text("epoch,step,val_forces_rmse\n1,9999,0.1\n")
+    assert set(analyze.late_spread(run)) == {"run", "forces_meV_per_A"}
+
+
 def _summary_row(**kw):
     row = {"label": "m", "optimizer": "EKF", "md_planned_ps": "20", "md_ps": "20", "density_g_per_mL": "0.93",
            "temperature_K": "320.1", "forces_rmse_meV_per_A": "120", "energy_rmse_meV_per_atom": "2.3",

@@ -149,6 +149,18 @@ PER_FRAME_SESSIONS = {
         "adam_lr1e-5_s0_ef0.1_thr_659k": [(2.102476, 101.2922), (-3.535521, 185.6245), (5.469367, 119.6474),
                                           (-12.62148, 208.7301)],
     },
+    "session17": {  # Adam η = 1e-4, seed 1, at 659 k updates
+        "adam_lr1e-4_s1_ef0.1_thr_659k": [(-1.374163, 75.6459), (2.87163, 141.5174), (0.190167, 88.8598),
+                                          (-7.859822, 162.2588)],
+    },
+    "session18": {  # the EKF's third seed rerun from zero to the study's 500 k
+        "ekf_lr1e-3_s2_ef0.1_thr_500k": [(-0.230533, 60.3736), (4.656, 119.6963), (0.857203, 72.706),
+                                         (-0.41759, 163.8861)],
+    },
+    "session19": {  # the session-17 Adam run continued to 1.05 M updates (an EKF run's wall clock, session 18)
+        "adam_lr1e-4_s1_ef0.1_thr_1050k": [(-0.404693, 65.8732), (-4.397867, 137.9698), (2.875406, 76.2692),
+                                           (-11.66871, 147.8699)],
+    },
 }
 
 

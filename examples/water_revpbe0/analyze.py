@@ -10,6 +10,7 @@
     python analyze.py pressure-bias MODEL.pt... --db work/data/water.db --split work/runs/RUN/split.npz \
         --json pressure_bias.json --out energy_volume.png
     python analyze.py pressure-map results/models_summary.csv --out pressure_map.png
+    python analyze.py late-spread work/runs/RUN... --window 200000 --json late_spread.json   # the end's stability
     python analyze.py status work/runs/*        # how far each training is: updates, rate, time left, last errors,
                                                 # and its NPT run (work/md_<run>): ps done, density so far
 
@@ -491,6 +492,28 @@ def md_status(md_dir: Path, model: Path) -> Dict[str, object]:
             "md_same_model": npt_ran_model(md_dir, model)}
 
 
+LATE_SPREAD_KEYS = {"val_pressure_bias_bar": ("pressure_bias_bar", 1.0),
+                    "val_energy_per_atom_rmse": ("energy_meV_per_atom", 1e3), "val_forces_rmse": ("forces_meV_per_A", 1e3)}
+
+
+def late_spread(run_dir: Path, window: int = 200000) -> Dict[str, object]:
+    """How much a run's validation figures move between its last validations (the last ``window`` updates):
+    for the pressure bias (bar), energy RMSE (meV/atom) and force RMSE (meV/Å) of its CSV logs, the number of
+    validations, median, 10th and 90th percentiles and standard deviation. A model kept at the end of a run whose
+    bias swings by thousands of bar between validations holds or misses the density by the luck of the stop."""
+    m = read_metrics(run_dir)
+    out: Dict[str, object] = {"run": Path(run_dir).name}
+    for key, (name, scale) in LATE_SPREAD_KEYS.items():
+        a = m.get(key)
+        if a is None or not len(a):
+            continue
+        w = a[a[:, 0] > a[:, 0].max() - window, 1] * scale
+        out[name] = {"validations": int(len(w)), "first_update": int(a[a[:, 0] > a[:, 0].max() - window, 0].min()),
+                     "last_update": int(a[:, 0].max()), "median": float(np.median(w)),
+                     "p10": float(np.percentile(w, 10)), "p90": float(np.percentile(w, 90)), "std": float(w.std())}
+    return out
+
+
 def run_status(run_dir: Path, window: int = 5000, now: float = None) -> Dict[str, object]:
     """How far a (running or stopped) ``spktrain`` run is, from its CSV logs and ``config.yaml``: the last logged
     update, ``max_steps``, the rate in updates/s over the last ``window`` updates of its ``wall_time_s`` curve
@@ -596,12 +619,25 @@ def main(argv=None) -> int:
     pm = sub.add_parser("pressure-map", help="NPT density against the pressure bias of all models")
     pm.add_argument("summary", type=Path, help="a models_summary.csv with pressure_bias_bar")
     pm.add_argument("--out", type=Path, default=Path("pressure_map.png"))
+    ls = sub.add_parser("late-spread", help="how much each run's validation bias and errors move over its last updates")
+    ls.add_argument("runs", nargs="+", type=Path)
+    ls.add_argument("--window", type=int, default=200000, help="the last updates to look at")
+    ls.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
     st = sub.add_parser("status", help="how far each spktrain run is: updates, rate, time left, last errors")
     st.add_argument("runs", nargs="+", type=Path)
     st.add_argument("--window", type=int, default=5000, help="updates over which the rate is measured")
     st.add_argument("--models", type=Path, default=Path(__file__).resolve().parent / "models",
                     help="where the queue's evaluate step writes <run>.pt (the NPT runs' models)")
     args = parser.parse_args(argv)
+    if args.cmd == "late-spread":
+        rows = [late_spread(r, args.window) for r in args.runs]
+        for r in rows:
+            print(r["run"] + "".join(f" | {k}: median {v['median']:.2f}, p10-p90 {v['p10']:.2f}..{v['p90']:.2f}, "
+                                     f"std {v['std']:.2f} ({v['validations']} validations)"
+                                     for k, v in r.items() if k != "run"))
+        if args.json:
+            args.json.write_text(json.dumps({r["run"]: r for r in rows}, indent=2))
+        return 0
     if args.cmd == "status":
         rows = []
         for r in (Path(r) for r in args.runs if Path(r).is_dir()):  # work/runs/<id>; its NPT is work/md_<id>
