@@ -169,6 +169,14 @@ def test_late_spread_reads_the_last_window_of_validations(tmp_path):
     assert st["pressure_bias_bar"]["median"] == pytest.approx(0.0)
     assert st["pressure_bias_bar"]["std"] == pytest.approx(np.std([100, -300, 200, -100]))
     assert st["energy_meV_per_atom"]["median"] == pytest.approx(4.5) and st["forces_meV_per_A"]["std"] == pytest.approx(0)
+    # the same validations from a kept run's validation_curves.csv (keep.py's columns), two runs in one file
+    curves = tmp_path / "validation_curves.csv"
+    curves.write_text("run,step,val_energy_per_atom_rmse_eV,val_forces_rmse_eV_per_A,val_pressure_bias_bar,wall_time_s\n"
+                      + "".join(f"{run.name},{(k + 1) * 10000 - 1},{0.001 * (k + 1)},0.1,{b},\n" for k, b in enumerate(bias))
+                      + "other,59999,0.5,0.5,99999,\n")
+    assert analyze.late_spread(f"{curves}:{run.name}", window=35000) == st
+    with pytest.raises(ValueError, match="no validations of run 'nobody'"):
+        analyze.late_spread(f"{curves}:nobody")
     (run / "csv" / "version_0" / "metrics.csv").write_text("epoch,step,val_forces_rmse\n1,9999,0.1\n")
     assert set(analyze.late_spread(run)) == {"run", "forces_meV_per_A"}
 

@@ -86,6 +86,26 @@ def read_metrics(run_dir: Path) -> Dict[str, np.ndarray]:
 
 
 PRESSURE_KEY = "val_pressure_bias_bar"  # logged by the task since session 9 (bar)
+# the validation columns of a run's CSV logs and their names in a kept run's validation_curves.csv (keep.py)
+VALIDATION_COLUMNS = {"val_energy_per_atom_rmse": "val_energy_per_atom_rmse_eV",
+                      "val_forces_rmse": "val_forces_rmse_eV_per_A",
+                      PRESSURE_KEY: "val_pressure_bias_bar", "wall_time_s": "wall_time_s"}
+
+
+def read_validation_curves(path: Path, run: str) -> Dict[str, np.ndarray]:
+    """:func:`read_metrics` of run ``run`` from a kept ``validation_curves.csv`` (keep.py; one row per
+    validation, several runs in one file), keyed by the logs' names."""
+    merged: Dict[str, Dict[float, float]] = {}
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            if row["run"] != run:
+                continue
+            for key, column in VALIDATION_COLUMNS.items():
+                if row.get(column) not in ("", None):
+                    merged.setdefault(key, {})[float(row["step"])] = float(row[column])
+    if not merged:
+        raise ValueError(f"no validations of run {run!r} in {path}")
+    return {k: np.array(sorted(v.items())) for k, v in merged.items()}
 
 
 def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str) -> List[str]:
@@ -500,9 +520,15 @@ def late_spread(run_dir: Path, window: int = 200000) -> Dict[str, object]:
     """How much a run's validation figures move between its last validations (the last ``window`` updates):
     for the pressure bias (bar), energy RMSE (meV/atom) and force RMSE (meV/Å) of its CSV logs, the number of
     validations, median, 10th and 90th percentiles and standard deviation. A model kept at the end of a run whose
-    bias swings by thousands of bar between validations holds or misses the density by the luck of the stop."""
-    m = read_metrics(run_dir)
-    out: Dict[str, object] = {"run": Path(run_dir).name}
+    bias swings by thousands of bar between validations holds or misses the density by the luck of the stop.
+    ``run_dir``: a run directory, or ``validation_curves.csv:RUN`` for a run kept by keep.py."""
+    text = str(run_dir)
+    if ".csv:" in text:
+        path, run = text.rsplit(":", 1)
+        m, name = read_validation_curves(Path(path), run), run
+    else:
+        m, name = read_metrics(run_dir), Path(run_dir).name
+    out: Dict[str, object] = {"run": name}
     for key, (name, scale) in LATE_SPREAD_KEYS.items():
         a = m.get(key)
         if a is None or not len(a):
@@ -620,7 +646,7 @@ def main(argv=None) -> int:
     pm.add_argument("summary", type=Path, help="a models_summary.csv with pressure_bias_bar")
     pm.add_argument("--out", type=Path, default=Path("pressure_map.png"))
     ls = sub.add_parser("late-spread", help="how much each run's validation bias and errors move over its last updates")
-    ls.add_argument("runs", nargs="+", type=Path)
+    ls.add_argument("runs", nargs="+", help="run directories, or validation_curves.csv:RUN of kept runs")
     ls.add_argument("--window", type=int, default=200000, help="the last updates to look at")
     ls.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
     st = sub.add_parser("status", help="how far each spktrain run is: updates, rate, time left, last errors")

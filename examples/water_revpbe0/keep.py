@@ -41,9 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import analyze  # noqa: E402
 
-VALIDATION_COLUMNS = {"val_energy_per_atom_rmse": "val_energy_per_atom_rmse_eV",
-                      "val_forces_rmse": "val_forces_rmse_eV_per_A",
-                      analyze.PRESSURE_KEY: "val_pressure_bias_bar", "wall_time_s": "wall_time_s"}
+VALIDATION_COLUMNS = analyze.VALIDATION_COLUMNS
 
 
 def _merge(path: Path, entries: Dict[str, dict], indent: Optional[int] = 2) -> None:
