@@ -42,10 +42,15 @@ def validation_frames(db: Path, run_dir: Path, max_frames: int, split: str = "va
 def frame_errors(model_path: Path, frames, device: str = "cpu"):
     """Per-frame errors (:class:`ekf_plugin.model_errors.FrameErrors`: eV/atom, eV/Å, Å³/atom) of a model file on
     labelled ``frames`` (:func:`validation_frames`), float64."""
+    from tqdm import tqdm
+
     from ekf_plugin.evaluation import ModelEvaluator, idle_cores
     from ekf_plugin.model_errors import frame_errors as errors_of
 
-    return errors_of(ModelEvaluator(str(model_path), device=device, threads=idle_cores()), frames)
+    def progress(it):  # a bar on stderr: 280 frames take minutes on a busy core
+        return tqdm(it, total=len(frames), desc=Path(model_path).stem, unit="frame", leave=False, mininterval=5)
+
+    return errors_of(ModelEvaluator(str(model_path), device=device, threads=idle_cores()), frames, progress=progress)
 
 
 def rmse_on(model_path: Path, frames, device: str, per_frame: dict | None = None) -> dict:
