@@ -512,7 +512,7 @@ def md_status(md_dir: Path, model: Path) -> Dict[str, object]:
             "md_same_model": npt_ran_model(md_dir, model)}
 
 
-LATE_SPREAD_KEYS = {"val_pressure_bias_bar": ("pressure_bias_bar", 1.0),
+LATE_SPREAD_KEYS = {PRESSURE_KEY: ("pressure_bias_bar", 1.0),
                     "val_energy_per_atom_rmse": ("energy_meV_per_atom", 1e3), "val_forces_rmse": ("forces_meV_per_A", 1e3)}
 
 
@@ -525,17 +525,18 @@ def late_spread(run_dir: Path, window: int = 200000) -> Dict[str, object]:
     text = str(run_dir)
     if ".csv:" in text:
         path, run = text.rsplit(":", 1)
-        m, name = read_validation_curves(Path(path), run), run
+        m, run_name = read_validation_curves(Path(path), run), run
     else:
-        m, name = read_metrics(run_dir), Path(run_dir).name
-    out: Dict[str, object] = {"run": name}
+        m, run_name = read_metrics(run_dir), Path(run_dir).name
+    out: Dict[str, object] = {"run": run_name}
     for key, (name, scale) in LATE_SPREAD_KEYS.items():
         a = m.get(key)
         if a is None or not len(a):
             continue
-        w = a[a[:, 0] > a[:, 0].max() - window, 1] * scale
-        out[name] = {"validations": int(len(w)), "first_update": int(a[a[:, 0] > a[:, 0].max() - window, 0].min()),
-                     "last_update": int(a[:, 0].max()), "median": float(np.median(w)),
+        late = a[a[:, 0] > a[:, 0].max() - window]  # (k, 2) step, value
+        w = late[:, 1] * scale
+        out[name] = {"validations": int(len(w)), "first_update": int(late[:, 0].min()),
+                     "last_update": int(late[:, 0].max()), "median": float(np.median(w)),
                      "p10": float(np.percentile(w, 10)), "p90": float(np.percentile(w, 90)), "std": float(w.std())}
     return out
 

@@ -41,9 +41,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import analyze  # noqa: E402
 
-VALIDATION_COLUMNS = analyze.VALIDATION_COLUMNS
-
-
 def _merge(path: Path, entries: Dict[str, dict], indent: Optional[int] = 2) -> None:
     """Add ``entries`` to the JSON object in ``path`` (created if absent), replacing keys already there."""
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -55,12 +52,12 @@ def validation_curves(run_dir: Path, out: Path) -> int:
     """The run's validation metrics (eV/atom, eV/Å, bar, s) per logged step as CSV; returns the number of rows."""
     metrics = analyze.read_metrics(run_dir)
     steps = sorted({int(s) for s, _ in metrics.get("val_forces_rmse", [])})
-    values = {key: dict((int(s), v) for s, v in metrics[key]) for key in VALIDATION_COLUMNS if key in metrics}
+    values = {key: dict((int(s), v) for s, v in metrics[key]) for key in analyze.VALIDATION_COLUMNS if key in metrics}
     with open(out, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["run", "step", *VALIDATION_COLUMNS.values()])
+        w.writerow(["run", "step", *analyze.VALIDATION_COLUMNS.values()])
         for step in steps:
-            w.writerow([run_dir.name, step, *(values.get(key, {}).get(step, "") for key in VALIDATION_COLUMNS)])
+            w.writerow([run_dir.name, step, *(values.get(key, {}).get(step, "") for key in analyze.VALIDATION_COLUMNS)])
     return len(steps)
 
 
