@@ -83,6 +83,11 @@ def test_a_finished_run_is_kept_under_the_summary_labels(tmp_path):
     assert (row["energy_rmse_meV_per_atom"], row["forces_rmse_meV_per_A"], row["fisher_log10_median"]) == (2.475, 118.13, -3.047)
     assert row["density_g_per_mL"] == round(density["density_mean"], 4) and row["md_ps"] == 20.0
     assert row["pressure_bias_bar"] == round(bias["pressure_bias_bar"], 1)
+    spread = json.loads((res / "late_spread.json").read_text())  # the last validations of the run's own log
+    forces = spread[RUN]["forces_meV_per_A"]
+    assert (forces["validations"], forces["first_update"], forces["last_update"]) == (2, 4999, 9999)
+    assert (forces["median"], forces["std"]) == (pytest.approx(107.5), pytest.approx(2.5))
+    assert spread[RUN]["energy_meV_per_atom"]["median"] == pytest.approx(1.75)
 
     again = keep.keep_run(RUN, 18, example, work)  # the model already kept: the same row, not a second one
     assert again == row

@@ -15,6 +15,8 @@ run's entries, it does not add them twice):
     results/session<K>/pressure_bias.json      s<K>_<run>_<N>k: the bias (bar) and each frame's volume and error
     results/session<K>/density.json, goo.json  <run>_<N>k: density (g/mL) averaged from --skip-ps with 5-block
                                                errors, mean temperature (K); the first g_OO peak (Å)
+    results/session<K>/late_spread.json        <run>: how its validation bias and errors moved over its last
+                                               --window updates (analyze.late_spread)
     results/session<K>/<run>_<N>k/             energy_volume.png, learning_curves.png, validation_curves.csv,
                                                npt.out, density.png, goo.png
     results/models_summary.csv                 the row s<K>_<run>_<N>k, with the Fisher median when
@@ -68,7 +70,7 @@ def _replace_summary_row(summary: Path, row: Dict[str, object]) -> None:
 
 
 def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] = None, md_ps: float = 20.0,
-             skip_ps: float = 10.0, stride_ps: float = 0.1) -> Dict[str, object]:
+             skip_ps: float = 10.0, stride_ps: float = 0.1, window: int = 200000) -> Dict[str, object]:
     """Keep ``run`` for session ``session`` (see the module docstring); returns its models_summary.csv row.
     ``example``: the example directory (models/, results/); ``work``: the queue's work directory."""
     work = Path(work) if work is not None else example / "work"
@@ -102,6 +104,7 @@ def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] 
     _merge(res / "pressure_bias.json", bias, indent=None)
     analyze.plot_curves([run_dir], own / "learning_curves.png", "val_energy_per_atom_rmse", "val_forces_rmse")
     validation_curves(run_dir, own / "validation_curves.csv")
+    _merge(res / "late_spread.json", {run: analyze.late_spread(run_dir, window)})
 
     density: Dict[str, float] = {}
     npt = work / f"md_{run}" / "npt.out"
@@ -151,9 +154,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=HERE / "work", help="the queue's work directory")
     p.add_argument("--md-ps", type=float, default=20.0, help="the NPT length asked for (ps): shorter runs are not kept")
     p.add_argument("--skip-ps", type=float, default=10.0, help="equilibration left out of the averages (ps)")
+    p.add_argument("--window", type=int, default=200000, help="the last updates whose validations late_spread.json sums up")
     args = p.parse_args(argv)
     for run in args.runs:
-        row = keep_run(run, args.session, HERE, args.work, args.md_ps, args.skip_ps)
+        row = keep_run(run, args.session, HERE, args.work, args.md_ps, args.skip_ps, window=args.window)
         print(", ".join(f"{k}={v}" for k, v in row.items() if k != "source"), flush=True)
     return 0
 
