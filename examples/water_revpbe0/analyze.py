@@ -108,15 +108,17 @@ def read_validation_curves(path: Path, run: str) -> Dict[str, np.ndarray]:
     return {k: np.array(sorted(v.items())) for k, v in merged.items()}
 
 
-def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str) -> List[str]:
+def plot_curves(run_dirs: List[Path], out: Path, energy_key: str, force_key: str,
+                metrics: Optional[Dict[Path, Dict[str, np.ndarray]]] = None) -> List[str]:
     """Validation energy and force RMSE against updates (log axes), and the pressure bias (bar) in a third panel
-    when a run logged it. Returns the panels' metric keys."""
+    when a run logged it. Returns the panels' metric keys. ``metrics``: :func:`read_metrics` of some of the runs,
+    keyed as in ``run_dirs``, when the caller has read them already."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = {run: read_metrics(run) for run in run_dirs}
+    metrics = {run: (metrics or {}).get(run) or read_metrics(run) for run in run_dirs}
     keys = [energy_key, force_key] + ([PRESSURE_KEY] if any(PRESSURE_KEY in m for m in metrics.values()) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
     seed_re = r"_s(\d+)(?=(_ef[0-9.]+)?(_thr)?$)"  # <opt>_lr<η>_s<seed>[_ef<f>][_thr]
@@ -516,14 +518,18 @@ LATE_SPREAD_KEYS = {PRESSURE_KEY: ("pressure_bias_bar", 1.0),
                     "val_energy_per_atom_rmse": ("energy_meV_per_atom", 1e3), "val_forces_rmse": ("forces_meV_per_A", 1e3)}
 
 
-def late_spread(run_dir: Path, window: int = 200000) -> Dict[str, object]:
+def late_spread(run_dir: Path, window: int = 200000,
+                metrics: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, object]:
     """How much a run's validation figures move between its last validations (the last ``window`` updates):
     for the pressure bias (bar), energy RMSE (meV/atom) and force RMSE (meV/Å) of its CSV logs, the number of
     validations, median, 10th and 90th percentiles and standard deviation. A model kept at the end of a run whose
     bias swings by thousands of bar between validations holds or misses the density by the luck of the stop.
-    ``run_dir``: a run directory, or ``validation_curves.csv:RUN`` for a run kept by keep.py."""
+    ``run_dir``: a run directory, or ``validation_curves.csv:RUN`` for a run kept by keep.py; ``metrics``: the
+    run directory's :func:`read_metrics`, when the caller has read them already."""
     text = str(run_dir)
-    if ".csv:" in text:
+    if metrics is not None:
+        m, run_name = metrics, Path(run_dir).name
+    elif ".csv:" in text:
         path, run = text.rsplit(":", 1)
         m, run_name = read_validation_curves(Path(path), run), run
     else:

@@ -50,9 +50,10 @@ def _merge(path: Path, entries: Dict[str, dict], indent: Optional[int] = 2) -> N
     path.write_text(json.dumps(data, indent=indent) + "\n")
 
 
-def validation_curves(run_dir: Path, out: Path) -> int:
-    """The run's validation metrics (eV/atom, eV/Å, bar, s) per logged step as CSV; returns the number of rows."""
-    metrics = analyze.read_metrics(run_dir)
+def validation_curves(run_dir: Path, out: Path, metrics: Optional[Dict[str, np.ndarray]] = None) -> int:
+    """The run's validation metrics (eV/atom, eV/Å, bar, s) per logged step as CSV; returns the number of rows.
+    ``metrics``: the run's :func:`analyze.read_metrics`, when the caller has read them already."""
+    metrics = analyze.read_metrics(run_dir) if metrics is None else metrics
     steps = sorted({int(s) for s, _ in metrics.get("val_forces_rmse", [])})
     values = {key: dict((int(s), v) for s, v in metrics[key]) for key in analyze.VALIDATION_COLUMNS if key in metrics}
     with open(out, "w", newline="") as fh:
@@ -102,9 +103,11 @@ def keep_run(run: str, session: int, example: Path = HERE, work: Optional[Path] 
         bias = analyze.pressure_bias([kept], work / "data" / "water.db", run_dir / "split.npz", [label],
                                      Path(tmp) / "pressure_bias.json", own / "energy_volume.png")
     _merge(res / "pressure_bias.json", bias, indent=None)
-    analyze.plot_curves([run_dir], own / "learning_curves.png", "val_energy_per_atom_rmse", "val_forces_rmse")
-    validation_curves(run_dir, own / "validation_curves.csv")
-    _merge(res / "late_spread.json", {run: analyze.late_spread(run_dir, window)})
+    metrics = analyze.read_metrics(run_dir)  # the run's CSV logs, read once for the three uses below
+    analyze.plot_curves([run_dir], own / "learning_curves.png", "val_energy_per_atom_rmse", "val_forces_rmse",
+                        metrics={run_dir: metrics})
+    validation_curves(run_dir, own / "validation_curves.csv", metrics)
+    _merge(res / "late_spread.json", {run: analyze.late_spread(run_dir, window, metrics)})
 
     density: Dict[str, float] = {}
     npt = work / f"md_{run}" / "npt.out"
