@@ -236,9 +236,9 @@ class BPNNLabelPredictor:
         raw = []  # (key, species (N_b,), raw features (N_b, W) float64, checksum (2,), dtype)
         it = batches
         if progress:
-            from tqdm.auto import tqdm  # noqa: PLC0415
+            from ekf_plugin.progress import progress_bar  # noqa: PLC0415
 
-            it = tqdm(batches, total=total, desc="ekf-plugin: symmetry functions of the training frames",
+            it = progress_bar(batches, total=total, desc="ekf-plugin: symmetry functions of the training frames",
                       unit="batch", leave=False)
         device = rep.scale_weight.device
         stats = FeatureRange(rep.elements, rep.n_atom_basis, device)

@@ -119,10 +119,9 @@ def _split_frames(frames: list, split: Path, part: str) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ekf_plugin.evaluation import ModelEvaluator, idle_cores
     from ekf_plugin.model_errors import density_factor, error_summary, frame_errors
+    from ekf_plugin.progress import progress_bar
 
     names = args.names.split(",") if args.names else [default_model_name(p) for p in args.models]
     if len(names) != len(args.models) or len(set(names)) != len(names):
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             ev = ModelEvaluator(str(path), device=args.device, threads=threads, trust_pickle=args.trust_model)
         except ValueError as exc:  # missing, unreadable or untrusted model file
             raise SystemExit(f"error: {exc}") from None
-        err = frame_errors(ev, frames, progress=lambda it: tqdm(it, total=len(frames), desc=name, unit="frame"))
+        err = frame_errors(ev, frames, progress=lambda it: progress_bar(it, total=len(frames), desc=name, unit="frame"))
         table[name] = error_summary(err)
         per_frame += [(name, k, v, 1e3 * e, 1e3 * f)
                       for k, (v, e, f) in enumerate(zip(err.volume, err.energy, err.forces_rmse))]

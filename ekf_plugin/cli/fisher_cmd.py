@@ -121,12 +121,12 @@ def _fmt(v) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from ekf_plugin.fisher.compute import fisher_spectrum
     from ekf_plugin.fisher.labels import sample_labels
     from ekf_plugin.fisher.plot import plot_spectra
     from ekf_plugin.fisher.structures import frames_to_structures
+    from ekf_plugin.progress import progress_bar
 
     from ekf_plugin.evaluation import idle_cores, set_threads
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             chosen = labels.structures()
             built = frames_to_structures([frames[s] for s in chosen], key[0], dtype=in_dtype)
             cache[key] = dict(zip(chosen, built))
-        with tqdm(total=len(labels), desc=name, unit="label", leave=False) as bar:
+        with progress_bar(total=len(labels), desc=name, unit="label", leave=False) as bar:
             spectrum = fisher_spectrum(
                 model, cache[key], labels, energy_per_atom=not args.energy_per_structure,
                 batch_size=args.batch_size, chunk_size=args.chunk_size, method=args.method, device=args.device,

@@ -42,7 +42,6 @@ def _reference_energy(atoms):
 
 def run(args: argparse.Namespace) -> int:
     import csv
-    import sys
     from pathlib import Path
 
     import numpy as np
@@ -50,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluation import ModelEvaluator, idle_cores, set_threads
     from ..models import ModelLoadError
+    from ..progress import progress_bar
     from ..uncertainty import CovarianceError, PredictiveUncertainty, default_path, spearman
 
     if args.n < 1:
@@ -77,11 +77,10 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ModelLoadError, CovarianceError, ValueError) as exc:
         print(f"ekf-plugin select: error: {exc}")
         return 1
-    from tqdm.auto import tqdm
 
     rows = []
     forces = args.score == "forces"
-    for i, atoms in enumerate(tqdm(frames, desc="ekf-plugin select: uncertainty", unit="frame", file=sys.stderr)):
+    for i, atoms in enumerate(progress_bar(frames, desc="ekf-plugin select: uncertainty", unit="frame")):
         try:
             r = unc.atoms(atoms, forces=forces, include_noise=args.include_noise)
         except ValueError as exc:
