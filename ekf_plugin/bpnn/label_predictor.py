@@ -239,7 +239,7 @@ class BPNNLabelPredictor:
             from ekf_plugin.progress import progress_bar  # noqa: PLC0415
 
             it = progress_bar(batches, total=total, desc="ekf-plugin: symmetry functions of the training frames",
-                      unit="batch", leave=False)
+                              unit="batch", leave=False)
         device = rep.scale_weight.device
         stats = FeatureRange(rep.elements, rep.n_atom_basis, device)
         for batch in it:
