@@ -127,6 +127,17 @@ def test_status_of_a_resumed_run_reads_rate_time_left_and_last_errors(tmp_path):
     st = analyze.run_status(run, window=5000)
     assert st["max_steps"] == 180000 and st["hours_left"] == pytest.approx(160000 / 40 / 3600)
 
+
+def test_status_of_a_run_that_has_not_logged_yet(tmp_path):
+    """A queued run that has just started (its directory, max_steps, no metrics.csv yet) is a row, not a crash."""
+    run = tmp_path / "adam_lr1e-5_s0_ef0.1_thr"
+    run.mkdir()
+    (run / "max_steps").write_text("1050000\n")
+    st = analyze.run_status(run)
+    assert st["updates"] == 0 and st["max_steps"] == 1050000
+    assert st["updates_per_s"] is None and st["hours_left"] is None and st["minutes_since_log"] is None
+    assert "0/1050000" in analyze.status_table([st])
+
 def test_status_shows_the_npt_run_and_a_trajectory_of_another_model(tmp_path):
     """`workflow.sh status` beside each training: the NPT run's simulated/planned ps and its density so far, and
     "other model" where run.args records another model's checksum (a model retrained at the same path)."""

@@ -552,10 +552,14 @@ def run_status(run_dir: Path, window: int = 5000, now: float = None) -> Dict[str
     update, ``max_steps``, the rate in updates/s over the last ``window`` updates of its ``wall_time_s`` curve
     (the run's own clock, continued across resumes), the time left at that rate (h), the minutes since its log
     was last written (a run that writes nothing for long has stopped), and its last validation errors
-    (meV/atom, meV/Å) and pressure bias (bar)."""
+    (meV/atom, meV/Å) and pressure bias (bar). A run that has not written its first log line yet (just started)
+    has 0 updates and no rate, errors or log age."""
     import time
 
-    m = read_metrics(run_dir)
+    try:
+        m = read_metrics(run_dir)
+    except FileNotFoundError:  # started, no metrics.csv yet
+        m = {}
     clock = m.get("wall_time_s")
     steps = [a[-1, 0] for a in m.values() if len(a)]
     last = int(max(steps)) if steps else 0
@@ -567,9 +571,9 @@ def run_status(run_dir: Path, window: int = 5000, now: float = None) -> Dict[str
         dt = recent[-1, 1] - recent[0, 1]
         rate = float((recent[-1, 0] - recent[0, 0]) / dt) if dt > 0 else None
     target = _max_steps(run_dir)
-    left_h = (target - last) / rate / 3600 if rate and target > last else (0.0 if target > 0 else None)
+    left_h = (target - last) / rate / 3600 if rate and target > last else (0.0 if 0 < target <= last + 1 else None)
     logs = list(Path(run_dir).rglob("metrics.csv"))
-    idle_min = ((now if now is not None else time.time()) - max(f.stat().st_mtime for f in logs)) / 60
+    idle_min = ((now if now is not None else time.time()) - max(f.stat().st_mtime for f in logs)) / 60 if logs else None
 
     def last_of(key: str, scale: float = 1.0):
         return float(m[key][-1, 1] * scale) if key in m and len(m[key]) else None
