@@ -435,6 +435,36 @@ def _cpu_step_timer():
         def __init__(self, path: str) -> None:
             super().__init__(path)
             self.steps_cpu, self._cpu_last, self._cpu_val0 = [], None, None
+            self.phases: Dict[str, list] = {}  # name -> [wall seconds, calls]
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            """Also time the EKF's phases on its instance (nothing changes for other processes): the filter
+            (``_update`` or ``_update_sharded``), the force rows (``split_rows``, one call per force update) and,
+            with a shared P, X = P Jᵀ with its all-reduce (``xt_and_diag``) and the all-reduce alone."""
+            super().on_train_start(trainer, pl_module)
+
+            def phase(obj, attr: str, name: str) -> None:
+                if obj is None or not hasattr(obj, attr):
+                    return
+                inner = getattr(obj, attr)
+
+                def call(*args, **kwargs):
+                    t = time.perf_counter()
+                    try:
+                        return inner(*args, **kwargs)
+                    finally:
+                        rec = self.phases.setdefault(name, [0.0, 0])
+                        rec[0] += time.perf_counter() - t
+                        rec[1] += 1
+                setattr(obj, attr, call)
+
+            for opt in trainer.optimizers:
+                phase(opt, "_update", "filter")
+                phase(opt, "_update_sharded", "filter")
+                phase(opt, "split_rows", "force_rows")
+                shard = getattr(opt, "shard", None)
+                phase(shard, "xt_and_diag", "xt_and_diag")
+                phase(shard, "_all_reduce", "all_reduce")
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             super().on_train_epoch_start(trainer, pl_module)
@@ -460,6 +490,7 @@ def _cpu_step_timer():
             super()._dump()
             rec = json.loads(self.path.read_text())
             rec["steps_cpu_s"] = self.steps_cpu
+            rec["phases_s"] = self.phases
             self.path.write_text(json.dumps(rec))
 
     return CpuStepTimer
@@ -527,6 +558,13 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
                 out[f"{prefix}{name}_labels_per_s"] = per_update / statistics.fmean(steps)
                 # CPU time per update of the busiest process: the step time of a machine with a free core each
                 out[f"{prefix}{name}_cpu_ms_per_update"] = 1e3 * max(statistics.fmean(r["steps_cpu_s"]) for r in recs)
+                # where each process's update goes (wall ms per update, mean over the run): training_step, and in it
+                # the filter, the force rows, X = P Jᵀ with its all-reduce and the all-reduce alone
+                for rank, r in enumerate(recs):
+                    n_up = len(r["training_steps_s"])
+                    out[f"{prefix}{name}_rank{rank}_training_step_ms"] = 1e3 * statistics.fmean(r["training_steps_s"])
+                    for phase_name, (total, _) in sorted(r.get("phases_s", {}).items()):
+                        out[f"{prefix}{name}_rank{rank}_{phase_name}_ms"] = 1e3 * total / n_up
         finally:
             if pause:
                 pause(False)
