@@ -48,3 +48,25 @@ def test_memory_cap():
     cached(_frame(1))
     cached(_frame(1))
     assert cached.hits == 0 and cached.nbytes == 0
+
+
+def test_distinct_shift_form_is_bitwise_on_skewed_cells_and_stored_compactly():
+    """Hits rebuild offsets from the few distinct shift vectors ((U @ cell)[codes]); on a triclinic cell in
+    float32 and float64 they equal SchNetPack's fresh ``S @ cell`` bitwise, and the entry is the compact form."""
+    rng = np.random.default_rng(4)
+    cell = np.array([[7.0, 0.0, 0.0], [1.3, 6.8, 0.0], [-0.9, 0.7, 7.4]])
+    for dtype in (torch.float32, torch.float64):
+        frame = _frame(5, seed=5)
+        frame[props.R] = torch.as_tensor(rng.uniform(0, 7.0, (18, 3)) @ np.linalg.inv(np.eye(3) * 7.0) @ cell,
+                                         dtype=dtype)
+        frame[props.cell] = torch.as_tensor(cell, dtype=dtype).reshape(1, 3, 3)
+        ref = trn.MatScipyNeighborList(cutoff=4.0)({k: v.clone() for k, v in frame.items()})
+        cached = MemoryCachedNeighborList(trn.MatScipyNeighborList(cutoff=4.0))
+        cached({k: v.clone() for k, v in frame.items()})
+        out = cached({k: v.clone() for k, v in frame.items()})
+        assert cached.hits == 1
+        for k in (props.idx_i, props.idx_j, props.offsets):
+            assert out[k].dtype == ref[k].dtype and torch.equal(out[k], ref[k]), (dtype, k)
+        _, _, _, distinct, codes = cached._cache[5]
+        assert codes is not None and codes.shape[0] == ref[props.offsets].shape[0]
+        assert 1 < distinct.shape[0] <= 27 and len(torch.unique(ref[props.offsets], dim=0)) == distinct.shape[0]
