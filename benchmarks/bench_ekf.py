@@ -429,13 +429,13 @@ def _cpu_step_timer():
     """:class:`benchmarks.step_timer.StepTimer` that also records the process CPU time of each step
     (``steps_cpu_s``; validation excluded): on a machine shared with other jobs, the work per update of each
     process, whatever CPU share it got."""
-    from benchmarks.step_timer import StepTimer
+    from benchmarks.step_timer import StepTimer, timed
 
     class CpuStepTimer(StepTimer):
         def __init__(self, path: str) -> None:
             super().__init__(path)
             self.steps_cpu, self._cpu_last, self._cpu_val0 = [], None, None
-            self.phases: Dict[str, list] = {}  # name -> [wall seconds, calls]
+            self.phases: Dict[str, list] = {}  # name -> wall seconds of each call
 
         def on_train_start(self, trainer, pl_module) -> None:
             """Also time the EKF's phases on its instance (nothing changes for other processes): the filter
@@ -444,19 +444,8 @@ def _cpu_step_timer():
             super().on_train_start(trainer, pl_module)
 
             def phase(obj, attr: str, name: str) -> None:
-                if obj is None or not hasattr(obj, attr):
-                    return
-                inner = getattr(obj, attr)
-
-                def call(*args, **kwargs):
-                    t = time.perf_counter()
-                    try:
-                        return inner(*args, **kwargs)
-                    finally:
-                        rec = self.phases.setdefault(name, [0.0, 0])
-                        rec[0] += time.perf_counter() - t
-                        rec[1] += 1
-                setattr(obj, attr, call)
+                if obj is not None and hasattr(obj, attr):
+                    setattr(obj, attr, timed(getattr(obj, attr), self.phases.setdefault(name, [])))
 
             for opt in trainer.optimizers:
                 phase(opt, "_update", "filter")
@@ -563,8 +552,8 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
                 for rank, r in enumerate(recs):
                     n_up = len(r["training_steps_s"])
                     out[f"{prefix}{name}_rank{rank}_training_step_ms"] = 1e3 * statistics.fmean(r["training_steps_s"])
-                    for phase_name, (total, _) in sorted(r.get("phases_s", {}).items()):
-                        out[f"{prefix}{name}_rank{rank}_{phase_name}_ms"] = 1e3 * total / n_up
+                    for phase_name, calls in sorted(r.get("phases_s", {}).items()):
+                        out[f"{prefix}{name}_rank{rank}_{phase_name}_ms"] = 1e3 * sum(calls) / n_up
         finally:
             if pause:
                 pause(False)

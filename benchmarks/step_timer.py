@@ -19,6 +19,17 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 
+def timed(inner, record: list):
+    """``inner`` wrapped so that each call appends its wall time (s) to ``record``."""
+    def call(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            record.append(time.perf_counter() - t)
+    return call
+
+
 class StepTimer(pl.Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -29,15 +40,6 @@ class StepTimer(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         """Time the optimizer's own ``step`` and the task's ``training_step`` (instance attributes wrapping the
         class's methods)."""
-        def timed(inner, record):
-            def call(*args, **kwargs):
-                t = time.perf_counter()
-                try:
-                    return inner(*args, **kwargs)
-                finally:
-                    record.append(time.perf_counter() - t)
-            return call
-
         for opt in trainer.optimizers:
             opt.step = timed(opt.step, self.optimizer_steps)
         pl_module.training_step = timed(pl_module.training_step, self.training_steps)

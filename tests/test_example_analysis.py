@@ -138,6 +138,7 @@ def test_status_of_a_run_that_has_not_logged_yet(tmp_path):
     assert st["updates_per_s"] is None and st["hours_left"] is None and st["minutes_since_log"] is None
     assert "0/1050000" in analyze.status_table([st])
 
+
 def test_status_shows_the_npt_run_and_a_trajectory_of_another_model(tmp_path):
     """`workflow.sh status` beside each training: the NPT run's simulated/planned ps and its density so far, and
     "other model" where run.args records another model's checksum (a model retrained at the same path)."""
