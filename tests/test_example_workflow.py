@@ -124,7 +124,6 @@ exit 0
 """
 
 
-
 def _run_then(tmp_path, runs, **env):
     """The train stage with spktrain, ``$BIN/python`` (evaluate.py) and ``MD_SCRIPT`` (the NPT run) recorded."""
     bin_dir, work = tmp_path / "bin", tmp_path / "work"
@@ -171,3 +170,47 @@ def test_then_skips_the_steps_of_a_failed_run_and_stops_at_a_failed_step(tmp_pat
     assert "training adam_lr1e-4_s8 failed" not in proc.stderr, "its training did not fail"
     bad, no_events = _run_then(tmp_path / "bad", "ekf_lr1e-3_s0", THEN="evaluate fisher")
     assert bad.returncode == 2 and "THEN: unknown step fisher" in bad.stderr and no_events == []
+
+
+def test_pack_carries_an_unfinished_run_that_train_resumes_elsewhere(tmp_path):
+    """`pack` writes each run's state without its epoch checkpoints; on a fresh work directory `train` unpacks it
+    before spktrain starts (spktrain then resumes from checkpoints/last.ckpt); a run already there is not
+    overwritten, and packing a run that does not exist fails by name."""
+    run = "adam_lr1e-4_s0_ef0.1_thr"
+    old = tmp_path / "old"
+    ckpts = old / "runs" / run / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"state at 640000")
+    (ckpts / "epoch=12.ckpt").write_bytes(b"best")
+    (old / "runs" / run / "csv").mkdir()
+    (old / "runs" / run / "csv" / "metrics.csv").write_text("epoch,step\n0,999\n")
+    packs = tmp_path / "packs"
+    env = {**os.environ, "WORK": str(old), "RUNS": run, "PACKS": str(packs)}
+    proc = subprocess.run(["bash", str(WORKFLOW), "pack"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{run}.tar.gz" in proc.stdout and sorted(p.name for p in packs.iterdir()) == [f"{run}.tar.gz"]
+    missing = subprocess.run(["bash", str(WORKFLOW), "pack"], env={**env, "RUNS": "ekf_lr1e-3_s5"},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no run ekf_lr1e-3_s5" in missing.stderr
+
+    seen = RECORDER.replace('sleep 0.6', 'cat "runs/$id/checkpoints/last.ckpt" >> "$TRACE"; echo >> "$TRACE"; '
+                            'ls "runs/$id/checkpoints" >> "$TRACE"; sleep 0.1')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "spktrain").write_text(seen)
+    (bin_dir / "spktrain").chmod(0o755)
+    new = tmp_path / "new"
+    (new / "data").mkdir(parents=True)
+    (new / "data" / "water.db").touch()
+    trace = tmp_path / "trace"
+    env = {**env, "WORK": str(new), "BIN": str(bin_dir), "TRACE": str(trace)}
+    proc = subprocess.run(["bash", str(WORKFLOW), "train"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"unpacked {run}" in proc.stdout
+    lines = trace.read_text().splitlines()
+    assert "state at 640000" in lines and "last.ckpt" in lines and "epoch=12.ckpt" not in lines
+    assert (new / "runs" / run / "csv" / "metrics.csv").read_text() == "epoch,step\n0,999\n"
+    (new / "runs" / run / "checkpoints" / "last.ckpt").write_bytes(b"state at 700000")  # the run went on here
+    proc = subprocess.run(["bash", str(WORKFLOW), "train"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "unpacked" not in proc.stdout
+    assert "state at 700000" in trace.read_text().splitlines()

@@ -3,6 +3,10 @@
 #   bash workflow.sh [train|evaluate|fisher|md|plots|all]     (default: all)
 #   bash workflow.sh status     how far each run under $WORK/runs is (updates, rate, hours left, last errors; its NPT
 #                               run: ps done of planned, density so far, "other model" for an older model's trajectory)
+#   bash workflow.sh pack       each run's resumable state (runs/<run> without its epoch=*.ckpt: last.ckpt with P or
+#                               Adam's moments and the label-draw state, metrics, split, config) into
+#                               $PACKS/<run>.tar.gz, to carry an unfinished run to another machine or checkout; the
+#                               train stage unpacks it there when runs/<run> is absent, and the run resumes exactly
 # Environment:
 #   DATA        extxyz in Bohr/Hartree (default: ../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz
 #               beside the checkout)
@@ -32,6 +36,7 @@
 #   MD_STEPS    i-PI NPT steps per model (0.5 fs each; default 400)
 #   EVAL_FRAMES validation frames for the RMSE of each model (default 280: all of them)
 #   FISHER_LABELS  labels for the Fisher spectra (default 1000)
+#   PACKS       where `pack` writes and `train` looks for <run>.tar.gz (default: ./inprogress)
 set -euo pipefail
 { # the whole script is read before it runs: editing it (or a git pull) during a long queue cannot break the queue
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -39,15 +44,27 @@ REPO="$(cd "$HERE/../.." && pwd)"
 BIN="${BIN:-$REPO/.venv/bin}"
 DATA="${DATA:-$REPO/../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz}"
 WORK="${WORK:-$HERE/work}"
+PACKS="${PACKS:-$HERE/inprogress}"
 MD_SCRIPT="${MD_SCRIPT:-$REPO/examples/ipi_npt_water/run.sh}"   # the NPT run of one model (i-PI + ekf-plugin ipi)
 read -r -a RUNS <<< "${RUNS:-ekf_lr1e-3_s0 ekf_lr1e-3_s1 adam_lr1e-4_s0 adam_lr1e-4_s1 adam_lr1e-3_s0}"
 stage="${1:-all}"
-case $stage in train|evaluate|fisher|md|plots|all|status) ;; *) echo "unknown stage $stage (want train, evaluate, fisher, md, plots, all or status)" >&2; exit 2;; esac
+case $stage in train|evaluate|fisher|md|plots|all|status|pack) ;; *) echo "unknown stage $stage (want train, evaluate, fisher, md, plots, all, status or pack)" >&2; exit 2;; esac
 mkdir -p "$WORK/data"
 cd "$WORK"
 if [[ $stage == status ]]; then
   shopt -s nullglob; runs=(runs/*/); [ ${#runs[@]} -gt 0 ] || { echo "no runs under $WORK/runs" >&2; exit 1; }
   exec "$BIN/python" "$HERE/analyze.py" status "${runs[@]}"
+fi
+if [[ $stage == pack ]]; then
+  mkdir -p "$PACKS"
+  for r in "${RUNS[@]}"; do
+    [ -d "runs/$r" ] || { echo "no run $r under $WORK/runs" >&2; exit 1; }
+    # last.ckpt is replaced atomically (AtomicCheckpointIO), so a running training can be packed
+    tar czf "$PACKS/$r.tar.gz.part" --exclude="runs/$r/checkpoints/epoch=*" "runs/$r"
+    mv "$PACKS/$r.tar.gz.part" "$PACKS/$r.tar.gz"
+    echo "$PACKS/$r.tar.gz: $(tar tzf "$PACKS/$r.tar.gz" | grep -c -v '/$') files, $(du -k "$PACKS/$r.tar.gz" | cut -f1) KiB"
+  done
+  exit 0
 fi
 export OMP_NUM_THREADS=1
 evaluate_runs() {   # the evaluate stage for the run ids $2.. (errors into $1): models/<id>.pt and RMSEs
@@ -102,6 +119,9 @@ if [[ $stage == train || $stage == all ]]; then
     opt=${BASH_REMATCH[1]} lr=${BASH_REMATCH[2]} seed=${BASH_REMATCH[3]} ef=${BASH_REMATCH[5]:-0.5}
     selection=random; [[ -n ${BASH_REMATCH[6]} ]] && selection=threshold
     steps=${MAX_UPDATES:--1}; [[ $opt == adam ]] && steps=${ADAM_UPDATES:-$steps}
+    if [ ! -d "runs/$r" ] && [ -f "$PACKS/$r.tar.gz" ]; then   # an unfinished run carried here by `pack`
+      tar xzf "$PACKS/$r.tar.gz" && echo "$(date -u +%FT%TZ) unpacked $r from $PACKS/$r.tar.gz"
+    fi
     echo "$(date -u +%FT%TZ) training $r (max_steps $steps)"
     # spktrain keeps a resumed run's first config.yaml; the budget of this launch is what `status` must show
     mkdir -p "runs/$r" && echo "$steps" > "runs/$r/max_steps"
