@@ -173,8 +173,8 @@ def test_then_skips_the_steps_of_a_failed_run_and_stops_at_a_failed_step(tmp_pat
 
 
 def test_pack_carries_an_unfinished_run_that_train_resumes_elsewhere(tmp_path):
-    """`pack` writes each run's state without its epoch checkpoints; on a fresh work directory `train` unpacks it
-    before spktrain starts (spktrain then resumes from checkpoints/last.ckpt); a run already there is not
+    """`pack` writes each run's directory (last and best checkpoints); on a fresh work directory `train` unpacks
+    it before spktrain starts (spktrain then resumes from checkpoints/last.ckpt); a run already there is not
     overwritten, and packing a run that does not exist fails by name."""
     run = "adam_lr1e-4_s0_ef0.1_thr"
     old = tmp_path / "old"
@@ -208,7 +208,7 @@ def test_pack_carries_an_unfinished_run_that_train_resumes_elsewhere(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"unpacked {run}" in proc.stdout
     lines = trace.read_text().splitlines()
-    assert "state at 640000" in lines and "last.ckpt" in lines and "epoch=12.ckpt" not in lines
+    assert "state at 640000" in lines and "last.ckpt" in lines and "epoch=12.ckpt" in lines
     assert (new / "runs" / run / "csv" / "metrics.csv").read_text() == "epoch,step\n0,999\n"
     (new / "runs" / run / "checkpoints" / "last.ckpt").write_bytes(b"state at 700000")  # the run went on here
     proc = subprocess.run(["bash", str(WORKFLOW), "train"], env=env, capture_output=True, text=True, timeout=60)

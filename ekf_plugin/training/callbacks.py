@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["LatestCheckpoint", "ProgressBarEvery", "WallClock"]
+__all__ = ["LatestCheckpoint", "ProgressBarEvery", "WallClock", "relocate_checkpoint_state"]
+
+
+def relocate_checkpoint_state(state: Dict[str, Any], dirpath: Optional[str]) -> bool:
+    """Point a saved ``ModelCheckpoint`` state (``checkpoint["callbacks"][state_key]``) written in another
+    directory at the same files under ``dirpath``, in place; True if it did.
+
+    Lightning restores only ``best_model_path`` (still the old, absolute path) of a callback whose ``dirpath``
+    changed, so a run directory moved to another place or machine ends in ``trainer.test(ckpt_path="best")``
+    (what ``spktrain`` does after training) failing on a file that is not there. Done only when every saved
+    path has its file under ``dirpath``; then ``dirpath`` is set too, so the scores are restored as well."""
+    old = state.get("dirpath")
+    if not old or not dirpath or os.path.realpath(old) == os.path.realpath(dirpath):
+        return False
+
+    def moved(path: str) -> Optional[str]:
+        rel = os.path.relpath(path, old)
+        new = os.path.join(dirpath, rel)
+        return new if not rel.startswith(os.pardir) and os.path.isfile(new) else None
+
+    keys = [k for k in ("best_model_path", "kth_best_model_path", "last_model_path") if state.get(k)]
+    paths = {k: moved(state[k]) for k in keys}
+    best_k = {moved(k): v for k, v in (state.get("best_k_models") or {}).items()}
+    if None in paths.values() or None in best_k:
+        return False
+    state.update(paths, best_k_models=best_k, dirpath=dirpath)
+    return True
 
 
 class LatestCheckpoint(ModelCheckpoint):
@@ -32,6 +59,18 @@ class LatestCheckpoint(ModelCheckpoint):
         if self.monitor is not None:
             raise ValueError("LatestCheckpoint keeps the latest state; it takes no monitor "
                              f"(got monitor={self.monitor!r}; use a ModelCheckpoint for the best one)")
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: Dict[str, Any]) -> None:
+        """A run directory that moved (``workflow.sh pack``, a copy to another machine) resumes as if it had not:
+        every checkpoint callback's saved paths and scores follow it (:func:`relocate_checkpoint_state`; runs
+        before the callbacks' ``load_state_dict``)."""
+        states = checkpoint.get("callbacks") or {}
+        for cb in trainer.checkpoint_callbacks:
+            state = states.get(cb.state_key)
+            moved = isinstance(state, dict) and relocate_checkpoint_state(state, getattr(cb, "dirpath", None))
+            if moved:
+                rank_zero_info(f"checkpoints of {type(cb).__name__} moved: now under {cb.dirpath}")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

@@ -3,10 +3,11 @@
 #   bash workflow.sh [train|evaluate|fisher|md|plots|all]     (default: all)
 #   bash workflow.sh status     how far each run under $WORK/runs is (updates, rate, hours left, last errors; its NPT
 #                               run: ps done of planned, density so far, "other model" for an older model's trajectory)
-#   bash workflow.sh pack       each run's resumable state (runs/<run> without its epoch=*.ckpt: last.ckpt with P or
-#                               Adam's moments and the label-draw state, metrics, split, config) into
-#                               $PACKS/<run>.tar.gz, to carry an unfinished run to another machine or checkout; the
-#                               train stage unpacks it there when runs/<run> is absent, and the run resumes exactly
+#   bash workflow.sh pack       each run's directory runs/<run> (last.ckpt with P or Adam's moments and the label-draw
+#                               state, the best checkpoint, metrics, split, config; ~0.2 MB) into $PACKS/<run>.tar.gz,
+#                               to carry an unfinished run to another machine or checkout; the train stage unpacks it
+#                               there when runs/<run> is absent, and the run resumes exactly (its checkpoint callbacks
+#                               follow the move: ekf_plugin.training.callbacks.LatestCheckpoint)
 # Environment:
 #   DATA        extxyz in Bohr/Hartree (default: ../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz
 #               beside the checkout)
@@ -60,7 +61,7 @@ if [[ $stage == pack ]]; then
   for r in "${RUNS[@]}"; do
     [ -d "runs/$r" ] || { echo "no run $r under $WORK/runs" >&2; exit 1; }
     # last.ckpt is replaced atomically (AtomicCheckpointIO), so a running training can be packed
-    tar czf "$PACKS/$r.tar.gz.part" --exclude="runs/$r/checkpoints/epoch=*" "runs/$r"
+    tar czf "$PACKS/$r.tar.gz.part" "runs/$r"
     mv "$PACKS/$r.tar.gz.part" "$PACKS/$r.tar.gz"
     echo "$PACKS/$r.tar.gz: $(tar tzf "$PACKS/$r.tar.gz" | grep -c -v '/$') files, $(du -k "$PACKS/$r.tar.gz" | cut -f1) KiB"
   done

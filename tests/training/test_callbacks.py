@@ -157,3 +157,51 @@ def test_latest_checkpoint_holds_the_last_validation_even_when_val_loss_did_not_
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
     with pytest.raises(ValueError, match="takes no monitor"):
         LatestCheckpoint(monitor="val_loss")
+
+
+def test_a_moved_run_resumes_with_its_best_checkpoint_and_scores(tmp_path):
+    """A run directory moved elsewhere (workflow.sh pack, a copy to another machine) with its old place gone:
+    the resumed run's checkpoint callbacks point at the moved files, with their scores, so that testing "best"
+    after training (what spktrain does) reads the moved best checkpoint. Without relocation Lightning keeps the
+    old absolute best path, and that test fails on a missing file."""
+    import os
+    import shutil
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ekf_plugin.training.callbacks import LatestCheckpoint, relocate_checkpoint_state
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 2)), batch_size=2)
+
+    class Testable(_Worsening):
+        def test_step(self, batch, batch_idx):
+            self.log("test_loss", self.layer(batch[0]).pow(2).mean(), batch_size=2)
+
+    def trainer(run, epochs):
+        best = ModelCheckpoint(dirpath=run / "checkpoints", monitor="val_loss", save_top_k=1, filename="{epoch}")
+        latest = LatestCheckpoint(dirpath=run / "checkpoints", filename="last", every_n_train_steps=1000)
+        return pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          num_sanity_val_steps=0, callbacks=[best, latest]), best
+
+    old, new = tmp_path / "old" / "run", tmp_path / "new" / "run"
+    tr, _ = trainer(old, 2)
+    tr.fit(Testable(), data, data)
+    shutil.copytree(old, new)
+    shutil.rmtree(tmp_path / "old")
+    tr, best = trainer(new, 3)
+    tr.fit(Testable(), data, data, ckpt_path=str(new / "checkpoints" / "last.ckpt"))
+    assert best.best_model_path == str(new / "checkpoints" / "epoch=0.ckpt")  # val_loss never improved after 0
+    assert float(best.best_model_score) == 0.0, "the score came along: epoch 2 (val_loss 2) did not replace it"
+    tr.test(Testable(), data, ckpt_path="best", weights_only=False)
+    # the state function alone: only when every saved path has its file in the new place
+    state = {"dirpath": "/gone/ckpts", "best_model_path": "/gone/ckpts/a.ckpt", "kth_best_model_path": "",
+             "last_model_path": "", "best_k_models": {"/gone/ckpts/a.ckpt": torch.tensor(1.0)}}
+    here = tmp_path / "here"
+    here.mkdir()
+    assert not relocate_checkpoint_state(dict(state), str(here))  # a.ckpt is not there
+    (here / "a.ckpt").touch()
+    moved = dict(state)
+    assert relocate_checkpoint_state(moved, str(here))
+    assert moved["best_model_path"] == os.path.join(here, "a.ckpt") and moved["dirpath"] == str(here)
+    assert list(moved["best_k_models"]) == [os.path.join(here, "a.ckpt")] and moved["kth_best_model_path"] == ""
+    assert not relocate_checkpoint_state(moved, str(here)), "already in place"
