@@ -192,6 +192,11 @@ def test_pack_carries_an_unfinished_run_that_train_resumes_elsewhere(tmp_path):
     missing = subprocess.run(["bash", str(WORKFLOW), "pack"], env={**env, "RUNS": "ekf_lr1e-3_s5"},
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no run ekf_lr1e-3_s5" in missing.stderr
+    (old / "runs" / "ekf_lr1e-3_s2").mkdir()
+    every = subprocess.run(["bash", str(WORKFLOW), "pack"], env={k: v for k, v in env.items() if k != "RUNS"},
+                           capture_output=True, text=True, timeout=60)  # without RUNS: every run under runs/
+    assert every.returncode == 0, every.stderr
+    assert sorted(p.name for p in packs.iterdir()) == [f"{run}.tar.gz", "ekf_lr1e-3_s2.tar.gz"]
 
     seen = RECORDER.replace('sleep 0.6', 'cat "runs/$id/checkpoints/last.ckpt" >> "$TRACE"; echo >> "$TRACE"; '
                             'ls "runs/$id/checkpoints" >> "$TRACE"; sleep 0.1')

@@ -3,8 +3,9 @@
 #   bash workflow.sh [train|evaluate|fisher|md|plots|all]     (default: all)
 #   bash workflow.sh status     how far each run under $WORK/runs is (updates, rate, hours left, last errors; its NPT
 #                               run: ps done of planned, density so far, "other model" for an older model's trajectory)
-#   bash workflow.sh pack       each run's directory runs/<run> (last.ckpt with P or Adam's moments and the label-draw
-#                               state, the best checkpoint, metrics, split, config; ~0.2 MB) into $PACKS/<run>.tar.gz,
+#   bash workflow.sh pack       each run's directory runs/<run> (those in RUNS, without RUNS all; last.ckpt with P or
+#                               Adam's moments and the label-draw state, the best checkpoint, metrics, split, config;
+#                               ~0.2 MB) into $PACKS/<run>.tar.gz,
 #                               to carry an unfinished run to another machine or checkout; the train stage unpacks it
 #                               there when runs/<run> is absent, and the run resumes exactly (its checkpoint callbacks
 #                               follow the move: ekf_plugin.training.callbacks.LatestCheckpoint)
@@ -47,6 +48,7 @@ DATA="${DATA:-$REPO/../shared/data/revpbe0-d3-cheng2019/dataset_1400_au.extxyz}"
 WORK="${WORK:-$HERE/work}"
 PACKS="${PACKS:-$HERE/inprogress}"
 MD_SCRIPT="${MD_SCRIPT:-$REPO/examples/ipi_npt_water/run.sh}"   # the NPT run of one model (i-PI + ekf-plugin ipi)
+runs_given=${RUNS:+yes}
 read -r -a RUNS <<< "${RUNS:-ekf_lr1e-3_s0 ekf_lr1e-3_s1 adam_lr1e-4_s0 adam_lr1e-4_s1 adam_lr1e-3_s0}"
 stage="${1:-all}"
 case $stage in train|evaluate|fisher|md|plots|all|status|pack) ;; *) echo "unknown stage $stage (want train, evaluate, fisher, md, plots, all, status or pack)" >&2; exit 2;; esac
@@ -56,7 +58,11 @@ if [[ $stage == status ]]; then
   shopt -s nullglob; runs=(runs/*/); [ ${#runs[@]} -gt 0 ] || { echo "no runs under $WORK/runs" >&2; exit 1; }
   exec "$BIN/python" "$HERE/analyze.py" status "${runs[@]}"
 fi
-if [[ $stage == pack ]]; then
+if [[ $stage == pack ]]; then   # the runs named in RUNS, or without RUNS every run under runs/
+  if [ -z "$runs_given" ]; then
+    shopt -s nullglob; RUNS=(runs/*/); RUNS=("${RUNS[@]#runs/}"); RUNS=("${RUNS[@]%/}")
+    [ ${#RUNS[@]} -gt 0 ] || { echo "no runs under $WORK/runs" >&2; exit 1; }
+  fi
   mkdir -p "$PACKS"
   for r in "${RUNS[@]}"; do
     [ -d "runs/$r" ] || { echo "no run $r under $WORK/runs" >&2; exit 1; }
