@@ -5,7 +5,7 @@
 #                               run: ps done of planned, density so far, "other model" for an older model's trajectory)
 #   bash workflow.sh pack       each run's directory runs/<run> (those in RUNS, without RUNS all; last.ckpt with P or
 #                               Adam's moments and the label-draw state, the best checkpoint, metrics, split, config;
-#                               ~0.2 MB) into $PACKS/<run>.tar.gz,
+#                               0.2–0.5 MB) into $PACKS/<run>.tar.gz,
 #                               to carry an unfinished run to another machine or checkout; the train stage unpacks it
 #                               there when runs/<run> is absent, and the run resumes exactly (its checkpoint callbacks
 #                               follow the move: ekf_plugin.training.callbacks.LatestCheckpoint)
