@@ -575,27 +575,30 @@ def gnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     one reduced-row update (1 energy + 4 group rows of 6 atoms), blocked P (≤ 5120) in float32.
 
     ``painn_64x2_*``: n_atom_basis 64, 2 interactions (108 k weights; ``experiment=water_painn_ekf``'s
-    model) and ``painn_64x3_*``: 3 interactions (157 k), both through what ``PaperScheduleTask._errors``
-    runs now: the energy row from the force pass (:func:`~ekf_plugin.training.schedule.reduced_rows_with_jacobian`),
-    one backward per force row, ``kernel="native"``. ``painn_64x3_before_*``: the path of commit 17c4b56
-    (the energy row as its own backward, BLAS kernel, every update applied to P at once). Breakdown per update:
-    forward (with the model's force pass, and now the energy row), force/Jacobian rows (medians after one
-    warm-up update), filter (mean of 14 updates: P rows are deferred by 32, i.e. applied every 7 updates of 5
-    rows)."""
+    model) and ``painn_64x3_*``: 3 interactions (157 k), through what ``task=ekf`` runs now: the forward,
+    force pass and the five rows as one compiled function (:class:`~ekf_plugin.training.compiled_rows.
+    CompiledReducedRows`, ``compile_rows: true``; ``*_compile_s``: its first call, which compiles), then
+    ``EKF._update`` with ``kernel="native"``. ``*_eager_*``: the same update without compiling (``task.compile_rows=
+    false``: :func:`~ekf_plugin.training.schedule.reduced_rows_with_jacobian`, the energy row from the force pass,
+    one backward per force row), in the same run. Breakdown per update: ``forward_ms`` (eager: forward with the
+    force pass and the energy row; compiled: forward and all rows), ``rows_ms`` (eager: the 4 force rows;
+    compiled: 0, they are in the forward figure), medians after one warm-up update; filter (mean of 14 updates:
+    P rows are deferred by 32, i.e. applied every 7 updates of 5 rows)."""
     import schnetpack as spk
     import ekf_plugin.jacobian as jac
     from ekf_plugin.optim import EKF
-    from ekf_plugin.training.schedule import reduced_row_errors, reduced_rows_with_jacobian
+    from ekf_plugin.training.compiled_rows import CompiledReducedRows
+    from ekf_plugin.training.schedule import reduced_rows_with_jacobian
 
     if not DATA.exists():
         return {"gnn_skipped_no_data": 1.0}
     frames = _frames(3)
     out = _Figures()
     med = statistics.median
-    runs = [("painn_64x2", 2, "native", True), ("painn_64x3", 3, "native", True)]
+    runs = [("painn_64x2", 2, True), ("painn_64x2_eager", 2, False), ("painn_64x3", 3, True)]
     if not quick:
-        runs.append(("painn_64x3_before", 3, "auto", False))
-    for tag, n_int, kernel, fast in runs:
+        runs.append(("painn_64x3_eager", 3, False))
+    for tag, n_int, compiled in runs:
         torch.manual_seed(0)
         rep = spk.representation.PaiNN(n_atom_basis=64, n_interactions=n_int, radial_basis=spk.nn.GaussianRBF(20, 5.0),
                                        cutoff_fn=spk.nn.CosineCutoff(5.0))
@@ -606,7 +609,8 @@ def gnn_figures(device="cpu", quick=False) -> Dict[str, float]:
         model.train()
         batches = [_batch(a, 5.0, device) for a in frames]
         opt = EKF(model.parameters(), lr=1.0, fading_lambda=0.98, fading_nu=0.9987, blocks=5120, dtype=torch.float32,
-                  kernel=kernel, defer_rows=32 if fast else 0)  # before: every update applied at once
+                  kernel="native", defer_rows=32)
+        rows = CompiledReducedRows(model, opt.params) if compiled else None
         g = torch.Generator().manual_seed(0)
         t_rows = []
         real = jac.flat_jacobian
@@ -624,28 +628,33 @@ def gnn_figures(device="cpu", quick=False) -> Dict[str, float]:
                 b = batches[i % len(batches)]
                 t_rows.clear()
                 t0 = time.perf_counter()
-                if fast:
+                if compiled:
+                    res = rows(b, g, n_force_groups=4, force_group_size=6)
+                    if res is None:
+                        raise RuntimeError(f"the compiled rows did not run: {rows.reason}")
+                    xi, J, _ = res  # (5,), (5, n)
+                else:
                     xi, J, _ = reduced_rows_with_jacobian(model, lambda: model(dict(b)), b, g, opt.params,
                                                           n_force_groups=4, force_group_size=6)  # (5,), (5, n)
-                else:
-                    xi = reduced_row_errors(model(dict(b)), b, g, n_force_groups=4, force_group_size=6)  # (5,)
-                    J = jac.flat_jacobian(xi, opt.params, vectorize=False)  # (5, n)
+                _sync(device)
                 t2 = time.perf_counter()
                 opt._update(xi.detach().to(opt.dtype), J.to(opt.dtype))
                 _sync(device)
                 t3 = time.perf_counter()
                 if i:
                     tf.append(t2 - t0 - sum(t_rows)), tj.append(sum(t_rows)), tu.append(t3 - t2)
+                elif compiled:
+                    out[f"{tag}_compile_s"] = t2 - t0
         finally:
             jac.flat_jacobian = real
         out[f"{tag}_weights"] = float(sum(p.numel() for p in model.parameters()))
         out[f"{tag}_P_blocks"] = float(len(opt.blocks))
         out[f"{tag}_P_GiB_f32"] = opt.memory_bytes / 2**30
-        out[f"{tag}_forward_ms"] = 1e3 * med(tf)  # model forward with its force pass (fast: + the energy row)
-        out[f"{tag}_rows_ms"] = 1e3 * med(tj)  # fast: the 4 force rows; before: all 5 rows
+        out[f"{tag}_forward_ms"] = 1e3 * med(tf)  # eager: forward with its force pass and the energy row; compiled: all
+        out[f"{tag}_rows_ms"] = 1e3 * med(tj)  # eager: the 4 force rows; compiled: 0 (inside the forward figure)
         out[f"{tag}_filter_ms"] = 1e3 * statistics.fmean(tu)  # mean: carries the deferred rows' passes over P
         out[f"{tag}_updates_per_s"] = 1 / (med(tf) + med(tj) + statistics.fmean(tu))
-        del model, opt, batches
+        del model, opt, batches, rows
         gc.collect()
     out["gnn_load_average_1min"] = os.getloadavg()[0]
     return out

@@ -61,16 +61,28 @@ def grouped_force_errors(
     Atoms are drawn from the whole batch without replacement (with replacement when the batch has
     fewer than G·S atoms), with the CPU ``generator``.
     """
+    err = (outputs[key] - batch[key]).reshape(-1, 3)  # (N, 3)
+    groups = draw_force_groups(err.shape[0], n_groups, group_size, generator, err.device)  # (G, S)
+    return err[groups].abs().mean(dim=(1, 2))  # (G,)
+
+
+def draw_force_groups(
+    n_atoms: int,
+    n_groups: int,
+    group_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """(G, S) atom indices of :func:`grouped_force_errors`' groups, drawn from the batch's ``n_atoms`` atoms
+    without replacement (with replacement when there are fewer than G·S) with the CPU ``generator``."""
     if n_groups < 1 or group_size < 1:
         raise ValueError(f"n_groups and group_size must be >= 1, got {n_groups}, {group_size}")
-    err = (outputs[key] - batch[key]).reshape(-1, 3)  # (N, 3)
-    n, k = err.shape[0], n_groups * group_size
-    if k <= n:
-        atoms = torch.randperm(n, generator=generator)[:k]  # (G·S,)
+    k = n_groups * group_size
+    if k <= n_atoms:
+        atoms = torch.randperm(n_atoms, generator=generator)[:k]  # (G·S,)
     else:
-        atoms = torch.randint(n, (k,), generator=generator)  # (G·S,)
-    groups = atoms.view(n_groups, group_size).to(err.device)  # (G, S)
-    return err[groups].abs().mean(dim=(1, 2))  # (G,)
+        atoms = torch.randint(n_atoms, (k,), generator=generator)  # (G·S,)
+    return atoms.view(n_groups, group_size).to(device)  # (G, S)
 
 
 def draw_components(
