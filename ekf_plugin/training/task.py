@@ -283,7 +283,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         ``compile_rows`` is on and it applies to this model, else None (nothing drawn)."""
         if not self.compile_rows:
             return None
-        if self._compiled_rows is None or self._compiled_rows.params != list(params):
+        if self._compiled_rows is None or [id(p) for p in self._compiled_rows.params] != [id(p) for p in params]:
             from ekf_plugin.training.compiled_rows import CompiledReducedRows  # noqa: PLC0415
 
             self._compiled_rows = CompiledReducedRows(self.model, params, self.energy_key, self.forces_key)
