@@ -8,8 +8,9 @@ computation (forward, force pass with the energy row, the G force rows) to ``tor
 ``autograd.grad`` calls traced into the graph (``torch._dynamo.config.trace_autograd_ops``), so Inductor
 fuses those kernels; the pair and atom counts are symbolic, so new frames do not recompile (a batch of one structure after
 batches of several, or other G and S, compile once more).
-On SchNetPack's PaiNN (108 k weights, 192-atom water, float32, 1 thread) forward + 5 rows take ~145 ms
-against ~450 ms eager (docs/ekf.md); the first call compiles (1-2 minutes, cached by Inductor on disk).
+On SchNetPack's PaiNN (108 k weights, 192-atom water, float32, 1 thread) forward + 5 rows take 140-210 ms
+against 410-510 ms eager (docs/ekf.md); the first call compiles (1-2 minutes; Inductor's disk cache makes a
+later process's compile take seconds).
 
 Same ξ, same label draws and the same J as the eager path to round-off (1e-9 in float64,
 tests/training/test_compiled_rows.py). Where the model is not a plain SchNetPack
@@ -87,7 +88,6 @@ class CompiledReducedRows:
             self.reason = f"the model predicts {sorted(model.model_outputs)}, not just {energy_key!r} and {forces_key!r}"
         self._energy_model = None if self.reason else _EnergyOnly(model, fmod)
         self._compiled: Optional[Callable] = None
-        self._warned = False
 
     @property
     def active(self) -> bool:
@@ -151,7 +151,8 @@ class CompiledReducedRows:
             with torch._dynamo.config.patch(trace_autograd_ops=True, capture_scalar_outputs=True):
                 xi, J, F, E, tie = self._compiled(inputs, groups, e_ref, f_ref, nat)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the eager path computes the same
-            self.reason = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+            self.reason = f"torch.compile failed: {type(exc).__name__}: {first_line}"
             warnings.warn(f"task=ekf: the compiled reduced-row update is off ({self.reason}); using the eager "
                           "path (same result, ~3x slower on GNNs)", RuntimeWarning, stacklevel=2)
             generator.set_state(state)
