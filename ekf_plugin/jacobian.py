@@ -66,3 +66,9 @@ def flat_jacobian(
         for g, p in zip(grads, params)
     ]  # each (m, n_i)
     return torch.cat(cols, dim=1).to(outputs.dtype)  # (m, n)
+
+
+def flatten_grads(grads, params: List[torch.Tensor]) -> torch.Tensor:
+    """(n,) one row of J: the gradients ``grads`` (one per parameter, None where a weight is unused: zeros) in the
+    column order of ``params``."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ekf_plugin.jacobian import flatten_grads
 from ekf_plugin.labels import draw_force_groups
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,6 @@ class _EnergyOnly(torch.nn.Module):
         for m in self.output_modules:
             inputs = m(inputs)
         return inputs
-
-
-def _flat(grads, params: List[torch.Tensor]) -> torch.Tensor:
-    """(n,) the gradients in the column order of ``params`` (zeros where a weight is unused)."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
 class CompiledReducedRows:
@@ -112,7 +108,7 @@ class CompiledReducedRows:
         u = torch.where(sign == 0, torch.ones_like(sign), sign) / (nat * e.numel())  # (B,) ∂ mean|ΔE|/∂E_b
         grads = torch.autograd.grad(E, [pos, *params], grad_outputs=u, create_graph=True, allow_unused=True)
         F = -grads[0] / u[inp[idx_m]].unsqueeze(-1)  # (N, 3) −∂E/∂R, graph kept for the force rows
-        row_e = _flat([g.detach() if g is not None else None for g in grads[1:]], params)  # (n,)
+        row_e = flatten_grads([g.detach() if g is not None else None for g in grads[1:]], params)  # (n,)
         err = F.detach() - f_ref  # (N, 3)
         G, S = groups.shape
         ones = torch.ones(G, S, dtype=F.dtype, device=F.device)  # (G, S)
@@ -121,7 +117,7 @@ class CompiledReducedRows:
         xi = torch.cat([e.abs().mean().reshape(1), err[groups].abs().mean(dim=(1, 2))])  # (1 + G,)
         rows = [row_e]
         for g in range(G):
-            rows.append(_flat(torch.autograd.grad(F, params, grad_outputs=cot[g], retain_graph=True,
+            rows.append(flatten_grads(torch.autograd.grad(F, params, grad_outputs=cot[g], retain_graph=True,
                                                   allow_unused=True), params))  # (n,)
         return xi, torch.stack(rows), F.detach(), E.detach(), (sign == 0).any()
 

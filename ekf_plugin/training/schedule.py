@@ -224,13 +224,11 @@ def reduced_rows_with_jacobian(
     grads = torch.autograd.grad(E, [pos, *params], grad_outputs=w.to(E.dtype), create_graph=True, allow_unused=True)
     idx_m = batch[IDX_M]
     out[forces_key] = -grads[0] / w.to(grads[0].dtype)[idx_m].unsqueeze(-1)  # (N, 3) = −∂E/∂R
-    row_e = torch.cat([
-        (g.detach() if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads[1:], params)
-    ]).unsqueeze(0)  # (1, n) ∂(mean abs(ΔE)/N)/∂θ
+    from ekf_plugin.jacobian import flat_jacobian, flatten_grads  # noqa: PLC0415
+
+    row_e = flatten_grads([g.detach() if g is not None else None for g in grads[1:]], params).unsqueeze(0)  # (1, n)
     xi_e = c_energy**0.5 * e.abs().mean().reshape(1)  # (1,)
     xi_f = c_forces**0.5 * grouped_force_errors(out, batch, forces_key, n_force_groups, force_group_size, generator)
-    from ekf_plugin.jacobian import flat_jacobian  # noqa: PLC0415
-
     J_f = flat_jacobian(xi_f, params, vectorize=False)  # (G, n)
     J = torch.cat([c_energy**0.5 * row_e.to(J_f.dtype), J_f])  # (1 + G, n)
     return torch.cat([xi_e.detach().to(xi_f.dtype), xi_f.detach()]), J, out
