@@ -327,15 +327,9 @@ def _make_datamodule():
             """The training loader in a resumable order (see ``shuffle_seed``); SchNetPack's own with a
             ``train_sampler_cls`` or under a distributed strategy (DDP, also with one process), where Lightning puts
             its distributed sampler in."""
-            trainer = getattr(self, "trainer", None)
-            distributed = trainer is not None and hasattr(trainer.strategy, "distributed_sampler_kwargs")
-            if self._train_dataloader is None and self.train_sampler_cls is None and trainer is not None \
-                    and not distributed:
-                from .training.resumable_loader import resumable_loader, trainer_progress
+            from .training.resumable_loader import install_resumable_order
 
-                self._train_dataloader = resumable_loader(
-                    self.train_dataset, self.batch_size, self.shuffle_seed, lambda: trainer_progress(self.trainer),
-                    num_workers=self.num_workers, pin_memory=self._pin_memory)
+            install_resumable_order(self, getattr(self, "trainer", None), self.shuffle_seed)
             return super().train_dataloader()
 
         def setup(self, stage: Optional[str] = None) -> None:

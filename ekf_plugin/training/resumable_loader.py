@@ -8,7 +8,9 @@ from ``(seed, epoch)`` alone, and a checkpoint records the epoch and how many ba
 trainer's own progress counters, so the batch Lightning has already prefetched is not counted). The resumed run
 trains on the remaining frames of that epoch in the same order as the uninterrupted run, and on the same orders after.
 
-One process only: under DDP the host's distributed sampler is used (see ``WaterDataModule.train_dataloader``).
+One process only: under DDP the host's distributed sampler is used. ``WaterDataModule`` builds its training loader
+this way; :func:`install_resumable_order` puts it into any SchNetPack ``AtomsDataModule`` (the EKF task does, so
+``spktrain experiment=<any> task=ekf`` resumes inside an epoch too).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["EpochPermutation", "resumable_loader", "trainer_progress"]
+__all__ = ["EpochPermutation", "install_resumable_order", "resumable_loader", "trainer_progress"]
 
 
 class EpochPermutation(torch.utils.data.Sampler):
@@ -96,3 +98,32 @@ def resumable_loader(dataset, batch_size: int, seed: int, progress: Callable[[],
 
     order = EpochPermutation(len(dataset), seed)
     return ResumableLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, **kwargs)
+
+
+def install_resumable_order(datamodule, trainer, seed: int) -> bool:
+    """Give a SchNetPack ``AtomsDataModule`` a resumable training loader (:func:`resumable_loader`, order from
+    ``(seed, epoch)``) in place of its shuffled ``RandomSampler`` one, before Lightning's fit loop asks for it.
+
+    Done only where the loader is (or would be built as) the host's plain shuffled one: the datamodule has no
+    ``train_sampler_cls``, its training loader is not built yet or is an ``AtomsLoader`` over a ``RandomSampler``
+    (SchNetPack builds it in ``setup`` when a transform reads dataset statistics), and the strategy is not
+    distributed (there Lightning puts its ``DistributedSampler`` in). Batch size, workers and pinning stay the
+    datamodule's. Returns whether the loader was installed. Call after the datamodule's ``setup``.
+    """
+    from schnetpack.data import AtomsLoader  # noqa: PLC0415
+
+    if trainer is None or datamodule is None or hasattr(trainer.strategy, "distributed_sampler_kwargs"):
+        return False
+    if not hasattr(datamodule, "_train_dataloader") or getattr(datamodule, "train_sampler_cls", None) is not None:
+        return False  # not an AtomsDataModule, or it samples its own way
+    built = datamodule._train_dataloader
+    if built is not None and not (type(built) is AtomsLoader
+                                  and isinstance(built.sampler, torch.utils.data.RandomSampler)):
+        return False  # already resumable, or a loader someone chose
+    dataset = getattr(datamodule, "train_dataset", None)
+    if dataset is None:
+        return False
+    datamodule._train_dataloader = resumable_loader(
+        dataset, datamodule.batch_size, seed, lambda: trainer_progress(trainer),
+        num_workers=datamodule.num_workers, pin_memory=datamodule._pin_memory)
+    return True

@@ -46,6 +46,8 @@ from ekf_plugin.training.schedule import (
     weighted_errors,
 )
 from ekf_plugin.bpnn.label_predictor import label_predictor_for
+from ekf_plugin.training.callbacks import EMAGuard
+from ekf_plugin.training.resumable_loader import install_resumable_order
 
 _RNG_KEY = "ekf_plugin_label_rng"
 _SELECTION_KEY = "ekf_plugin_force_selection"
@@ -115,6 +117,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             ``torch.compile``d function (:mod:`ekf_plugin.training.compiled_rows`; ~3× faster on PaiNN, the same
             rows to round-off; the first update compiles for 1-2 minutes). Models it does not apply to, or a
             failed compile, take the eager path with a warning. ``task=ekf`` turns it on.
+        resumable_order: one process, a SchNetPack ``AtomsDataModule`` that shuffles with its own ``RandomSampler``:
+            train in an order drawn from (``seed``, epoch) whose position checkpoints record, so a run resumed
+            inside an epoch trains on the frames an uninterrupted run would
+            (:func:`~ekf_plugin.training.resumable_loader.install_resumable_order`; the water datamodule does
+            this itself). False: the host's loader as it is.
     """
 
     def __init__(
@@ -148,6 +155,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         selection_threshold: float = 1.0,
         selection_trials: int = 3,
         compile_rows: bool = False,
+        resumable_order: bool = True,
     ) -> None:
         optimizer_args = dict(optimizer_args or {"lr": 1e-3})
         if "lr" not in optimizer_args:
@@ -188,6 +196,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.label_mode = label_mode
         self.n_force_groups, self.force_group_size = int(n_force_groups), int(force_group_size)
         self.compile_rows = bool(compile_rows) and label_mode == "reduced"
+        self.resumable_order = bool(resumable_order)
         self._compiled_rows: Any = None  # CompiledReducedRows, built for the EKF's parameters on first use
         self.label_predictor = label_predictor_for(model, fast_labels if label_mode == "study" else False, energy_key)
         self.label_rng = torch.Generator().manual_seed(int(seed))
@@ -441,14 +450,17 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             raise RuntimeError(f"multistream EKF: the weights differ between processes (spread {spread:.3g})")
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Before SchNetPack fits the transforms: with the BPNN label predictor, compute the training frames'
-        symmetry functions once, fit the scaling from them (if not fitted yet) and keep them cached, so the
+        """Before SchNetPack fits the transforms: with ``resumable_order``, give the datamodule's training loader an
+        order that a checkpoint restores (:func:`~ekf_plugin.training.resumable_loader.install_resumable_order`);
+        with the BPNN label predictor, compute the training frames' symmetry functions once, fit the scaling from them (if not fitted yet) and keep them cached, so the
         first epoch does not compute them a second time (progress bar on stderr)."""
         # Lightning notes at every step checkpoint of a manually optimised module that it holds the weights after
         # the update (15 lines per run in the log): that is this task's contract (the weights, P and the label RNG
         # of the same update are saved together and resume exactly), so that one note is dropped in this process
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.resumable_order:
+            install_resumable_order(dm, self.trainer, self.val_seed)
         if stage == "fit" and self.label_predictor is not None and dm is not None:
             rep = self.label_predictor.representation
             loader = dm.train_dataloader()
@@ -458,6 +470,16 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 total = None
             self.label_predictor.prepare(loader, fit_scaling=not bool(rep.scaling_fitted), progress=True, total=total)
         super().setup(stage)
+
+    def configure_callbacks(self):
+        """With SchNetPack's EMA callback in the trainer: :class:`~ekf_plugin.training.callbacks.EMAGuard`, so a
+        resumed run continues from the training weights, not the averages."""
+        trainer = self._trainer
+        from schnetpack.train import ExponentialMovingAverage  # noqa: PLC0415
+
+        if trainer is not None and any(isinstance(cb, ExponentialMovingAverage) for cb in trainer.callbacks):
+            return [EMAGuard()]
+        return []
 
     def on_train_start(self) -> None:
         if self.label_predictor is not None and not self.label_predictor.scaling_unchanged():

@@ -205,3 +205,93 @@ def test_a_moved_run_resumes_with_its_best_checkpoint_and_scores(tmp_path):
     assert moved["best_model_path"] == os.path.join(here, "a.ckpt") and moved["dirpath"] == str(here)
     assert list(moved["best_k_models"]) == [os.path.join(here, "a.ckpt")] and moved["kth_best_model_path"] == ""
     assert not relocate_checkpoint_state(moved, str(here)), "already in place"
+
+
+class _WithModel(pl.LightningModule):
+    """SchNetPack's EMA callback averages ``pl_module.model``'s parameters: a linear ``model`` trained with SGD on
+    batches whose order matters (so a wrong resume shows in the weights); records the weights each update starts
+    from."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(2, 1)
+        self.start_weights: list = []
+
+    def training_step(self, batch, batch_idx):
+        self.start_weights.append(torch.cat([p.detach().reshape(-1).clone() for p in self.model.parameters()]))
+        x = batch.reshape(-1, 1).repeat(1, 2) * torch.tensor([1.0, -0.5])
+        return (self.model(x) - batch.reshape(-1, 1).sin()).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(batch.reshape(-1, 1).repeat(1, 2)).pow(2).mean(), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.02)
+
+
+def _ema_trainer(path, ema: bool = True, guard: bool = True, **kw):
+    from schnetpack.train import ExponentialMovingAverage
+
+    from ekf_plugin.training.callbacks import EMAGuard
+
+    cbs = ([ExponentialMovingAverage(decay=0.9)] if ema else []) + ([EMAGuard()] if ema and guard else [])
+    return pl.Trainer(default_root_dir=str(path), accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=cbs + kw.pop("callbacks", []), **kw)
+
+
+def test_ema_guard_trains_on_the_training_weights_after_a_validation_inside_an_epoch(tmp_path):
+    """The EMA only averages: with EMAGuard every update starts from the weights of a run without any EMA, also
+    after validations inside an epoch (every 2 of 5 batches) and at an epoch start after an epoch end without a
+    validation; SchNetPack's callback alone starts the updates after such a validation from the averages."""
+    from test_resumable_loader import _Data
+
+    runs = {}
+    for name, ema, guard in (("plain", False, False), ("guarded", True, True), ("host", True, False)):
+        runs[name] = _WithModel()
+        _ema_trainer(tmp_path / name, ema, guard, max_epochs=2, val_check_interval=2).fit(runs[name], datamodule=_Data())
+    assert len(runs["plain"].start_weights) == 10
+    assert all(torch.equal(a, b) for a, b in zip(runs["plain"].start_weights, runs["guarded"].start_weights))
+    # the host's callback alone: the update after the first validation (after batch 2 of epoch 0) starts from the
+    # averages, and the first update of epoch 1 from the weights kept at the last validation (update 5 undone)
+    host = runs["host"].start_weights
+    assert torch.equal(runs["plain"].start_weights[1], host[1]) and not torch.equal(runs["plain"].start_weights[2], host[2])
+
+
+@pytest.mark.parametrize("stop", ["step", "validation_in_epoch", "validation_at_epoch_end"])
+@pytest.mark.parametrize("guard", [True, False])
+def test_ema_guard_resumes_from_the_training_weights(tmp_path, stop, guard):
+    """With SchNetPack's ExponentialMovingAverage callback, a run resumed from a checkpoint written inside an epoch
+    (the model holds the training weights) or at a validation (it holds the averages, the training weights are set
+    aside) ends with the uninterrupted run's weights and averages when EMAGuard is there; without it the resumed
+    run trains on from the averages and ends elsewhere (this test's check that the cases are real ones)."""
+    from schnetpack.train import ExponentialMovingAverage
+    from test_resumable_loader import _Data
+
+    every = dict(val_check_interval=3) if stop == "validation_in_epoch" else {}
+    full = _WithModel()
+    _ema_trainer(tmp_path / "full", guard=guard, max_epochs=3, **every).fit(full, datamodule=_Data())  # 5 steps/epoch
+    if stop == "step":  # inside epoch 1
+        first = dict(max_steps=7, callbacks=[pl.callbacks.ModelCheckpoint(
+            dirpath=str(tmp_path / "c"), filename="last", every_n_train_steps=1, enable_version_counter=False)])
+    else:  # at the validation after update 8 (inside epoch 1), or at the one ending epoch 0
+        first = dict(max_steps=8, **every) if stop == "validation_in_epoch" else dict(max_epochs=1)
+        from ekf_plugin.training.callbacks import LatestCheckpoint
+
+        first["callbacks"] = [LatestCheckpoint(dirpath=str(tmp_path / "c"), filename="last", every_n_train_steps=1000)]
+    _ema_trainer(tmp_path / "part", guard=guard, **first).fit(_WithModel(), datamodule=_Data())
+    ckpt = torch.load(tmp_path / "c" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == {"step": 7, "validation_in_epoch": 8, "validation_at_epoch_end": 5}[stop]
+    if guard:
+        assert ckpt["callbacks"]["EMAGuard"]["swapped"] is (stop != "step")
+    resumed = _WithModel()
+    tr = _ema_trainer(tmp_path / "resumed", guard=guard, max_epochs=3, **every)
+    tr.fit(resumed, datamodule=_Data(), ckpt_path=str(tmp_path / "c" / "last.ckpt"), weights_only=False)
+    same = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+    if guard:
+        assert same, "EMAGuard: the uninterrupted run's weights"
+        ema_full = next(c for c in full.trainer.callbacks if isinstance(c, ExponentialMovingAverage)).ema
+        ema_res = next(c for c in tr.callbacks if isinstance(c, ExponentialMovingAverage)).ema
+        assert all(torch.equal(a, b) for a, b in zip(ema_full.shadow_params, ema_res.shadow_params))
+    elif stop != "validation_in_epoch":  # (there the host's run itself trains on from the averages)
+        assert not same, "SchNetPack's callback alone: the resumed run ends elsewhere"

@@ -103,3 +103,43 @@ def test_a_checkpoint_of_another_training_set_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not the same training set"):
         _trainer(tmp_path / "b", max_epochs=1).fit(_Recorder(), datamodule=_Data(n=12),
                                                   ckpt_path=str(tmp_path / "c" / "last.ckpt"), weights_only=False)
+
+
+def test_install_resumable_order_replaces_only_schnetpacks_plain_shuffled_loader(tmp_path):
+    """What PaperScheduleTask does to the datamodule of any SchNetPack experiment: its RandomSampler loader (built in
+    setup when a transform reads statistics, or not built yet) becomes the resumable one, with its batch size;
+    a datamodule with its own train sampler, a loader already resumable, and a distributed strategy are left alone."""
+    import sys
+
+    import schnetpack as spk
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from _toy import write_copper_database
+
+    from ekf_plugin.training.resumable_loader import install_resumable_order
+
+    db = write_copper_database(tmp_path / "cu.db", n_frames=6)
+
+    def datamodule(**kw):
+        dm = spk.data.AtomsDataModule(str(db), batch_size=2, num_train=4, num_val=2, num_workers=0,
+                                      split_file=str(tmp_path / "split.npz"), **kw)
+        dm.setup()
+        return dm
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    dm = datamodule()
+    host = dm.train_dataloader()  # SchNetPack's own: shuffled by a RandomSampler
+    assert isinstance(host.sampler, torch.utils.data.RandomSampler)
+    assert install_resumable_order(dm, trainer, seed=5)
+    mine = dm.train_dataloader()
+    assert isinstance(mine.sampler, EpochPermutation) and mine.sampler.seed == 5 and mine.batch_size == 2
+    assert sorted(i for b in mine for i in b["_idx"].tolist()) == sorted(int(i) for i in dm.train_idx)
+    assert callable(mine.state_dict) and not install_resumable_order(dm, trainer, seed=5)  # already resumable
+    fresh = datamodule()  # loader not built yet: installed before SchNetPack builds its own
+    assert install_resumable_order(fresh, trainer, seed=1) and isinstance(fresh.train_dataloader().sampler, EpochPermutation)
+    own = datamodule(train_sampler_cls=spk.data.StratifiedSampler, train_sampler_args={
+        "partition_criterion": spk.data.PropertyCriterion(property_key="energy"), "num_bins": 2, "replacement": True})
+    assert not install_resumable_order(own, trainer, seed=1)
+    ddp = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+    assert not install_resumable_order(datamodule(), ddp, seed=1)
+    assert not install_resumable_order(object(), trainer, seed=1)  # not an AtomsDataModule
