@@ -63,6 +63,12 @@ def grouped_force_errors(
     """
     err = (outputs[key] - batch[key]).reshape(-1, 3)  # (N, 3)
     groups = draw_force_groups(err.shape[0], n_groups, group_size, generator, err.device)  # (G, S)
+    return group_errors(err, groups)  # (G,)
+
+
+def group_errors(err: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """ξ_g = mean abs over the 3·S force components of group g: err (N, 3) force errors, groups (G, S) atom
+    indices; shape (G,), force units (:func:`grouped_force_errors`)."""
     return err[groups].abs().mean(dim=(1, 2))  # (G,)
 
 

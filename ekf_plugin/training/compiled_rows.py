@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ekf_plugin.jacobian import flatten_grads
-from ekf_plugin.labels import draw_force_groups
+from ekf_plugin.labels import N_ATOMS, draw_force_groups, energy_errors, group_errors
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ class CompiledReducedRows:
 
     def __init__(self, model: torch.nn.Module, params: List[torch.Tensor], energy_key: str = "energy",
                  forces_key: str = "forces") -> None:
-        from ekf_plugin.training.schedule import _force_module  # noqa: PLC0415
+        from ekf_plugin.training.schedule import schnetpack_force_module  # noqa: PLC0415
 
         self.params, self.energy_key, self.forces_key = list(params), energy_key, forces_key
         self.reason: Optional[str] = None  # why the compiled path is off (None: on)
-        fmod = _force_module(model, energy_key, forces_key)
+        fmod = schnetpack_force_module(model, energy_key, forces_key)
         try:
             from schnetpack.model import NeuralNetworkPotential  # noqa: PLC0415
         except ImportError:  # pragma: no cover - schnetpack is a dependency
@@ -103,7 +103,7 @@ class CompiledReducedRows:
         pos = inp[R].detach().requires_grad_()  # (N, 3)
         inp[R] = pos
         E = self._energy_model(inp)[self.energy_key].reshape(-1)  # (B,)
-        e = (E.detach() - e_ref) / nat  # (B,) ΔE (per atom)
+        e = energy_errors({"e": E.detach()}, {"e": e_ref, N_ATOMS: nat}, "e", per_atom=True)  # (B,) ΔE/nat
         sign = torch.sign(e)  # (B,)
         u = torch.where(sign == 0, torch.ones_like(sign), sign) / (nat * e.numel())  # (B,) ∂ mean|ΔE|/∂E_b
         grads = torch.autograd.grad(E, [pos, *params], grad_outputs=u, create_graph=True, allow_unused=True)
@@ -114,7 +114,7 @@ class CompiledReducedRows:
         ones = torch.ones(G, S, dtype=F.dtype, device=F.device)  # (G, S)
         count = torch.zeros(G, F.shape[0], dtype=F.dtype, device=F.device).scatter_add_(1, groups, ones)  # (G, N)
         cot = count.unsqueeze(-1) * torch.sign(err).unsqueeze(0) / (3 * S)  # (G, N, 3) ∂ξ_g/∂F
-        xi = torch.cat([e.abs().mean().reshape(1), err[groups].abs().mean(dim=(1, 2))])  # (1 + G,)
+        xi = torch.cat([e.abs().mean().reshape(1), group_errors(err, groups)])  # (1 + G,)
         rows = [row_e]
         for g in range(G):
             rows.append(flatten_grads(torch.autograd.grad(F, params, grad_outputs=cot[g], retain_graph=True,

@@ -142,7 +142,7 @@ def reduced_row_errors(
 
 
 
-def _force_module(model: torch.nn.Module, energy_key: str, forces_key: str):
+def schnetpack_force_module(model: torch.nn.Module, energy_key: str, forces_key: str):
     """The output module that computes ``forces_key`` as −∂E/∂R, if it is SchNetPack's ``Forces`` (or a
     subclass) without stress, the last output module, and the only one with a ``force_key``; else None."""
     mods = list(getattr(model, "output_modules", None) or [])
@@ -200,7 +200,7 @@ def reduced_rows_with_jacobian(
         path does not apply (no energy row, no force rows, stress or custom force modules, ΔE = 0 exactly);
         nothing has been drawn from ``generator`` then.
     """
-    fmod = _force_module(model, energy_key, forces_key)
+    fmod = schnetpack_force_module(model, energy_key, forces_key)
     if fmod is None or c_energy <= 0 or c_forces <= 0 or n_force_groups <= 0 or not torch.is_grad_enabled():
         return None
     from schnetpack.properties import R  # noqa: PLC0415
