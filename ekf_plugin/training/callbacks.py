@@ -96,7 +96,7 @@ class EMAGuard(pl.Callback):
 
     That callback puts the averaged weights into the model at ``on_fit_start`` and at every validation start
     (keeping the training weights aside with ``store()``), so that validation and the checkpoints written at it see
-    the averages, and takes the training weights back only at the start of a training epoch. Two cases miss that:
+    the averages, and takes the training weights back only at the start of a training epoch. Three cases miss that:
 
     - **A validation inside an epoch** (``trainer.val_check_interval`` < one epoch, as ``experiment=water_painn_adam``
       has): the updates after it start from the averages, i.e. every validation replaces the training weights by

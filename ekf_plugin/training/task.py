@@ -452,8 +452,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
     def setup(self, stage: Optional[str] = None) -> None:
         """Before SchNetPack fits the transforms: with ``resumable_order``, give the datamodule's training loader an
         order that a checkpoint restores (:func:`~ekf_plugin.training.resumable_loader.install_resumable_order`);
-        with the BPNN label predictor, compute the training frames' symmetry functions once, fit the scaling from them (if not fitted yet) and keep them cached, so the
-        first epoch does not compute them a second time (progress bar on stderr)."""
+        with the BPNN label predictor, compute the training frames' symmetry functions once, fit the scaling from
+        them (if not fitted yet) and keep them cached, so the first epoch does not compute them a second time
+        (progress bar on stderr)."""
         # Lightning notes at every step checkpoint of a manually optimised module that it holds the weights after
         # the update (15 lines per run in the log): that is this task's contract (the weights, P and the label RNG
         # of the same update are saved together and resume exactly), so that one note is dropped in this process
@@ -472,8 +473,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         super().setup(stage)
 
     def configure_callbacks(self):
-        """With SchNetPack's EMA callback in the trainer: :class:`~ekf_plugin.training.callbacks.EMAGuard`, so a
-        resumed run continues from the training weights, not the averages."""
+        """With SchNetPack's EMA callback in the trainer: :class:`~ekf_plugin.training.callbacks.EMAGuard`, so that
+        training goes on from the training weights, not the averages, after a validation inside an epoch and in a
+        resumed run."""
         trainer = self._trainer
         from schnetpack.train import ExponentialMovingAverage  # noqa: PLC0415
 
