@@ -119,6 +119,7 @@ def test_spktrain_task_ekf_is_a_drop_in_for_schnetpacks_own_experiment(tmp_path)
         "+trainer.enable_progress_bar=false", "+seed=3",
         "callbacks=[checkpoint,earlystopping,lrmonitor,ema,latest_checkpoint]",
         "callbacks.latest_checkpoint.every_n_train_steps=1",
+        "task.optimizer_args.blocks=2048", "task.optimizer_args.dtype=float32",  # P 0.1 GB, not 0.5, per checkpoint
     ]
     one = {"OMP_NUM_THREADS": "1"}
     res = run_cli(args + ["run.id=t"], env_extra=one, cwd=tmp_path, timeout=600)
