@@ -7,7 +7,7 @@ costs about as much as an EKF energy update (~8 ms per step on one core).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -20,8 +20,8 @@ __all__ = ["MemoryCachedNeighborList"]
 class MemoryCachedNeighborList(Transform):
     """Wrap a SchNetPack neighbour-list transform and remember its result per frame, in memory.
 
-    The key is the dataset index ``_idx``; each entry also stores a checksum of the frame's positions,
-    cell and atomic numbers, and a frame whose checksum changed is recomputed (no stale lists, unlike a
+    The key is the dataset index ``_idx``; each entry also keeps the frame's positions, cell, atomic numbers
+    and pbc as bytes, and a frame where any of them changed (bitwise) is recomputed (no stale lists, unlike a
     cache on disk keyed by index alone). Stored compactly: pair indices as int16/int32 and the periodic
     shifts as the few distinct shift vectors U (K, 3) int8 (K ≤ 127; 47 on the 192-atom water frames, whose
     cutoff exceeds half the box) plus one int8 code per pair, so a hit rebuilds ``offsets = (U @ cell)[codes]``
@@ -48,17 +48,20 @@ class MemoryCachedNeighborList(Transform):
         self.hits = self.misses = 0
         # per frame: (checksum, idx_i, idx_j, shifts (P, 3) int8 or distinct shifts U (K, 3) int8, codes (P,) int8
         # or None)
-        self._cache: Dict[int, Tuple[Tuple[float, ...], torch.Tensor, torch.Tensor, torch.Tensor,
+        self._cache: Dict[int, Tuple[Tuple[Any, ...], torch.Tensor, torch.Tensor, torch.Tensor,
                                      Optional[torch.Tensor]]] = {}
 
     @staticmethod
-    def _checksum(inputs: Dict[str, torch.Tensor]) -> Tuple[float, ...]:
-        r = inputs[props.R].detach().to(torch.float64)  # (N, 3)
-        cell = inputs[props.cell].detach().to(torch.float64).reshape(-1)  # (9,)
-        z = inputs[props.Z].to(torch.float64)  # (N,)
-        w = torch.arange(1, r.numel() + 1, dtype=torch.float64)  # (3N,) position-dependent weights
-        return (float(r.numel()), float((r.reshape(-1) * w).sum()), float((r * r).sum()), float(cell.sum()),
-                float((cell * cell).sum()), float((z * w[: z.numel()]).sum()))
+    def _checksum(inputs: Dict[str, torch.Tensor]) -> Tuple[Any, ...]:
+        """The frame's positions, cell, atomic numbers and pbc as bytes (with dtypes and shapes): a hit needs
+        them bitwise equal (~5 µs on 192 atoms; the weighted sums this replaces took ~70 µs a step)."""
+        parts = []
+        for key in (props.R, props.cell, props.Z, props.pbc):
+            t = inputs.get(key)
+            if t is not None:
+                t = t.detach()
+                parts += [str(t.dtype), tuple(t.shape), t.cpu().contiguous().numpy().tobytes()]
+        return tuple(parts)
 
     def forward(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         key = int(inputs[props.idx].reshape(-1)[0]) if props.idx in inputs else None
@@ -85,7 +88,7 @@ class MemoryCachedNeighborList(Transform):
             return torch.mm(shifts.to(cell.dtype), cell)  # (P, 3)
         return torch.mm(shifts.to(cell.dtype), cell).index_select(0, codes.long())  # (K, 3) -> (P, 3)
 
-    def _store(self, key: int, check: Tuple[float, ...], inputs: Dict[str, torch.Tensor], cell: torch.Tensor) -> None:
+    def _store(self, key: int, check: Tuple[Any, ...], inputs: Dict[str, torch.Tensor], cell: torch.Tensor) -> None:
         idx_i, idx_j, off = inputs[props.idx_i], inputs[props.idx_j], inputs[props.offsets]  # (P,), (P,), (P, 3)
         if off.numel():
             shifts = torch.linalg.solve(cell.T.to(torch.float64), off.T.to(torch.float64)).T.round()  # (P, 3)
@@ -118,7 +121,8 @@ class MemoryCachedNeighborList(Transform):
 
     @staticmethod
     def _nbytes(entry) -> int:
-        return sum(t.numel() * t.element_size() for t in entry[1:] if t is not None)
+        return (sum(t.numel() * t.element_size() for t in entry[1:] if t is not None)
+                + sum(len(b) for b in entry[0] if isinstance(b, bytes)))
 
     def extra_repr(self) -> str:
         return f"{self.neighbor_list!r}, cached={len(self._cache)} frames, {self.nbytes / 2**20:.1f} MiB"

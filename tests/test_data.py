@@ -230,3 +230,34 @@ def test_water_datamodule_serves_rows_from_memory_after_the_first_read(tmp_path)
         assert set(item) == set(ref)
         for k in ref:
             assert torch.equal(item[k], ref[k]), k
+
+
+def test_one_structure_collate_equals_schnetpacks_and_shares_nothing_between_batches(tmp_path):
+    """atoms_collate (the water data module's training loader under a trainer): one structure gives SchNetPack's
+    batch (keys, dtypes, values), without aliasing between two batches of the same frame; several structures
+    are SchNetPack's own function."""
+    import pytorch_lightning as pl
+    from schnetpack.data.loader import _atoms_collate_fn
+
+    from ekf_plugin.data import WaterDataModule, atoms_collate
+
+    dm = WaterDataModule(datapath=str(tmp_path / "w.db"), source=str(_extxyz()), max_frames=4, batch_size=1,
+                         num_train=3, num_val=1, num_test=0, num_workers=0, split_file=str(tmp_path / "split.npz"))
+    dm.prepare_data()
+    dm.setup()
+    train = dm.train_dataset
+    ref = _atoms_collate_fn([train[1]])
+    got = atoms_collate([train[1]])
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    assert got["_idx_i"].data_ptr() != got["_idx_i_local"].data_ptr()
+    again = atoms_collate([train[1]])
+    got["_positions"] += 1.0
+    got["_idx_i"] += 1
+    assert torch.equal(again["_positions"], ref["_positions"]) and torch.equal(again["_idx_i"], ref["_idx_i"])
+    two = [train[0], train[2]]
+    ref2, got2 = _atoms_collate_fn(two), atoms_collate(two)
+    assert set(ref2) == set(got2) and all(torch.equal(ref2[k], got2[k]) for k in ref2)
+    dm.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert dm.train_dataloader().collate_fn is atoms_collate

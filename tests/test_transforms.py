@@ -41,6 +41,13 @@ def test_cached_lists_equal_fresh_ones_bitwise_and_follow_changes():
     assert cached.misses == 3, "a frame whose positions changed under the same _idx is recomputed"
     ref = plain(_frame(3, seed=3) | {props.R: moved[props.R]})
     assert torch.equal(out[props.idx_j], ref[props.idx_j]) and torch.equal(out[props.offsets], ref[props.offsets])
+    for key, value in ((props.pbc, torch.tensor([True, True, False])), (props.Z, torch.as_tensor([8, 1, 1] * 6)[[1, 0, 2] * 6])):
+        changed = _frame(8, seed=8) | {key: value}
+        before = cached.misses
+        out = cached(changed)
+        assert cached.misses == before + 1, f"a frame whose {key} changed is recomputed"
+        ref = plain(_frame(8, seed=8) | {key: value})
+        assert torch.equal(out[props.idx_j], ref[props.idx_j]) and torch.equal(out[props.offsets], ref[props.offsets])
 
 
 def test_memory_cap():

@@ -53,14 +53,6 @@ def supports_closed_form(networks: nn.Module) -> bool:
     return isinstance(networks, ElementNetworks) and all(_layers(n) is not None for n in networks.networks)
 
 
-def _act(a: nn.Module, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, σ'(z), σ''(z)/σ'(z)) for the activation ``a``; same shape as z."""
-    if isinstance(a, nn.Tanh):
-        h = torch.tanh(z)
-        return h, 1.0 - h * h, -2.0 * h
-    return z, torch.ones_like(z), torch.zeros_like(z)
-
-
 class NetworkJacobians:
     """Energy and force-label rows of :class:`ElementNetworks` in the column order of ``params``.
 
@@ -83,9 +75,42 @@ class NetworkJacobians:
         self.n = off
         # per element: per layer (offset of W or None, offset of b or None)
         self.slots: List[List[Tuple[Optional[int], Optional[int]]]] = []
+        self._stacks: List[Tuple[List[nn.Linear], List[bool]]] = []  # per element: linears, whether each act is tanh
         for net in networks.networks:
-            linears, _ = _layers(net)
+            linears, acts = _layers(net)
             self.slots.append([(offsets.get(id(m.weight)), offsets.get(id(m.bias))) for m in linears])
+            self._stacks.append((linears, [isinstance(a, nn.Tanh) for a in acts]))
+        # where the slots tile the row [0, n) (every parameter a network weight, none twice): (element, layer,
+        # 0 for ∂W / 1 for ∂b) in row order, so a row is one torch.cat of the pieces (12 fewer ops per element
+        # than writing each piece into a zeroed row: ~0.1 ms of a BPNN force update's 1.2 ms of rows)
+        pieces = sorted((off, e, l, kind) for e, layer_slots in enumerate(self.slots)
+                        for l, pair in enumerate(layer_slots) for kind, off in enumerate(pair) if off is not None)
+        sizes = {id(p): p.numel() for p in self.params}
+        size_of = {(e, l, kind): sizes[id(m.weight if kind == 0 else m.bias)]
+                   for e, (linears, _) in enumerate(self._stacks) for l, m in enumerate(linears) for kind in (0, 1)}
+        end = 0
+        for off, e, l, kind in pieces:
+            end = end + size_of[(e, l, kind)] if off == end else -1
+        self._order: Optional[List[Tuple[int, int, int]]] = (
+            [(e, l, kind) for _, e, l, kind in pieces] if end == self.n else None)
+
+    def _assemble(self, k: int, like: torch.Tensor, grads: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        """Rows (k, n) from per element e the per-layer (∂W (k, out, in), ∂b (k, out)); elements absent from
+        ``grads`` (no atoms of theirs) get zero columns."""
+        if self._order is None:
+            rows = like.new_zeros(k, self.n)  # (k, n)
+            for e, g in grads.items():
+                self._put(rows, e, g)
+            return rows
+        parts = []
+        for e, l, kind in self._order:
+            g = grads.get(e)
+            if g is None:
+                m = self._stacks[e][0][l]
+                parts.append(like.new_zeros(k, (m.weight if kind == 0 else m.bias).numel()))
+            else:
+                parts.append(g[l][kind].reshape(k, -1))
+        return torch.cat(parts, 1)  # (k, n)
 
     def _put(self, rows: torch.Tensor, e: int, grads: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write per-layer (∂W (k, out, in), ∂b (k, out)) of element e into rows (k, n)."""
@@ -97,11 +122,15 @@ class NetworkJacobians:
 
     def _forward(self, e: int, x: torch.Tensor):
         """Hidden states of element e's network for inputs x (N_e, W_e): lists h (N_e, H_l), σ', σ''/σ'."""
-        linears, acts = _layers(self.networks.networks[e])
+        linears, tanh = self._stacks[e]
         hs, d1, d2 = [x], [], []
-        for lin, act in zip(linears[:-1], acts):
-            h, s1, s2 = _act(act, torch.nn.functional.linear(hs[-1], lin.weight, lin.bias))  # (N_e, H_l)
-            hs.append(h), d1.append(s1), d2.append(s2)
+        for lin, is_tanh in zip(linears[:-1], tanh):
+            z = torch.nn.functional.linear(hs[-1], lin.weight, lin.bias)  # (N_e, H_l)
+            if is_tanh:
+                h = torch.tanh(z)
+                hs.append(h), d1.append(1.0 - h * h), d2.append(-2.0 * h)
+            else:
+                hs.append(z), d1.append(torch.ones_like(z)), d2.append(torch.zeros_like(z))
         return linears, hs, d1, d2
 
     @torch.no_grad()
@@ -110,12 +139,12 @@ class NetworkJacobians:
         nets = self.networks
         scale = nets.energy_scale.to(s.dtype)
         energy = nets.atom_energy.to(s.dtype)[species].sum().reshape(1)  # (1,) eV
-        row = s.new_zeros(1, self.n)  # (1, n)
-        for e in range(len(nets.networks)):
+        per_element = {}
+        for e, n_in in enumerate(nets.n_in):
             idx = torch.nonzero(species == e).squeeze(-1)  # (N_e,)
             if not idx.numel():
                 continue
-            linears, hs, d1, _ = self._forward(e, s.index_select(0, idx)[:, : nets.n_in[e]])
+            linears, hs, d1, _ = self._forward(e, s.index_select(0, idx)[:, :n_in])
             out = linears[-1]
             energy = energy + scale * (hs[-1] @ out.weight[0] + out.bias[0]).sum()  # (1,)
             grads = [None] * len(linears)
@@ -125,8 +154,8 @@ class NetworkJacobians:
                 grads[l] = (scale * (delta.T @ hs[l])[None], scale * delta.sum(0)[None])  # (1, H_l, H_{l−1}), (1, H_l)
                 if l:
                     delta = (delta @ linears[l].weight) * d1[l - 1]  # (N_e, H_{l−1})
-            self._put(row, e, grads)
-        return energy, row
+            per_element[e] = grads
+        return energy, self._assemble(1, s, per_element)  # (1,), (1, n)
 
     @torch.no_grad()
     def forces(
@@ -138,12 +167,11 @@ class NetworkJacobians:
         k = columns.shape[0]
         scale = nets.energy_scale.to(s.dtype)
         force = s.new_zeros(k)  # (k,)
-        rows = s.new_zeros(k, self.n)  # (k, n)
-        for e in range(len(nets.networks)):
+        per_element = {}
+        for e, w_in in enumerate(nets.n_in):
             idx = torch.nonzero(species == e).squeeze(-1)  # (N_e,)
             if not idx.numel():
                 continue
-            w_in = nets.n_in[e]
             linears, hs, d1, d2 = self._forward(e, s.index_select(0, idx)[:, :w_in])
             out = linears[-1]
             L = len(linears) - 1  # hidden layers
@@ -168,5 +196,5 @@ class NetworkJacobians:
                 if l:
                     hbar = zbar @ linears[l].weight  # (k, N_e, H_{l−1})
                     delta = (delta @ linears[l].weight) * d1[l - 1]  # (N_e, H_{l−1})
-            self._put(rows, e, grads)
-        return force, rows
+            per_element[e] = grads
+        return force, self._assemble(k, s, per_element)  # (k,), (k, n)

@@ -287,7 +287,7 @@ def label_errors(
             parts.append(err * weight)  # (1,)
             rows.append(None if e_rows is None else e_rows[b : b + 1] * weight)  # (1, n)
         else:
-            ref_all = batch[forces_key][idx_m == b].reshape(-1)  # (3N_b,)
+            ref_all = (batch[forces_key] if n_atoms.numel() == 1 else batch[forces_key][idx_m == b]).reshape(-1)  # (3N_b,)
             if selection is None:
                 pick = draw_components(ref_all.numel(), n_force_components, generator)  # (k,) CPU
             else:

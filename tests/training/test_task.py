@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+import schnetpack.properties as spk_props
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _toy import outputs, toy_loaders, toy_model  # noqa: E402
@@ -196,3 +197,63 @@ def test_step_checkpoints_of_the_manual_update_do_not_warn(loaders, tmp_path):
     assert (tmp_path / "last.ckpt").exists()
     assert not [m for m in messages if "manual optimization" in m], messages
     assert "another warning of the run" in messages
+
+
+@pytest.mark.parametrize("flush_every", [1, 3, 1000])
+def test_training_label_rmse_is_every_label_of_the_epoch_however_often_it_is_flushed(flush_every):
+    """The BPNN fast path keeps the training labels and puts them into the RMSE metrics every few updates and at
+    the epoch's end: each epoch's logged train RMSEs are those of all the labels its updates drew (eV/atom, eV/Å),
+    also when the epoch length is not a multiple of the flush interval or the run stops at ``max_steps``."""
+    from tests.bpnn._systems import converter, randomise_scaling, water_cluster, water_pair
+    from ekf_plugin.models import water_bpnn
+
+    model = water_bpnn(dtype=torch.float64, stress=False, seed=3)
+    randomise_scaling(model)
+    model.representation.scaling_fitted.fill_(True)  # no datamodule to fit them from
+    for m in model.modules():
+        if hasattr(m, "atom_energy_fitted"):
+            m.atom_energy_fitted.fill_(True)
+    conv = converter(model)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for k, atoms in enumerate([water_pair(seed=1), water_cluster(2, seed=2), water_pair(seed=3), water_cluster(3, seed=4),
+                               water_pair(seed=5)]):
+        b = conv(atoms)
+        b["energy"] = torch.randn(1, generator=g, dtype=torch.float64)
+        b["forces"] = torch.randn(b[spk_props.R].shape, generator=g, dtype=torch.float64)
+        b[spk_props.idx] = torch.tensor([k])
+        batches.append(b)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    task = PaperScheduleTask(model, outputs(), optimizer_cls=EKF, optimizer_args={"lr": 1e-2}, seed=1,
+                             n_force_components=4)
+    assert task.label_predictor is not None
+    task.LABEL_FLUSH_EVERY = flush_every
+    drawn = []  # per epoch: the (pred, ref) pairs of every update
+    orig = task._update_label_rmse
+
+    def record(labels, n, log=True, flush=False):
+        drawn[-1].append({k: list(v) for k, v in labels.items()})
+        return orig(labels, n, log, flush)
+
+    task._update_label_rmse = record
+    logged = []
+
+    class Epochs(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            drawn.append([])
+
+        def on_train_epoch_end(self, trainer, module):
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")})
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, callbacks=[Epochs()], enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, inference_mode=False, max_epochs=3,
+                         max_steps=13, limit_val_batches=0)
+    trainer.fit(task, loader)
+    assert [len(d) for d in drawn] == [5, 5, 3]
+    for epoch, (updates, got) in enumerate(zip(drawn, logged)):
+        for kind, name in (("energy", "train_energy_per_atom_rmse"), ("forces", "train_forces_rmse_all")):
+            pairs = [p for u in updates for p in u.get(kind, [])]
+            if not pairs:
+                continue
+            err = torch.cat([p.double() - r.double() for p, r in pairs])
+            assert got[name] == pytest.approx(float(err.pow(2).mean().sqrt()), rel=1e-6), (epoch, kind)  # logged as float32
