@@ -454,6 +454,10 @@ def _cpu_step_timer():
                 shard = getattr(opt, "shard", None)
                 phase(shard, "xt_and_diag", "xt_and_diag")
                 phase(shard, "_all_reduce", "all_reduce")
+                comm = getattr(opt, "process_group", None)  # a SharedMemoryGroup: the waits for the other process
+                phase(comm if hasattr(comm, "_wait") else None, "_wait", "shm_wait")
+            # Lightning's per-step check that no process got SIGTERM (a collective under DDP)
+            phase(trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor", "sigterm_broadcast")
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             super().on_train_epoch_start(trainer, pl_module)
@@ -490,7 +494,8 @@ def CpuStepTimer(path: str):  # noqa: N802 - a Hydra target that builds the call
 
 
 def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None, overrides=(),
-                           prefix="spktrain_2proc_", runs=("1proc", "split", "streams")) -> Dict[str, float]:
+                           prefix="spktrain_2proc_", runs=("1proc", "split", "streams"),
+                           run_overrides=()) -> Dict[str, float]:
     """One process against two (Lightning DDP, gloo, one thread each) sharing one EKF, through ``spktrain
     experiment=water_bpnn_ekf`` on the revPBE0-D3 frames (80 % training frames), the study's mix,
     validation on 2 frames (not timed), updates timed by :mod:`benchmarks.step_timer` (mean step after the first, 2 epochs):
@@ -505,7 +510,9 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
     Labels/s use the expected labels per update of the mix (5.5 per structure). ``pause``: a callable run
     as ``pause(True)`` before and ``pause(False)`` after the timed runs (e.g. to stop a background job).
     ``overrides``: further Hydra overrides for every run (e.g. :data:`README_PROTOCOL`, whose labels per update
-    are 0.1·1 + 0.9·10); the figures' names start with ``prefix``; ``runs``: which of the three to time.
+    are 0.1·1 + 0.9·10); the figures' names start with ``prefix``; ``runs``: which of the three to time;
+    ``run_overrides``: overrides of the timed (DDP) runs only, e.g. ``("task.optimizer_args.comm=torch",
+    "trainer.strategy.shared_memory_check=false")`` for the exchanges through gloo as before session 25.
     """
     if not DATA.exists():
         return {f"{prefix}skipped_no_data": 1.0}
@@ -534,7 +541,8 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
         try:
             for name, extra in runs.items():
                 path = f"{tmp}/steps_{name}_" + "${oc.env:LOCAL_RANK,0}.json"  # one file per process
-                res = subprocess.run(base + extra + [f"run.id={name}", f"+callbacks.step_timer.path={path}"],
+                res = subprocess.run(base + extra + list(run_overrides) + [f"run.id={name}",
+                                                                           f"+callbacks.step_timer.path={path}"],
                                      cwd=tmp, env=env, capture_output=True, text=True, timeout=3600)
                 if res.returncode != 0:
                     raise RuntimeError(res.stderr[-3000:])

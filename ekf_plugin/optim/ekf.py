@@ -93,6 +93,7 @@ import torch
 
 from ekf_plugin.jacobian import flat_jacobian
 from ekf_plugin.optim.kernels import FilterKernel, select_kernel
+from ekf_plugin.optim.shared_memory import SharedMemoryGroup, all_gather
 from ekf_plugin.optim.sharded import ShardPlan, process_group_info, split_rows
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,10 @@ class EKF(torch.optim.Optimizer):
         innovation_gate: reject updates with max abs(ξᵢ)/√Aᵢᵢ above this (None = off; e.g. 10).
         kernel: ``"auto"``, ``"blas"``, ``"torch"`` (module docstring, :mod:`ekf_plugin.optim.kernels`) or
             ``"native"`` (compiled thin-update kernel for large blocked P, :mod:`ekf_plugin.optim.native`).
+        comm: how the processes exchange the labels and X = P Jᵀ of an update: ``"auto"`` (default) through
+            shared memory when they are all on this machine (an x86 CPU, P on the CPU, room in ``/dev/shm``;
+            :class:`~ekf_plugin.optim.shared_memory.SharedMemoryGroup`, built collectively here), else
+            ``torch.distributed``; ``"torch"``: always ``torch.distributed``.
     """
 
     def __init__(
@@ -226,6 +231,7 @@ class EKF(torch.optim.Optimizer):
         shard: str = "auto",
         label_split: bool = False,
         defer_rows: int = 32,
+        comm: str = "auto",
     ) -> None:
         _check(lr > 0 and math.isfinite(lr), f"lr (η) must be a finite number > 0, got {lr}")
         _check(p0 > 0 and math.isfinite(p0), f"p0 must be a finite number > 0, got {p0}")
@@ -240,6 +246,7 @@ class EKF(torch.optim.Optimizer):
         _check(innovation_gate is None or innovation_gate > 0, f"innovation_gate must be > 0 or None, got {innovation_gate}")
         _check(shard in SHARD_MODES, f"shard must be one of {SHARD_MODES}, got {shard!r}")
         _check(int(defer_rows) >= 0, f"defer_rows must be >= 0, got {defer_rows}")
+        _check(comm in ("auto", "torch"), f"comm must be 'auto' or 'torch', got {comm!r}")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         _check(dtype in (torch.float32, torch.float64), f"dtype must be float32 or float64, got {dtype}")
@@ -278,6 +285,11 @@ class EKF(torch.optim.Optimizer):
         rank, world = process_group_info(process_group)
         self.shard: Optional[ShardPlan] = None
         same_rows = multistream or label_split  # ξ and J the same on every process
+        if world > 1 and comm == "auto" and self._params[0].device.type == "cpu" and (same_rows or shard == "rows"):
+            shm = SharedMemoryGroup.create(process_group, capacity=_message_bytes(self.n, dtype))
+            if shm is not None:  # the same decision on every process (create is collective)
+                self.process_group = process_group = shm
+                log.info("EKF: the processes exchange labels and X = P Jᵀ through shared memory")
         if shard == "rows" or (shard == "auto" and world > 1 and same_rows):
             if world > 1 and not same_rows:
                 raise ValueError("EKF: a sharded P needs the same ξ and J on every process: multistream=True "
@@ -458,22 +470,21 @@ class EKF(torch.optim.Optimizer):
 
     def _gather(self, xi: torch.Tensor, J: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Multistream: all-gather ξ (m_r,) and J (m_r, n) of every process, in rank order."""
-        dist = torch.distributed
-        if not (self.multistream and dist.is_available() and dist.is_initialized()):
+        if not self.multistream:
             return xi, J
-        world = dist.get_world_size(self.process_group)
+        _, world = process_group_info(self.process_group)
         if world == 1:
             return xi, J
         m = torch.tensor([xi.numel()], device=xi.device, dtype=torch.long)
         ms = [torch.zeros_like(m) for _ in range(world)]
-        dist.all_gather(ms, m, group=self.process_group)
+        all_gather(ms, m, self.process_group)
         ms = [int(v.item()) for v in ms]
         mmax = max(ms)
         buf = torch.zeros(mmax, 1 + self.n, dtype=self.dtype, device=xi.device)  # (mmax, 1+n)
         buf[: xi.numel(), 0] = xi
         buf[: xi.numel(), 1:] = J
         out = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(out, buf, group=self.process_group)
+        all_gather(out, buf, self.process_group)
         full = torch.cat([o[:k] for o, k in zip(out, ms)])  # (Σm, 1+n)
         return full[:, 0].contiguous(), full[:, 1:].contiguous()
 
@@ -674,6 +685,12 @@ class EKF(torch.optim.Optimizer):
             "ekf_q": float(st["q"]),
             "ekf_rejected": float(st["rejected"]),
         }
+
+
+def _message_bytes(n: int, dtype: torch.dtype) -> int:
+    """Shared-memory slot size for an EKF over n weights: X = P Jᵀ with diag P for up to 20 labels, or 21 label
+    rows, in the filter dtype (larger messages go through ``torch.distributed``), at most 8 MiB."""
+    return min(21 * (n + 3) * max(torch.finfo(dtype).bits // 8, 8), 8 * 2**20)
 
 
 def _check(ok: bool, msg: str) -> None:

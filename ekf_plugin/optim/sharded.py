@@ -48,12 +48,16 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ekf_plugin.optim.kernels import FilterKernel
+from ekf_plugin.optim.shared_memory import SharedMemoryGroup, all_gather, all_reduce_
 
 __all__ = ["Piece", "ShardPlan", "plan_shards", "triangle_row_split", "split_rows", "process_group_info"]
 
 
 def process_group_info(group: Any = None) -> Tuple[int, int]:
-    """(rank, world size) in ``group`` (the world by default), or (0, 1) without an initialised group."""
+    """(rank, world size) in ``group`` (the world by default; or a
+    :class:`~ekf_plugin.optim.shared_memory.SharedMemoryGroup`), or (0, 1) without an initialised group."""
+    if isinstance(group, SharedMemoryGroup):
+        return group.rank, group.world
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
@@ -145,7 +149,8 @@ class ShardPlan:
     Args:
         blocks: the EKF's blocks [(start, stop), ...] (global weight indices).
         rank, world: this process and the number of processes.
-        group: the ``torch.distributed`` process group (None: the world; unused when ``world == 1``).
+        group: the ``torch.distributed`` process group (None: the world; unused when ``world == 1``) or a
+            :class:`~ekf_plugin.optim.shared_memory.SharedMemoryGroup`.
         kernel: the filter kernel of the diagonal sub-blocks (BLAS: upper triangle only).
     """
 
@@ -204,7 +209,7 @@ class ShardPlan:
 
     def _all_reduce(self, t: torch.Tensor) -> None:
         if self.world > 1:
-            torch.distributed.all_reduce(t, group=self.group)
+            all_reduce_(t, self.group)
 
     # ------------------------------------------------------------------ one update
     def xt_and_diag(self, local: Sequence[torch.Tensor], J: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +283,7 @@ def split_rows(
         buf[1 : 1 + share.numel(), 0] = values.detach().to(torch.float64)
         buf[1 : 1 + share.numel(), 1 : 1 + n] = rows.detach().to(torch.float64)
     out = [torch.empty_like(buf) for _ in range(world)]
-    torch.distributed.all_gather(out, buf, group=group)
+    all_gather(out, buf, group)
     heads = [o[0, : 3 + k] for o in out]
     if any(not torch.equal(h[2:], heads[rank][2:]) for h in heads):
         raise RuntimeError(

@@ -6,6 +6,7 @@ Scenarios (each writes ``OUTDIR/<name>_r<RANK>.pt`` with the weights, the full P
 * ``split``: label_split=True: every rank draws the same 4 inputs, computes a contiguous share of their rows
   with ``EKF.split_rows`` (closed-form (ξ, J) from ``flat_jacobian``);
 * ``blocks``: blocks="tensor" (4 blocks, cut by rows), torch kernel, q > 0, fading memory;
+* ``streams_gloo``, ``split_gloo``: as ``streams``/``split`` with ``comm="torch"`` (gloo instead of shared memory);
 * ``resume``: 5 updates, ``state_dict()`` (written by rank 0 as ``resume_sd.pt``), a fresh sharded optimizer
   loads it and does 5 more; also loads ``OUTDIR/single_sd.pt`` (a 1-process state after 5 updates, if
   present) and continues from it.
@@ -23,6 +24,7 @@ from _ekf_models import mlp, regression_data  # noqa: E402
 
 from ekf_plugin.jacobian import flat_jacobian  # noqa: E402
 from ekf_plugin.optim import EKF  # noqa: E402
+from ekf_plugin.optim.shared_memory import SharedMemoryGroup  # noqa: E402
 
 KW = dict(lr=0.5, q=1e-4)
 
@@ -54,11 +56,15 @@ def run(name: str, rank: int, world: int, out: Path) -> None:
     kw = dict(KW)
     if name == "blocks":
         kw.update(blocks="tensor", kernel="torch", fading_lambda=0.97, fading_nu=0.99, symmetrize_every=3)
-    opt = EKF(net.parameters(), shard="rows", label_split=(name == "split"), **kw)
+    base = name[: -len("_gloo")] if name.endswith("_gloo") else name
+    if base != name:
+        kw["comm"] = "torch"  # the exchanges through gloo, not shared memory
+    opt = EKF(net.parameters(), shard="rows", label_split=(base == "split"), **kw)
+    via_shm = isinstance(opt.process_group, SharedMemoryGroup)
     steps = range(0, 40, 4)
     for k, i in enumerate(steps):
         xb, yb = x[i : i + 4], y[i : i + 4]
-        if name == "split":
+        if base == "split":
             opt.step(split_closure(opt, net, xb, yb))
         else:
             opt.step(lambda: (net(xb[rank::world]) - yb[rank::world]).reshape(-1))
@@ -68,7 +74,7 @@ def run(name: str, rank: int, world: int, out: Path) -> None:
                 torch.save({"sd": sd, "w": [p.detach().clone() for p in net.parameters()]}, out / "resume_sd.pt")
             opt = EKF(net.parameters(), shard="rows", **kw)
             opt.load_state_dict(sd)
-    res = {"w": [p.detach().clone() for p in net.parameters()], "P": opt.covariance(),
+    res = {"w": [p.detach().clone() for p in net.parameters()], "P": opt.covariance(), "shm": via_shm,
            "local_bytes": sum(t.numel() * t.element_size() for t in opt.ekf_state["P"])}
     if name == "resume" and (out / "single_sd.pt").exists():  # continue a 1-process checkpoint with W processes
         saved = torch.load(out / "single_sd.pt")
@@ -90,7 +96,7 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for name in sys.argv[5:] or ["streams", "split", "blocks", "resume", "mismatch"]:
+    for name in sys.argv[5:] or ["streams", "split", "blocks", "resume", "mismatch", "streams_gloo", "split_gloo"]:
         run(name, rank, world, out)
     dist.barrier()  # both ranks done before either tears the group down (gloo aborts on a peer that left)
     dist.destroy_process_group()

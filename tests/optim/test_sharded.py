@@ -124,15 +124,16 @@ def test_two_gloo_processes_share_one_filter(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", port, str(tmp_path)]) for r in range(2)]
     for p in procs:
         assert p.wait(timeout=180) == 0
-    res = {(name, r): torch.load(tmp_path / f"{name}_r{r}.pt") for name in ("streams", "split", "blocks", "resume")
-           for r in range(2)}
-    for name in ("streams", "split", "blocks", "resume"):
+    names = ("streams", "split", "blocks", "resume", "streams_gloo", "split_gloo")
+    res = {(name, r): torch.load(tmp_path / f"{name}_r{r}.pt") for name in names for r in range(2)}
+    for name in names:
         r0, r1 = res[name, 0], res[name, 1]
+        assert r0["shm"] == r1["shm"] == (not name.endswith("_gloo")), f"{name}: shared memory on this machine"
         for a, b in zip(r0["w"], r1["w"]):
             assert torch.equal(a, b), f"{name}: the weights must be bitwise identical on both processes"
         assert torch.equal(r0["P"], r1["P"])
         ref_kw = dict(blocks="tensor", kernel="torch", fading_lambda=0.97, fading_nu=0.99, symmetrize_every=3) if name == "blocks" else {}
-        net, opt = _reference(split=(name == "split"), **ref_kw)
+        net, opt = _reference(split=name.startswith("split"), **ref_kw)
         _close(r0["w"], net)
         torch.testing.assert_close(opt.covariance(), r0["P"], rtol=0, atol=1e-10)
         full = opt.n * opt.n * 8
