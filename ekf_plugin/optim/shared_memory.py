@@ -193,7 +193,7 @@ def _room(nbytes: int) -> bool:
     e.g. in a container with the default 64 MB)."""
     try:
         st = os.statvfs("/dev/shm")
-    except OSError:
+    except (OSError, AttributeError):  # no /dev/shm, or no statvfs (Windows)
         return False
     return st.f_bavail * st.f_frsize >= nbytes
 
