@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -397,20 +397,21 @@ def spktrain_figures(quick=False, overrides=(), prefix="spktrain_", experiment="
             raise RuntimeError(res.stderr[-3000:])
         rec = json.loads(steps_json.read_text())
     out = _Figures()
-    steps = rec["steps_s"]
+    steps, updates, first = _timed_updates(rec)
     out[f"{prefix}frames"] = float(frames)
     out[f"{prefix}first_update_s"] = rec["first_update_time"] - t0
+    out[f"{prefix}updates_per_training_step"] = sum(updates) / len(updates)
     # the study's mix is bimodal (energy updates ~5 ms, force updates ~20 ms): the rate is 1/mean, medians per kind
-    out[f"{prefix}step_ms_median"] = 1e3 * statistics.median(steps)
-    out[f"{prefix}step_ms_mean"] = 1e3 * statistics.fmean(steps)
-    out[f"{prefix}updates_per_s"] = 1 / statistics.fmean(steps)
+    out[f"{prefix}step_ms_median"] = 1e3 * statistics.median(t / n for t, n in zip(steps, updates))  # per update
+    out[f"{prefix}step_ms_mean"] = 1e3 * sum(steps) / sum(updates)  # per update
+    out[f"{prefix}updates_per_s"] = sum(updates) / sum(steps)
     opt_steps = rec.get("optimizer_steps_s", [])
-    if len(opt_steps) > 1:  # the first one is left out of steps_s too
-        out[f"{prefix}optimizer_step_ms_mean"] = 1e3 * statistics.fmean(opt_steps[1:])
+    if len(opt_steps) > first:  # the first step's updates are left out of steps_s too
+        out[f"{prefix}optimizer_step_ms_mean"] = 1e3 * statistics.fmean(opt_steps[first:])
         out[f"{prefix}loop_ms_per_update"] = out[f"{prefix}step_ms_mean"] - out[f"{prefix}optimizer_step_ms_mean"]
     train_steps = rec.get("training_steps_s", [])
-    if len(train_steps) > 1 and len(opt_steps) > 1:  # the loop split: the task's own work / Lightning and data
-        task_ms = 1e3 * statistics.fmean(train_steps[1:]) - out[f"{prefix}optimizer_step_ms_mean"]
+    if len(train_steps) > 1 and len(opt_steps) > first:  # the loop split: the task's own work / Lightning and data
+        task_ms = 1e3 * sum(train_steps[1:]) / sum(updates) - out[f"{prefix}optimizer_step_ms_mean"]
         out[f"{prefix}task_ms_per_update"] = task_ms
         out[f"{prefix}lightning_and_data_ms_per_update"] = out[f"{prefix}loop_ms_per_update"] - task_ms
     # an epoch's time includes its validation (Lightning validates before on_train_epoch_end): split them;
@@ -423,6 +424,13 @@ def spktrain_figures(quick=False, overrides=(), prefix="spktrain_", experiment="
         out[f"{prefix}validation_s"] = statistics.median(vals[1:] or vals)
         out[f"{prefix}validation_over_epoch"] = out[f"{prefix}validation_s"] / out[f"{prefix}epoch_s"]
     return out
+
+
+def _timed_updates(rec: Dict) -> Tuple[List[float], List[int], int]:
+    """(wall seconds of each timed training step, updates each made, updates of the untimed first step) from a
+    :mod:`benchmarks.step_timer` record; one update per step in records without the counts."""
+    steps = rec["steps_s"]
+    return steps, rec.get("updates") or [1] * len(steps), int(rec.get("first_step_updates", 1))
 
 
 def _cpu_step_timer():
@@ -547,19 +555,21 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
                 if res.returncode != 0:
                     raise RuntimeError(res.stderr[-3000:])
                 recs = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"steps_{name}_*.json"))]
-                steps = recs[0]["steps_s"]  # rank 0; the processes wait for each other every update
+                steps, updates, first = _timed_updates(recs[0])  # rank 0; the processes wait for each other every update
                 per_update = 2 * labels if name == "streams" else labels
-                out[f"{prefix}{name}_updates"] = float(len(steps) + 1)
-                out[f"{prefix}{name}_step_ms_mean"] = 1e3 * statistics.fmean(steps)
-                out[f"{prefix}{name}_updates_per_s"] = 1 / statistics.fmean(steps)
-                out[f"{prefix}{name}_labels_per_s"] = per_update / statistics.fmean(steps)
+                step_s = sum(steps) / sum(updates)  # per update
+                out[f"{prefix}{name}_updates"] = float(sum(updates) + first)
+                out[f"{prefix}{name}_step_ms_mean"] = 1e3 * step_s
+                out[f"{prefix}{name}_updates_per_s"] = 1 / step_s
+                out[f"{prefix}{name}_labels_per_s"] = per_update / step_s
                 # CPU time per update of the busiest process: the step time of a machine with a free core each
-                out[f"{prefix}{name}_cpu_ms_per_update"] = 1e3 * max(statistics.fmean(r["steps_cpu_s"]) for r in recs)
+                out[f"{prefix}{name}_cpu_ms_per_update"] = 1e3 * max(sum(r["steps_cpu_s"]) / sum(_timed_updates(r)[1])
+                                                                     for r in recs)
                 # where each process's update goes (wall ms per update, mean over the run): training_step, and in it
                 # the filter, the force rows, X = P Jᵀ with its all-reduce and the all-reduce alone
                 for rank, r in enumerate(recs):
-                    n_up = len(r["training_steps_s"])
-                    out[f"{prefix}{name}_rank{rank}_training_step_ms"] = 1e3 * statistics.fmean(r["training_steps_s"])
+                    n_up = sum(_timed_updates(r)[1]) + int(r.get("first_step_updates", 1))  # all calls' updates
+                    out[f"{prefix}{name}_rank{rank}_training_step_ms"] = 1e3 * sum(r["training_steps_s"]) / n_up
                     for phase_name, calls in sorted(r.get("phases_s", {}).items()):
                         out[f"{prefix}{name}_rank{rank}_{phase_name}_ms"] = 1e3 * sum(calls) / n_up
         finally:

@@ -3,9 +3,10 @@
     spktrain ... +callbacks.step_timer._target_=benchmarks.step_timer.StepTimer \
                  +callbacks.step_timer.path=/tmp/steps.json
 
-Writes JSON: the wall-clock time (``time.time()``) of the end of the first update, per-update wall times (from the end of one
-training batch to the end of the next: data loading, ``training_step`` with the EKF update, logging and
-callbacks — the whole loop), the time of each step inside the optimizer's ``step`` (the EKF's labels,
+Writes JSON: the wall-clock time (``time.time()``) of the end of the first training step, per-step wall times (from the end
+of one training batch to the end of the next: data loading, ``training_step`` with the EKF update, logging and
+callbacks — the whole loop) with the updates each step made (``updates``: the ``global_step`` increments; more than
+one with ``task.updates_per_step``; ``first_step_updates`` for the first, untimed, step), the time of each step inside the optimizer's ``step`` (the EKF's labels,
 Jacobian rows and filter; the rest of a step is the loop around it), the training time of each epoch and
 the validation time of each epoch.
 """
@@ -35,11 +36,13 @@ class StepTimer(pl.Callback):
         self.path = Path(path)
         self.first_update_s = None
         self.steps, self.epochs, self.validations, self.optimizer_steps, self.training_steps = [], [], [], [], []
+        self.updates, self.first_step_updates, self._global_step = [], 0, 0
         self._last = self._epoch0 = self._val0 = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         """Time the optimizer's own ``step`` and the task's ``training_step`` (instance attributes wrapping the
         class's methods)."""
+        self._global_step = int(trainer.global_step)  # a resumed run starts above 0
         for opt in trainer.optimizers:
             opt.step = timed(opt.step, self.optimizer_steps)
         pl_module.training_step = timed(pl_module.training_step, self.training_steps)
@@ -49,10 +52,14 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
+        made = int(trainer.global_step) - self._global_step
+        self._global_step = int(trainer.global_step)
         if self.first_update_s is None:
             self.first_update_s = time.time()  # absolute; the runner subtracts its launch time
+            self.first_step_updates = made
         else:
             self.steps.append(now - self._last)
+            self.updates.append(made)
         self._last = now
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -75,4 +82,5 @@ class StepTimer(pl.Callback):
         self.path.write_text(json.dumps({"first_update_time": self.first_update_s, "steps_s": self.steps,
                                          "epochs_s": self.epochs, "validations_s": self.validations,
                                          "optimizer_steps_s": self.optimizer_steps,
-                                         "training_steps_s": self.training_steps}))
+                                         "training_steps_s": self.training_steps, "updates": self.updates,
+                                         "first_step_updates": self.first_step_updates}))

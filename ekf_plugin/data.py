@@ -258,6 +258,16 @@ def cache_rows_in_memory(dataset) -> None:
     dataset._ekf_rows = rows
 
 
+def batch_dicts(batches: Iterable) -> Iterable[dict]:
+    """The batch dicts of a loader whose batches are dicts, or lists of dicts (a training loader with several
+    updates per step, :class:`~ekf_plugin.training.update_chunks.UpdateChunks`), one after the other."""
+    for loaded in batches:
+        if isinstance(loaded, list):
+            yield from loaded
+        else:
+            yield loaded
+
+
 def atoms_collate(batch: List[dict]) -> dict:
     """SchNetPack's ``_atoms_collate_fn`` with a fast path for a batch of one structure (the study's batch size):
     the same keys, dtypes and values, without copying the item's tensors into new ones (one copy each of the

@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 import schnetpack.properties as props
+from ..data import batch_dicts
 from .network_jacobian import NetworkJacobians, supports_closed_form
 from .representation import BehlerParrinello, FeatureRange, pair_vectors, species_of
 
@@ -230,6 +231,7 @@ class BPNNLabelPredictor:
         ~20 ms per 192-atom frame with its neighbour list, against ~55 ms for the representation's float32
         forward), rounded to the positions' dtype as the model's own forward pass has them, and accumulated
         in float64 for the scaling statistics. ``progress`` shows a tqdm bar on stderr.
+        ``batches``: batch dicts, or lists of them (a training loader with several updates per step).
         Returns the number of structures cached.
         """
         rep = self.representation
@@ -242,7 +244,7 @@ class BPNNLabelPredictor:
                               unit="batch", leave=False)
         device = rep.scale_weight.device
         stats = FeatureRange(rep.elements, rep.n_atom_basis, device)
-        for batch in it:
+        for batch in batch_dicts(it):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             for b in range(int(batch[props.n_atoms].shape[0])):
                 structure = self._structure(batch, b, with_rij=False)

@@ -28,6 +28,7 @@ from schnetpack.transform import Transform
 from .presets import WATER_CUTOFF_BOHR, element_symbol, resolve
 from .feature_derivatives import feature_columns
 from .symmetry import SymmetryFunctions
+from ..data import batch_dicts
 from ..units import BOHR
 
 
@@ -208,7 +209,7 @@ class BehlerParrinello(Transform):
         """
         device = self.scale_weight.device
         stats = FeatureRange(self.elements, self.n_atom_basis, device)
-        for batch in batches:
+        for batch in batch_dicts(batches):  # a loader's batches may be lists of batch dicts
             batch = {k: batch[k].to(device) for k in (props.R, props.Z, props.idx_i, props.idx_j, props.offsets)}
             rij = pair_vectors(batch, torch.float64)  # (P, 3) Å
             z = batch[props.Z]

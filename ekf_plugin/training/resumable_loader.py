@@ -100,7 +100,8 @@ def resumable_loader(dataset, batch_size: int, seed: int, progress: Callable[[],
     return ResumableLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, **kwargs)
 
 
-def install_resumable_order(datamodule, trainer, seed: int, **loader_kwargs: Any) -> bool:
+def install_resumable_order(datamodule, trainer, seed: int, batch_size: Optional[int] = None,
+                            **loader_kwargs: Any) -> bool:
     """Give a SchNetPack ``AtomsDataModule`` a resumable training loader (:func:`resumable_loader`, order from
     ``(seed, epoch)``) in place of its shuffled ``RandomSampler`` one, before Lightning's fit loop asks for it.
 
@@ -109,8 +110,9 @@ def install_resumable_order(datamodule, trainer, seed: int, **loader_kwargs: Any
     (SchNetPack builds it in ``setup`` when a transform reads dataset statistics), and the strategy is not
     distributed (there Lightning puts its ``DistributedSampler`` in). Batch size, workers and pinning stay the
     datamodule's, and so is its ``collate_fn`` attribute where it has one (``WaterDataModule``: one structure
-    without copies); ``loader_kwargs`` go to the loader too. Returns whether the loader was installed. Call after
-    the datamodule's ``setup``.
+    without copies); ``batch_size`` (default the datamodule's) and ``loader_kwargs`` go to the loader too
+    (:func:`~ekf_plugin.training.update_chunks.install_update_chunks`: k updates per batch). Returns whether the
+    loader was installed. Call after the datamodule's ``setup``.
     """
     from schnetpack.data import AtomsLoader  # noqa: PLC0415
 
@@ -128,6 +130,6 @@ def install_resumable_order(datamodule, trainer, seed: int, **loader_kwargs: Any
     if getattr(datamodule, "collate_fn", None) is not None:
         loader_kwargs.setdefault("collate_fn", datamodule.collate_fn)
     datamodule._train_dataloader = resumable_loader(
-        dataset, datamodule.batch_size, seed, lambda: trainer_progress(trainer),
+        dataset, int(batch_size or datamodule.batch_size), seed, lambda: trainer_progress(trainer),
         num_workers=datamodule.num_workers, pin_memory=datamodule._pin_memory, **loader_kwargs)
     return True

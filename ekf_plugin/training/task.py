@@ -48,6 +48,7 @@ from ekf_plugin.training.schedule import (
 from ekf_plugin.bpnn.label_predictor import label_predictor_for
 from ekf_plugin.training.callbacks import EMAGuard
 from ekf_plugin.training.resumable_loader import install_resumable_order
+from ekf_plugin.training.update_chunks import install_update_chunks
 
 _RNG_KEY = "ekf_plugin_label_rng"
 _SELECTION_KEY = "ekf_plugin_force_selection"
@@ -122,6 +123,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             inside an epoch trains on the frames an uninterrupted run would
             (:func:`~ekf_plugin.training.resumable_loader.install_resumable_order`; the water datamodule does
             this itself). False: the host's loader as it is.
+        updates_per_step: EKF updates per Lightning training step, each on its own ``batch_size`` structures
+            (:mod:`ekf_plugin.training.update_chunks`): the same updates as one per step, with Lightning's loop
+            (~0.7 ms a step on one core) paid once per k. ``trainer.max_steps`` and ``every_n_train_steps`` still
+            count updates (k must divide the latter); the progress bar, ``log_every_n_steps`` and an integer
+            ``val_check_interval`` count steps. 1: one update per step.
     """
 
     def __init__(
@@ -156,6 +162,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         selection_trials: int = 3,
         compile_rows: bool = False,
         resumable_order: bool = True,
+        updates_per_step: int = 1,
     ) -> None:
         optimizer_args = dict(optimizer_args or {"lr": 1e-3})
         if "lr" not in optimizer_args:
@@ -197,6 +204,10 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         self.n_force_groups, self.force_group_size = int(n_force_groups), int(force_group_size)
         self.compile_rows = bool(compile_rows) and label_mode == "reduced"
         self.resumable_order = bool(resumable_order)
+        if int(updates_per_step) < 1:
+            raise ValueError(f"updates_per_step must be >= 1, got {updates_per_step}")
+        self.updates_per_step = int(updates_per_step)
+        self._update_chunks = None  # the training loader's UpdateChunks collate, once installed
         self._compiled_rows: Any = None  # CompiledReducedRows, built for the EKF's parameters on first use
         self.label_predictor = label_predictor_for(model, fast_labels if label_mode == "study" else False, energy_key)
         self.label_rng = torch.Generator().manual_seed(int(seed))
@@ -304,6 +315,37 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                                    self.c_energy, self.c_forces, self.energy_per_atom)
 
     def training_step(self, batch, batch_idx):
+        """One update, or with ``updates_per_step`` > 1 a list of per-update batches trained one after the other
+        (stopping at ``trainer.max_steps``); returns the last update's loss."""
+        if not isinstance(batch, list):
+            return self._training_update(batch, batch_idx, last=True)
+        loss = None
+        for i, one in enumerate(batch):
+            if i and self._max_steps_reached():
+                break  # trainer.max_steps counts updates
+            last = i == len(batch) - 1 or self._max_steps_reached(1)
+            if last:
+                self._count_logged_steps_in_updates()
+            loss = self._training_update(one, batch_idx, last=last)
+        return loss
+
+    def _count_logged_steps_in_updates(self) -> None:
+        """Before a step's last update: Lightning's count of stepped batches (the ``step`` its loggers write, the
+        ``log_every_n_steps`` test) set to the updates so far, as one update per step has it, so metrics.csv is
+        against updates whatever ``updates_per_step`` is; Lightning adds the step's own one after it."""
+        loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is not None and hasattr(loop, "_batches_that_stepped"):
+            loop._batches_that_stepped = int(self.trainer.global_step)
+
+    def _max_steps_reached(self, ahead: int = 0) -> bool:
+        """Whether ``trainer.max_steps`` updates are done (``ahead``: after that many more)."""
+        if self._trainer is None:
+            return False
+        max_steps = getattr(self.trainer, "max_steps", -1)
+        return max_steps is not None and max_steps > 0 and self.trainer.global_step + ahead >= max_steps
+
+    def _training_update(self, batch, batch_idx: int, last: bool):
+        """One update on ``batch``; ``last``: the step's last (its on-step values are logged)."""
         opt = self.optimizers()
         n_struct = int(batch[spk.properties.n_atoms].shape[0])
         kinds = draw_kinds(n_struct, self.energy_fraction, self.label_rng) if self.label_mode == "study" else []
@@ -325,7 +367,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.clip_grad_norm)
             opt.step()
         self._step_scheduler()
-        log_now = self._log_now(batch_idx)
+        log_now = last and self._log_now(batch_idx)
         if "labels" in store:
             self._update_label_rmse(store["labels"], n_struct, log_now, flush=self._last_step_of_epoch(batch_idx))
         else:
@@ -452,10 +494,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         """Whether this training step ends the epoch (its last batch, or ``max_steps`` reached)."""
         if self._trainer is None:
             return True
-        trainer = self.trainer
-        max_steps = getattr(trainer, "max_steps", -1)
-        return (batch_idx + 1 >= trainer.num_training_batches
-                or (max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps))
+        return batch_idx + 1 >= self.trainer.num_training_batches or self._max_steps_reached()
 
     def on_train_epoch_start(self) -> None:
         self._rmse_registered = {"e": False, "f": False}
@@ -489,6 +528,9 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         # of the same update are saved together and resume exactly), so that one note is dropped in this process
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.updates_per_step > 1:
+            self._update_chunks = install_update_chunks(dm, self.trainer, self.updates_per_step, self.val_seed,
+                                                        resumable=self.resumable_order)
         if stage == "fit" and self.resumable_order:
             install_resumable_order(dm, self.trainer, self.val_seed)
         if stage == "fit" and self.label_predictor is not None and dm is not None:
@@ -515,6 +557,19 @@ class PaperScheduleTask(spk.task.AtomisticTask):
     def on_train_start(self) -> None:
         if self.label_predictor is not None and not self.label_predictor.scaling_unchanged():
             self.label_predictor.clear()  # the scaling was fitted or restored after the features were cached
+        if self._update_chunks is not None:
+            self._check_step_intervals()
+
+    def _check_step_intervals(self) -> None:
+        """With k updates per step, ``trainer.global_step`` moves by k: a callback acting at multiples of its
+        ``every_n_train_steps`` (Lightning's ``ModelCheckpoint``, ``WallClock``) needs k to divide it."""
+        k = self.updates_per_step
+        for cb in self.trainer.callbacks:
+            n = getattr(cb, "_every_n_train_steps", getattr(cb, "every_n_train_steps", None))
+            if isinstance(n, int) and n > 0 and n % k:
+                raise ValueError(f"task.updates_per_step={k} does not divide {type(cb).__name__}'s every_n_train_steps="
+                                 f"{n}: the update counter would jump past its multiples. Choose updates_per_step "
+                                 f"dividing {n}, or set it to 1")
 
     def _eval_step(self, batch, subset: str):
         torch.set_grad_enabled(self.grad_enabled)

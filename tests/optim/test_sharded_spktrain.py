@@ -21,7 +21,8 @@ def _spktrain(tmp_path, src, run_id, epochs, devices, extra=()):
         "spktrain", "experiment=water_bpnn_ekf", f"data.source={src}", "data.max_frames=10",
         f"data.datapath={tmp_path}/water10.db", f"trainer.max_epochs={epochs}", f"run.path={tmp_path}/runs",
         f"run.id={run_id}", "logger=csv", "+trainer.enable_progress_bar=false", "+seed=0", "trainer=ddp_cpu_split",
-        f"trainer.devices={devices}", "callbacks.latest_checkpoint.every_n_train_steps=4", *extra,
+        f"trainer.devices={devices}", "callbacks.latest_checkpoint.every_n_train_steps=4",
+        "task.updates_per_step=4", *extra,  # 8 training frames: 2 steps of 4 updates per epoch
     ]
     res = run_cli(args, cwd=REPO, timeout=600, env_extra={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-4000:]

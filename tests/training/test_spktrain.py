@@ -19,6 +19,7 @@ def test_spktrain_water_bpnn_experiment_trains(tmp_path, shared_data, experiment
         "data.num_val=6", f"data.datapath={tmp_path}/water10.db", "+seed=0", "trainer.max_epochs=1", f"run.path={tmp_path}/runs",
         "run.id=t",
         "logger=csv", "+trainer.enable_progress_bar=false", "callbacks.latest_checkpoint.every_n_train_steps=2",
+        "task.updates_per_step=2",  # 4 training frames: 2 steps of 2 updates (the experiment's default is 10)
     ]
     res = run_cli(args, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -52,6 +53,7 @@ def test_spktrain_resumed_inside_an_epoch_equals_an_uninterrupted_run(tmp_path, 
         f"data.datapath={tmp_path}/water5.db", f"run.path={tmp_path}/runs", "logger=csv", "+seed=3",
         "+trainer.enable_progress_bar=false", "callbacks.latest_checkpoint.every_n_train_steps=1",
         "trainer.val_check_interval=1",  # a validation (and a best checkpoint for spktrain's closing test) every update
+        "task.updates_per_step=1",  # a checkpoint after every update
     ]
     for args in (["run.id=full", "trainer.max_epochs=2"], ["run.id=cut", "trainer.max_steps=3"],
                  ["run.id=cut", "trainer.max_epochs=2"]):

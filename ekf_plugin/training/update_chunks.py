@@ -1,0 +1,76 @@
+"""Several EKF updates per Lightning training step (``task.updates_per_step``).
+
+The study's update is one structure (batch size 1), ~10 ms of filter on the BPNN; around it Lightning's training loop
+(fetching a batch, its hooks, callbacks and logger bookkeeping, the per-step checks) costs ~0.7 ms and the data item
+~0.3 ms, whatever the batch holds. With ``updates_per_step = k`` the training loader hands the task k updates' batches
+at once (a list, each collated as the datamodule collates one update's ``batch_size`` structures) and the task runs
+them one after the other: the same updates in the same order with the same label draws as k steps (bitwise, tested),
+with Lightning's part paid once per k updates.
+
+What a step means then: ``trainer.global_step`` still counts updates (each ``optimizer.step`` of a manually optimised
+module advances it), so ``trainer.max_steps`` and the checkpoints' ``every_n_train_steps`` are in updates (the task
+stops inside a step at ``max_steps``, which ends the epoch as Lightning's own stop does; an ``every_n_train_steps``
+that k does not divide is refused, since the callback would see the counter jump past it); step checkpoints fall
+between steps, so a resumed run goes on exactly; batch counts (the progress bar, ``log_every_n_steps``, an integer
+``val_check_interval``, ``limit_train_batches``) are in steps of k updates.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, List, Optional
+
+import torch
+
+__all__ = ["UpdateChunks", "install_update_chunks"]
+
+
+class UpdateChunks:
+    """Collate function: the items of one loader batch (k·B structures) as k batches of B, each collated by ``collate``
+    (the last one shorter when the epoch's frames run out)."""
+
+    def __init__(self, collate: Callable[[List[Any]], Any], per_update: int) -> None:
+        if int(per_update) < 1:
+            raise ValueError(f"structures per update must be >= 1, got {per_update}")
+        self.collate, self.per_update = collate, int(per_update)
+
+    def __call__(self, items: List[Any]) -> List[Any]:
+        b = self.per_update
+        return [self.collate(items[i:i + b]) for i in range(0, len(items), b)]
+
+
+def install_update_chunks(datamodule, trainer, updates: int, seed: int, resumable: bool = True) -> Optional[UpdateChunks]:
+    """Give a SchNetPack ``AtomsDataModule`` a training loader of ``updates`` × ``batch_size`` structures per batch whose
+    batches are lists of ``updates`` per-update batches (:class:`UpdateChunks`); the datamodule's ``collate_fn``
+    attribute where it has one (``WaterDataModule``), else SchNetPack's collate, collates each.
+
+    One process with ``resumable``: the order of :func:`~ekf_plugin.training.resumable_loader.install_resumable_order`
+    (a checkpoint restores its position). Otherwise a shuffled ``AtomsLoader``, into which Lightning puts its
+    distributed sampler under DDP (``SameBatchDDPStrategy``: every process the same frames). Done only where the
+    host's own plain shuffled loader would be used (no ``train_sampler_cls``, no loader of someone's choosing);
+    elsewhere nothing changes (a warning) and None is returned. Call after the datamodule's ``setup``.
+    """
+    if updates <= 1 or trainer is None or datamodule is None:
+        return None
+    from schnetpack.data import AtomsLoader  # noqa: PLC0415
+    from schnetpack.data.loader import _atoms_collate_fn  # noqa: PLC0415
+
+    from ekf_plugin.training.resumable_loader import install_resumable_order  # noqa: PLC0415
+
+    built = getattr(datamodule, "_train_dataloader", None)
+    dataset = getattr(datamodule, "train_dataset", None)
+    if (not hasattr(datamodule, "_train_dataloader") or getattr(datamodule, "train_sampler_cls", None) is not None
+            or dataset is None or (built is not None and not (type(built) is AtomsLoader
+                                                               and isinstance(built.sampler, torch.utils.data.RandomSampler)))):
+        warnings.warn(f"task.updates_per_step={updates}: the datamodule builds its own training loader; one update per "
+                      "training step", RuntimeWarning, stacklevel=2)
+        return None
+    per_update = int(datamodule.batch_size)
+    chunks = UpdateChunks(getattr(datamodule, "collate_fn", None) or _atoms_collate_fn, per_update)
+    if resumable and install_resumable_order(datamodule, trainer, seed, batch_size=per_update * updates,
+                                             collate_fn=chunks):
+        return chunks
+    datamodule._train_dataloader = AtomsLoader(dataset, batch_size=per_update * updates, shuffle=True,
+                                               collate_fn=chunks, num_workers=datamodule.num_workers,
+                                               pin_memory=datamodule._pin_memory)
+    return chunks

@@ -1,0 +1,100 @@
+"""Several updates per Lightning training step (task.updates_per_step): the same updates, bitwise, as one per step;
+max_steps counts updates and a step checkpoint resumes exactly; step intervals that k does not divide are refused."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+import schnetpack as spk
+import schnetpack.transform as trn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _toy import CUTOFF, outputs, toy_model, write_copper_database  # noqa: E402
+
+from ekf_plugin.data import atoms_collate  # noqa: E402
+from ekf_plugin.optim import EKF  # noqa: E402
+from ekf_plugin.training import PaperScheduleTask  # noqa: E402
+from ekf_plugin.training.update_chunks import UpdateChunks  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    return write_copper_database(tmp_path_factory.mktemp("cu") / "cu.db", n_frames=11)
+
+
+def _datamodule(db, tmp):
+    dm = spk.data.AtomsDataModule(str(db), batch_size=1, num_train=9, num_val=2, num_workers=0,
+                                  split_file=str(Path(db).with_suffix(".split.npz")),
+                                  transforms=[trn.ASENeighborList(cutoff=CUTOFF), trn.CastTo32()])
+    return dm
+
+
+def _task(k, seed=3):
+    return PaperScheduleTask(toy_model(), outputs(), optimizer_cls=EKF, optimizer_args={"lr": 0.5, "q": 1e-6},
+                             seed=seed, updates_per_step=k)
+
+
+def _fit(db, tmp, k, ckpt_path=None, seed=3, callbacks=(), **kw):
+    task = _task(k, seed)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         inference_mode=False, default_root_dir=str(tmp), **kw)
+    trainer.fit(task, datamodule=_datamodule(db, tmp), ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+    return task, trainer
+
+
+def _state(task, trainer):
+    return ([p.detach().clone() for p in task.model.parameters()], trainer.optimizers[0].covariance(),
+            task.label_rng.get_state(), int(trainer.global_step))
+
+
+def _assert_same(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3] == b[3]
+
+
+def test_update_chunks_collates_each_update_on_its_own():
+    items = [{"x": torch.tensor([float(i)])} for i in range(5)]
+    out = UpdateChunks(lambda b: torch.cat([d["x"] for d in b]), per_update=2)(items)
+    assert [t.tolist() for t in out] == [[0.0, 1.0], [2.0, 3.0], [4.0]]
+    with pytest.raises(ValueError):
+        UpdateChunks(atoms_collate, 0)
+
+
+def test_k_updates_per_step_are_the_updates_of_one_per_step(db, tmp_path):
+    """9 training frames, 4 updates per step (steps of 4, 4, 1), 2 epochs: weights, P, label RNG and update count
+    bitwise those of one update per step."""
+    one_task, one = _fit(db, tmp_path / "one", 1, max_epochs=2)
+    four_task, four = _fit(db, tmp_path / "four", 4, max_epochs=2)
+    assert one.global_step == 18 and four.num_training_batches == 3
+    _assert_same(_state(one_task, one), _state(four_task, four))
+
+
+def test_max_steps_counts_updates_and_a_step_checkpoint_resumes_exactly(db, tmp_path):
+    """max_steps stops inside a step (14 = 3 steps of 4, 4, 1 in epoch 0, then 4 and 1 of the next); a checkpoint
+    every 4 updates, written inside epoch 0 (after 8 of its 9 frames), resumes to the same weights, P and RNG."""
+    # both runs write the step checkpoints (reading P for one applies the EKF's deferred rows: the same round-off)
+    every4 = lambda d: ModelCheckpoint(dirpath=str(tmp_path / d), filename="step", every_n_train_steps=4)  # noqa: E731
+    full_task, full = _fit(db, tmp_path / "full", 4, max_steps=14, callbacks=[every4("f")])
+    assert full.global_step == 14
+    part_task, part = _fit(db, tmp_path / "part", 4, max_steps=8, callbacks=[every4("c")])
+    saved = torch.load(tmp_path / "c" / "step.ckpt", weights_only=False)
+    assert saved["global_step"] == 8
+    loader_state = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (loader_state["epoch"], loader_state["start"]) == (0, 8)  # two steps of four frames
+    resumed_task, resumed = _fit(db, tmp_path / "resumed", 4, ckpt_path=str(tmp_path / "c" / "step.ckpt"), seed=99,
+                                 max_steps=14)
+    _assert_same(_state(full_task, full), _state(resumed_task, resumed))
+
+
+def test_a_step_interval_that_k_does_not_divide_is_refused(db, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "c"), every_n_train_steps=6)
+    with pytest.raises(ValueError, match="does not divide"):
+        _fit(db, tmp_path, 4, max_epochs=1, callbacks=[ckpt])
