@@ -52,6 +52,7 @@ from ekf_plugin.training.update_chunks import install_update_chunks
 
 _RNG_KEY = "ekf_plugin_label_rng"
 _SELECTION_KEY = "ekf_plugin_force_selection"
+_UPDATES_PER_STEP_KEY = "ekf_plugin_updates_per_step"
 LABEL_MODES = ("study", "reduced")
 FORCE_SELECTIONS = ("random", "threshold")
 
@@ -125,8 +126,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             this itself). False: the host's loader as it is.
         updates_per_step: EKF updates per Lightning training step, each on its own ``batch_size`` structures
             (:mod:`ekf_plugin.training.update_chunks`): the same updates as one per step, with Lightning's loop
-            (~0.7 ms a step on one core) paid once per k. ``trainer.max_steps`` and ``every_n_train_steps`` still
-            count updates (k must divide the latter); the progress bar, ``log_every_n_steps`` and an integer
+            (~0.7 ms a step on one core) paid once per k. ``trainer.max_steps``, ``every_n_train_steps`` (k must
+            divide it) and the loggers' steps still count updates; the progress bar and an integer
             ``val_check_interval`` count steps. 1: one update per step.
     """
 
@@ -564,7 +565,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         """With k updates per step, ``trainer.global_step`` moves by k: a callback acting at multiples of its
         ``every_n_train_steps`` (Lightning's ``ModelCheckpoint``, ``WallClock``) needs k to divide it."""
         k = self.updates_per_step
-        for cb in self.trainer.callbacks:
+        trainer = self.trainer
+        for cb in trainer.callbacks:
             n = getattr(cb, "_every_n_train_steps", getattr(cb, "every_n_train_steps", None))
             if isinstance(n, int) and n > 0 and n % k:
                 raise ValueError(f"task.updates_per_step={k} does not divide {type(cb).__name__}'s every_n_train_steps="
@@ -696,11 +698,32 @@ class PaperScheduleTask(spk.task.AtomisticTask):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint[_RNG_KEY] = self.label_rng.get_state()
+        checkpoint[_UPDATES_PER_STEP_KEY] = self.updates_per_step
         if self.selection is not None:
             checkpoint[_SELECTION_KEY] = self.selection.state_dict()
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._check_resumed_steps(checkpoint)
         if _RNG_KEY in checkpoint:
             self.label_rng.set_state(checkpoint[_RNG_KEY])
         if self.selection is not None and _SELECTION_KEY in checkpoint:
             self.selection.load_state_dict(checkpoint[_SELECTION_KEY])
+
+    def _check_resumed_steps(self, checkpoint: Dict[str, Any]) -> None:
+        """A training run resumed inside an epoch needs the ``updates_per_step`` it was written with: Lightning's
+        count of the epoch's steps and the loader's position (structures) agree only then. Loading a model
+        (no trainer, or not fitting) is not affected."""
+        written = int(checkpoint.get(_UPDATES_PER_STEP_KEY, 1))  # checkpoints before the option: one per step
+        if written == self.updates_per_step or self._trainer is None:
+            return
+        if getattr(getattr(self.trainer, "state", None), "fn", None) != "fit":
+            return
+        try:
+            loaders = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+            inside = any(isinstance(s, dict) and int(s.get("start", 0)) > 0 for s in loaders)
+        except (KeyError, TypeError):
+            inside = False
+        if inside:
+            raise ValueError(f"this checkpoint was written inside an epoch with task.updates_per_step={written}; "
+                             f"resume it with task.updates_per_step={written} (this run has {self.updates_per_step})")
+

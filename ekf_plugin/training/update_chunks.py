@@ -10,9 +10,11 @@ with Lightning's part paid once per k updates.
 What a step means then: ``trainer.global_step`` still counts updates (each ``optimizer.step`` of a manually optimised
 module advances it), so ``trainer.max_steps`` and the checkpoints' ``every_n_train_steps`` are in updates (the task
 stops inside a step at ``max_steps``, which ends the epoch as Lightning's own stop does; an ``every_n_train_steps``
-that k does not divide is refused, since the callback would see the counter jump past it); step checkpoints fall
-between steps, so a resumed run goes on exactly; batch counts (the progress bar, ``log_every_n_steps``, an integer
-``val_check_interval``, ``limit_train_batches``) are in steps of k updates.
+that k does not divide is refused, since the callback would see the counter jump past it), and so are the loggers'
+steps (the task sets Lightning's count of stepped batches to the updates: ``metrics.csv`` is against updates, on-step
+values are written at steps ending on a multiple of ``log_every_n_steps`` updates). Step checkpoints fall between
+steps, so a resumed run goes on exactly. The progress bar, an integer ``val_check_interval`` and
+``limit_train_batches`` count steps of k updates.
 """
 
 from __future__ import annotations

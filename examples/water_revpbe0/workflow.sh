@@ -84,12 +84,15 @@ md_run() {   # the md stage for run id $1: MD_STEPS of i-PI NPT with models/$1.p
 }
 
 if [[ $stage == train || $stage == all ]]; then
-  # one database for all runs (Å, eV), the same 80/20 split (+seed=0), one update per step
+  # one database for all runs (Å, eV), the same 80/20 split (+seed=0), UPDATES_PER_STEP updates per Lightning step
+  # (default 10; runs written inside an epoch before session 26 resume with UPDATES_PER_STEP=1)
+  ups=${UPDATES_PER_STEP:-10}
+  (( ${VAL_EVERY:-1000} % ups == 0 )) || { echo "VAL_EVERY=${VAL_EVERY:-1000} is not a multiple of UPDATES_PER_STEP=$ups" >&2; exit 2; }
   [ -f data/water.db ] || "$BIN/python" -c "import sys; from ekf_plugin.data import read_frames, frames_to_db; frames_to_db(read_frames(sys.argv[1]), 'data/water.db')" "$DATA"
   m=${TRAIN_MIN:-30}
   max_time=$(printf '%02d:%02d:%02d:00' $((m / 1440)) $((m % 1440 / 60)) $((m % 60)))   # Lightning's DD:HH:MM:SS
   common=(data.datapath="$WORK/data/water.db" +seed=0 logger=csv trainer.accelerator=cpu data.num_workers=0
-          trainer.limit_val_batches=$(( (${VAL_FRAMES:-30} + 9) / 10 )) trainer.val_check_interval="${VAL_EVERY:-1000}"
+          trainer.limit_val_batches=$(( (${VAL_FRAMES:-30} + 9) / 10 )) trainer.val_check_interval=$(( ${VAL_EVERY:-1000} / ups )) task.updates_per_step="$ups"
           trainer.check_val_every_n_epoch=null trainer.max_epochs=100000
           "+trainer.max_time=$max_time" task.val_force_components="${VAL_FORCES:-10}")
   for r in "${RUNS[@]}"; do   # all ids checked before anything starts

@@ -35,13 +35,16 @@ def _datamodule(db, tmp):
     return dm
 
 
-def _task(k, seed=3):
+def _task(k, seed=3, adam=False):
+    if adam:  # the Adam baseline's manual step, same schedule
+        return PaperScheduleTask(toy_model(), outputs(), optimizer_cls=torch.optim.Adam, optimizer_args={"lr": 1e-3},
+                                 seed=seed, updates_per_step=k, clip_grad_norm=0.01)
     return PaperScheduleTask(toy_model(), outputs(), optimizer_cls=EKF, optimizer_args={"lr": 0.5, "q": 1e-6},
                              seed=seed, updates_per_step=k)
 
 
-def _fit(db, tmp, k, ckpt_path=None, seed=3, callbacks=(), **kw):
-    task = _task(k, seed)
+def _fit(db, tmp, k, ckpt_path=None, seed=3, callbacks=(), adam=False, **kw):
+    task = _task(k, seed, adam)
     trainer = pl.Trainer(logger=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          inference_mode=False, default_root_dir=str(tmp), **kw)
@@ -50,7 +53,9 @@ def _fit(db, tmp, k, ckpt_path=None, seed=3, callbacks=(), **kw):
 
 
 def _state(task, trainer):
-    return ([p.detach().clone() for p in task.model.parameters()], trainer.optimizers[0].covariance(),
+    opt = trainer.optimizers[0]
+    return ([p.detach().clone() for p in task.model.parameters()],
+            opt.covariance() if isinstance(opt, EKF) else torch.cat([s["exp_avg_sq"].reshape(-1) for s in opt.state.values()]),
             task.label_rng.get_state(), int(trainer.global_step))
 
 
@@ -68,11 +73,12 @@ def test_update_chunks_collates_each_update_on_its_own():
         UpdateChunks(atoms_collate, 0)
 
 
-def test_k_updates_per_step_are_the_updates_of_one_per_step(db, tmp_path):
-    """9 training frames, 4 updates per step (steps of 4, 4, 1), 2 epochs: weights, P, label RNG and update count
-    bitwise those of one update per step."""
-    one_task, one = _fit(db, tmp_path / "one", 1, max_epochs=2)
-    four_task, four = _fit(db, tmp_path / "four", 4, max_epochs=2)
+@pytest.mark.parametrize("adam", [False, True])
+def test_k_updates_per_step_are_the_updates_of_one_per_step(db, tmp_path, adam):
+    """9 training frames, 4 updates per step (steps of 4, 4, 1), 2 epochs: weights, P (Adam: its second moments),
+    label RNG and update count bitwise those of one update per step."""
+    one_task, one = _fit(db, tmp_path / "one", 1, max_epochs=2, adam=adam)
+    four_task, four = _fit(db, tmp_path / "four", 4, max_epochs=2, adam=adam)
     assert one.global_step == 18 and four.num_training_batches == 3
     _assert_same(_state(one_task, one), _state(four_task, four))
 
@@ -98,3 +104,13 @@ def test_a_step_interval_that_k_does_not_divide_is_refused(db, tmp_path):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "c"), every_n_train_steps=6)
     with pytest.raises(ValueError, match="does not divide"):
         _fit(db, tmp_path, 4, max_epochs=1, callbacks=[ckpt])
+
+
+def test_a_checkpoint_inside_an_epoch_resumes_only_with_its_updates_per_step(db, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "c"), filename="step", every_n_train_steps=4)
+    _fit(db, tmp_path / "part", 4, max_steps=8, callbacks=[ckpt])
+    with pytest.raises(ValueError, match="updates_per_step=4"):
+        _fit(db, tmp_path / "other", 1, ckpt_path=str(tmp_path / "c" / "step.ckpt"), max_steps=14)
+    loaded = PaperScheduleTask.load_from_checkpoint(str(tmp_path / "c" / "step.ckpt"), weights_only=False)
+    assert loaded.updates_per_step == 4  # loading the model is not resuming: no check
+
