@@ -48,7 +48,7 @@ from ekf_plugin.training.schedule import (
 from ekf_plugin.bpnn.label_predictor import label_predictor_for
 from ekf_plugin.training.callbacks import EMAGuard
 from ekf_plugin.training.resumable_loader import install_resumable_order
-from ekf_plugin.training.update_chunks import install_update_chunks
+from ekf_plugin.training.update_chunks import install_update_chunks, step_intervals
 
 _RNG_KEY = "ekf_plugin_label_rng"
 _SELECTION_KEY = "ekf_plugin_force_selection"
@@ -126,9 +126,10 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             this itself). False: the host's loader as it is.
         updates_per_step: EKF updates per Lightning training step, each on its own ``batch_size`` structures
             (:mod:`ekf_plugin.training.update_chunks`): the same updates as one per step, with Lightning's loop
-            (~0.7 ms a step on one core) paid once per k. ``trainer.max_steps``, ``every_n_train_steps`` (k must
-            divide it) and the loggers' steps still count updates; the progress bar and an integer
-            ``val_check_interval`` count steps. 1: one update per step.
+            (~0.7 ms a step on one core) paid once per k (or the largest k below it that divides an epoch's
+            updates and every ``every_n_train_steps``, with a warning). ``trainer.max_steps``, ``every_n_train_steps``
+            and the loggers' steps still count updates; the progress bar and an integer ``val_check_interval``
+            count steps. 1: one update per step.
     """
 
     def __init__(
@@ -337,6 +338,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
         if loop is not None and hasattr(loop, "_batches_that_stepped"):
             loop._batches_that_stepped = int(self.trainer.global_step)
+
+    def _steps_k(self) -> int:
+        """Updates per training step of this run: ``updates_per_step``, or less where the epoch or a step interval
+        needs it (:func:`~ekf_plugin.training.update_chunks.fitting_updates_per_step`), 1 without chunks."""
+        return self._update_chunks.updates if self._update_chunks is not None else 1
 
     def _max_steps_reached(self, ahead: int = 0) -> bool:
         """Whether ``trainer.max_steps`` updates are done (``ahead``: after that many more)."""
@@ -563,15 +569,14 @@ class PaperScheduleTask(spk.task.AtomisticTask):
 
     def _check_step_intervals(self) -> None:
         """With k updates per step, ``trainer.global_step`` moves by k: a callback acting at multiples of its
-        ``every_n_train_steps`` (Lightning's ``ModelCheckpoint``, ``WallClock``) needs k to divide it."""
-        k = self.updates_per_step
-        trainer = self.trainer
-        for cb in trainer.callbacks:
-            n = getattr(cb, "_every_n_train_steps", getattr(cb, "every_n_train_steps", None))
-            if isinstance(n, int) and n > 0 and n % k:
-                raise ValueError(f"task.updates_per_step={k} does not divide {type(cb).__name__}'s every_n_train_steps="
-                                 f"{n}: the update counter would jump past its multiples. Choose updates_per_step "
-                                 f"dividing {n}, or set it to 1")
+        ``every_n_train_steps`` (Lightning's ``ModelCheckpoint``, ``WallClock``) needs k to divide it (k was chosen
+        so at setup; a callback added later that does not fit is refused)."""
+        k = self._steps_k()
+        for n in step_intervals(self.trainer.callbacks):  # set at setup already; callbacks added since then
+            if n % k:
+                raise ValueError(f"{k} updates per training step do not divide a callback's every_n_train_steps={n}: "
+                                 "the update counter would jump past its multiples. Set task.updates_per_step to a "
+                                 f"divisor of {n}, or to 1")
 
     def _eval_step(self, batch, subset: str):
         torch.set_grad_enabled(self.grad_enabled)
@@ -698,7 +703,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint[_RNG_KEY] = self.label_rng.get_state()
-        checkpoint[_UPDATES_PER_STEP_KEY] = self.updates_per_step
+        checkpoint[_UPDATES_PER_STEP_KEY] = self._steps_k()
         if self.selection is not None:
             checkpoint[_SELECTION_KEY] = self.selection.state_dict()
 
@@ -714,7 +719,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         count of the epoch's steps and the loader's position (structures) agree only then. Loading a model
         (no trainer, or not fitting) is not affected."""
         written = int(checkpoint.get(_UPDATES_PER_STEP_KEY, 1))  # checkpoints before the option: one per step
-        if written == self.updates_per_step or self._trainer is None:
+        if written == self._steps_k() or self._trainer is None:
             return
         if getattr(getattr(self.trainer, "state", None), "fn", None) != "fit":
             return
@@ -725,5 +730,5 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             inside = False
         if inside:
             raise ValueError(f"this checkpoint was written inside an epoch with task.updates_per_step={written}; "
-                             f"resume it with task.updates_per_step={written} (this run has {self.updates_per_step})")
+                             f"resume it with task.updates_per_step={written} (this run has {self._steps_k()})")
 

@@ -9,8 +9,9 @@ with Lightning's part paid once per k updates.
 
 What a step means then: ``trainer.global_step`` still counts updates (each ``optimizer.step`` of a manually optimised
 module advances it), so ``trainer.max_steps`` and the checkpoints' ``every_n_train_steps`` are in updates (the task
-stops inside a step at ``max_steps``, which ends the epoch as Lightning's own stop does; an ``every_n_train_steps``
-that k does not divide is refused, since the callback would see the counter jump past it), and so are the loggers'
+stops inside a step at ``max_steps``, which ends the epoch as Lightning's own stop does; k shrinks to a divisor of
+the epoch's updates and of every ``every_n_train_steps``, :func:`fitting_updates_per_step`, since a callback would
+otherwise see the counter jump past its multiples), and so are the loggers'
 steps (the task sets Lightning's count of stepped batches to the updates: ``metrics.csv`` is against updates, on-step
 values are written at steps ending on a multiple of ``log_every_n_steps`` updates). Step checkpoints fall between
 steps, so a resumed run goes on exactly. The progress bar, an integer ``val_check_interval`` and
@@ -20,21 +21,46 @@ steps, so a resumed run goes on exactly. The progress bar, an integer ``val_chec
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, List, Optional
+import math
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 
-__all__ = ["UpdateChunks", "install_update_chunks"]
+__all__ = ["UpdateChunks", "fitting_updates_per_step", "install_update_chunks", "step_intervals"]
+
+
+def fitting_updates_per_step(requested: int, epoch_updates: int, intervals: Iterable[int] = ()) -> int:
+    """The largest k ≤ ``requested`` that divides the updates of an epoch and every positive interval (in updates):
+    then every step of k updates ends where the counter of one update per step passes, so a callback acting every
+    n updates (the latest checkpoint's 1000) keeps its places in every epoch (an epoch's last step would be short
+    otherwise, and the counter would never meet a multiple again)."""
+    intervals = [int(n) for n in intervals if int(n) > 0]
+    for k in range(max(int(requested), 1), 0, -1):
+        if epoch_updates % k == 0 and all(n % k == 0 for n in intervals):
+            return k
+    return 1
+
+
+def step_intervals(callbacks: Iterable[Any]) -> List[int]:
+    """The ``every_n_train_steps`` (updates) of the callbacks that have one (Lightning's ``ModelCheckpoint``,
+    ``WallClock``)."""
+    out = []
+    for cb in callbacks:
+        n = getattr(cb, "_every_n_train_steps", getattr(cb, "every_n_train_steps", None))
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            out.append(n)
+    return out
 
 
 class UpdateChunks:
     """Collate function: the items of one loader batch (k·B structures) as k batches of B, each collated by ``collate``
-    (the last one shorter when the epoch's frames run out)."""
+    (the last one shorter when the epoch's frames run out). ``updates``: the k of the loader built around it."""
 
     def __init__(self, collate: Callable[[List[Any]], Any], per_update: int) -> None:
         if int(per_update) < 1:
             raise ValueError(f"structures per update must be >= 1, got {per_update}")
         self.collate, self.per_update = collate, int(per_update)
+        self.updates = 1
 
     def __call__(self, items: List[Any]) -> List[Any]:
         b = self.per_update
@@ -50,7 +76,9 @@ def install_update_chunks(datamodule, trainer, updates: int, seed: int, resumabl
     (a checkpoint restores its position). Otherwise a shuffled ``AtomsLoader``, into which Lightning puts its
     distributed sampler under DDP (``SameBatchDDPStrategy``: every process the same frames). Done only where the
     host's own plain shuffled loader would be used (no ``train_sampler_cls``, no loader of someone's choosing);
-    elsewhere nothing changes (a warning) and None is returned. Call after the datamodule's ``setup``.
+    elsewhere nothing changes (a warning) and None is returned. ``updates`` becomes the largest k below it that
+    divides the updates of an epoch (per process) and the callbacks' ``every_n_train_steps``
+    (:func:`fitting_updates_per_step`; a warning says so; None when that is 1). Call after the datamodule's ``setup``.
     """
     if updates <= 1 or trainer is None or datamodule is None:
         return None
@@ -68,7 +96,19 @@ def install_update_chunks(datamodule, trainer, updates: int, seed: int, resumabl
                       "training step", RuntimeWarning, stacklevel=2)
         return None
     per_update = int(datamodule.batch_size)
+    sampler = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    frames = math.ceil(len(dataset) / int(sampler.get("num_replicas", 1)))  # per process (DistributedSampler pads)
+    epoch_updates = math.ceil(frames / per_update)
+    fitting = fitting_updates_per_step(updates, epoch_updates, step_intervals(trainer.callbacks))
+    if fitting != updates:
+        warnings.warn(f"task.updates_per_step={updates}: {fitting} here, so that steps end on every multiple of the "
+                      f"{epoch_updates} updates of an epoch and of every_n_train_steps "
+                      f"{step_intervals(trainer.callbacks)}", RuntimeWarning, stacklevel=2)
+    if fitting <= 1:
+        return None
+    updates = fitting
     chunks = UpdateChunks(getattr(datamodule, "collate_fn", None) or _atoms_collate_fn, per_update)
+    chunks.updates = updates
     if resumable and install_resumable_order(datamodule, trainer, seed, batch_size=per_update * updates,
                                              collate_fn=chunks):
         return chunks

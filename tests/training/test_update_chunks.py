@@ -1,5 +1,5 @@
 """Several updates per Lightning training step (task.updates_per_step): the same updates, bitwise, as one per step;
-max_steps counts updates and a step checkpoint resumes exactly; step intervals that k does not divide are refused."""
+max_steps counts updates and a step checkpoint resumes exactly; k shrinks to divide the epoch and the step intervals."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from _toy import CUTOFF, outputs, toy_model, write_copper_database  # noqa: E402
 from ekf_plugin.data import atoms_collate  # noqa: E402
 from ekf_plugin.optim import EKF  # noqa: E402
 from ekf_plugin.training import PaperScheduleTask  # noqa: E402
-from ekf_plugin.training.update_chunks import UpdateChunks  # noqa: E402
+from ekf_plugin.training.update_chunks import UpdateChunks, fitting_updates_per_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def db(tmp_path_factory):
 
 
 def _datamodule(db, tmp):
-    dm = spk.data.AtomsDataModule(str(db), batch_size=1, num_train=9, num_val=2, num_workers=0,
+    dm = spk.data.AtomsDataModule(str(db), batch_size=1, num_train=8, num_val=2, num_workers=0,
                                   split_file=str(Path(db).with_suffix(".split.npz")),
                                   transforms=[trn.ASENeighborList(cutoff=CUTOFF), trn.CastTo32()])
     return dm
@@ -73,42 +73,54 @@ def test_update_chunks_collates_each_update_on_its_own():
         UpdateChunks(atoms_collate, 0)
 
 
+def test_the_updates_per_step_divide_the_epoch_and_the_step_intervals():
+    assert fitting_updates_per_step(10, 1120, [1000, 100]) == 10  # the water runs: 1120 training frames
+    assert fitting_updates_per_step(10, 1125, [1000]) == 5
+    assert fitting_updates_per_step(10, 1123, [1000]) == 1  # an epoch of a prime count: one update per step
+    assert fitting_updates_per_step(4, 8, [6]) == 2 and fitting_updates_per_step(4, 9, []) == 3
+
+
 @pytest.mark.parametrize("adam", [False, True])
 def test_k_updates_per_step_are_the_updates_of_one_per_step(db, tmp_path, adam):
-    """9 training frames, 4 updates per step (steps of 4, 4, 1), 2 epochs: weights, P (Adam: its second moments),
-    label RNG and update count bitwise those of one update per step."""
+    """8 training frames, 4 updates per step, 2 epochs: weights, P (Adam: its second moments), label RNG and update
+    count bitwise those of one update per step."""
     one_task, one = _fit(db, tmp_path / "one", 1, max_epochs=2, adam=adam)
     four_task, four = _fit(db, tmp_path / "four", 4, max_epochs=2, adam=adam)
-    assert one.global_step == 18 and four.num_training_batches == 3
+    assert one.global_step == 16 and four.num_training_batches == 2 and four_task._steps_k() == 4
     _assert_same(_state(one_task, one), _state(four_task, four))
 
 
 def test_max_steps_counts_updates_and_a_step_checkpoint_resumes_exactly(db, tmp_path):
-    """max_steps stops inside a step (14 = 3 steps of 4, 4, 1 in epoch 0, then 4 and 1 of the next); a checkpoint
-    every 4 updates, written inside epoch 0 (after 8 of its 9 frames), resumes to the same weights, P and RNG."""
+    """max_steps stops inside a step (14 = 2 steps of 4 in each of epochs 0 and 1, then 2 of epoch 2's first step);
+    a checkpoint every 4 updates, written inside epoch 0 (after 4 of its 8 frames), resumes to the same weights, P
+    and RNG."""
     # both runs write the step checkpoints (reading P for one applies the EKF's deferred rows: the same round-off)
     every4 = lambda d: ModelCheckpoint(dirpath=str(tmp_path / d), filename="step", every_n_train_steps=4)  # noqa: E731
     full_task, full = _fit(db, tmp_path / "full", 4, max_steps=14, callbacks=[every4("f")])
     assert full.global_step == 14
-    part_task, part = _fit(db, tmp_path / "part", 4, max_steps=8, callbacks=[every4("c")])
+    part_task, part = _fit(db, tmp_path / "part", 4, max_steps=4, callbacks=[every4("c")])
     saved = torch.load(tmp_path / "c" / "step.ckpt", weights_only=False)
-    assert saved["global_step"] == 8
+    assert saved["global_step"] == 4
     loader_state = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert (loader_state["epoch"], loader_state["start"]) == (0, 8)  # two steps of four frames
+    assert (loader_state["epoch"], loader_state["start"]) == (0, 4)  # one step of four frames
     resumed_task, resumed = _fit(db, tmp_path / "resumed", 4, ckpt_path=str(tmp_path / "c" / "step.ckpt"), seed=99,
-                                 max_steps=14)
+                                 max_steps=14, callbacks=[every4("r")])
     _assert_same(_state(full_task, full), _state(resumed_task, resumed))
 
 
-def test_a_step_interval_that_k_does_not_divide_is_refused(db, tmp_path):
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "c"), every_n_train_steps=6)
-    with pytest.raises(ValueError, match="does not divide"):
-        _fit(db, tmp_path, 4, max_epochs=1, callbacks=[ckpt])
+def test_a_step_interval_that_k_does_not_divide_makes_the_steps_smaller(db, tmp_path):
+    """Checkpoints every 6 updates with 4 per step would be skipped (the counter jumps past 6): 2 per step here,
+    and the checkpoint is written at update 6."""
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "c"), filename="step", every_n_train_steps=6)
+    with pytest.warns(RuntimeWarning, match="2 here"):
+        task, trainer = _fit(db, tmp_path, 4, max_steps=7, callbacks=[ckpt])
+    assert task._steps_k() == 2 and trainer.global_step == 7
+    assert torch.load(tmp_path / "c" / "step.ckpt", weights_only=False)["global_step"] == 6
 
 
 def test_a_checkpoint_inside_an_epoch_resumes_only_with_its_updates_per_step(db, tmp_path):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "c"), filename="step", every_n_train_steps=4)
-    _fit(db, tmp_path / "part", 4, max_steps=8, callbacks=[ckpt])
+    _fit(db, tmp_path / "part", 4, max_steps=4, callbacks=[ckpt])
     with pytest.raises(ValueError, match="updates_per_step=4"):
         _fit(db, tmp_path / "other", 1, ckpt_path=str(tmp_path / "c" / "step.ckpt"), max_steps=14)
     loaded = PaperScheduleTask.load_from_checkpoint(str(tmp_path / "c" / "step.ckpt"), weights_only=False)
