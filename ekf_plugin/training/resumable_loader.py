@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["EpochPermutation", "install_resumable_order", "resumable_loader", "trainer_progress"]
+__all__ = ["EpochPermutation", "host_shuffled_loader", "install_resumable_order", "resumable_loader", "trainer_progress"]
 
 
 class EpochPermutation(torch.utils.data.Sampler):
@@ -100,6 +100,20 @@ def resumable_loader(dataset, batch_size: int, seed: int, progress: Callable[[],
     return ResumableLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, **kwargs)
 
 
+def host_shuffled_loader(datamodule) -> bool:
+    """Whether a datamodule's training loader is (or would be built as) SchNetPack's plain shuffled one, which may be
+    replaced: an ``AtomsDataModule`` with a training set and no ``train_sampler_cls`` whose loader is not built yet or
+    is an ``AtomsLoader`` over a ``RandomSampler`` (not one already replaced, or one someone chose)."""
+    from schnetpack.data import AtomsLoader  # noqa: PLC0415
+
+    if datamodule is None or not hasattr(datamodule, "_train_dataloader"):
+        return False  # not an AtomsDataModule
+    if getattr(datamodule, "train_sampler_cls", None) is not None or getattr(datamodule, "train_dataset", None) is None:
+        return False  # it samples its own way, or has no training set
+    built = datamodule._train_dataloader
+    return built is None or (type(built) is AtomsLoader and isinstance(built.sampler, torch.utils.data.RandomSampler))
+
+
 def install_resumable_order(datamodule, trainer, seed: int, batch_size: Optional[int] = None,
                             **loader_kwargs: Any) -> bool:
     """Give a SchNetPack ``AtomsDataModule`` a resumable training loader (:func:`resumable_loader`, order from
@@ -114,19 +128,9 @@ def install_resumable_order(datamodule, trainer, seed: int, batch_size: Optional
     (:func:`~ekf_plugin.training.update_chunks.install_update_chunks`: k updates per batch). Returns whether the
     loader was installed. Call after the datamodule's ``setup``.
     """
-    from schnetpack.data import AtomsLoader  # noqa: PLC0415
-
-    if trainer is None or datamodule is None or hasattr(trainer.strategy, "distributed_sampler_kwargs"):
+    if trainer is None or hasattr(trainer.strategy, "distributed_sampler_kwargs") or not host_shuffled_loader(datamodule):
         return False
-    if not hasattr(datamodule, "_train_dataloader") or getattr(datamodule, "train_sampler_cls", None) is not None:
-        return False  # not an AtomsDataModule, or it samples its own way
-    built = datamodule._train_dataloader
-    if built is not None and not (type(built) is AtomsLoader
-                                  and isinstance(built.sampler, torch.utils.data.RandomSampler)):
-        return False  # already resumable, or a loader someone chose
-    dataset = getattr(datamodule, "train_dataset", None)
-    if dataset is None:
-        return False
+    dataset = datamodule.train_dataset
     if getattr(datamodule, "collate_fn", None) is not None:
         loader_kwargs.setdefault("collate_fn", datamodule.collate_fn)
     datamodule._train_dataloader = resumable_loader(

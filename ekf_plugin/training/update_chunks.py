@@ -20,11 +20,9 @@ steps, so a resumed run goes on exactly. The progress bar, an integer ``val_chec
 
 from __future__ import annotations
 
-import warnings
 import math
+import warnings
 from typing import Any, Callable, Iterable, List, Optional
-
-import torch
 
 __all__ = ["UpdateChunks", "fitting_updates_per_step", "install_update_chunks", "step_intervals"]
 
@@ -56,11 +54,10 @@ class UpdateChunks:
     """Collate function: the items of one loader batch (k·B structures) as k batches of B, each collated by ``collate``
     (the last one shorter when the epoch's frames run out). ``updates``: the k of the loader built around it."""
 
-    def __init__(self, collate: Callable[[List[Any]], Any], per_update: int) -> None:
+    def __init__(self, collate: Callable[[List[Any]], Any], per_update: int, updates: int = 1) -> None:
         if int(per_update) < 1:
             raise ValueError(f"structures per update must be >= 1, got {per_update}")
-        self.collate, self.per_update = collate, int(per_update)
-        self.updates = 1
+        self.collate, self.per_update, self.updates = collate, int(per_update), int(updates)
 
     def __call__(self, items: List[Any]) -> List[Any]:
         b = self.per_update
@@ -85,30 +82,26 @@ def install_update_chunks(datamodule, trainer, updates: int, seed: int, resumabl
     from schnetpack.data import AtomsLoader  # noqa: PLC0415
     from schnetpack.data.loader import _atoms_collate_fn  # noqa: PLC0415
 
-    from ekf_plugin.training.resumable_loader import install_resumable_order  # noqa: PLC0415
+    from ekf_plugin.training.resumable_loader import host_shuffled_loader, install_resumable_order  # noqa: PLC0415
 
-    built = getattr(datamodule, "_train_dataloader", None)
-    dataset = getattr(datamodule, "train_dataset", None)
-    if (not hasattr(datamodule, "_train_dataloader") or getattr(datamodule, "train_sampler_cls", None) is not None
-            or dataset is None or (built is not None and not (type(built) is AtomsLoader
-                                                               and isinstance(built.sampler, torch.utils.data.RandomSampler)))):
+    if not host_shuffled_loader(datamodule):
         warnings.warn(f"task.updates_per_step={updates}: the datamodule builds its own training loader; one update per "
                       "training step", RuntimeWarning, stacklevel=2)
         return None
-    per_update = int(datamodule.batch_size)
+    dataset, per_update = datamodule.train_dataset, int(datamodule.batch_size)
     sampler = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
     frames = math.ceil(len(dataset) / int(sampler.get("num_replicas", 1)))  # per process (DistributedSampler pads)
     epoch_updates = math.ceil(frames / per_update)
-    fitting = fitting_updates_per_step(updates, epoch_updates, step_intervals(trainer.callbacks))
+    intervals = step_intervals(trainer.callbacks)
+    fitting = fitting_updates_per_step(updates, epoch_updates, intervals)
     if fitting != updates:
         warnings.warn(f"task.updates_per_step={updates}: {fitting} here, so that steps end on every multiple of the "
-                      f"{epoch_updates} updates of an epoch and of every_n_train_steps "
-                      f"{step_intervals(trainer.callbacks)}", RuntimeWarning, stacklevel=2)
+                      f"{epoch_updates} updates of an epoch and of every_n_train_steps {intervals}", RuntimeWarning,
+                      stacklevel=2)
     if fitting <= 1:
         return None
     updates = fitting
-    chunks = UpdateChunks(getattr(datamodule, "collate_fn", None) or _atoms_collate_fn, per_update)
-    chunks.updates = updates
+    chunks = UpdateChunks(getattr(datamodule, "collate_fn", None) or _atoms_collate_fn, per_update, updates)
     if resumable and install_resumable_order(datamodule, trainer, seed, batch_size=per_update * updates,
                                              collate_fn=chunks):
         return chunks
