@@ -637,6 +637,12 @@ class EKF(torch.optim.Optimizer):
 
     def _apply_dw(self, dw: torch.Tensor) -> None:
         """w ← w − Kξ (dw = Kξ, shape (n,), filter dtype) written into the parameters."""
+        p0 = self._params[0]
+        if all(p.dtype == p0.dtype and p.device == p0.device for p in self._params):
+            # one cast and one multi-tensor subtraction (12 tensors of the water BPNN: 0.03 against 0.12 ms)
+            parts = dw.to(device=p0.device, dtype=p0.dtype).split([p.numel() for p in self._params])
+            torch._foreach_sub_(self._params, [d.view_as(p) for d, p in zip(parts, self._params)])
+            return
         off = 0
         for p in self._params:
             k = p.numel()

@@ -1,21 +1,32 @@
 """A compiled filter kernel for thin updates of large blocked P (``kernel="native"``, CPU, one thread).
 
-The two passes over a P block with m Jacobian rows (X = P Jᵀ, then P ← (P − Vᵀ V)/λ) are what a
-reduced-row update of a GNN costs once P has ~10⁵ weights (m = 5, 20–40 blocks of 5120). For such thin
-products the symmetric BLAS routines are far from the memory-traffic bound: OpenBLAS ``ssymm`` with m = 5
-packs P and runs its GEMM micro-kernel at N = 5, about as slow as five separate ``ssymv`` (each one a full
-read of the triangle). This kernel reads the upper triangle of P once per pass, eight rows at a time for
-X = P Jᵀ and four for P −= Vᵀ V (each element of J, X and V is loaded once per eight or four rows of P;
-eight rows made X 9–11 % faster than four at m = 2–10, n = 2827, float64), and applies the fading-memory
-factor 1/λ in the same pass that subtracts Vᵀ V, so the separate P /= λ pass over the whole square disappears
-(:attr:`~ekf_plugin.optim.kernels.FilterKernel.fused_scale`). Same storage as
-:class:`~ekf_plugin.optim.kernels.BlasKernel` (row-major blocks, upper triangle valid), so the two kernels
-and their checkpoints are interchangeable.
+The two passes over a P block with m Jacobian rows (X = P Jᵀ, then P ← (P − Vᵀ V)/λ) are what an EKF
+update costs: for the study's water BPNN (n = 2827, float64) and for a reduced-row update of a GNN once P has
+~10⁵ weights (m = 5, 20–40 blocks of 5120). For such thin products the symmetric BLAS routines are far from
+their bounds: OpenBLAS ``ssymm`` with m = 5 packs P and runs its GEMM micro-kernel at N = 5, about as slow as
+five separate ``ssymv`` (each one a full read of the triangle). This kernel reads the upper triangle of P
+once per pass:
+
+* X = P Jᵀ for m ≤ 2 rows: eight rows of P at a time (each element of J and X is loaded once per eight rows;
+  memory bound: m = 1 at ~25 GB/s). From m = 3 on, that loop is limited by its loads of P from L1 (m = 10:
+  23 GFLOP/s), so the product goes by panels of 24 rows (in L2), register-blocked tiles along the rows and
+  down the columns of a panel, up to eight labels per pass (the C++ comment at ``xt_blocked``): n = 2827,
+  float64, one core: m = 10 in 4.6–5.3 against 7.0 ms, m = 5 in 2.8 against 4.1 ms; 35–42 GFLOP/s of the
+  47 that MKL's square GEMM reaches on this CPU. The rectangle product of a sharded P (:func:`rect_xt`) uses
+  the same panels.
+* P −= Vᵀ V: four rows of P and four of V at a time, applying the fading-memory factor 1/λ in the same pass,
+  so the separate P /= λ pass over the whole square disappears
+  (:attr:`~ekf_plugin.optim.kernels.FilterKernel.fused_scale`).
+
+Same storage as :class:`~ekf_plugin.optim.kernels.BlasKernel` (row-major blocks, upper triangle valid), so the
+two kernels and their checkpoints are interchangeable. Results equal the dense algebra to round-off; the
+summation order differs from BLAS's, so runs agree with each other bitwise only with the same kernel.
 
 The C++ source below is built by :func:`ekf_plugin.native.native_library` (``-O3 -march=native``, about a
 second, cached per CPU). Without a compiler, :func:`load` returns None and ``select_kernel("native", ...)``
 falls back to the BLAS kernel with a warning. The BLAS kernel itself uses this module's X = P Jᵀ
-(:func:`thin_xt`) for m ≥ 2 rows on one thread, where it beats ``?symm``; it keeps ``?syrk`` for P −= VᵀV.
+(:func:`thin_xt`) on one thread, where it beats ``?symv``/``?symm``; it keeps ``?syrk`` for P −= VᵀV
+(43 GFLOP/s with the 32 deferred rows of :class:`~ekf_plugin.optim.EKF`, twice this kernel's four-row loop).
 One thread (the target of the reduced-row benchmarks); with ``torch.get_num_threads() > 1`` the BLAS
 kernel may be faster.
 """
@@ -173,17 +184,171 @@ static void rxt(const T *restrict Rm, const T *restrict Jl, const T *restrict Jr
   }
 }
 
+/* ---- Blocked X = P J^T for m >= 3 labels (BLOCKED_MIN_M): the same product at GEMM speed. ----
+   rows8 above loads its eight rows of P once per label from L1; from m = 3 on the product is limited by
+   those loads, not by memory (n = 2827, m = 10: 23 GFLOP/s). Here a panel of BI rows of the upper triangle
+   (BI x n, in L2) is passed per group of up to KBMAX labels by two register-blocked tiles: along its rows
+   (dot: X[k, i] += sum_j J[k, j] P[i, j], KB labels x 3 rows of accumulators) and down its columns (axpy:
+   X[k, j] += sum_i J[k, i] P[i, j], KB labels x 2 vectors), every operand loaded once into a register
+   (the empty asm statements keep the compiler from folding a load into each FMA). The first group's
+   row pass streams the panel from memory and prefetches PF elements ahead along each row. n = 2827, m = 10,
+   float64, one core: 4.6-5.3 ms against 7.0 ms for rows8 (m = 5: 2.8 against 4.1 ms). */
+#define BI 24    /* rows of a panel: 24 rows of 2827 float64 = 540 KB, in L2 */
+#define BJ 4096  /* column chunk of a panel */
+#define PF 256   /* prefetch distance along a row (elements) */
+#if defined(__AVX512F__)
+#define KBMAX 8  /* 32 vector registers: the dot tile's KB x 3 accumulators, 3 rows and one J vector */
+#else
+#define KBMAX 4
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#define IN_REGISTER(x) __asm__("" : "+x"(x))
+#else
+#define IN_REGISTER(x) ((void)0)
+#endif
+
+template <typename T> struct Vec { typedef T type __attribute__((vector_size(32), aligned(sizeof(T)), may_alias)); };
+
+/* C (KB, w; ldc) += A (KB, h; lda) B (h, w; ldb): KB labels x 2 vectors of columns per tile, down the h rows. */
+template <typename T, int KB>
+static inline void axpy_tile(const T *restrict A, long lda, const T *restrict B, long ldb, T *restrict C, long ldc,
+                             long h, long w) {
+  typedef typename Vec<T>::type v;
+  enum { L = 32 / sizeof(T), CW = 2 * L };
+  long c = 0;
+  for (; c + CW <= w; c += CW) {
+    v acc[KB][2];
+    for (int k = 0; k < KB; ++k) { acc[k][0] = (v){}; acc[k][1] = (v){}; }
+    for (long r = 0; r < h; ++r) {
+      v b0 = *(const v *)(B + r * ldb + c), b1 = *(const v *)(B + r * ldb + c + L);
+      IN_REGISTER(b0); IN_REGISTER(b1);
+      for (int k = 0; k < KB; ++k) {
+        const T a = A[k * lda + r];
+        acc[k][0] += a * b0; acc[k][1] += a * b1;
+      }
+    }
+    for (int k = 0; k < KB; ++k) {
+      v *o0 = (v *)(C + k * ldc + c), *o1 = (v *)(C + k * ldc + c + L);
+      *o0 += acc[k][0]; *o1 += acc[k][1];
+    }
+  }
+  for (; c < w; ++c)
+    for (int k = 0; k < KB; ++k) {
+      T s = 0;
+      for (long r = 0; r < h; ++r) s += A[k * lda + r] * B[r * ldb + c];
+      C[k * ldc + c] += s;
+    }
+}
+
+/* C[k, i0 + r] += sum_j A[k, j] B[i0 + r, j] for R rows, j < w; prefetch pf elements ahead (0: none). */
+template <typename T, int KB, int R>
+static inline void dot_rows(const T *restrict A, long lda, const T *restrict B, long ldb, T *restrict C, long ldc,
+                            long i0, long w, long pf) {
+  typedef typename Vec<T>::type v;
+  enum { L = 32 / sizeof(T) };
+  const long wv = w - w % L;
+  v acc[KB][R];
+  for (int k = 0; k < KB; ++k)
+    for (int r = 0; r < R; ++r) acc[k][r] = (v){};
+  for (long j = 0; j < wv; j += L) {
+    if (pf && (j * (long)sizeof(T)) % 64 == 0)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(B + (i0 + r) * ldb + j + pf, 0, 2);
+    v b[R];
+    for (int r = 0; r < R; ++r) { b[r] = *(const v *)(B + (i0 + r) * ldb + j); IN_REGISTER(b[r]); }
+    for (int k = 0; k < KB; ++k) {
+      v a = *(const v *)(A + k * lda + j);
+      IN_REGISTER(a);
+      for (int r = 0; r < R; ++r) acc[k][r] += a * b[r];
+    }
+  }
+  for (int k = 0; k < KB; ++k)
+    for (int r = 0; r < R; ++r) {
+      T s = 0;
+      for (int l = 0; l < L; ++l) s += acc[k][r][l];
+      for (long j = wv; j < w; ++j) s += A[k * lda + j] * B[(i0 + r) * ldb + j];
+      C[k * ldc + i0 + r] += s;
+    }
+}
+
+/* One chunk (h, w; ldb) of a panel for KB labels: X1 (KB, h; ld1) += (B Jr^T)^T, X2 (KB, w; ld2) += Jl B. */
+template <typename T, int KB>
+static void chunk_kb(const T *B, long ldb, const T *Jl, long ldl, const T *Jr, long ldr, T *X1, long ld1, T *X2,
+                     long ld2, long h, long w, long pf) {
+  long i = 0;  /* along the rows first: the first group streams the chunk from memory */
+  for (; i + 3 <= h; i += 3) dot_rows<T, KB, 3>(Jr, ldr, B, ldb, X1, ld1, i, w, pf);
+  if (h - i == 2) dot_rows<T, KB, 2>(Jr, ldr, B, ldb, X1, ld1, i, w, pf);
+  if (h - i == 1) dot_rows<T, KB, 1>(Jr, ldr, B, ldb, X1, ld1, i, w, pf);
+  axpy_tile<T, KB>(Jl, ldl, B, ldb, X2, ld2, h, w);  /* then down the columns, from L2 */
+}
+
+template <typename T>
+static void chunk(int kb, const T *B, long ldb, const T *Jl, long ldl, const T *Jr, long ldr, T *X1, long ld1,
+                  T *X2, long ld2, long h, long w, long pf) {
+  switch (kb) {
+#define CHUNK(K) case K: chunk_kb<T, K>(B, ldb, Jl, ldl, Jr, ldr, X1, ld1, X2, ld2, h, w, pf); break;
+    CHUNK(1) CHUNK(2) CHUNK(3) CHUNK(4)
+#if KBMAX > 4
+    CHUNK(5) CHUNK(6) CHUNK(7) CHUNK(8)
+#endif
+#undef CHUNK
+  }
+}
+
+/* A panel R (h <= BI rows, w; ldb) of m labels: X1 (m, h; ld1) += (R Jr^T)^T and X2 (m, w; ld2) += Jl R for
+   Jl (m, h; ldl), Jr (m, w; ldr); labels in balanced groups of <= KBMAX, column chunks of BJ outermost. */
+template <typename T>
+static void panel(const T *R, long ldb, const T *Jl, long ldl, const T *Jr, long ldr, T *X1, long ld1, T *X2,
+                  long ld2, long h, long w, long m) {
+  const long groups = (m + KBMAX - 1) / KBMAX;
+  for (long j0 = 0; j0 < w; j0 += BJ) {
+    const long wj = w - j0 < BJ ? w - j0 : BJ;
+    for (long g = 0, k = 0; g < groups; ++g) {
+      const long kb = (m - k) / (groups - g);
+      chunk<T>((int)kb, R + j0, ldb, Jl + k * ldl, ldl, Jr + k * ldr + j0, ldr, X1 + k * ld1, ld1,
+               X2 + k * ld2 + j0, ld2, h, wj, g == 0 ? PF : 0);
+      k += kb;
+    }
+  }
+}
+
+/* X (m, n) = (P J^T)^T from the upper triangle of P (n, n), m >= 1: per panel of BI rows its diagonal block
+   (made full in D) down the columns, and the rectangle right of it by panel(). */
+template <typename T>
+static void xt_blocked(const T *restrict P, const T *restrict J, T *restrict X, long n, long m) {
+  for (long k = 0; k < m * n; ++k) X[k] = 0;
+  T D[BI * BI];
+  for (long i0 = 0; i0 < n; i0 += BI) {
+    const long h = n - i0 < BI ? n - i0 : BI;
+    for (long r = 0; r < h; ++r)
+      for (long c = 0; c < h; ++c) D[r * h + c] = c >= r ? P[(i0 + r) * n + i0 + c] : P[(i0 + c) * n + i0 + r];
+    for (long k = 0; k < m; ++k) axpy_tile<T, 1>(J + k * n + i0, n, D, h, X + k * n + i0, n, h, h);
+    if (i0 + h < n)
+      panel<T>(P + i0 * n + i0 + h, n, J + i0, n, J + i0 + h, n, X + i0, n, X + i0 + h, n, h, n - i0 - h, m);
+  }
+}
+
+/* rxt by panels: X1 (m, h) += (R Jr^T)^T, X2 (m, w) += Jl R for R (h, w) row-major. */
+template <typename T>
+static void rxt_blocked(const T *Rm, const T *Jl, const T *Jr, T *X1, T *X2, long h, long w, long m) {
+  for (long i0 = 0; i0 < h; i0 += BI) {
+    const long hp = h - i0 < BI ? h - i0 : BI;
+    panel<T>(Rm + i0 * w, w, Jl + i0, h, Jr, w, X1 + i0, h, X2, w, hp, w, m);
+  }
+}
+#define BLOCKED_MIN_M 3
+
 extern "C" {
-void ekf_xt_f32(const float *P, const float *J, float *X, long n, long m) { xt<float>(P, J, X, n, m); }
-void ekf_xt_f64(const double *P, const double *J, double *X, long n, long m) { xt<double>(P, J, X, n, m); }
+void ekf_xt_f32(const float *P, const float *J, float *X, long n, long m) {
+  if (m >= BLOCKED_MIN_M) xt_blocked<float>(P, J, X, n, m); else xt<float>(P, J, X, n, m); }
+void ekf_xt_f64(const double *P, const double *J, double *X, long n, long m) {
+  if (m >= BLOCKED_MIN_M) xt_blocked<double>(P, J, X, n, m); else xt<double>(P, J, X, n, m); }
 void ekf_sg_f32(float *P, const float *V, long n, long m4, float s) { sg<float>(P, V, n, m4, s); }
 void ekf_sg_f64(double *P, const double *V, long n, long m4, double s) { sg<double>(P, V, n, m4, s); }
 void ekf_rxt_f32(const float *R, const float *Jl, const float *Jr, float *X1, float *X2, long h, long w, long m) {
-  rxt<float>(R, Jl, Jr, X1, X2, h, w, m); }
+  if (m >= BLOCKED_MIN_M) rxt_blocked<float>(R, Jl, Jr, X1, X2, h, w, m); else rxt<float>(R, Jl, Jr, X1, X2, h, w, m); }
 void ekf_rxt_f64(const double *R, const double *Jl, const double *Jr, double *X1, double *X2, long h, long w, long m) {
-  rxt<double>(R, Jl, Jr, X1, X2, h, w, m); }
-}
-"""
+  if (m >= BLOCKED_MIN_M) rxt_blocked<double>(R, Jl, Jr, X1, X2, h, w, m); else rxt<double>(R, Jl, Jr, X1, X2, h, w, m); }
+}"""
 MAXM = 64  # most Jacobian rows per update the compiled X = P Jᵀ takes (more: the BLAS kernel)
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-fno-math-errno")
@@ -283,7 +448,7 @@ class NativeKernel(BlasKernel):
         return "f32" if P.dtype == torch.float32 else "f64"
 
     def xt(self, P: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
-        X = thin_xt(P, J) if J.shape[0] > 1 or P.dtype == torch.float32 else None
+        X = thin_xt(P, J)
         return X if X is not None else self._blas_xt(P, J)
 
     def sub_gram_(self, P: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> None:

@@ -195,7 +195,7 @@ def test_blas_kernel_leaves_the_flat_jacobian_path_exact():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("h,w,m", [(13, 29, 1), (16, 600, 10), (7, 5, 3), (131, 257, 4)])
+@pytest.mark.parametrize("h,w,m", [(13, 29, 1), (16, 600, 10), (7, 5, 3), (131, 257, 4), (50, 301, 17)])
 def test_rectangle_product_of_a_sharded_p_in_one_pass_equals_the_two_torch_products(dtype, tol, h, w, m):
     from ekf_plugin.optim.native import load, rect_xt
 

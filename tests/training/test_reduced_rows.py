@@ -119,7 +119,7 @@ needs_native = pytest.mark.skipif(_LIB is None, reason=f"no compiled kernel: {na
 
 @needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 3e-5)], ids=["f64", "f32"])
-@pytest.mark.parametrize("n,m", [(1, 1), (3, 2), (7, 5), (37, 4), (37, 6), (517, 5), (1030, 9)])
+@pytest.mark.parametrize("n,m", [(1, 1), (3, 2), (7, 5), (37, 4), (37, 6), (100, 3), (100, 17), (517, 5), (1030, 9)])
 def test_native_passes_equal_dense_algebra_reading_only_the_upper_triangle(dtype, tol, n, m):
     g = torch.Generator().manual_seed(n * 31 + m)
     A = torch.randn(n, n, generator=g, dtype=torch.float64)
