@@ -201,7 +201,7 @@ static void rxt(const T *restrict Rm, const T *restrict Jl, const T *restrict Jr
 #else
 #define KBMAX 4
 #endif
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX__)  /* a 32-byte vector fits one register (without AVX it is two: no constraint for it) */
 #define IN_REGISTER(x) __asm__("" : "+x"(x))
 #else
 #define IN_REGISTER(x) ((void)0)

@@ -211,3 +211,28 @@ def test_rectangle_product_of_a_sharded_p_in_one_pass_equals_the_two_torch_produ
     for a, b in zip(blas, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert rect_xt(R.T, Jr, Jl) is None, "a non-contiguous rectangle goes to the torch products"
+
+
+@pytest.mark.parametrize("m", [1, 3, 10])
+def test_portable_build_of_the_filter_kernels_gives_the_same_product(m):
+    """Built without ``-march=native`` (the fallback of ``native.load`` for compilers that refuse it; no AVX, so
+    no register constraints in the blocked product), X = P Jᵀ still equals the dense product."""
+    import ctypes
+
+    from ekf_plugin.native import compiler, native_library
+    from ekf_plugin.optim.native import SOURCE
+
+    if compiler() is None:
+        pytest.skip("no C++ compiler for the native kernels")
+    lib = native_library(SOURCE, ("-O2", "-fopenmp-simd", "-fPIC", "-shared", "-fno-math-errno"), name="ekf_filter_portable")
+    fn = lib.ekf_xt_f64
+    fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2, None
+    g = torch.Generator().manual_seed(m)
+    n = 61  # panels of 24 rows and a tail
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    P = A @ A.T / n
+    stored = torch.where(torch.ones(n, n, dtype=torch.bool).triu(), P, torch.tensor(float("nan"), dtype=torch.float64))
+    J = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.empty(m, n, dtype=torch.float64)
+    fn(stored.data_ptr(), J.data_ptr(), X.data_ptr(), n, m)
+    torch.testing.assert_close(X, J @ P, rtol=1e-12, atol=1e-12)
