@@ -386,13 +386,15 @@ class BPNNLabelPredictor:
         self._rows = (key, builder)
         return builder
 
-    def energies_and_rows(self, batch: Dict[str, torch.Tensor], rows: NetworkJacobians) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B,) energies in eV and their rows (B, n) = ∂E_b/∂θ, without autograd."""
+    def energies_and_rows(self, batch: Dict[str, torch.Tensor], rows: NetworkJacobians,
+                          share: Tuple[int, int] = (0, 1)) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B,) energies in eV and their rows (B, n) = ∂E_b/∂θ, without autograd. ``share`` = (r, W): the part of
+        element networks r, r + W, … (:meth:`NetworkJacobians.energy`); the W shares sum to the whole."""
         values, out = [], []
         for b in range(int(batch[props.n_atoms].shape[0])):
             structure = self._structure(batch, b, with_rij=False)
             s = self.features(batch, b, structure)  # (N_b, W)
-            e, r = rows.energy(s, self._species(structure))  # (1,), (1, n)
+            e, r = rows.energy(s, self._species(structure), share)  # (1,), (1, n)
             values.append(e), out.append(r)
         return torch.cat(values), torch.cat(out)  # (B,), (B, n)
 

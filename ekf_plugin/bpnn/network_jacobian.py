@@ -134,13 +134,23 @@ class NetworkJacobians:
         return linears, hs, d1, d2
 
     @torch.no_grad()
-    def energy(self, s: torch.Tensor, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Energy (1,) in eV and its row (1, n) for one structure with scaled features s (N, W)."""
+    def energy(self, s: torch.Tensor, species: torch.Tensor, share: Tuple[int, int] = (0, 1)
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energy (1,) in eV and its row (1, n) for one structure with scaled features s (N, W).
+
+        ``share`` = (r, W): only the element networks e with e % W == r (and the atom energies for r = 0), zero
+        columns elsewhere; the W shares sum to the whole energy and row (one process each, see
+        :func:`ekf_plugin.optim.sharded.sum_rows`)."""
         nets = self.networks
+        r, world = share
         scale = nets.energy_scale.to(s.dtype)
         energy = nets.atom_energy.to(s.dtype)[species].sum().reshape(1)  # (1,) eV
+        if r:
+            energy = torch.zeros_like(energy)  # (1,): the atom energies count once, in share 0
         per_element = {}
         for e, n_in in enumerate(nets.n_in):
+            if e % world != r:
+                continue
             idx = torch.nonzero(species == e).squeeze(-1)  # (N_e,)
             if not idx.numel():
                 continue

@@ -94,7 +94,7 @@ import torch
 from ekf_plugin.jacobian import flat_jacobian
 from ekf_plugin.optim.kernels import FilterKernel, select_kernel
 from ekf_plugin.optim.shared_memory import SharedMemoryGroup, all_gather
-from ekf_plugin.optim.sharded import ShardPlan, process_group_info, split_rows
+from ekf_plugin.optim.sharded import ShardPlan, process_group_info, split_rows, sum_rows
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,13 @@ class EKF(torch.optim.Optimizer):
         ``idx`` (k,), all-gathered (:func:`ekf_plugin.optim.sharded.split_rows`; ``key`` identifies the input,
         e.g. the structure index, and is checked to agree). For ``label_split=True``."""
         return split_rows(fn, idx, key, self.process_group, self.n)
+
+    def sum_rows(self, fn: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]],
+                 key: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Labels and Jacobian rows that are sums of terms, ``fn(rank, world)`` → partial ((k,), (k, n)) of this
+        process's share of the terms, summed over the processes (:func:`ekf_plugin.optim.sharded.sum_rows`; e.g.
+        an energy label split by element network). For ``label_split=True``."""
+        return sum_rows(fn, key, self.process_group, self.n)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -50,7 +50,7 @@ import torch
 from ekf_plugin.optim.kernels import FilterKernel
 from ekf_plugin.optim.shared_memory import SharedMemoryGroup, all_gather, all_reduce_
 
-__all__ = ["Piece", "ShardPlan", "plan_shards", "triangle_row_split", "split_rows", "process_group_info"]
+__all__ = ["Piece", "ShardPlan", "plan_shards", "triangle_row_split", "split_rows", "sum_rows", "process_group_info"]
 
 
 def process_group_info(group: Any = None) -> Tuple[int, int]:
@@ -294,6 +294,43 @@ def split_rows(
     vcode, rcode = (int(max(float(h[i]) for h in heads)) for i in range(2))
     full = torch.cat([o[1 : 1 + cuts[r + 1] - cuts[r], : 1 + n] for r, o in enumerate(out)])  # (k, 1 + n)
     return full[:, 0].to(_DTYPES[vcode]), full[:, 1:].to(_DTYPES[rcode])
+
+
+def sum_rows(
+    fn: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]],
+    key: float = 0.0,
+    group: Any = None,
+    n: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labels and rows that are sums of terms, each process computing its share of the terms: ``fn(rank,
+    world)`` → (values (k,), rows (k, n)) partial sums, summed over the processes (one all-reduce of
+    (k + 1)·(n + 1) float64 numbers). For labels whose terms fall apart by construction, e.g. a BPNN energy
+    (one label) as the sum of its element networks' contributions: process r evaluates the networks it is given,
+    and their rows occupy disjoint columns, so the summed rows are exact. The result is identical on every
+    process (the all-reduce hands every process the same sum); values come back in the dtype of ``fn``'s values,
+    rows in the dtype of its rows. ``key`` identifies the input (e.g. the structure index) and is checked to
+    agree (RuntimeError otherwise). Without an initialised group (or W = 1) it is just ``fn(0, 1)``."""
+    rank, world = process_group_info(group)
+    if world == 1:
+        return fn(0, 1)
+    if n is None:
+        raise ValueError("sum_rows needs the row length n with more than one process")
+    values, rows = fn(rank, world)
+    k = values.numel()
+    if rows.shape != (k, n):
+        raise ValueError(f"sum_rows: rows of shape {tuple(rows.shape)}, expected ({k}, {n})")
+    # row 0: each process's key in its own column (a sum of zeros elsewhere); rows 1..: [value, row (n,)]
+    buf = torch.zeros(k + 1, max(1 + n, world), dtype=torch.float64, device=values.device)
+    buf[0, rank] = float(key)
+    buf[1:, 0] = values.detach().to(torch.float64)
+    buf[1:, 1 : 1 + n] = rows.detach().to(torch.float64)
+    all_reduce_(buf, group)
+    keys = buf[0, :world]
+    if not bool((keys == keys[rank]).all()):
+        raise RuntimeError(
+            "sum_rows: the processes evaluated different inputs (label_split needs the same batch on every "
+            "process: trainer=ddp_cpu_split); keys per process: " + ", ".join(f"{float(x):g}" for x in keys))
+    return buf[1:, 0].to(values.dtype), buf[1:, 1 : 1 + n].to(rows.dtype)
 
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # codes of split_rows' header

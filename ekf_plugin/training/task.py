@@ -264,6 +264,10 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 split, one = store.get("split"), forces  # EKF(label_split=True): each process computes a share
                 if split is not None:
                     forces = lambda b, pick: split(lambda p: one(b, p), pick, float(batch[spk.properties.idx][b]))  # noqa: E731
+                    # the energy (one label): each process its element networks' part, summed
+                    energies = lambda: store["sum"](  # noqa: E731
+                        lambda r, w: predictor.energies_and_rows(batch, rows, (r, w)),
+                        float(batch[spk.properties.idx][0]))
             else:
                 energies = lambda: predictor.energies(batch)  # noqa: E731
                 forces = lambda b, pick: predictor.force_components(batch, b, pick)  # noqa: E731
@@ -360,7 +364,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         ekf = (opt.optimizer if hasattr(opt, "optimizer") else opt) if self._is_ekf() else None  # unwrapped EKF
         if ekf is not None:
             if ekf.label_split:  # sharded EKF under DDP, one structure per update: its rows shared out
-                store["split"] = ekf.split_rows
+                store["split"], store["sum"] = ekf.split_rows, ekf.sum_rows
             xi = opt.step(closure=lambda: self._errors(batch, kinds, store, ekf.params))
             loss = (xi.detach() ** 2).sum()
         else:

@@ -74,3 +74,23 @@ def test_an_element_without_atoms_gets_zero_columns():
             assert torch.count_nonzero(je[:, start : start + p.numel()]) == 0
         start += p.numel()
     assert torch.count_nonzero(jf) > 0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_energy_shares_of_the_element_networks_sum_to_the_energy_and_its_row(world):
+    """``share`` = (r, W): the networks e % W == r (atom energies in share 0); the W shares add up to the whole
+    energy and row, and their rows touch disjoint columns (so a sum over processes is exact)."""
+    model, pred, batch = _setup([water_cluster(2, seed=3)])
+    rows = NetworkJacobians(pred._energy_modules()[0], list(model.parameters()))
+    structure = pred._structure(batch, 0, with_rij=False)
+    s, species = pred.features(batch, 0, structure), pred._species(structure)
+    e, je = rows.energy(s, species)
+    parts = [rows.energy(s, species, (r, world)) for r in range(world)]
+    torch.testing.assert_close(sum(p[0] for p in parts), e, rtol=1e-14, atol=1e-12)
+    assert torch.equal(sum(p[1] for p in parts), je), "the shares' rows sum to the row exactly"
+    touched = torch.stack([p[1][0] != 0 for p in parts])  # (W, n)
+    assert int(touched.sum(0).max()) <= 1, "no column in two shares"
+    assert [bool(p[1].any()) for p in parts] == [r < 2 for r in range(world)], "two elements: shares 0 and 1"
+    batch_e, batch_rows = pred.energies_and_rows(batch, rows, (1, world))
+    torch.testing.assert_close(batch_e, parts[1][0])
+    torch.testing.assert_close(batch_rows, parts[1][1])

@@ -7,6 +7,8 @@ Scenarios (each writes ``OUTDIR/<name>_r<RANK>.pt`` with the weights, the full P
   with ``EKF.split_rows`` (closed-form (ξ, J) from ``flat_jacobian``);
 * ``blocks``: blocks="tensor" (4 blocks, cut by rows), torch kernel, q > 0, fading memory;
 * ``streams_gloo``, ``split_gloo``: as ``streams``/``split`` with ``comm="torch"`` (gloo instead of shared memory);
+* ``mismatch``: ``split_rows`` and ``sum_rows`` with inputs that differ between the ranks (refused), and a
+  ``sum_rows`` of known parts;
 * ``resume``: 5 updates, ``state_dict()`` (written by rank 0 as ``resume_sd.pt``), a fresh sharded optimizer
   loads it and does 5 more; also loads ``OUTDIR/single_sd.pt`` (a 1-process state after 5 updates, if
   present) and continues from it.
@@ -49,7 +51,14 @@ def run(name: str, rank: int, world: int, out: Path) -> None:
             raised = ""
         except RuntimeError as e:
             raised = str(e)
-        torch.save({"raised": raised}, out / f"{name}_r{rank}.pt")
+        # sum_rows: each rank's partial value r + 1 and row of r's, summed; then a key mismatch refused
+        summed = opt.sum_rows(lambda r, w: (torch.tensor([r + 1.0]), torch.full((1, opt.n), float(r))), key=2.0)
+        try:
+            opt.sum_rows(lambda r, w: (torch.zeros(1), torch.zeros(1, opt.n)), key=float(rank))
+            raised_sum = ""
+        except RuntimeError as e:
+            raised_sum = str(e)
+        torch.save({"raised": raised, "summed": summed, "raised_sum": raised_sum}, out / f"{name}_r{rank}.pt")
         return
     x, y = regression_data()
     net = mlp()

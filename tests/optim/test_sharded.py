@@ -155,4 +155,15 @@ def test_two_gloo_processes_share_one_filter(tmp_path):
     _close(res["resume", 0]["from_single_w"], net_full)
     torch.testing.assert_close(res["resume", 0]["from_single_P"], opt_full.covariance(), rtol=0, atol=1e-10)
     for r in range(2):
-        assert "different labels" in torch.load(tmp_path / f"mismatch_r{r}.pt")["raised"]
+        mm = torch.load(tmp_path / f"mismatch_r{r}.pt")
+        assert "different labels" in mm["raised"] and "different inputs" in mm["raised_sum"]
+        values, rows = mm["summed"]
+        assert values.tolist() == [3.0] and bool((rows == 1.0).all()) and rows.shape == (1, opt.n)
+
+
+def test_sum_rows_without_a_process_group_is_the_function_of_share_zero_of_one():
+    from ekf_plugin.optim.sharded import sum_rows
+
+    calls = []
+    out = sum_rows(lambda r, w: calls.append((r, w)) or (torch.ones(1), torch.zeros(1, 4)), key=3.0)
+    assert calls == [(0, 1)] and out[0].tolist() == [1.0] and out[1].shape == (1, 4)
