@@ -144,9 +144,9 @@ class NetworkJacobians:
         nets = self.networks
         r, world = share
         scale = nets.energy_scale.to(s.dtype)
-        energy = nets.atom_energy.to(s.dtype)[species].sum().reshape(1)  # (1,) eV
-        if r:
-            energy = torch.zeros_like(energy)  # (1,): the atom energies count once, in share 0
+        atom_energy = nets.atom_energy.to(s.dtype)
+        # (1,) eV: the atom energies count once, in share 0
+        energy = atom_energy[species].sum().reshape(1) if r == 0 else atom_energy.new_zeros(1)
         per_element = {}
         for e, n_in in enumerate(nets.n_in):
             if e % world != r:

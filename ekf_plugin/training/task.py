@@ -542,7 +542,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         if stage == "fit" and self.updates_per_step > 1:
             self._update_chunks = install_update_chunks(dm, self.trainer, self.updates_per_step, self.val_seed,
                                                         resumable=self.resumable_order)
-        if stage == "fit" and self.resumable_order:
+        if stage == "fit" and self.resumable_order and self._update_chunks is None:  # the chunks' loader is resumable
             install_resumable_order(dm, self.trainer, self.val_seed)
         if stage == "fit" and self.label_predictor is not None and dm is not None:
             rep = self.label_predictor.representation
