@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import native_rows
 from .networks import ElementNetworks
 
 __all__ = ["NetworkJacobians", "supports_closed_form"]
@@ -93,6 +94,15 @@ class NetworkJacobians:
             end = end + size_of[(e, l, kind)] if off == end else -1
         self._order: Optional[List[Tuple[int, int, int]]] = (
             [(e, l, kind) for _, e, l, kind in pieces] if end == self.n else None)
+        # the compiled rows (:mod:`ekf_plugin.bpnn.native_rows`) where they build: the same sums in one loop
+        self._layout = native_rows.NetworkLayout(self._stacks, self.slots)
+        self.native = True  # False: the torch path (tests compare the two)
+
+    def _module(self, s: torch.Tensor):
+        """The compiled row kernel for features s, or None (torch path: off, CUDA, or no compiler)."""
+        if not self.native or s.device.type != "cpu":
+            return None
+        return native_rows.rows_module()
 
     def _assemble(self, k: int, like: torch.Tensor, grads: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
         """Rows (k, n) from per element e the per-layer (∂W (k, out, in), ∂b (k, out)); elements absent from
@@ -143,6 +153,12 @@ class NetworkJacobians:
         :func:`ekf_plugin.optim.sharded.sum_rows`)."""
         nets = self.networks
         r, world = share
+        module = self._module(s)
+        if module is not None:
+            got = native_rows.energy_rows(module, self._layout, s, species, share, float(nets.energy_scale),
+                                          nets.atom_energy if r == 0 else None, self.n)
+            if got is not None:
+                return got  # (1,), (1, n)
         scale = nets.energy_scale.to(s.dtype)
         atom_energy = nets.atom_energy.to(s.dtype)
         # (1,) eV: the atom energies count once, in share 0
@@ -175,6 +191,11 @@ class NetworkJacobians:
         ``columns`` (k, N, W) = ∂s/∂r_{a_k,α_k} (per Å) of one structure."""
         nets = self.networks
         k = columns.shape[0]
+        module = self._module(s)
+        if module is not None:
+            got = native_rows.force_rows(module, self._layout, s, species, columns, float(nets.energy_scale), self.n)
+            if got is not None:
+                return got  # (k,), (k, n)
         scale = nets.energy_scale.to(s.dtype)
         force = s.new_zeros(k)  # (k,)
         per_element = {}

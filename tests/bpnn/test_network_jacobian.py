@@ -23,10 +23,12 @@ def _setup(frames):
     return model, BPNNLabelPredictor(model), batch
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("order", ["model", "reversed", "foreign"])
-def test_rows_in_any_column_order_equal_autograd(order):
+def test_rows_in_any_column_order_equal_autograd(order, native):
     """The rows are one concatenation when the networks' weights tile the columns (model or any other order),
-    and written slot by slot otherwise (a column that is no network weight: zero)."""
+    and written slot by slot otherwise (a column that is no network weight: zero); the compiled rows
+    (``native``, :mod:`ekf_plugin.bpnn.native_rows`) and the torch path alike."""
     model, pred, batch = _setup([water_cluster(2, seed=1)])
     params = list(model.parameters())
     if order == "reversed":
@@ -35,6 +37,7 @@ def test_rows_in_any_column_order_equal_autograd(order):
     if order == "foreign":
         params = params[:2] + [foreign] + params[2:]
     rows = NetworkJacobians(pred._energy_modules()[0], params)
+    rows.native = native
     assert (rows._order is None) == (order == "foreign")
     structure = pred._structure(batch, 0, with_rij=False)
     s, species = pred.features(batch, 0, structure), pred._species(structure)

@@ -1,0 +1,614 @@
+"""Compiled energy and force-label rows of the element networks (CPU): the closed form of
+:mod:`ekf_plugin.bpnn.network_jacobian` in one C++ loop per update.
+
+The torch path of :class:`~ekf_plugin.bpnn.network_jacobian.NetworkJacobians` spends most of a BPNN force update's
+~1 ms of rows (10 labels, 192-atom water) in ~100 small tensor operations, not in arithmetic (~9 M multiply-adds).
+This kernel does the same sums atom by atom:
+
+* per element, the forward pass of its atoms (h_l, σ'(z_l), σ''/σ'(z_l)) and the backward δ_l of the energy;
+* energy: E += scale · NN(s_i), row += scale · (δ_lᵀ h_{l−1}, δ_l, h_L, 1) summed over the atoms;
+* force label k: for each atom i whose column c_{k,i} = ∂s_i/∂r_{a_k,α_k} is not all zero (an atom outside the
+  cutoff sphere of a_k has a zero column: about half of them in water), the tangent t_l = σ'(z_l) ∘ (W_l t_{l−1})
+  with t_0 = c_{k,i}, F_k −= scale · w · t_L, and the reverse sweep z̄_l = δ_l ∘ (W_l t_{l−1}) ∘ σ''/σ'(z_l) +
+  h̄_l ∘ σ'(z_l), h̄_{l−1} = W_lᵀ z̄_l, row_k −= scale · (δ_lᵀ t_{l−1} + z̄_lᵀ h_{l−1}, z̄_l, t_L, 0).
+
+Labels are the outer loop, atoms the inner, so a label's row slice of one element (1.5 k weights) stays in L1
+while its atoms add to it. Sums run in the tensors' dtype (float32 or float64) in atom order: the values equal
+the torch path's to round-off (tests). :func:`rows_module` returns None (and the torch path is used) where the
+library cannot be built, or with ``EKF_PLUGIN_NATIVE_ROWS=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["rows_module", "NATIVE_ROWS", "NetworkLayout", "energy_rows", "force_rows"]
+
+NATIVE_ROWS = os.environ.get("EKF_PLUGIN_NATIVE_ROWS", "1") != "0"  # "0": the torch path everywhere
+
+_SOURCE = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T> struct VT;
+template <> struct VT<float> {
+  typedef float v __attribute__((vector_size(64)));
+  typedef int32_t vi __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+  static constexpr float clamp = 9.0f;  // tanh(9) rounds to 1
+  static constexpr int mant = 23, bias = 127;
+};
+template <> struct VT<double> {
+  typedef double v __attribute__((vector_size(64)));
+  typedef int64_t vi __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+  static constexpr double clamp = 20.0;  // tanh(20) rounds to 1
+  static constexpr int mant = 52, bias = 1023;
+};
+constexpr int MAXV = 16;
+constexpr int MAXLIN = 8;  // linear layers per network (7 hidden): deeper networks take the torch path  // widths up to 16 vectors (256 float32, 128 float64): wider networks take the torch path
+
+/* expm1 of a vector: y = n ln2 + r, |r| <= ln2/2, expm1(r) by its Taylor series (degree 8 float32, 14 float64),
+   expm1(y) = 2^n expm1(r) + (2^n - 1): exact in n = 0, so tanh near 0 keeps its relative accuracy. */
+template <typename T>
+inline typename VT<T>::v expm1v(typename VT<T>::v y) {
+  typedef typename VT<T>::v V;
+  typedef typename VT<T>::vi VI;
+  const T magic = T(1.5) * T(1ull << VT<T>::mant);  // round to nearest by adding and subtracting
+  V t = y * T(1.4426950408889634) + magic;
+  V n = t - magic;
+  V r = y - n * T(0.693145751953125);  // ln2 split in two: hi has few bits, so n * hi is exact
+  r = r - n * T(1.428606820309417232e-06);
+  constexpr int deg = sizeof(T) == 4 ? 8 : 14;
+  V p = V{} + T(1);
+#pragma GCC unroll 16
+  for (int k = deg; k >= 2; --k) p = p * (r * (T(1) / T(k))) + T(1);  // 1 + r/2 (1 + r/3 (...)): expm1(r) = r p
+  p = p * r;
+  VI e = __builtin_convertvector(n, VI) + VT<T>::bias;
+  e = e << VT<T>::mant;
+  V two_n = (V)e;
+  return two_n * p + (two_n - T(1));
+}
+
+template <typename T>
+inline typename VT<T>::v tanhv(typename VT<T>::v x) {
+  typedef typename VT<T>::v V;
+  const T c = VT<T>::clamp;
+  x = x > c ? V{} + c : x;  // written so that NaN stays NaN
+  x = x < -c ? V{} - c : x;
+  V e = expm1v<T>(x + x);
+  return e / (e + T(2));
+}
+
+inline int64_t nvec(int64_t d, int L) { return (d + L - 1) / L; }
+
+template <typename T>
+struct Buf {  // 64-byte aligned scratch that grows
+  T* p = nullptr;
+  size_t cap = 0;
+  T* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes ? bytes : 64));
+      cap = n;
+    }
+    return p;
+  }
+  ~Buf() { std::free(p); }
+};
+
+/* One element network: n_lin linear layers, widths d[0..n_lin] (d[n_lin] = 1), hidden activations act[j]
+   (1 tanh, 0 identity) for j < n_lin - 1, row offsets wo[l], bo[l] of W_l and b_l (-1: not in the row). */
+struct Net {
+  int64_t n_lin;
+  const int64_t* d;
+  const int64_t* act;
+  const int64_t* wo;
+  const int64_t* bo;
+};
+
+inline Net net_of(const int64_t* desc) {
+  Net n;
+  n.n_lin = desc[0];
+  n.d = desc + 1;
+  n.act = n.d + n.n_lin + 1;
+  n.wo = n.act + (n.n_lin - 1);
+  n.bo = n.wo + n.n_lin;
+  return n;
+}
+
+/* Padded copies of one element's weights and the forward state of its atoms, all in vectors of VT<T>::L:
+   layer l has nv[l] = ceil(d_l / L) vectors; hidden layer j is layer j + 1. Per atom a block of
+   nvh = sum_{l=0}^{n_lin-1} nv[l] vectors for each of h (h_0 = x), d1 = sigma', r2 = sigma''/sigma', delta. */
+template <typename T>
+struct Element {
+  typedef typename VT<T>::v V;
+  int64_t n_lin = 0, nvh = 0;
+  int64_t nv[MAXLIN + 1], off[MAXLIN + 1];  // per layer l <= n_lin: vectors, offset (in vectors) in an atom's block
+  Buf<V> wt, wp, bias, h, d1, r2, delta;
+  int64_t wt_at[MAXLIN], wp_at[MAXLIN], b_at[MAXLIN];
+  std::vector<int64_t> atoms;
+};
+
+template <typename T>
+bool prepare(const Net& net, const T* const* W, const T* const* B, Element<T>& el) {
+  typedef typename VT<T>::v V;
+  const int L = VT<T>::L;
+  if (net.n_lin < 1 || net.n_lin > MAXLIN) return false;
+  el.n_lin = net.n_lin;
+  int64_t acc = 0;
+  for (int64_t l = 0; l <= net.n_lin; ++l) {
+    el.nv[l] = nvec(net.d[l], L);
+    if (el.nv[l] > MAXV) return false;
+    el.off[l] = acc;
+    if (l < net.n_lin) acc += el.nv[l];
+  }
+  el.nvh = acc;
+  int64_t nt = 0, np = 0, nb = 0;
+  for (int64_t l = 0; l < net.n_lin; ++l) {
+    el.wt_at[l] = nt; nt += net.d[l] * el.nv[l + 1];  // W^T: d_l rows of nv[l+1] vectors
+    el.wp_at[l] = np; np += net.d[l + 1] * el.nv[l];  // W: d_{l+1} rows of nv[l] vectors
+    el.b_at[l] = nb; nb += el.nv[l + 1];
+  }
+  V* wt = el.wt.get(nt);
+  V* wp = el.wp.get(np);
+  V* bs = el.bias.get(nb);
+  std::memset(static_cast<void*>(wt), 0, nt * sizeof(V));
+  std::memset(static_cast<void*>(wp), 0, np * sizeof(V));
+  std::memset(static_cast<void*>(bs), 0, nb * sizeof(V));
+  for (int64_t l = 0; l < net.n_lin; ++l) {
+    const int64_t din = net.d[l], dout = net.d[l + 1];
+    T* t = reinterpret_cast<T*>(wt + el.wt_at[l]);
+    T* p = reinterpret_cast<T*>(wp + el.wp_at[l]);
+    const int64_t pin = el.nv[l] * L, pout = el.nv[l + 1] * L;
+    for (int64_t o = 0; o < dout; ++o)
+      for (int64_t i = 0; i < din; ++i) {
+        t[i * pout + o] = W[l][o * din + i];
+        p[o * pin + i] = W[l][o * din + i];
+      }
+    T* b = reinterpret_cast<T*>(bs + el.b_at[l]);
+    for (int64_t o = 0; o < dout; ++o) b[o] = B[l][o];
+  }
+  return true;
+}
+
+// out (nout vectors) = base + sum_i in[i] * M[i, :] for M of din rows of nout vectors; NV > 0: nout == NV (the
+// accumulators stay in registers)
+template <typename T, int NV>
+inline void matvec_n(typename VT<T>::v* __restrict__ out, const typename VT<T>::v* base, const T* in, int64_t din,
+                     const typename VT<T>::v* __restrict__ M) {
+  typedef typename VT<T>::v V;
+  V acc[NV];
+#pragma GCC unroll 4
+  for (int q = 0; q < NV; ++q) acc[q] = base ? base[q] : V{};
+  for (int64_t i = 0; i < din; ++i) {
+    const T s = in[i];
+    const V* m = M + i * NV;
+#pragma GCC unroll 4
+    for (int q = 0; q < NV; ++q) acc[q] += s * m[q];
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < NV; ++q) out[q] = acc[q];
+}
+
+template <typename T>
+inline void matvec(typename VT<T>::v* __restrict__ out, const typename VT<T>::v* base, const T* in, int64_t din,
+                   const typename VT<T>::v* __restrict__ M, int64_t nout) {
+  switch (nout) {
+    case 1: return matvec_n<T, 1>(out, base, in, din, M);
+    case 2: return matvec_n<T, 2>(out, base, in, din, M);
+    case 3: return matvec_n<T, 3>(out, base, in, din, M);
+    case 4: return matvec_n<T, 4>(out, base, in, din, M);
+    default: break;
+  }
+  typedef typename VT<T>::v V;
+  V acc[MAXV];
+  for (int64_t q = 0; q < nout; ++q) acc[q] = base ? base[q] : V{};
+  for (int64_t i = 0; i < din; ++i) {
+    const T s = in[i];
+    if (s == T(0)) continue;
+    const V* m = M + i * nout;
+    for (int64_t q = 0; q < nout; ++q) acc[q] += s * m[q];
+  }
+  for (int64_t q = 0; q < nout; ++q) out[q] = acc[q];
+}
+
+template <typename T>
+void forward(const Net& net, const T* s, int64_t lds, const int64_t* atoms, int64_t na, Element<T>& el) {
+  typedef typename VT<T>::v V;
+  const int L = VT<T>::L;
+  const int64_t nh = net.n_lin - 1, nvh = el.nvh;
+  V* H = el.h.get(na * nvh);
+  V* D1 = el.d1.get(na * nvh);
+  V* R2 = el.r2.get(na * nvh);
+  V* DL = el.delta.get(na * nvh);
+  el.atoms.assign(atoms, atoms + na);
+  for (int64_t a = 0; a < na; ++a) {
+    V* h = H + a * nvh;
+    V* d1 = D1 + a * nvh;
+    V* r2 = R2 + a * nvh;
+    V* dl = DL + a * nvh;
+    T* x = reinterpret_cast<T*>(h);  // h_0 = s_a, zero padded
+    std::memset(static_cast<void*>(h), 0, el.nv[0] * sizeof(V));
+    const T* src = s + atoms[a] * lds;
+    for (int64_t i = 0; i < net.d[0]; ++i) x[i] = src[i];
+    for (int64_t j = 0; j < nh; ++j) {  // hidden layer j = layer j + 1
+      const int64_t l = j + 1, nout = el.nv[l];
+      V* z = h + el.off[l];
+      matvec<T>(z, el.bias.p + el.b_at[j], reinterpret_cast<const T*>(h + el.off[j]), net.d[j], el.wt.p + el.wt_at[j],
+                nout);
+      if (net.act[j]) {
+        for (int64_t q = 0; q < nout; ++q) {
+          const V t = tanhv<T>(z[q]);
+          z[q] = t; d1[el.off[l] + q] = T(1) - t * t; r2[el.off[l] + q] = T(-2) * t;
+        }
+      } else {
+        for (int64_t q = 0; q < nout; ++q) { d1[el.off[l] + q] = V{} + T(1); r2[el.off[l] + q] = V{}; }
+      }
+      // padding lanes: tanh(0) = 0, d1 = 1 there; zero d1 so tangents stay zero in the padding
+      T* d1s = reinterpret_cast<T*>(d1 + el.off[l]);
+      for (int64_t o = net.d[l]; o < nout * L; ++o) d1s[o] = T(0);
+    }
+    // energy backward: delta_top = w_out o sigma', delta_{j-1} = (W_j^T delta_j) o sigma'(z_{j-1})
+    if (nh) {
+      const int64_t top = nh;  // layer index of the last hidden layer
+      const V* w = el.wp.p + el.wp_at[net.n_lin - 1];  // W_out: one row of nv[top] vectors
+      for (int64_t q = 0; q < el.nv[top]; ++q) dl[el.off[top] + q] = w[q] * d1[el.off[top] + q];
+      for (int64_t l = top; l > 1; --l) {  // layer l = hidden j = l - 1 feeds from layer l - 1 by W_{l-1}
+        matvec<T>(dl + el.off[l - 1], nullptr, reinterpret_cast<const T*>(dl + el.off[l]), net.d[l],
+                  el.wp.p + el.wp_at[l - 1], el.nv[l - 1]);
+        for (int64_t q = 0; q < el.nv[l - 1]; ++q) dl[el.off[l - 1] + q] *= d1[el.off[l - 1] + q];
+      }
+    }
+  }
+}
+
+// G (dout rows of nin vectors) += p[o] * x + q[o] * y  (q may be null); NIN > 0: nin == NIN
+template <typename T, int NIN>
+inline void outer2_n(typename VT<T>::v* __restrict__ G, const T* p, const typename VT<T>::v* x, const T* q,
+                     const typename VT<T>::v* y, int64_t dout) {
+  typedef typename VT<T>::v V;
+  V xs[NIN], ys[NIN];
+#pragma GCC unroll 4
+  for (int i = 0; i < NIN; ++i) { xs[i] = x[i]; ys[i] = q ? y[i] : V{}; }
+  if (q) {
+    for (int64_t o = 0; o < dout; ++o) {
+      V* g = G + o * NIN;
+      const T a = p[o], b = q[o];
+#pragma GCC unroll 4
+      for (int i = 0; i < NIN; ++i) g[i] += a * xs[i] + b * ys[i];
+    }
+  } else {
+    for (int64_t o = 0; o < dout; ++o) {
+      V* g = G + o * NIN;
+      const T a = p[o];
+#pragma GCC unroll 4
+      for (int i = 0; i < NIN; ++i) g[i] += a * xs[i];
+    }
+  }
+}
+
+template <typename T>
+inline void outer2(typename VT<T>::v* __restrict__ G, const T* p, const typename VT<T>::v* x, const T* q,
+                   const typename VT<T>::v* y, int64_t dout, int64_t nin) {
+  switch (nin) {
+    case 1: return outer2_n<T, 1>(G, p, x, q, y, dout);
+    case 2: return outer2_n<T, 2>(G, p, x, q, y, dout);
+    case 3: return outer2_n<T, 3>(G, p, x, q, y, dout);
+    case 4: return outer2_n<T, 4>(G, p, x, q, y, dout);
+    default: break;
+  }
+  typedef typename VT<T>::v V;
+  V xs[MAXV], ys[MAXV];
+  for (int64_t i = 0; i < nin; ++i) { xs[i] = x[i]; if (q) ys[i] = y[i]; }
+  for (int64_t o = 0; o < dout; ++o) {
+    V* g = G + o * nin;
+    const T a = p[o];
+    if (q) {
+      const T b = q[o];
+      for (int64_t i = 0; i < nin; ++i) g[i] += a * xs[i] + b * ys[i];
+    } else {
+      for (int64_t i = 0; i < nin; ++i) g[i] += a * xs[i];
+    }
+  }
+}
+
+/* Gradient scratch of one label: per layer l, W_l as d_{l+1} rows of nv[l] vectors and b_l as nv[l+1] vectors. */
+template <typename T>
+struct Grad {
+  typedef typename VT<T>::v V;
+  Buf<V> buf;
+  int64_t w_at[MAXLIN], b_at[MAXLIN], total = 0;
+  void shape(const Net& net, const Element<T>& el) {
+    total = 0;
+    for (int64_t l = 0; l < net.n_lin; ++l) {
+      w_at[l] = total; total += net.d[l + 1] * el.nv[l];
+      b_at[l] = total; total += el.nv[l + 1];
+    }
+    buf.get(total);
+  }
+  void zero() { std::memset(static_cast<void*>(buf.p), 0, total * sizeof(V)); }
+  // row[wo, bo] += factor * (unpadded parts)
+  void flush(const Net& net, const Element<T>& el, T factor, T* row, bool skip_out_bias) const {
+    const int L = VT<T>::L;
+    for (int64_t l = 0; l < net.n_lin; ++l) {
+      const int64_t din = net.d[l], dout = net.d[l + 1], pin = el.nv[l] * L;
+      if (net.wo[l] >= 0) {
+        const T* g = reinterpret_cast<const T*>(buf.p + w_at[l]);
+        T* r = row + net.wo[l];
+        for (int64_t o = 0; o < dout; ++o)
+          for (int64_t i = 0; i < din; ++i) r[o * din + i] += factor * g[o * pin + i];
+      }
+      if (net.bo[l] >= 0 && !(skip_out_bias && l == net.n_lin - 1)) {
+        const T* g = reinterpret_cast<const T*>(buf.p + b_at[l]);
+        T* r = row + net.bo[l];
+        for (int64_t o = 0; o < dout; ++o) r[o] += factor * g[o];
+      }
+    }
+  }
+};
+
+template <typename T>
+void energy_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, T* energy, T* row) {
+  typedef typename VT<T>::v V;
+  const int64_t nh = net.n_lin - 1, na = static_cast<int64_t>(el.atoms.size()), nvh = el.nvh;
+  const int64_t last = net.n_lin - 1, top = nh;  // output layer, its input layer
+  const V* wout = el.wp.p + el.wp_at[last];
+  const T bout = reinterpret_cast<const T*>(el.bias.p + el.b_at[last])[0];
+  gr.zero();
+  V esum{};
+  for (int64_t a = 0; a < na; ++a) {
+    const V* h = el.h.p + a * nvh;
+    const V* dl = el.delta.p + a * nvh;
+    const V* hl = h + el.off[top];
+    V* gw = gr.buf.p + gr.w_at[last];
+    for (int64_t q = 0; q < el.nv[top]; ++q) { esum += wout[q] * hl[q]; gw[q] += hl[q]; }
+    for (int64_t l = 1; l <= nh; ++l) {  // hidden layer l: W_{l-1} (d_l rows of nv[l-1]) += delta_l h_{l-1}
+      outer2<T>(gr.buf.p + gr.w_at[l - 1], reinterpret_cast<const T*>(dl + el.off[l]), h + el.off[l - 1], nullptr,
+                nullptr, net.d[l], el.nv[l - 1]);
+      V* gb = gr.buf.p + gr.b_at[l - 1];
+      for (int64_t q = 0; q < el.nv[l]; ++q) gb[q] += dl[el.off[l] + q];
+    }
+  }
+  T e = T(0);
+  for (int i = 0; i < VT<T>::L; ++i) e += esum[i];
+  *energy += scale * (e + T(na) * bout);
+  reinterpret_cast<T*>(gr.buf.p + gr.b_at[last])[0] = T(na);
+  gr.flush(net, el, scale, row, false);
+}
+
+template <typename T>
+void force_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, const T* cols, int64_t n_labels,
+                int64_t n_atoms, int64_t ldc, T* force, T* rows, int64_t ldr) {
+  typedef typename VT<T>::v V;
+  const int L = VT<T>::L;
+  const int64_t nh = net.n_lin - 1, na = static_cast<int64_t>(el.atoms.size()), nvh = el.nvh;
+  const int64_t last = net.n_lin - 1, top = nh, d0 = net.d[0];
+  const V* wout = el.wp.p + el.wp_at[last];
+  V t[MAXLIN * MAXV], dz[MAXLIN * MAXV], zbar[MAXV], hbar[MAXV];  // per layer (offsets el.off): tangents t_l, W t_{l-1}
+  for (int64_t k = 0; k < n_labels; ++k) {
+    gr.zero();
+    V fsum{};
+    bool touched = false;
+    for (int64_t a = 0; a < na; ++a) {
+      const T* c = cols + (k * n_atoms + el.atoms[a]) * ldc;
+      bool any = false;
+      for (int64_t i = 0; i < d0; ++i) any |= (c[i] != T(0));
+      if (!any) continue;  // outside a_k's cutoff sphere: no contribution
+      touched = true;
+      std::memset(static_cast<void*>(t), 0, el.nv[0] * sizeof(V));
+      T* t0 = reinterpret_cast<T*>(t);
+      for (int64_t i = 0; i < d0; ++i) t0[i] = c[i];
+      const V* h = el.h.p + a * nvh;
+      const V* d1 = el.d1.p + a * nvh;
+      const V* r2 = el.r2.p + a * nvh;
+      const V* dl = el.delta.p + a * nvh;
+      for (int64_t l = 1; l <= nh; ++l) {  // dz_l = W_{l-1} t_{l-1}, t_l = sigma' o dz_l
+        matvec<T>(dz + el.off[l], nullptr, reinterpret_cast<const T*>(t + el.off[l - 1]), net.d[l - 1],
+                  el.wt.p + el.wt_at[l - 1], el.nv[l]);
+        for (int64_t q = 0; q < el.nv[l]; ++q) t[el.off[l] + q] = d1[el.off[l] + q] * dz[el.off[l] + q];
+      }
+      const V* tl = t + el.off[top];
+      V* gw = gr.buf.p + gr.w_at[last];
+      for (int64_t q = 0; q < el.nv[top]; ++q) { fsum += wout[q] * tl[q]; gw[q] += tl[q]; }
+      for (int64_t l = nh; l >= 1; --l) {  // reverse sweep over hidden layer l (weights W_{l-1})
+        const int64_t nvl = el.nv[l], o = el.off[l];
+        for (int64_t q = 0; q < nvl; ++q) {
+          V zb = dl[o + q] * dz[o + q] * r2[o + q];
+          if (l < nh) zb += hbar[q] * d1[o + q];
+          zbar[q] = zb;
+        }
+        outer2<T>(gr.buf.p + gr.w_at[l - 1], reinterpret_cast<const T*>(dl + o), t + el.off[l - 1],
+                  reinterpret_cast<const T*>(zbar), h + el.off[l - 1], net.d[l], el.nv[l - 1]);
+        V* gb = gr.buf.p + gr.b_at[l - 1];
+        for (int64_t q = 0; q < nvl; ++q) gb[q] += zbar[q];
+        if (l > 1)  // hbar_{l-1} = W_{l-1}^T zbar_l
+          matvec<T>(hbar, nullptr, reinterpret_cast<const T*>(zbar), net.d[l], el.wp.p + el.wp_at[l - 1],
+                    el.nv[l - 1]);
+      }
+    }
+    if (!touched) continue;
+    T f = T(0);
+    for (int i = 0; i < L; ++i) f += fsum[i];
+    force[k] -= scale * f;
+    gr.flush(net, el, -scale, rows + k * ldr, true);
+  }
+}
+
+template <typename T>
+void rows_all(int64_t mode, int64_t E, const int64_t* species, int64_t N, const T* s, int64_t lds, const int64_t* desc,
+              const int64_t* desc_at, const int64_t* ptrs, const int64_t* ptr_at, const int64_t* use, T scale,
+              const T* atom_energy, int64_t with_atom_energy, const T* cols, int64_t n_labels, int64_t ldc,
+              T* out_value, T* rows, int64_t ldr, int64_t* status) {
+  static thread_local Element<T> el;
+  static thread_local Grad<T> gr;
+  std::vector<int64_t> atoms;
+  atoms.reserve(N);
+  std::vector<const T*> W, B;
+  *status = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    atoms.clear();
+    for (int64_t i = 0; i < N; ++i)
+      if (species[i] == e) atoms.push_back(i);
+    // the atom energies of every element (one share has them), the networks of the elements in use
+    if (mode == 0 && with_atom_energy) *out_value += atom_energy[e] * T(atoms.size());
+    if (!use[e] || atoms.empty()) continue;
+    const Net net = net_of(desc + desc_at[e]);
+    W.resize(net.n_lin); B.resize(net.n_lin);
+    for (int64_t l = 0; l < net.n_lin; ++l) {
+      W[l] = reinterpret_cast<const T*>(ptrs[ptr_at[e] + 2 * l]);
+      B[l] = reinterpret_cast<const T*>(ptrs[ptr_at[e] + 2 * l + 1]);
+    }
+    if (!prepare<T>(net, W.data(), B.data(), el)) { *status = 1; return; }
+    forward<T>(net, s, lds, atoms.data(), static_cast<int64_t>(atoms.size()), el);
+    gr.shape(net, el);
+    if (mode == 0)
+      energy_part<T>(net, el, gr, scale, out_value, rows);
+    else
+      force_part<T>(net, el, gr, scale, cols, n_labels, N, ldc, out_value, rows, ldr);
+  }
+}
+}  // namespace
+
+#define ROWS_ALL(NAME, T)                                                                                      \
+  extern "C" void NAME(int64_t mode, int64_t E, const int64_t* species, int64_t N, const T* s, int64_t lds,         \
+                       const int64_t* desc, const int64_t* desc_at, const int64_t* ptrs, const int64_t* ptr_at,      \
+                       const int64_t* use, double scale, const T* atom_energy, int64_t with_atom_energy,             \
+                       const T* cols, int64_t n_labels, int64_t ldc, T* out_value, T* rows, int64_t ldr,            \
+                       int64_t* status) {                                                                            \
+    rows_all<T>(mode, E, species, N, s, lds, desc, desc_at, ptrs, ptr_at, use, static_cast<T>(scale), atom_energy,   \
+                with_atom_energy, cols, n_labels, ldc, out_value, rows, ldr, status);                                \
+  }
+ROWS_ALL(network_rows_f64, double)
+ROWS_ALL(network_rows_f32, float)
+"""
+
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+_WARNED: List[bool] = []
+
+
+def rows_module():
+    """The compiled library (:func:`ekf_plugin.native.native_library`; about a second on first use, then cached on
+    disk), or None where it cannot be built (a warning, once) or ``EKF_PLUGIN_NATIVE_ROWS=0``."""
+    if not NATIVE_ROWS:
+        return None
+    from ekf_plugin.native import native_library
+
+    try:
+        return native_library(_SOURCE, _FLAGS, name="bpnn_network_rows")
+    except RuntimeError as exc:
+        if not _WARNED:
+            _WARNED.append(True)
+            warnings.warn(f"native network-row kernel unavailable ({exc}); using the torch path")
+        return None
+
+
+class NetworkLayout:
+    """The integer side of the kernel's arguments for fixed networks and row order: per element its layer widths,
+    activations and the row offsets of each W_l and b_l (−1 where a parameter is not in the row).
+
+    Args:
+        stacks: per element (linears, whether each hidden activation is tanh).
+        slots: per element, per layer (row offset of W or None, row offset of b or None).
+    """
+
+    def __init__(self, stacks: Sequence[Tuple[Sequence[torch.nn.Linear], Sequence[bool]]],
+                 slots: Sequence[Sequence[Tuple[Optional[int], Optional[int]]]]) -> None:
+        desc, desc_at, ptr_at = [], [], []
+        self.linears: List[torch.nn.Linear] = []
+        for (linears, tanh), layer_slots in zip(stacks, slots):
+            desc_at.append(len(desc))
+            ptr_at.append(2 * len(self.linears))
+            widths = [linears[0].in_features] + [m.out_features for m in linears]
+            desc += [len(linears), *widths, *[int(t) for t in tanh]]
+            desc += [-1 if w is None else int(w) for w, _ in layer_slots]
+            desc += [-1 if b is None else int(b) for _, b in layer_slots]
+            self.linears.extend(linears)
+        offsets = [o for layer_slots in slots for pair in layer_slots for o in pair if o is not None]
+        self.disjoint = len(set(offsets)) == len(offsets)  # no parameter twice (the kernel scales its slices once)
+        self.desc = torch.tensor(desc, dtype=torch.int64)  # (D,)
+        self.desc_at = torch.tensor(desc_at, dtype=torch.int64)  # (E,)
+        self.ptr_at = torch.tensor(ptr_at, dtype=torch.int64)  # (E,)
+        self.n_elements = len(desc_at)
+        self.tensors = [t for m in self.linears for t in (m.weight, m.bias)]  # W_0, b_0, W_1, … (no Module lookups)
+        if any(t is None for t in self.tensors):
+            raise ValueError("native rows need every Linear with a bias")
+        self._pointers: Optional[Tuple[tuple, Optional[torch.Tensor]]] = None
+        self._use: dict = {}
+
+    def pointers(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """(2 · layers,) addresses of W_l, b_l of every element, or None where one is not a contiguous CPU tensor
+        of ``dtype`` (then the torch path). Cached while the addresses stay the same (in-place updates)."""
+        key = (dtype, *(p.data_ptr() for p in self.tensors))
+        if self._pointers is not None and self._pointers[0] == key:
+            return self._pointers[1]
+        ok = all(p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous() for p in self.tensors)
+        got = torch.tensor(key[1:], dtype=torch.int64) if ok else None
+        self._pointers = (key, got)
+        return got
+
+    def use(self, share: Tuple[int, int]) -> torch.Tensor:
+        """(E,) int64 flags of the elements e with e % W == r for ``share`` = (r, W)."""
+        got = self._use.get(share)
+        if got is None:
+            r, world = share
+            got = self._use[share] = torch.tensor([int(e % world == r) for e in range(self.n_elements)],
+                                                  dtype=torch.int64)
+        return got
+
+
+def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: torch.Tensor, share: Tuple[int, int],
+          scale: float, atom_energy: Optional[torch.Tensor], cols: Optional[torch.Tensor],
+          n: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    dtype = s.dtype
+    if dtype not in (torch.float32, torch.float64) or s.device.type != "cpu" or not layout.disjoint:
+        return None
+    ptrs = layout.pointers(dtype)
+    if ptrs is None:
+        return None
+    s = s.contiguous()
+    species = species.to(torch.int64).contiguous()
+    ae = None if atom_energy is None else atom_energy.to(dtype).contiguous()
+    k = 1 if cols is None else cols.shape[0]
+    if cols is not None:
+        cols = cols.to(dtype).contiguous()
+    value = s.new_zeros(k)  # (k,)
+    rows = s.new_zeros(k, n)  # (k, n)
+    status = ctypes.c_int64(0)  # 1: a network too wide or deep for the kernel
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn = module.network_rows_f64 if dtype == torch.float64 else module.network_rows_f32
+    fn.restype = None
+    fn(i64(mode), i64(layout.n_elements), vp(species.data_ptr()), i64(s.shape[0]), vp(s.data_ptr()), i64(s.shape[1]),
+       vp(layout.desc.data_ptr()), vp(layout.desc_at.data_ptr()), vp(ptrs.data_ptr()), vp(layout.ptr_at.data_ptr()),
+       vp(layout.use(share).data_ptr()), ctypes.c_double(float(scale)), vp(None if ae is None else ae.data_ptr()),
+       i64(int(ae is not None)), vp(None if cols is None else cols.data_ptr()), i64(k),
+       i64(0 if cols is None else cols.shape[2]), vp(value.data_ptr()), vp(rows.data_ptr()), i64(n),
+       ctypes.byref(status))
+    return None if status.value else (value, rows)
+
+
+def energy_rows(module, layout: NetworkLayout, s: torch.Tensor, species: torch.Tensor, share: Tuple[int, int],
+                scale: float, atom_energy: Optional[torch.Tensor], n: int
+                ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Energy (1,) in eV and its row (1, n) of one structure with scaled features s (N, W), species (N,), over the
+    element networks e with e % W == r for ``share`` = (r, W), plus ``atom_energy`` (E,) eV per atom unless None;
+    None where the kernel does not apply (then the torch path)."""
+    return _call(module, layout, 0, s, species, share, scale, atom_energy, None, n)
+
+
+def force_rows(module, layout: NetworkLayout, s: torch.Tensor, species: torch.Tensor, columns: torch.Tensor,
+               scale: float, n: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Force components (k,) in eV/Å and their rows (k, n) for columns (k, N, W) = ∂s/∂r per Å; None where the
+    kernel does not apply."""
+    return _call(module, layout, 1, s, species, (0, 1), scale, None, columns, n)
