@@ -394,7 +394,8 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
   const T rc2 = rc * rc;
   const int64_t cap = M * (M - 1) / 2;
   std::vector<int32_t> tri_m(cap), tri_n(cap);
-  std::vector<T> r3v(cap), f3v(cap), h3v(K * cap);
+  std::vector<T> r3v(cap), f3v(cap), h3v(K * cap), ux(M), uy(M), uz(M);
+  std::vector<unsigned char> ok(E * M);
   // one chunk of CH triangles (step 3): cosines and slopes (3, CH), side factors (K, CH) x 2, one combo's angle
   // factors (CH) x 2, the terms of every (vertex, key) (3, U, CH), accumulator offsets (CH) x 3
   std::vector<T> cosv(3 * CH), dcosv(3 * CH), sidev(K * CH), dsidev(K * CH), Pq(CH), Sq(CH), terms(3 * U * CH);
@@ -404,25 +405,31 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
   for (int64_t l = 0; l < L; ++l) {
     const int64_t a = atoms[l], ea = lelem[l], alpha = comps[l];
     const int64_t base_l = l * M;
-    // 1. triangles {a, p_m, p_n}, m < n, |u_n - u_m| < r_c, with functions
+    // 1. triangles {a, p_m, p_n}, m < n, |u_n - u_m| < r_c, with functions; without branches on the distance
+    //    (half of the ~6000 pairs of a water atom pass: a branch there mispredicts; 2.7 against 1.0 ms, 10 labels):
+    //    each pair is written at n_tri and kept by advancing n_tri (the same triangles in the same order)
+    for (int64_t e = 0; e < E; ++e)  // ok[e][n]: slot n valid and a function on (a, element e, element of n)
+      for (int64_t n = 0; n < M; ++n) {
+        const int64_t sn = base_l + n;
+        ok[e * M + n] = static_cast<unsigned char>(valid[sn] && !pen[(ea * E + e) * E + elem[sn]]);
+      }
+    for (int64_t n = 0; n < M; ++n) {
+      const T* un = u + 3 * (base_l + n);
+      ux[n] = un[0]; uy[n] = un[1]; uz[n] = un[2];
+    }
     int64_t n_tri = 0;
     for (int64_t m = 0; m < M; ++m) {
       const int64_t sm = base_l + m;
       if (!valid[sm]) continue;
-      const T* um = u + 3 * sm;
-      const bool* pen_m = pen + (ea * E + elem[sm]) * E;
+      const T xm = ux[m], ym = uy[m], zm = uz[m];
+      const unsigned char* ok_m = ok.data() + elem[sm] * M;
       for (int64_t n = m + 1; n < M; ++n) {
-        const int64_t sn = base_l + n;
-        if (!valid[sn] || pen_m[elem[sn]]) continue;
-        const T* un = u + 3 * sn;
-        const T d0 = un[0] - um[0], d1 = un[1] - um[1], d2 = un[2] - um[2];
+        const T d0 = ux[n] - xm, d1 = uy[n] - ym, d2 = uz[n] - zm;
         const T r3sq = d0 * d0 + d1 * d1 + d2 * d2;
-        if (r3sq < rc2) {
-          tri_m[n_tri] = static_cast<int32_t>(m);
-          tri_n[n_tri] = static_cast<int32_t>(n);
-          r3v[n_tri] = r3sq;
-          ++n_tri;
-        }
+        tri_m[n_tri] = static_cast<int32_t>(m);
+        tri_n[n_tri] = static_cast<int32_t>(n);
+        r3v[n_tri] = r3sq;
+        n_tri += static_cast<int64_t>(ok_m[n] & static_cast<unsigned char>(r3sq < rc2));
       }
     }
     // 2. side factors of r_pq (vectorised loops)
