@@ -60,7 +60,8 @@ class BPNNLabelPredictor:
         self.model = model
         self.energy_key = energy_key
         self.max_cache_bytes = int(max_cache_bytes)
-        self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # _idx → (features (N, W), checksum (2,))
+        # _idx → (features (N, W), the positions they are of (N, 3), species (N,))
+        self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # _idx → (pick (k,), columns (k, N, W), checksum (2,)): the fixed validation components' dG/dr columns
         self._columns: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # the last candidates' columns of :meth:`energy_and_force_values` (threshold selection), taken once by
@@ -75,6 +76,7 @@ class BPNNLabelPredictor:
         self._scaling: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # scaling the cache was filled with
         self._batch_ranges = None  # (batch key, (atom ranges, pair ranges)) of the last batch of several structures
         self._fast = None  # the MD step's feature kernels (BPNNStep.features_only), False where not used
+        self._same_elements: Optional[bool] = None  # representation and networks list the elements alike
 
     @property
     def representation(self) -> BehlerParrinello:
@@ -164,8 +166,10 @@ class BPNNLabelPredictor:
 
     @staticmethod
     def _checksum(structure: Dict[str, torch.Tensor]) -> torch.Tensor:
-        r = structure[props.R].detach()
-        return torch.stack([r.sum(), (r * r).sum()]).to(torch.float64)  # (2,)
+        """The positions (N_b, 3) a cache entry or memo is valid for, detached (no copy: a memo stores a clone).
+        Compared whole with ``torch.equal`` (one operation, exact; a sum and sum of squares cost four more and,
+        after an EKF update has streamed P through the caches, ~30 µs)."""
+        return structure[props.R].detach()
 
     def _fast_features(self):
         """The MD step's native pair/triple kernels for raw features (about 4× the representation's forward on
@@ -203,22 +207,39 @@ class BPNNLabelPredictor:
     @torch.no_grad()
     def features(self, batch: Dict[str, torch.Tensor], b: int, structure: Optional[Dict] = None) -> torch.Tensor:
         """Scaled features s (N_b, W) of structure b of ``batch`` (cached by ``_idx``), no graph."""
+        return self._features_and_species(batch, b, structure)[0]
+
+    @torch.no_grad()
+    def _features_and_species(self, batch: Dict[str, torch.Tensor], b: int, structure: Optional[Dict] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Scaled features s (N_b, W) and the representation's element index of each atom (N_b,) of structure b,
+        both cached by ``_idx`` while the positions are the same."""
         structure = self._structure(batch, b, with_rij=False) if structure is None else structure
         key = self._frame_key(batch, b)
         check = self._checksum(structure)
         hit = self._cache.get(key) if key is not None else None
         if hit is not None and torch.equal(hit[1], check.to(hit[1].device)):
-            return hit[0]
+            return hit[0], hit[2]
         rep = self.representation
         species = species_of(structure[props.Z], rep.species_table, rep.elements)  # (N_b,)
         g = self.raw_features(batch, b, structure)  # (N_b, W)
         s = rep.scale(g, species)  # (N_b, W), as forward
-        if key is not None and self._bytes + s.numel() * s.element_size() <= self.max_cache_bytes:
-            if hit is not None:
-                self._bytes -= hit[0].numel() * hit[0].element_size()
-            self._cache[key] = (s, check)
-            self._bytes += s.numel() * s.element_size()
-        return s
+        self._put(key, s, check, species, hit)
+        return s, species
+
+    def _put(self, key: Optional[int], s: torch.Tensor, check: torch.Tensor, species: torch.Tensor,
+             old: Optional[tuple] = None) -> bool:
+        """Cache features s (N_b, W) of frame ``key`` with (a copy of) their positions and the species, within
+        ``max_cache_bytes`` (features and positions counted); False where they do not fit."""
+        size = s.numel() * s.element_size() + check.numel() * check.element_size()
+        if old is not None:
+            self._bytes -= old[0].numel() * old[0].element_size() + old[1].numel() * old[1].element_size()
+            self._cache.pop(key, None)
+        if key is None or self._bytes + size > self.max_cache_bytes:
+            return False
+        self._cache[key] = (s, check.clone(), species)
+        self._bytes += size
+        return True
 
     @torch.no_grad()
     def prepare(self, batches: Iterable[Dict[str, torch.Tensor]], fit_scaling: bool = False,
@@ -252,7 +273,7 @@ class BPNNLabelPredictor:
                 g = self.raw_features(batch, b, structure).to(torch.float64)  # (N_b, W) in the positions' dtype
                 stats.add(g, species)
                 key = self._frame_key(batch, b)
-                raw.append((key, species, g, self._checksum(structure), structure[props.R].dtype))
+                raw.append((key, species, g, self._checksum(structure).clone(), structure[props.R].dtype))
         if fit_scaling:
             rep.set_scaling(*stats.result())
         self.clear()
@@ -261,11 +282,7 @@ class BPNNLabelPredictor:
         cached = 0
         for key, species, g, check, dtype in raw:
             s = (g * w[species] + bias[species]).to(dtype)  # (N_b, W) scaled, as BehlerParrinello.forward
-            if key is None or self._bytes + s.numel() * s.element_size() > self.max_cache_bytes:
-                continue
-            self._cache[key] = (s, check)
-            self._bytes += s.numel() * s.element_size()
-            cached += 1
+            cached += self._put(key, s, check, species, self._cache.get(key) if key is not None else None)
         return cached
 
     # ------------------------------------------------------------------ predictions
@@ -325,24 +342,24 @@ class BPNNLabelPredictor:
             grad_s, = torch.autograd.grad(energy.sum(), s, create_graph=graph)  # (N_b, W) eV per feature unit
         key, check = self._frame_key(batch, b), self._checksum(structure)  # the memos' validity: frame, positions
         if graph:
-            self._graph = (key, check, self._weight_versions(), grad_s)
+            self._graph = (key, check.clone(), self._weight_versions(), grad_s)
             grad_s = grad_s.detach()
         pick = pick.to(s.device)
         cols = self._kept_columns(key, check, pick) if keep_columns else None
         if cols is None:
             cols = self.representation.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W) per Å
             if keep_columns:
-                self._keep_columns(key, check, pick, cols)
+                self._keep_columns(key, check.clone(), pick, cols)
             else:  # candidates of a threshold selection: the chosen ones' rows follow (force_components_and_rows)
-                self._candidates = (key, check, pick.clone(), cols)
+                self._candidates = (key, check.clone(), pick.clone(), cols)
         return energy.detach(), -torch.einsum("nw,knw->k", grad_s, cols)  # (1,), (k,)
 
     def _weight_versions(self) -> Tuple[int, ...]:
         return tuple(p._version for p in self._energy_modules()[0].parameters())  # bumped by every in-place update
 
     def _memo_valid(self, memo: Optional[tuple], batch, b: int, check: torch.Tensor) -> bool:
-        """Whether a memo ``(frame key, positions checksum (2,), ...)`` was made for structure b of ``batch``
-        with the positions whose checksum is ``check``."""
+        """Whether a memo ``(frame key, positions (N_b, 3), ...)`` was made for structure b of ``batch`` with the
+        positions ``check`` (:meth:`_checksum`)."""
         return (memo is not None and memo[0] is not None and memo[0] == self._frame_key(batch, b)
                 and torch.equal(memo[1], check.to(memo[1].device)))
 
@@ -393,8 +410,8 @@ class BPNNLabelPredictor:
         values, out = [], []
         for b in range(int(batch[props.n_atoms].shape[0])):
             structure = self._structure(batch, b, with_rij=False)
-            s = self.features(batch, b, structure)  # (N_b, W)
-            e, r = rows.energy(s, self._species(structure), share)  # (1,), (1, n)
+            s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
+            e, r = rows.energy(s, self._network_species(structure, species), share)  # (1,), (1, n)
             values.append(e), out.append(r)
         return torch.cat(values), torch.cat(out)  # (B,), (B, n)
 
@@ -403,9 +420,9 @@ class BPNNLabelPredictor:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`force_components` (k,) in eV/Å with their rows (k, n) = ∂F/∂θ, without autograd."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
-        s = self.features(batch, b, structure)  # (N_b, W)
+        s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
         cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype, self._checksum(structure))
-        return rows.forces(s, self._species(structure), cols)  # (k,), (k, n)
+        return rows.forces(s, self._network_species(structure, species), cols)  # (k,), (k, n)
 
     def _chosen_columns(self, batch, b: int, structure, pick: torch.Tensor, dtype: torch.dtype,
                         check: torch.Tensor) -> torch.Tensor:
@@ -434,3 +451,11 @@ class BPNNLabelPredictor:
         """(N_b,) element index of each atom in the networks' element order."""
         nets = self._energy_modules()[0]
         return species_of(structure[props.Z], nets.species_table, nets.elements)
+
+    def _network_species(self, structure: Dict[str, torch.Tensor], species: torch.Tensor) -> torch.Tensor:
+        """:meth:`_species` from the representation's element indices ``species`` (N_b,) of the feature cache:
+        the same tensor where both list the elements in the same order (the builders' case), else looked up."""
+        if self._same_elements is None:
+            nets = self._energy_modules()[0]
+            self._same_elements = list(nets.elements) == list(self.representation.elements)
+        return species if self._same_elements else self._species(structure)

@@ -224,54 +224,59 @@ inline void matvec(typename VT<T>::v* __restrict__ out, const typename VT<T>::v*
   for (int64_t q = 0; q < nout; ++q) out[q] = acc[q];
 }
 
+/* One atom's forward pass from its features src (d_0): h (h_0 = src zero padded), d1 = sigma', r2 = sigma''/sigma'
+   of every hidden layer, and the energy's backward delta_top = w_out o sigma', delta_{j-1} = (W_j^T delta_j) o
+   sigma'(z_{j-1}); each a block of nvh vectors at the layer offsets el.off. */
+template <typename T>
+inline void forward_atom(const Net& net, const Element<T>& el, const T* src, typename VT<T>::v* h,
+                         typename VT<T>::v* d1, typename VT<T>::v* r2, typename VT<T>::v* dl) {
+  typedef typename VT<T>::v V;
+  const int L = VT<T>::L;
+  const int64_t nh = net.n_lin - 1;
+  T* x = reinterpret_cast<T*>(h);
+  std::memset(static_cast<void*>(h), 0, el.nv[0] * sizeof(V));
+  for (int64_t i = 0; i < net.d[0]; ++i) x[i] = src[i];
+  for (int64_t j = 0; j < nh; ++j) {  // hidden layer j = layer j + 1
+    const int64_t l = j + 1, nout = el.nv[l];
+    V* z = h + el.off[l];
+    matvec<T>(z, el.bias.p + el.b_at[j], reinterpret_cast<const T*>(h + el.off[j]), net.d[j], el.wt.p + el.wt_at[j],
+              nout);
+    if (net.act[j]) {
+      for (int64_t q = 0; q < nout; ++q) {
+        const V t = tanhv<T>(z[q]);
+        z[q] = t; d1[el.off[l] + q] = T(1) - t * t; r2[el.off[l] + q] = T(-2) * t;
+      }
+    } else {
+      for (int64_t q = 0; q < nout; ++q) { d1[el.off[l] + q] = V{} + T(1); r2[el.off[l] + q] = V{}; }
+    }
+    // padding lanes: tanh(0) = 0, d1 = 1 there; zero d1 so tangents stay zero in the padding
+    T* d1s = reinterpret_cast<T*>(d1 + el.off[l]);
+    for (int64_t o = net.d[l]; o < nout * L; ++o) d1s[o] = T(0);
+  }
+  if (nh) {
+    const int64_t top = nh;  // layer index of the last hidden layer
+    const V* w = el.wp.p + el.wp_at[net.n_lin - 1];  // W_out: one row of nv[top] vectors
+    for (int64_t q = 0; q < el.nv[top]; ++q) dl[el.off[top] + q] = w[q] * d1[el.off[top] + q];
+    for (int64_t l = top; l > 1; --l) {  // layer l = hidden j = l - 1 feeds from layer l - 1 by W_{l-1}
+      matvec<T>(dl + el.off[l - 1], nullptr, reinterpret_cast<const T*>(dl + el.off[l]), net.d[l],
+                el.wp.p + el.wp_at[l - 1], el.nv[l - 1]);
+      for (int64_t q = 0; q < el.nv[l - 1]; ++q) dl[el.off[l - 1] + q] *= d1[el.off[l - 1] + q];
+    }
+  }
+}
+
+/* The forward state of every atom of the element, atom-major (the force labels revisit each atom per label). */
 template <typename T>
 void forward(const Net& net, const T* s, int64_t lds, const int64_t* atoms, int64_t na, Element<T>& el) {
   typedef typename VT<T>::v V;
-  const int L = VT<T>::L;
-  const int64_t nh = net.n_lin - 1, nvh = el.nvh;
+  const int64_t nvh = el.nvh;
   V* H = el.h.get(na * nvh);
   V* D1 = el.d1.get(na * nvh);
   V* R2 = el.r2.get(na * nvh);
   V* DL = el.delta.get(na * nvh);
   el.atoms.assign(atoms, atoms + na);
-  for (int64_t a = 0; a < na; ++a) {
-    V* h = H + a * nvh;
-    V* d1 = D1 + a * nvh;
-    V* r2 = R2 + a * nvh;
-    V* dl = DL + a * nvh;
-    T* x = reinterpret_cast<T*>(h);  // h_0 = s_a, zero padded
-    std::memset(static_cast<void*>(h), 0, el.nv[0] * sizeof(V));
-    const T* src = s + atoms[a] * lds;
-    for (int64_t i = 0; i < net.d[0]; ++i) x[i] = src[i];
-    for (int64_t j = 0; j < nh; ++j) {  // hidden layer j = layer j + 1
-      const int64_t l = j + 1, nout = el.nv[l];
-      V* z = h + el.off[l];
-      matvec<T>(z, el.bias.p + el.b_at[j], reinterpret_cast<const T*>(h + el.off[j]), net.d[j], el.wt.p + el.wt_at[j],
-                nout);
-      if (net.act[j]) {
-        for (int64_t q = 0; q < nout; ++q) {
-          const V t = tanhv<T>(z[q]);
-          z[q] = t; d1[el.off[l] + q] = T(1) - t * t; r2[el.off[l] + q] = T(-2) * t;
-        }
-      } else {
-        for (int64_t q = 0; q < nout; ++q) { d1[el.off[l] + q] = V{} + T(1); r2[el.off[l] + q] = V{}; }
-      }
-      // padding lanes: tanh(0) = 0, d1 = 1 there; zero d1 so tangents stay zero in the padding
-      T* d1s = reinterpret_cast<T*>(d1 + el.off[l]);
-      for (int64_t o = net.d[l]; o < nout * L; ++o) d1s[o] = T(0);
-    }
-    // energy backward: delta_top = w_out o sigma', delta_{j-1} = (W_j^T delta_j) o sigma'(z_{j-1})
-    if (nh) {
-      const int64_t top = nh;  // layer index of the last hidden layer
-      const V* w = el.wp.p + el.wp_at[net.n_lin - 1];  // W_out: one row of nv[top] vectors
-      for (int64_t q = 0; q < el.nv[top]; ++q) dl[el.off[top] + q] = w[q] * d1[el.off[top] + q];
-      for (int64_t l = top; l > 1; --l) {  // layer l = hidden j = l - 1 feeds from layer l - 1 by W_{l-1}
-        matvec<T>(dl + el.off[l - 1], nullptr, reinterpret_cast<const T*>(dl + el.off[l]), net.d[l],
-                  el.wp.p + el.wp_at[l - 1], el.nv[l - 1]);
-        for (int64_t q = 0; q < el.nv[l - 1]; ++q) dl[el.off[l - 1] + q] *= d1[el.off[l - 1] + q];
-      }
-    }
-  }
+  for (int64_t a = 0; a < na; ++a)
+    forward_atom<T>(net, el, s + atoms[a] * lds, H + a * nvh, D1 + a * nvh, R2 + a * nvh, DL + a * nvh);
 }
 
 // G (dout rows of nin vectors) += p[o] * x + q[o] * y  (q may be null); NIN > 0: nin == NIN
@@ -359,18 +364,24 @@ struct Grad {
   }
 };
 
+/* Energy and its row: per atom the forward pass into one scratch block (hot in L1; nothing stored per atom),
+   then its sums: W_out += h_top, W_{l-1} += delta_l h_{l-1}^T, b_{l-1} += delta_l; the row is scaled once. */
 template <typename T>
-void energy_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, T* energy, T* row) {
+void energy_part(const Net& net, Element<T>& el, Grad<T>& gr, const T* s, int64_t lds, const int64_t* atoms,
+                 int64_t na, T scale, T* energy, T* row) {
   typedef typename VT<T>::v V;
-  const int64_t nh = net.n_lin - 1, na = static_cast<int64_t>(el.atoms.size()), nvh = el.nvh;
+  const int64_t nh = net.n_lin - 1, nvh = el.nvh;
   const int64_t last = net.n_lin - 1, top = nh;  // output layer, its input layer
   const V* wout = el.wp.p + el.wp_at[last];
   const T bout = reinterpret_cast<const T*>(el.bias.p + el.b_at[last])[0];
+  V* h = el.h.get(4 * nvh);
+  V* d1 = h + nvh;
+  V* r2 = d1 + nvh;
+  V* dl = r2 + nvh;
   gr.zero();
   V esum{};
   for (int64_t a = 0; a < na; ++a) {
-    const V* h = el.h.p + a * nvh;
-    const V* dl = el.delta.p + a * nvh;
+    forward_atom<T>(net, el, s + atoms[a] * lds, h, d1, r2, dl);
     const V* hl = h + el.off[top];
     V* gw = gr.buf.p + gr.w_at[last];
     for (int64_t q = 0; q < el.nv[top]; ++q) { esum += wout[q] * hl[q]; gw[q] += hl[q]; }
@@ -471,12 +482,14 @@ void rows_all(int64_t mode, int64_t E, const int64_t* species, int64_t N, const 
       B[l] = reinterpret_cast<const T*>(ptrs[ptr_at[e] + 2 * l + 1]);
     }
     if (!prepare<T>(net, W.data(), B.data(), el)) { *status = 1; return; }
-    forward<T>(net, s, lds, atoms.data(), static_cast<int64_t>(atoms.size()), el);
     gr.shape(net, el);
-    if (mode == 0)
-      energy_part<T>(net, el, gr, scale, out_value, rows);
-    else
+    const int64_t na = static_cast<int64_t>(atoms.size());
+    if (mode == 0) {
+      energy_part<T>(net, el, gr, s, lds, atoms.data(), na, scale, out_value, rows);
+    } else {
+      forward<T>(net, s, lds, atoms.data(), na, el);
       force_part<T>(net, el, gr, scale, cols, n_labels, N, ldc, out_value, rows, ldr);
+    }
   }
 }
 }  // namespace
