@@ -181,6 +181,35 @@ def _label_slots(sf, species, r_ij, idx_i, idx_j, atoms, components, positions=N
     return _Slots(valid, u, r, x, atom, species.index_select(0, atom.reshape(-1)).view_as(atom))
 
 
+class ColumnTable(NamedTuple):
+    """The columns of L labels before the gather into the feature layout: column[l, i, w] =
+    ``table[l, i, slot[e_i, w]] · factor[e_i, w]`` with e_i = ``species[i]``. The compiled rows
+    (:mod:`ekf_plugin.bpnn.native_rows`) read it so; :meth:`dense` is the (L, N, W) tensor."""
+
+    table: torch.Tensor  # (L, N, S) per slot: E·U_r radial, then E·E·U_a angular
+    slot: torch.Tensor  # (E, W) int64 slot of each feature of each element
+    factor: torch.Tensor  # (E, W) prefactor of each feature (and any scaling), table's dtype
+    species: torch.Tensor  # (N,) element of each atom
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """(L, N, W) of the dense columns."""
+        return (self.table.shape[0], self.table.shape[1], self.slot.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """(L, N, W) columns in the feature layout."""
+        sel = self.slot[self.species].expand(self.table.shape[0], -1, -1)  # (L, N, W)
+        return torch.gather(self.table, 2, sel) * self.factor[self.species]  # (L, N, W)
+
+    def scaled(self, weight: torch.Tensor) -> "ColumnTable":
+        """The same columns times a per-(element, feature) ``weight`` (E, W), e.g. the representation's scaling."""
+        return self._replace(factor=self.factor * weight.to(self.factor.dtype))
+
+    def to(self, dtype: torch.dtype) -> "ColumnTable":
+        return self if self.table.dtype == dtype else self._replace(table=self.table.to(dtype),
+                                                                    factor=self.factor.to(dtype))
+
+
 @torch.no_grad()
 def feature_columns(
     sf: SymmetryFunctions,
@@ -193,7 +222,8 @@ def feature_columns(
     native: Optional[bool] = None,
     positions: Optional[torch.Tensor] = None,
     offsets: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    as_table: bool = False,
+):
     """∂G_i/∂r_{a_l, α_l} of the raw symmetry functions for L (atom, component) labels.
 
     Args:
@@ -209,7 +239,8 @@ def feature_columns(
             integer ζ, tanhu/tanh/cos cutoff); ``None``: ``NATIVE_DEFAULT`` (on unless env ``EKF_PLUGIN_NATIVE_COLUMNS=0``).
 
     Returns:
-        (L, N, width) in the feature layout of :meth:`SymmetryFunctions.forward`, in feature units per Å.
+        (L, N, width) in the feature layout of :meth:`SymmetryFunctions.forward`, in feature units per Å; with
+        ``as_table`` the same as a :class:`ColumnTable` (no gather: the compiled rows read the table).
     """
     n_atoms, n_labels = species.shape[0], atoms.shape[0]
     E = len(sf.elements)
@@ -231,8 +262,8 @@ def feature_columns(
         rad = rad.reshape(n_labels, n_atoms, E * sf.n_rad_keys)  # (L, N, E·U_r)
         ang = ang.reshape(n_labels, n_atoms, E * E * sf.n_ang_keys)  # (L, N, E·E·U_a)
         table = torch.cat([rad, ang], 2)  # (L, N, S)
-    sel = sf.feature_slot[species].expand(n_labels, -1, -1)  # (L, N, W)
-    return torch.gather(table, 2, sel) * sf.feature_prefactor.to(ref.dtype)[species]  # (L, N, W)
+    columns = ColumnTable(table, sf.feature_slot, sf.feature_prefactor.to(ref.dtype), species)
+    return columns if as_table else columns.dense()  # (L, N, W)
 
 
 def _radial_columns(sf, keys: _Keys, slots: _Slots, atoms, label_elem, n_atoms: int) -> torch.Tensor:

@@ -421,17 +421,23 @@ class BPNNLabelPredictor:
         """:meth:`force_components` (k,) in eV/Å with their rows (k, n) = ∂F/∂θ, without autograd."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
-        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype, self._checksum(structure))
-        return rows.forces(s, self._network_species(structure, species), cols)  # (k,), (k, n)
+        net_species = self._network_species(structure, species)  # (N_b,)
+        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype, self._checksum(structure),
+                                    table=net_species is species)  # the networks' element order: no gather
+        return rows.forces(s, net_species, cols)  # (k,), (k, n)
 
     def _chosen_columns(self, batch, b: int, structure, pick: torch.Tensor, dtype: torch.dtype,
-                        check: torch.Tensor) -> torch.Tensor:
-        """(k, N_b, W) dG/dr columns per Å of the force components ``pick`` of structure b (positions checksum
-        ``check``), in ``dtype``: gathered from a threshold selection's candidates when ``pick`` is among them,
-        else computed."""
+                        check: torch.Tensor, table: bool = False):
+        """(k, N_b, W) dG/dr columns per Å of the force components ``pick`` of structure b (positions ``check``),
+        in ``dtype``: gathered from a threshold selection's candidates when ``pick`` is among them, else computed
+        (with ``table`` as a :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable`, for the closed-form
+        rows)."""
         cols = self._candidate_columns(batch, b, check, pick)
         if cols is None:
-            cols = self.representation.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W)
+            rep = self.representation
+            if table:
+                return rep.feature_column_table(structure, pick // 3, pick % 3).to(dtype)  # (k, N_b, W) lazily
+            cols = rep.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W)
         return cols.to(dtype)
 
     def _candidate_columns(self, batch, b: int, check: torch.Tensor, pick: torch.Tensor) -> Optional[torch.Tensor]:

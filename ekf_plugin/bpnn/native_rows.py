@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .feature_derivatives import ColumnTable
+
 __all__ = ["rows_module", "NATIVE_ROWS", "NetworkLayout", "energy_rows", "force_rows"]
 
 NATIVE_ROWS = os.environ.get("EKF_PLUGIN_NATIVE_ROWS", "1") != "0"  # "0": the torch path everywhere
@@ -401,7 +403,7 @@ void energy_part(const Net& net, Element<T>& el, Grad<T>& gr, const T* s, int64_
 
 template <typename T>
 void force_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, const T* cols, int64_t n_labels,
-                int64_t n_atoms, int64_t ldc, T* force, T* rows, int64_t ldr) {
+                int64_t n_atoms, int64_t ldc, const int64_t* cslot, const T* cfac, T* force, T* rows, int64_t ldr) {
   typedef typename VT<T>::v V;
   const int L = VT<T>::L;
   const int64_t nh = net.n_lin - 1, na = static_cast<int64_t>(el.atoms.size()), nvh = el.nvh;
@@ -414,13 +416,16 @@ void force_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, const T* c
     bool touched = false;
     for (int64_t a = 0; a < na; ++a) {
       const T* c = cols + (k * n_atoms + el.atoms[a]) * ldc;
-      bool any = false;
-      for (int64_t i = 0; i < d0; ++i) any |= (c[i] != T(0));
-      if (!any) continue;  // outside a_k's cutoff sphere: no contribution
-      touched = true;
       std::memset(static_cast<void*>(t), 0, el.nv[0] * sizeof(V));
       T* t0 = reinterpret_cast<T*>(t);
-      for (int64_t i = 0; i < d0; ++i) t0[i] = c[i];
+      bool any = false;
+      if (cslot) {  // a column table: feature i is slot cslot[i] times cfac[i]
+        for (int64_t i = 0; i < d0; ++i) { t0[i] = c[cslot[i]] * cfac[i]; any |= (t0[i] != T(0)); }
+      } else {
+        for (int64_t i = 0; i < d0; ++i) { t0[i] = c[i]; any |= (c[i] != T(0)); }
+      }
+      if (!any) continue;  // outside a_k's cutoff sphere: no contribution
+      touched = true;
       const V* h = el.h.p + a * nvh;
       const V* d1 = el.d1.p + a * nvh;
       const V* r2 = el.r2.p + a * nvh;
@@ -461,7 +466,7 @@ template <typename T>
 void rows_all(int64_t mode, int64_t E, const int64_t* species, int64_t N, const T* s, int64_t lds, const int64_t* desc,
               const int64_t* desc_at, const int64_t* ptrs, const int64_t* ptr_at, const int64_t* use, T scale,
               const T* atom_energy, int64_t with_atom_energy, const T* cols, int64_t n_labels, int64_t ldc,
-              T* out_value, T* rows, int64_t ldr, int64_t* status) {
+              const int64_t* cslot, const T* cfac, int64_t ldf, T* out_value, T* rows, int64_t ldr, int64_t* status) {
   static thread_local Element<T> el;
   static thread_local Grad<T> gr;
   std::vector<int64_t> atoms;
@@ -488,7 +493,8 @@ void rows_all(int64_t mode, int64_t E, const int64_t* species, int64_t N, const 
       energy_part<T>(net, el, gr, s, lds, atoms.data(), na, scale, out_value, rows);
     } else {
       forward<T>(net, s, lds, atoms.data(), na, el);
-      force_part<T>(net, el, gr, scale, cols, n_labels, N, ldc, out_value, rows, ldr);
+      force_part<T>(net, el, gr, scale, cols, n_labels, N, ldc, cslot ? cslot + e * ldf : nullptr,
+                    cfac ? cfac + e * ldf : nullptr, out_value, rows, ldr);
     }
   }
 }
@@ -498,10 +504,10 @@ void rows_all(int64_t mode, int64_t E, const int64_t* species, int64_t N, const 
   extern "C" void NAME(int64_t mode, int64_t E, const int64_t* species, int64_t N, const T* s, int64_t lds,         \
                        const int64_t* desc, const int64_t* desc_at, const int64_t* ptrs, const int64_t* ptr_at,      \
                        const int64_t* use, double scale, const T* atom_energy, int64_t with_atom_energy,             \
-                       const T* cols, int64_t n_labels, int64_t ldc, T* out_value, T* rows, int64_t ldr,            \
-                       int64_t* status) {                                                                            \
+                       const T* cols, int64_t n_labels, int64_t ldc, const int64_t* cslot, const T* cfac,            \
+                       int64_t ldf, T* out_value, T* rows, int64_t ldr, int64_t* status) {                           \
     rows_all<T>(mode, E, species, N, s, lds, desc, desc_at, ptrs, ptr_at, use, static_cast<T>(scale), atom_energy,   \
-                with_atom_energy, cols, n_labels, ldc, out_value, rows, ldr, status);                                \
+                with_atom_energy, cols, n_labels, ldc, cslot, cfac, ldf, out_value, rows, ldr, status);              \
   }
 ROWS_ALL(network_rows_f64, double)
 ROWS_ALL(network_rows_f32, float)
@@ -582,8 +588,8 @@ class NetworkLayout:
 
 
 def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: torch.Tensor, share: Tuple[int, int],
-          scale: float, atom_energy: Optional[torch.Tensor], cols: Optional[torch.Tensor],
-          n: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+          scale: float, atom_energy: Optional[torch.Tensor], cols=None, n: int = 0
+          ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     dtype = s.dtype
     if dtype not in (torch.float32, torch.float64) or s.device.type != "cpu" or not layout.disjoint:
         return None
@@ -593,21 +599,32 @@ def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: to
     s = s.contiguous()
     species = species.to(torch.int64).contiguous()
     ae = None if atom_energy is None else atom_energy.to(dtype).contiguous()
-    k = 1 if cols is None else cols.shape[0]
-    if cols is not None:
-        cols = cols.to(dtype).contiguous()
+    table = slot = factor = None
+    if cols is None:
+        k = 1
+    elif isinstance(cols, ColumnTable):  # the kernel gathers the features' slots itself
+        cols = cols.to(dtype)
+        if cols.slot.shape[0] != layout.n_elements:
+            return None
+        table, slot, factor = cols.table.contiguous(), cols.slot.contiguous(), cols.factor.contiguous()
+        k = table.shape[0]
+    else:
+        table = cols.to(dtype).contiguous()
+        k = table.shape[0]
     value = s.new_zeros(k)  # (k,)
     rows = s.new_zeros(k, n)  # (k, n)
     status = ctypes.c_int64(0)  # 1: a network too wide or deep for the kernel
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
+
+    def ptr(t):
+        return vp(None) if t is None else vp(t.data_ptr())
+
     fn = module.network_rows_f64 if dtype == torch.float64 else module.network_rows_f32
     fn.restype = None
-    fn(i64(mode), i64(layout.n_elements), vp(species.data_ptr()), i64(s.shape[0]), vp(s.data_ptr()), i64(s.shape[1]),
-       vp(layout.desc.data_ptr()), vp(layout.desc_at.data_ptr()), vp(ptrs.data_ptr()), vp(layout.ptr_at.data_ptr()),
-       vp(layout.use(share).data_ptr()), ctypes.c_double(float(scale)), vp(None if ae is None else ae.data_ptr()),
-       i64(int(ae is not None)), vp(None if cols is None else cols.data_ptr()), i64(k),
-       i64(0 if cols is None else cols.shape[2]), vp(value.data_ptr()), vp(rows.data_ptr()), i64(n),
-       ctypes.byref(status))
+    fn(i64(mode), i64(layout.n_elements), ptr(species), i64(s.shape[0]), ptr(s), i64(s.shape[1]), ptr(layout.desc),
+       ptr(layout.desc_at), ptr(ptrs), ptr(layout.ptr_at), ptr(layout.use(share)), ctypes.c_double(float(scale)),
+       ptr(ae), i64(int(ae is not None)), ptr(table), i64(k), i64(0 if table is None else table.shape[2]), ptr(slot),
+       ptr(factor), i64(0 if slot is None else slot.shape[1]), ptr(value), ptr(rows), i64(n), ctypes.byref(status))
     return None if status.value else (value, rows)
 
 
@@ -620,8 +637,9 @@ def energy_rows(module, layout: NetworkLayout, s: torch.Tensor, species: torch.T
     return _call(module, layout, 0, s, species, share, scale, atom_energy, None, n)
 
 
-def force_rows(module, layout: NetworkLayout, s: torch.Tensor, species: torch.Tensor, columns: torch.Tensor,
-               scale: float, n: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """Force components (k,) in eV/Å and their rows (k, n) for columns (k, N, W) = ∂s/∂r per Å; None where the
-    kernel does not apply."""
+def force_rows(module, layout: NetworkLayout, s: torch.Tensor, species: torch.Tensor, columns, scale: float,
+               n: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Force components (k,) in eV/Å and their rows (k, n) for columns (k, N, W) = ∂s/∂r per Å, a tensor or a
+    :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` whose elements are the networks' (read without
+    the gather); None where the kernel does not apply."""
     return _call(module, layout, 1, s, species, (0, 1), scale, None, columns, n)

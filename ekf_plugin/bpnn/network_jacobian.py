@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import native_rows
+from .feature_derivatives import ColumnTable
 from .networks import ElementNetworks
 
 __all__ = ["NetworkJacobians", "supports_closed_form"]
@@ -188,7 +189,8 @@ class NetworkJacobians:
         self, s: torch.Tensor, species: torch.Tensor, columns: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Force components (k,) in eV/Å and their rows (k, n) for scaled features s (N, W) and columns
-        ``columns`` (k, N, W) = ∂s/∂r_{a_k,α_k} (per Å) of one structure."""
+        ``columns`` (k, N, W) = ∂s/∂r_{a_k,α_k} (per Å) of one structure: a tensor, or a
+        :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` in the networks' element order."""
         nets = self.networks
         k = columns.shape[0]
         module = self._module(s)
@@ -196,6 +198,8 @@ class NetworkJacobians:
             got = native_rows.force_rows(module, self._layout, s, species, columns, float(nets.energy_scale), self.n)
             if got is not None:
                 return got  # (k,), (k, n)
+        if isinstance(columns, ColumnTable):
+            columns = columns.to(s.dtype).dense()  # (k, N, W)
         scale = nets.energy_scale.to(s.dtype)
         force = s.new_zeros(k)  # (k,)
         per_element = {}

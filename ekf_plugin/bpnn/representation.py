@@ -26,7 +26,7 @@ import schnetpack.properties as props
 from schnetpack.transform import Transform
 
 from .presets import WATER_CUTOFF_BOHR, element_symbol, resolve
-from .feature_derivatives import feature_columns
+from .feature_derivatives import ColumnTable, feature_columns
 from .symmetry import SymmetryFunctions
 from ..data import batch_dicts
 from ..units import BOHR
@@ -174,12 +174,18 @@ class BehlerParrinello(Transform):
         labelled atoms' pair vectors are formed); weights-independent, no graph (see
         :mod:`ekf_plugin.bpnn.feature_derivatives`).
         """
+        return self.feature_column_table(inputs, atoms, components).dense()  # (L, N, W)
+
+    def feature_column_table(self, inputs: Dict[str, torch.Tensor], atoms: torch.Tensor,
+                             components: torch.Tensor) -> ColumnTable:
+        """:meth:`feature_columns` before the gather into the feature layout (a
+        :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` whose factor includes the scaling)."""
         species = species_of(inputs[props.Z], self.species_table, self.elements)  # (N,)
         rij = inputs.get(props.Rij)
         cols = feature_columns(self.sf, species, rij, inputs[props.idx_i], inputs[props.idx_j], atoms, components,
                                positions=inputs[props.R] if rij is None else None,
-                               offsets=inputs[props.offsets] if rij is None else None)  # (L, N, W)
-        return cols * self.scale_weight.to(cols.dtype)[species]  # (L, N, W)
+                               offsets=inputs[props.offsets] if rij is None else None, as_table=True)
+        return cols.scaled(self.scale_weight)  # (L, N, W) per Å of the scaled features
 
     # ---- scaling -----------------------------------------------------------------------------
     def set_scaling(self, g_min: torch.Tensor, g_max: torch.Tensor, g_mean: Optional[torch.Tensor] = None) -> None:

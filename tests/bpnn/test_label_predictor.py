@@ -158,7 +158,7 @@ def test_threshold_selection_computes_each_force_structures_columns_once(monkeyp
     rows = pred.closed_form(list(model.parameters()))
     rep = model.representation
     calls = []
-    original = type(rep).feature_columns
+    original = type(rep).feature_column_table  # feature_columns goes through it too
 
     def counted(self, inputs, atoms, components):
         calls.append(atoms.numel())
@@ -166,7 +166,7 @@ def test_threshold_selection_computes_each_force_structures_columns_once(monkeyp
 
     cand = torch.tensor([7, 0, 13, 2, 25, 4, 19, 11])  # flat indices into structure 1 (9 atoms: 27 components)
     pred.energy_and_force_values(batch, 1, cand)
-    monkeypatch.setattr(type(rep), "feature_columns", counted)
+    monkeypatch.setattr(type(rep), "feature_column_table", counted)
     chosen = cand[torch.tensor([5, 0, 3])]
     f, jf = pred.force_components_and_rows(batch, 1, chosen, rows)
     assert calls == [], "the chosen columns come from the candidates"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ekf_plugin.bpnn import native_rows
+from ekf_plugin.bpnn.feature_derivatives import ColumnTable
 from ekf_plugin.bpnn.network_jacobian import NetworkJacobians
 from ekf_plugin.bpnn.networks import ElementNetworks
 
@@ -117,3 +118,27 @@ def test_tied_weights_take_the_torch_path():
     rows = NetworkJacobians(nets, list(nets.parameters()))
     assert not rows._layout.disjoint
     assert native_rows.force_rows(native_rows.rows_module(), rows._layout, s, species, cols, 1.0, rows.n) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_column_table_gives_the_rows_of_its_dense_columns(dtype):
+    """Columns as a table of slots (the feature kernel's layout, gathered by the rows kernel itself) give bitwise
+    the rows of the gathered columns; the torch path gathers them first."""
+    nets, s, species, _ = _case((6, 5), dtype, seed=8)
+    g = torch.Generator().manual_seed(8)
+    k, n_atoms, n_slots = 5, s.shape[0], 21
+    table = torch.randn(k, n_atoms, n_slots, generator=g, dtype=dtype)  # (k, N, S)
+    table[torch.rand(k, n_atoms, generator=g) < 0.4] = 0.0
+    slot = torch.randint(0, n_slots, (2, 13), generator=g)  # (E, W)
+    factor = torch.rand(2, 13, generator=g, dtype=dtype) + 0.5  # (E, W)
+    cols = ColumnTable(table, slot, factor, species)
+    dense = cols.dense()  # (k, N, W)
+    assert dense.shape == cols.shape == (k, n_atoms, 13)
+    rows = NetworkJacobians(nets, list(nets.parameters()))
+    f, jf = rows.forces(s, species, cols)
+    f_dense, jf_dense = rows.forces(s, species, dense)
+    assert torch.equal(f, f_dense) and torch.equal(jf, jf_dense)
+    rows.native = False
+    f_torch, jf_torch = rows.forces(s, species, cols)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(jf_torch, jf, rtol=tol, atol=tol * float(jf.abs().max()))
