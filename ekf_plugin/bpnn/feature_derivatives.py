@@ -713,6 +713,24 @@ ANGULAR_COLUMNS(angular_columns_f32, float)
   }
 LABEL_COLUMNS(label_columns_f64, double)
 LABEL_COLUMNS(label_columns_f32, float)
+
+/* first, count (L,) of each label atom's pairs in a centre-sorted idx_i (P,) by binary search; returns
+   M = max(count, 1), or -1 when idx_i is not sorted (then the caller sorts it). */
+extern "C" int64_t centre_ranges(const int64_t* idx_i, int64_t P, const int64_t* atoms, int64_t L, int64_t* first,
+                                 int64_t* count) {
+  bool sorted = true;
+  for (int64_t p = 1; p < P; ++p) sorted &= idx_i[p] >= idx_i[p - 1];
+  if (!sorted) return -1;
+  int64_t m = 1;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* lo = std::lower_bound(idx_i, idx_i + P, atoms[l]);
+    const int64_t* hi = std::upper_bound(lo, idx_i + P, atoms[l]);
+    first[l] = lo - idx_i;
+    count[l] = hi - lo;
+    m = std::max(m, count[l]);
+  }
+  return m;
+}
 """
 
 
@@ -789,7 +807,15 @@ def _columns_native(module, sf, keys: _Keys, species, r_ij, idx_i, idx_j, atoms,
     if dtype not in (torch.float64, torch.float32):
         raise TypeError(f"native feature columns: float32/float64 only, got {dtype}")
     E, n_atoms, L = len(sf.elements), species.shape[0], atoms.shape[0]
-    order, first, count, m = _centre_ranges(idx_i, atoms)
+    idx_i, atoms = idx_i.to(torch.int64).contiguous(), atoms.to(torch.int64).contiguous()
+    first, count = torch.empty_like(atoms), torch.empty_like(atoms)  # (L,) each
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    module.centre_ranges.restype = ctypes.c_int64
+    m = module.centre_ranges(vp(idx_i.data_ptr()), i64(idx_i.shape[0]), vp(atoms.data_ptr()), i64(L),
+                             vp(first.data_ptr()), vp(count.data_ptr()))  # 3 µs against ~35 for the torch ops
+    order = None
+    if m < 0:  # not sorted by centre: sort once (torch)
+        order, first, count, m = _centre_ranges(idx_i, atoms)
     U_r, U_a = sf.n_rad_keys, sf.n_ang_keys
     table = ref.new_zeros(L, n_atoms, E * U_r + E * E * U_a)  # (L, N, S)
     if r_ij is not None:
@@ -806,7 +832,6 @@ def _columns_native(module, sf, keys: _Keys, species, r_ij, idx_i, idx_j, atoms,
     for a in floats + tables:
         if a is not None and (a.dtype not in (dtype, torch.int64, torch.bool) or a.device.type != "cpu"):
             raise TypeError(f"native feature columns: unexpected {a.dtype} on {a.device}")
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
 
     def ptr(a):
         return vp(None) if a is None else vp(a.data_ptr())

@@ -422,21 +422,22 @@ class BPNNLabelPredictor:
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
         net_species = self._network_species(structure, species)  # (N_b,)
+        # in the networks' element order the rows read the column table (no gather)
         cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype, self._checksum(structure),
-                                    table=net_species is species)  # the networks' element order: no gather
+                                    table=species if net_species is species else None)
         return rows.forces(s, net_species, cols)  # (k,), (k, n)
 
     def _chosen_columns(self, batch, b: int, structure, pick: torch.Tensor, dtype: torch.dtype,
-                        check: torch.Tensor, table: bool = False):
+                        check: torch.Tensor, table: Optional[torch.Tensor] = None):
         """(k, N_b, W) dG/dr columns per Å of the force components ``pick`` of structure b (positions ``check``),
         in ``dtype``: gathered from a threshold selection's candidates when ``pick`` is among them, else computed
-        (with ``table`` as a :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable`, for the closed-form
-        rows)."""
+        (given the representation's species (N_b,) as ``table``, as a
+        :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` for the closed-form rows)."""
         cols = self._candidate_columns(batch, b, check, pick)
         if cols is None:
             rep = self.representation
-            if table:
-                return rep.feature_column_table(structure, pick // 3, pick % 3).to(dtype)  # (k, N_b, W) lazily
+            if table is not None:
+                return rep.feature_column_table(structure, pick // 3, pick % 3, table).to(dtype)  # (k, N_b, W) lazily
             cols = rep.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W)
         return cols.to(dtype)
 

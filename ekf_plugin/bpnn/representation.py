@@ -177,10 +177,12 @@ class BehlerParrinello(Transform):
         return self.feature_column_table(inputs, atoms, components).dense()  # (L, N, W)
 
     def feature_column_table(self, inputs: Dict[str, torch.Tensor], atoms: torch.Tensor,
-                             components: torch.Tensor) -> ColumnTable:
+                             components: torch.Tensor, species: Optional[torch.Tensor] = None) -> ColumnTable:
         """:meth:`feature_columns` before the gather into the feature layout (a
-        :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` whose factor includes the scaling)."""
-        species = species_of(inputs[props.Z], self.species_table, self.elements)  # (N,)
+        :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` whose factor includes the scaling);
+        ``species`` (N,): the atoms' element indices where the caller has them."""
+        if species is None:
+            species = species_of(inputs[props.Z], self.species_table, self.elements)  # (N,)
         rij = inputs.get(props.Rij)
         cols = feature_columns(self.sf, species, rij, inputs[props.idx_i], inputs[props.idx_j], atoms, components,
                                positions=inputs[props.R] if rij is None else None,

@@ -160,9 +160,9 @@ def test_threshold_selection_computes_each_force_structures_columns_once(monkeyp
     calls = []
     original = type(rep).feature_column_table  # feature_columns goes through it too
 
-    def counted(self, inputs, atoms, components):
+    def counted(self, inputs, atoms, components, species=None):
         calls.append(atoms.numel())
-        return original(self, inputs, atoms, components)
+        return original(self, inputs, atoms, components, species)
 
     cand = torch.tensor([7, 0, 13, 2, 25, 4, 19, 11])  # flat indices into structure 1 (9 atoms: 27 components)
     pred.energy_and_force_values(batch, 1, cand)
