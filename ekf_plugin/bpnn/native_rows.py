@@ -517,20 +517,34 @@ _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
 _WARNED: List[bool] = []
 
 
+_MODULE: List = []  # the loaded library once found (the per-update lookup is then a list index)
+
+
 def rows_module():
     """The compiled library (:func:`ekf_plugin.native.native_library`; about a second on first use, then cached on
     disk), or None where it cannot be built (a warning, once) or ``EKF_PLUGIN_NATIVE_ROWS=0``."""
+    if _MODULE:
+        return _MODULE[0]
     if not NATIVE_ROWS:
         return None
     from ekf_plugin.native import native_library
 
     try:
-        return native_library(_SOURCE, _FLAGS, name="bpnn_network_rows")
+        lib = native_library(_SOURCE, _FLAGS, name="bpnn_network_rows")
     except RuntimeError as exc:
         if not _WARNED:
             _WARNED.append(True)
             warnings.warn(f"native network-row kernel unavailable ({exc}); using the torch path")
         return None
+    for fn in (lib.network_rows_f64, lib.network_rows_f32):  # typed: plain ints and addresses pass as they are
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    _MODULE.append(lib)
+    return lib
 
 
 class NetworkLayout:
@@ -565,17 +579,27 @@ class NetworkLayout:
             raise ValueError("native rows need every Linear with a bias")
         self._pointers: Optional[Tuple[tuple, Optional[torch.Tensor]]] = None
         self._use: dict = {}
+        self._atom_energy: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._status = ctypes.c_int64(0)  # the kernel's flag: 1 where a network is too wide or deep for it
+        self._addresses = (self.desc.data_ptr(), self.desc_at.data_ptr(), self.ptr_at.data_ptr())
 
     def pointers(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """(2 · layers,) addresses of W_l, b_l of every element, or None where one is not a contiguous CPU tensor
         of ``dtype`` (then the torch path). Cached while the addresses stay the same (in-place updates)."""
-        key = (dtype, *(p.data_ptr() for p in self.tensors))
+        key = (dtype, *[p.data_ptr() for p in self.tensors])
         if self._pointers is not None and self._pointers[0] == key:
             return self._pointers[1]
         ok = all(p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous() for p in self.tensors)
         got = torch.tensor(key[1:], dtype=torch.int64) if ok else None
         self._pointers = (key, got)
         return got
+
+    def atom_energies(self, atom_energy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``atom_energy`` (E,) in ``dtype``, contiguous; the copy kept while the buffer is unchanged."""
+        key = (atom_energy.data_ptr(), atom_energy._version, dtype)
+        if self._atom_energy is None or self._atom_energy[0] != key:
+            self._atom_energy = (key, atom_energy.to(dtype).contiguous())
+        return self._atom_energy[1]
 
     def use(self, share: Tuple[int, int]) -> torch.Tensor:
         """(E,) int64 flags of the elements e with e % W == r for ``share`` = (r, W)."""
@@ -598,7 +622,7 @@ def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: to
         return None
     s = s.contiguous()
     species = species.to(torch.int64).contiguous()
-    ae = None if atom_energy is None else atom_energy.to(dtype).contiguous()
+    ae = None if atom_energy is None else layout.atom_energies(atom_energy, dtype)
     table = slot = factor = None
     if cols is None:
         k = 1
@@ -613,18 +637,14 @@ def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: to
         k = table.shape[0]
     value = s.new_zeros(k)  # (k,)
     rows = s.new_zeros(k, n)  # (k, n)
-    status = ctypes.c_int64(0)  # 1: a network too wide or deep for the kernel
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-
-    def ptr(t):
-        return vp(None) if t is None else vp(t.data_ptr())
-
+    status = layout._status
+    desc, desc_at, ptr_at = layout._addresses
     fn = module.network_rows_f64 if dtype == torch.float64 else module.network_rows_f32
-    fn.restype = None
-    fn(i64(mode), i64(layout.n_elements), ptr(species), i64(s.shape[0]), ptr(s), i64(s.shape[1]), ptr(layout.desc),
-       ptr(layout.desc_at), ptr(ptrs), ptr(layout.ptr_at), ptr(layout.use(share)), ctypes.c_double(float(scale)),
-       ptr(ae), i64(int(ae is not None)), ptr(table), i64(k), i64(0 if table is None else table.shape[2]), ptr(slot),
-       ptr(factor), i64(0 if slot is None else slot.shape[1]), ptr(value), ptr(rows), i64(n), ctypes.byref(status))
+    fn(mode, layout.n_elements, species.data_ptr(), s.shape[0], s.data_ptr(), s.shape[1], desc, desc_at,
+       ptrs.data_ptr(), ptr_at, layout.use(share).data_ptr(), float(scale), None if ae is None else ae.data_ptr(),
+       int(ae is not None), None if table is None else table.data_ptr(), k, 0 if table is None else table.shape[2],
+       None if slot is None else slot.data_ptr(), None if factor is None else factor.data_ptr(),
+       0 if slot is None else slot.shape[1], value.data_ptr(), rows.data_ptr(), n, ctypes.byref(status))
     return None if status.value else (value, rows)
 
 
