@@ -62,13 +62,13 @@ class BPNNLabelPredictor:
         self.max_cache_bytes = int(max_cache_bytes)
         # _idx → (features (N, W), the positions they are of (N, 3), species (N,))
         self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        # _idx → (pick (k,), columns (k, N, W), checksum (2,)): the fixed validation components' dG/dr columns
+        # _idx → (pick (k,), columns (k, N, W), positions (N, 3)): the fixed validation components' dG/dr columns
         self._columns: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # the last candidates' columns of :meth:`energy_and_force_values` (threshold selection), taken once by
-        # :meth:`force_components_and_rows` for the chosen subset: (key, checksum (2,), pick (c,), columns (c, N, W))
+        # :meth:`force_components_and_rows` for the chosen subset: (key, positions (N, 3), pick (c,), columns (c, N, W))
         self._candidates: Optional[Tuple[Optional[int], torch.Tensor, torch.Tensor, torch.Tensor]] = None
         # the last candidates' ∇_s E with its graph (``energy_and_force_values(graph=True)``), taken once by
-        # :meth:`force_components` of the same frame, positions and weights: (key, checksum (2,), weight versions,
+        # :meth:`force_components` of the same frame, positions and weights: (key, positions (N, 3), weight versions,
         # ∇_s E (N, W))
         self._graph: Optional[Tuple[Optional[int], torch.Tensor, Tuple[int, ...], torch.Tensor]] = None
         self._bytes = 0
@@ -165,7 +165,7 @@ class BPNNLabelPredictor:
         return atom_ranges, pair_ranges
 
     @staticmethod
-    def _checksum(structure: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _positions_of(structure: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The positions (N_b, 3) a cache entry or memo is valid for, detached (no copy: a memo stores a clone).
         Compared whole with ``torch.equal`` (one operation, exact; a sum and sum of squares cost four more and,
         after an EKF update has streamed P through the caches, ~30 µs)."""
@@ -216,7 +216,7 @@ class BPNNLabelPredictor:
         both cached by ``_idx`` while the positions are the same."""
         structure = self._structure(batch, b, with_rij=False) if structure is None else structure
         key = self._frame_key(batch, b)
-        check = self._checksum(structure)
+        check = self._positions_of(structure)
         hit = self._cache.get(key) if key is not None else None
         if hit is not None and torch.equal(hit[1], check.to(hit[1].device)):
             return hit[0], hit[2]
@@ -256,7 +256,7 @@ class BPNNLabelPredictor:
         Returns the number of structures cached.
         """
         rep = self.representation
-        raw = []  # (key, species (N_b,), raw features (N_b, W) float64, checksum (2,), dtype)
+        raw = []  # (key, species (N_b,), raw features (N_b, W) float64, positions (N_b, 3), dtype)
         it = batches
         if progress:
             from ekf_plugin.progress import progress_bar  # noqa: PLC0415
@@ -273,7 +273,7 @@ class BPNNLabelPredictor:
                 g = self.raw_features(batch, b, structure).to(torch.float64)  # (N_b, W) in the positions' dtype
                 stats.add(g, species)
                 key = self._frame_key(batch, b)
-                raw.append((key, species, g, self._checksum(structure).clone(), structure[props.R].dtype))
+                raw.append((key, species, g, self._positions_of(structure).clone(), structure[props.R].dtype))
         if fit_scaling:
             rep.set_scaling(*stats.result())
         self.clear()
@@ -309,7 +309,7 @@ class BPNNLabelPredictor:
         """(k,) predicted force components in eV/Å of structure b at flat indices ``pick`` (atom ``pick // 3``,
         axis ``pick % 3``), differentiable w.r.t. the weights (the graph runs through the networks only)."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
-        check = self._checksum(structure)  # (2,) once for both memos
+        check = self._positions_of(structure)  # (N_b, 3) once for both memos
         grad_s = self._candidates_graph(batch, b, check)  # a threshold selection's candidates built it
         if grad_s is None:
             s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
@@ -327,7 +327,7 @@ class BPNNLabelPredictor:
         The validation path of :class:`~ekf_plugin.training.PaperScheduleTask`.
 
         ``keep_columns``: keep the components' dG/dr columns (k, N_b, W) with the frame's features (same memory
-        budget, same checksum of the positions), for a frame that is asked for the same ``pick`` again: the fixed
+        budget, valid for the same positions), for a frame that is asked for the same ``pick`` again: the fixed
         validation sample, whose columns then cost nothing after the first validation (~230 kB per 192-atom frame
         and 10 components in float32).
 
@@ -340,7 +340,7 @@ class BPNNLabelPredictor:
             s = self.features(batch, b, structure).clone().requires_grad_(True)  # (N_b, W)
             energy = self._energy_from(structure, s)  # (1,)
             grad_s, = torch.autograd.grad(energy.sum(), s, create_graph=graph)  # (N_b, W) eV per feature unit
-        key, check = self._frame_key(batch, b), self._checksum(structure)  # the memos' validity: frame, positions
+        key, check = self._frame_key(batch, b), self._positions_of(structure)  # the memos' validity: frame, positions
         if graph:
             self._graph = (key, check.clone(), self._weight_versions(), grad_s)
             grad_s = grad_s.detach()
@@ -359,13 +359,13 @@ class BPNNLabelPredictor:
 
     def _memo_valid(self, memo: Optional[tuple], batch, b: int, check: torch.Tensor) -> bool:
         """Whether a memo ``(frame key, positions (N_b, 3), ...)`` was made for structure b of ``batch`` with the
-        positions ``check`` (:meth:`_checksum`)."""
+        positions ``check`` (:meth:`_positions_of`)."""
         return (memo is not None and memo[0] is not None and memo[0] == self._frame_key(batch, b)
                 and torch.equal(memo[1], check.to(memo[1].device)))
 
     def _candidates_graph(self, batch, b: int, check: torch.Tensor) -> Optional[torch.Tensor]:
         """∇_s E (N_b, W) with its graph from the last ``energy_and_force_values(graph=True)`` (taken once) when it
-        was of this frame, with these positions (checksum ``check``) and these weights, else None."""
+        was of this frame, with these positions ``check`` and these weights, else None."""
         memo, self._graph = self._graph, None
         ok = self._memo_valid(memo, batch, b, check) and memo[2] == self._weight_versions()
         return memo[3] if ok else None
@@ -423,7 +423,7 @@ class BPNNLabelPredictor:
         s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
         net_species = self._network_species(structure, species)  # (N_b,)
         # in the networks' element order the rows read the column table (no gather)
-        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype, self._checksum(structure),
+        cols = self._chosen_columns(batch, b, structure, pick.to(s.device), s.dtype, self._positions_of(structure),
                                     table=species if net_species is species else None)
         return rows.forces(s, net_species, cols)  # (k,), (k, n)
 
@@ -443,7 +443,7 @@ class BPNNLabelPredictor:
 
     def _candidate_columns(self, batch, b: int, check: torch.Tensor, pick: torch.Tensor) -> Optional[torch.Tensor]:
         """(k, N_b, W) columns of ``pick`` gathered from the last candidates' columns (taken once) when ``pick`` is
-        a subset of them on the same frame and positions (checksum ``check``), else None. A column does not depend
+        a subset of them on the same frame and positions ``check``, else None. A column does not depend
         on the other labels of its call, so the gather equals a new evaluation bitwise (tested)."""
         memo, self._candidates = self._candidates, None
         if not self._memo_valid(memo, batch, b, check):
