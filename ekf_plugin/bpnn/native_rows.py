@@ -13,9 +13,14 @@ This kernel does the same sums atom by atom:
   h̄_l ∘ σ'(z_l), h̄_{l−1} = W_lᵀ z̄_l, row_k −= scale · (δ_lᵀ t_{l−1} + z̄_lᵀ h_{l−1}, z̄_l, t_L, 0).
 
 Labels are the outer loop, atoms the inner, so a label's row slice of one element (1.5 k weights) stays in L1
-while its atoms add to it. Sums run in the tensors' dtype (float32 or float64) in atom order: the values equal
-the torch path's to round-off (tests). :func:`rows_module` returns None (and the torch path is used) where the
-library cannot be built, or with ``EKF_PLUGIN_NATIVE_ROWS=0``.
+while its atoms add to it; the energy needs no per-atom state (one pass per atom). Columns come as a (k, N, W)
+tensor or as the feature kernel's :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` (read through its slots,
+no gathered copy). Vectors are 64 bytes, widths padded to them; networks of up to 8 linear layers and 256 float32 /
+128 float64 units per layer (else the kernel declines and the torch path runs). Sums run in the tensors' dtype
+(float32 or float64) in atom order: the values equal the torch path's to round-off (tests). Measured (192-atom
+water, float32, one core, warm cache): 10 force rows 0.35 ms against 1.06 ms for the torch path, one energy row
+0.07 against 0.36 ms. :func:`rows_module` returns None (and the torch path is used) where the library cannot be
+built, or with ``EKF_PLUGIN_NATIVE_ROWS=0``.
 """
 
 from __future__ import annotations
