@@ -18,11 +18,12 @@ import os
 import shutil
 from typing import Any, Dict, Optional, Sequence
 
-__all__ = ["native_library", "compiler", "DEFAULT_FLAGS"]
+__all__ = ["native_library", "optional_library", "compiler", "DEFAULT_FLAGS"]
 
 DEFAULT_FLAGS = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
 _LIBS: Dict[str, Any] = {}  # key -> loaded library, or the error message of a failed build
 _LOADED: Dict[Any, Any] = {}  # (source, flags, name) -> loaded library: the per-call lookup
+_WARNED: set = set()  # names whose failed build :func:`optional_library` has warned about
 
 
 def compiler() -> Optional[str]:
@@ -91,3 +92,17 @@ def native_library(source: str, flags: Sequence[str] = DEFAULT_FLAGS, name: str 
     _LIBS[key] = lib
     _LOADED[(source, tuple(flags), name)] = lib
     return lib
+
+
+def optional_library(source: str, flags: Sequence[str], name: str, what: str):
+    """:func:`native_library`, or None where it cannot be built: then one warning per ``name`` for the process
+    (``what`` says which kernel, e.g. "native feature-column kernel"), and the caller takes its torch path."""
+    try:
+        return native_library(source, flags, name=name)
+    except RuntimeError as exc:
+        if name not in _WARNED:
+            _WARNED.add(name)
+            import warnings
+
+            warnings.warn(f"{what} unavailable ({exc}); using the torch path")
+        return None

@@ -46,7 +46,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import warnings
 import weakref
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -741,19 +740,9 @@ NATIVE_DEFAULT = os.environ.get("EKF_PLUGIN_NATIVE_COLUMNS", "1") != "0"  # on w
 def native_module():
     """The compiled kernel (:func:`ekf_plugin.native.native_library`: the system C++ compiler, about a second
     on first use, then cached on disk), or None if it cannot be built (then a warning, once, and the torch path)."""
-    from ekf_plugin.native import native_library
+    from ekf_plugin.native import optional_library
 
-    try:
-        lib = native_library(_NATIVE_SOURCE, _NATIVE_FLAGS, name="bpnn_feature_columns")
-    except RuntimeError as exc:
-        if not _NATIVE_WARNED:
-            _NATIVE_WARNED.append(True)
-            warnings.warn(f"native feature-column kernel unavailable ({exc}); using the torch path")
-        return None
-    return lib
-
-
-_NATIVE_WARNED: List[bool] = []
+    return optional_library(_NATIVE_SOURCE, _NATIVE_FLAGS, "bpnn_feature_columns", "native feature-column kernel")
 
 
 def _native_cutoff(cutoff_fn) -> Optional[Tuple[int, float]]:

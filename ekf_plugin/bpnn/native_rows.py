@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -519,7 +518,6 @@ ROWS_ALL(network_rows_f32, float)
 """
 
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
-_WARNED: List[bool] = []
 
 
 _MODULE: List = []  # the loaded library once found (the per-update lookup is then a list index)
@@ -532,14 +530,10 @@ def rows_module():
         return _MODULE[0]
     if not NATIVE_ROWS:
         return None
-    from ekf_plugin.native import native_library
+    from ekf_plugin.native import optional_library
 
-    try:
-        lib = native_library(_SOURCE, _FLAGS, name="bpnn_network_rows")
-    except RuntimeError as exc:
-        if not _WARNED:
-            _WARNED.append(True)
-            warnings.warn(f"native network-row kernel unavailable ({exc}); using the torch path")
+    lib = optional_library(_SOURCE, _FLAGS, "bpnn_network_rows", "native network-row kernel")
+    if lib is None:
         return None
     for fn in (lib.network_rows_f64, lib.network_rows_f32):  # typed: plain ints and addresses pass as they are
         fn.restype = None
