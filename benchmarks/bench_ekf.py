@@ -293,8 +293,8 @@ def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     out["force_columns_ms_10_labels"] = 1e3 * statistics.median(t_cols)
     # the closed-form Jacobian rows alone (compiled on CPU), and labels with rows as the task computes them, with a
     # warm cache (the same frames in turn; inside the EKF loop below a filter step has just streamed P through it)
-    opt0 = EKF(model.parameters(), lr=1e-3)
-    rows = predictor.closed_form(opt0.params)
+    params = [p for p in model.parameters() if p.requires_grad]  # the column order of an EKF over the model
+    rows = predictor.closed_form(params)
     fs = [predictor._features_and_species(b, 0) for b in batches[:10]]
     tables = [rep.feature_column_table(s, p // 3, p % 3, sp) for s, p, (_, sp) in zip(st, picks, fs)]
     out["force_rows_ms_10_labels"] = 1e3 * statistics.median(
@@ -302,7 +302,7 @@ def bpnn_figures(device="cpu", quick=False) -> Dict[str, float]:
     out["energy_row_ms"] = 1e3 * statistics.median([_median(lambda f=f: rows.energy(*f), 5, device) for f in fs])
     for kind, name in ((ENERGY, "energy"), (FORCES, "force")):
         out[f"{name}_labels_and_rows_warm_ms"] = 1e3 * statistics.median(
-            [_median(lambda b=b: task._errors(b, [kind], {}, opt0.params), 5, device) for b in batches[:10]])
+            [_median(lambda b=b: task._errors(b, [kind], {}, params), 5, device) for b in batches[:10]])
     k_updates = 10 if quick else 40
     # default (closed-form rows, deferred rows), every update applied at once (as before), autograd rows
     for name, closed, defer in (("", True, 32), ("immediate_", True, 0), ("autograd_rows_", False, 32)):

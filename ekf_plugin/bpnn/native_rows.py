@@ -350,8 +350,8 @@ struct Grad {
     buf.get(total);
   }
   void zero() { std::memset(static_cast<void*>(buf.p), 0, total * sizeof(V)); }
-  // row[wo, bo] += factor * (unpadded parts)
-  void flush(const Net& net, const Element<T>& el, T factor, T* row, bool skip_out_bias) const {
+  // row[wo, bo] += factor * (unpadded parts); a block entry never summed into adds factor * 0, leaving the row's 0
+  void flush(const Net& net, const Element<T>& el, T factor, T* row) const {
     const int L = VT<T>::L;
     for (int64_t l = 0; l < net.n_lin; ++l) {
       const int64_t din = net.d[l], dout = net.d[l + 1], pin = el.nv[l] * L;
@@ -361,7 +361,7 @@ struct Grad {
         for (int64_t o = 0; o < dout; ++o)
           for (int64_t i = 0; i < din; ++i) r[o * din + i] += factor * g[o * pin + i];
       }
-      if (net.bo[l] >= 0 && !(skip_out_bias && l == net.n_lin - 1)) {
+      if (net.bo[l] >= 0) {
         const T* g = reinterpret_cast<const T*>(buf.p + b_at[l]);
         T* r = row + net.bo[l];
         for (int64_t o = 0; o < dout; ++o) r[o] += factor * g[o];
@@ -402,7 +402,7 @@ void energy_part(const Net& net, Element<T>& el, Grad<T>& gr, const T* s, int64_
   for (int i = 0; i < VT<T>::L; ++i) e += esum[i];
   *energy += scale * (e + T(na) * bout);
   reinterpret_cast<T*>(gr.buf.p + gr.b_at[last])[0] = T(na);
-  gr.flush(net, el, scale, row, false);
+  gr.flush(net, el, scale, row);
 }
 
 template <typename T>
@@ -462,7 +462,7 @@ void force_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, const T* c
     T f = T(0);
     for (int i = 0; i < L; ++i) f += fsum[i];
     force[k] -= scale * f;
-    gr.flush(net, el, -scale, rows + k * ldr, true);
+    gr.flush(net, el, -scale, rows + k * ldr);
   }
 }
 
