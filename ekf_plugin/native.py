@@ -18,9 +18,78 @@ import os
 import shutil
 from typing import Any, Dict, Optional, Sequence
 
-__all__ = ["native_library", "optional_library", "compiler", "DEFAULT_FLAGS"]
+__all__ = ["native_library", "optional_library", "compiler", "DEFAULT_FLAGS", "VECTOR_MATH"]
 
 DEFAULT_FLAGS = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
+# C++ text shared by the kernels that compute on 64-byte vectors (GCC/Clang vector extensions: one AVX-512
+# register, or two AVX2 ones where the CPU has no AVX-512): the vector types and exp/expm1 of a vector, to a few
+# ulp plus exp's own conditioning (|y| ulp; tests/test_native.py). expv also under -ffast-math (the rounding to an
+# integer goes through a conversion, not an add-and-subtract that reassociation would fold away); expm1v's
+# relative accuracy near 0 needs a build without reassociation (no -ffast-math).
+VECTOR_MATH = r"""
+template <typename T> struct VT;
+template <> struct VT<float> {
+  typedef float v __attribute__((vector_size(64)));
+  typedef int32_t vi __attribute__((vector_size(64)));
+  static constexpr int L = 16;  // lanes
+  static constexpr int mant = 23, bias = 127;
+};
+template <> struct VT<double> {
+  typedef double v __attribute__((vector_size(64)));
+  typedef int64_t vi __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+  static constexpr int mant = 52, bias = 1023;
+};
+
+/* y = n ln2 + r with n the nearest integer and |r| <= ln2/2 (ln2 split in two: n * hi is exact); returns r
+   and sets two_n = 2^n (n must lie in the normal exponent range: the callers clamp y). */
+template <typename T>
+inline typename VT<T>::v reduce_ln2(typename VT<T>::v y, typename VT<T>::v& two_n) {
+  typedef typename VT<T>::v V;
+  typedef typename VT<T>::vi VI;
+  const V t = y * T(1.4426950408889634);
+  const VI ni = __builtin_convertvector(t + (t < T(0) ? V{} - T(0.5) : V{} + T(0.5)), VI);  // round to nearest
+  const V n = __builtin_convertvector(ni, V);
+  V r = y - n * T(0.693145751953125);
+  r = r - n * T(1.428606820309417232e-06);
+  two_n = (V)((ni + VT<T>::bias) << VT<T>::mant);
+  return r;
+}
+
+/* (e^r - 1) / r for |r| <= ln2/2 by its Taylor series (degree 8 float32, 14 float64):
+   1 + r/2 (1 + r/3 (...)) */
+template <typename T>
+inline typename VT<T>::v expm1_over_r(typename VT<T>::v r) {
+  typedef typename VT<T>::v V;
+  constexpr int deg = sizeof(T) == 4 ? 8 : 14;
+  V p = V{} + T(1);
+#pragma GCC unroll 16
+  for (int k = deg; k >= 2; --k) p = p * (r * (T(1) / T(k))) + T(1);
+  return p;
+}
+
+/* expm1 of a vector, |y| below the exponent range: 2^n expm1(r) + (2^n - 1), exact in n = 0 (so tanh near 0
+   keeps its relative accuracy). */
+template <typename T>
+inline typename VT<T>::v expm1v(typename VT<T>::v y) {
+  typename VT<T>::v two_n;
+  const typename VT<T>::v r = reduce_ln2<T>(y, two_n);
+  return two_n * (expm1_over_r<T>(r) * r) + (two_n - T(1));
+}
+
+/* exp of a vector; below -(bias - 2) ln2 it returns ~2^-(bias - 2) (about 1e-38 float32, 1e-308 float64)
+   instead of a subnormal or 0. */
+template <typename T>
+inline typename VT<T>::v expv(typename VT<T>::v y) {
+  typedef typename VT<T>::v V;
+  const T lo = -T(VT<T>::bias - 2) * T(0.6931471805599453);
+  y = y < lo ? V{} + lo : y;
+  V two_n;
+  const V r = reduce_ln2<T>(y, two_n);
+  return two_n * (expm1_over_r<T>(r) * r + T(1));
+}
+"""
+
 _LIBS: Dict[str, Any] = {}  # key -> loaded library, or the error message of a failed build
 _LOADED: Dict[Any, Any] = {}  # (source, flags, name) -> loaded library: the per-call lookup
 _WARNED: set = set()  # names whose failed build :func:`optional_library` has warned about

@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..native import VECTOR_MATH
 from .feature_derivatives import ColumnTable
 
 __all__ = ["rows_module", "NATIVE_ROWS", "NetworkLayout", "energy_rows", "force_rows"]
@@ -46,50 +47,14 @@ _SOURCE = r"""
 
 namespace {
 
-template <typename T> struct VT;
-template <> struct VT<float> {
-  typedef float v __attribute__((vector_size(64)));
-  typedef int32_t vi __attribute__((vector_size(64)));
-  static constexpr int L = 16;
-  static constexpr float clamp = 9.0f;  // tanh(9) rounds to 1
-  static constexpr int mant = 23, bias = 127;
-};
-template <> struct VT<double> {
-  typedef double v __attribute__((vector_size(64)));
-  typedef int64_t vi __attribute__((vector_size(64)));
-  static constexpr int L = 8;
-  static constexpr double clamp = 20.0;  // tanh(20) rounds to 1
-  static constexpr int mant = 52, bias = 1023;
-};
-constexpr int MAXV = 16;
-constexpr int MAXLIN = 8;  // linear layers per network (7 hidden): deeper networks take the torch path  // widths up to 16 vectors (256 float32, 128 float64): wider networks take the torch path
-
-/* expm1 of a vector: y = n ln2 + r, |r| <= ln2/2, expm1(r) by its Taylor series (degree 8 float32, 14 float64),
-   expm1(y) = 2^n expm1(r) + (2^n - 1): exact in n = 0, so tanh near 0 keeps its relative accuracy. */
-template <typename T>
-inline typename VT<T>::v expm1v(typename VT<T>::v y) {
-  typedef typename VT<T>::v V;
-  typedef typename VT<T>::vi VI;
-  const T magic = T(1.5) * T(1ull << VT<T>::mant);  // round to nearest by adding and subtracting
-  V t = y * T(1.4426950408889634) + magic;
-  V n = t - magic;
-  V r = y - n * T(0.693145751953125);  // ln2 split in two: hi has few bits, so n * hi is exact
-  r = r - n * T(1.428606820309417232e-06);
-  constexpr int deg = sizeof(T) == 4 ? 8 : 14;
-  V p = V{} + T(1);
-#pragma GCC unroll 16
-  for (int k = deg; k >= 2; --k) p = p * (r * (T(1) / T(k))) + T(1);  // 1 + r/2 (1 + r/3 (...)): expm1(r) = r p
-  p = p * r;
-  VI e = __builtin_convertvector(n, VI) + VT<T>::bias;
-  e = e << VT<T>::mant;
-  V two_n = (V)e;
-  return two_n * p + (two_n - T(1));
-}
+""" + VECTOR_MATH + r"""
+constexpr int MAXV = 16;  // widths up to 16 vectors (256 float32, 128 float64): wider networks take the torch path
+constexpr int MAXLIN = 8;  // linear layers per network (7 hidden): deeper networks take the torch path
 
 template <typename T>
 inline typename VT<T>::v tanhv(typename VT<T>::v x) {
   typedef typename VT<T>::v V;
-  const T c = VT<T>::clamp;
+  const T c = sizeof(T) == 4 ? T(9) : T(20);  // tanh(9) rounds to 1 in float32, tanh(20) in float64
   x = x > c ? V{} + c : x;  // written so that NaN stays NaN
   x = x < -c ? V{} - c : x;
   V e = expm1v<T>(x + x);

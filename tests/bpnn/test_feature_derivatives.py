@@ -160,13 +160,20 @@ INTEGER_ZETA = [  # r_s ≠ 0, integer ζ ∈ {1, 2, 3, 4}, H–HH triplets (Å)
     G3("H", ("H", "H"), 0.02, 1.0, 3.0), G3("H", ("O", "O"), 0.03, -1.0, 1.0, 0.2), G3("H", ("H", "O"), 0.03, 1.0, 1.0),
 ]
 
+MANY_KEYS = [G2("O", "H", 0.5, 0.9)] + [  # 20 angular functions on H–HO, 18 side factors (η, r_s), ζ up to 16 (Å):
+    # more keys and side factors than one vector of the kernel holds (16 float32 or 8 float64 lanes)
+    G3("H", ("H", "O"), 0.01 * (1 + k % 9), (-1.0) ** k, float((1, 3, 5, 16)[k % 4]), 0.3 * (k // 9))
+    for k in range(18)
+] + [G3("H", ("H", "O"), 0.01, 1.0, 2.0), G3("H", ("H", "O"), 0.02, -1.0, 7.0), G3("O", ("H", "H"), 0.05, 1.0, 2.0)]
+
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("functions, cutoff_type", [("water_paper", "tanhu"), ("integer_zeta", "cos"), ("integer_zeta", "tanh")])
+@pytest.mark.parametrize("functions, cutoff_type", [("water_paper", "tanhu"), ("integer_zeta", "cos"), ("integer_zeta", "tanh"),
+                                                    ("many_keys", "cos")])
 def test_native_kernel_equals_the_torch_path(functions, cutoff_type, dtype):
     if feature_derivatives.native_module() is None:  # first use compiles (about a second; cached on disk)
         pytest.skip("no C++ toolchain for the native kernel")
-    sf = INTEGER_ZETA if functions == "integer_zeta" else functions
+    sf = {"integer_zeta": INTEGER_ZETA, "many_keys": MANY_KEYS}.get(functions, functions)
     rep = BehlerParrinello(("H", "O"), sf, cutoff=6.35, cutoff_type=cutoff_type).double()
     model = water_bpnn(dtype=torch.float64)
     model.representation = rep
