@@ -22,10 +22,10 @@ __all__ = ["native_library", "optional_library", "compiler", "DEFAULT_FLAGS", "V
 
 DEFAULT_FLAGS = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
 # C++ text shared by the kernels that compute on 64-byte vectors (GCC/Clang vector extensions: one AVX-512
-# register, or two AVX2 ones where the CPU has no AVX-512): the vector types and exp/expm1 of a vector, to a few
-# ulp plus exp's own conditioning (|y| ulp; tests/test_native.py). expv also under -ffast-math (the rounding to an
-# integer goes through a conversion, not an add-and-subtract that reassociation would fold away); expm1v's
-# relative accuracy near 0 needs a build without reassociation (no -ffast-math).
+# register, or two AVX2 ones where the CPU has no AVX-512): the vector types and expm1 of a vector, to a few ulp
+# plus exp's own conditioning (|y| ulp; tests/test_native.py). expm1v's relative accuracy near 0 needs a build
+# without reassociation (no -ffast-math: the network-row kernel); the rounding to an integer goes through a
+# conversion, not an add-and-subtract that reassociation would fold away.
 VECTOR_MATH = r"""
 template <typename T> struct VT;
 template <> struct VT<float> {
@@ -75,18 +75,6 @@ inline typename VT<T>::v expm1v(typename VT<T>::v y) {
   typename VT<T>::v two_n;
   const typename VT<T>::v r = reduce_ln2<T>(y, two_n);
   return two_n * (expm1_over_r<T>(r) * r) + (two_n - T(1));
-}
-
-/* exp of a vector; below -(bias - 2) ln2 it returns ~2^-(bias - 2) (about 1e-38 float32, 1e-308 float64)
-   instead of a subnormal or 0. */
-template <typename T>
-inline typename VT<T>::v expv(typename VT<T>::v y) {
-  typedef typename VT<T>::v V;
-  const T lo = -T(VT<T>::bias - 2) * T(0.6931471805599453);
-  y = y < lo ? V{} + lo : y;
-  V two_n;
-  const V r = reduce_ln2<T>(y, two_n);
-  return two_n * (expm1_over_r<T>(r) * r + T(1));
 }
 """
 

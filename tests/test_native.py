@@ -33,51 +33,41 @@ def test_a_kernel_that_builds_is_loaded_and_cached(tmp_path, monkeypatch):
     assert list(tmp_path.glob("test_twice_*.so")), "the library is cached on disk"
 
 
+
 _VECTOR_MATH_TEST = r"""
 #include <cstdint>
 """ + native.VECTOR_MATH + r"""
 template <typename T>
-static void apply(const T* x, T* e, T* m, int64_t n) {  /* n a multiple of the lanes */
+static void apply(const T* x, T* m, int64_t n) {  /* n a multiple of the lanes */
   typedef typename VT<T>::v V;
   for (int64_t i = 0; i < n; i += VT<T>::L) {
     V v;
     for (int k = 0; k < VT<T>::L; ++k) v[k] = x[i + k];
-    const V a = expv<T>(v), b = expm1v<T>(v);
-    for (int k = 0; k < VT<T>::L; ++k) { e[i + k] = a[k]; m[i + k] = b[k]; }
+    const V b = expm1v<T>(v);
+    for (int k = 0; k < VT<T>::L; ++k) m[i + k] = b[k];
   }
 }
-extern "C" void exp_f64(const double* x, double* e, double* m, int64_t n) { apply<double>(x, e, m, n); }
-extern "C" void exp_f32(const float* x, float* e, float* m, int64_t n) { apply<float>(x, e, m, n); }
+extern "C" void expm1_f64(const double* x, double* m, int64_t n) { apply<double>(x, m, n); }
+extern "C" void expm1_f32(const float* x, float* m, int64_t n) { apply<float>(x, m, n); }
 """
 
 
-@pytest.mark.parametrize("flags", ["plain", "fast-math"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_vector_exp_and_expm1_match_torch(tmp_path, monkeypatch, flags, dtype):
-    """VECTOR_MATH's expv (the feature-column kernel's, built with -ffast-math, where a rounding by adding and
-    subtracting a large constant would be folded away) and expm1v (the network-row kernel's tanh, built without)
-    to a few ulp plus exp's conditioning."""
+def test_vector_expm1_matches_torch(tmp_path, monkeypatch, dtype):
+    """VECTOR_MATH's expm1v (the network-row kernel's tanh) to a few ulp plus exp's conditioning, and relative
+    to a few ulp near 0, where tanh needs it."""
     torch = pytest.importorskip("torch")
     monkeypatch.setenv("EKF_PLUGIN_CACHE", str(tmp_path))
-    extra = ("-O3", "-march=native", "-ffast-math") if flags == "fast-math" else ("-O2", "-march=native")
-    lib = native.optional_library(_VECTOR_MATH_TEST, ("-fPIC", "-shared", *extra), f"test_vmath_{flags}", "test kernel")
+    lib = native.optional_library(_VECTOR_MATH_TEST, ("-O2", "-march=native", "-fPIC", "-shared"), "test_vmath",
+                                  "test kernel")
     dt = getattr(torch, dtype)
-    x = torch.cat([torch.linspace(-80.0, 80.0, 4096, dtype=torch.float64), torch.linspace(-1e-3, 1e-3, 1024, dtype=torch.float64)]).to(dt)
-    e, m = torch.empty_like(x), torch.empty_like(x)
-    fn = lib.exp_f64 if dtype == "float64" else lib.exp_f32
-    fn(*(ctypes.c_void_p(t.data_ptr()) for t in (x, e, m)), ctypes.c_int64(x.numel()))
-    ref_e, ref_m = torch.exp(x.double()), torch.expm1(x.double())
-    # within a few ulp plus exp's own conditioning (|x| ulp: what an input rounding costs; -ffast-math may fold
-    # the two-part ln 2 of the argument reduction into one constant)
+    x = torch.cat([torch.linspace(-40.0, 40.0, 4096, dtype=torch.float64),
+                   torch.linspace(-1e-3, 1e-3, 1024, dtype=torch.float64)]).to(dt)
+    m = torch.empty_like(x)
+    (lib.expm1_f64 if dtype == "float64" else lib.expm1_f32)(
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(m.data_ptr()), ctypes.c_int64(x.numel()))
+    ref = torch.expm1(x.double())
     eps = torch.finfo(dt).eps
-    bound = eps * (4 + x.double().abs())
-    assert bool(((e.double() - ref_e).abs() <= bound * ref_e).all())
-    if flags == "plain":  # expm1v: for builds without reassociation (the network-row kernel's tanh)
-        small = x.abs() < 40  # its 2^n must stay in range
-        assert bool(((m.double() - ref_m).abs() <= bound * ref_m.abs())[small].all())
-        assert bool(((m.double() - ref_m).abs() <= 4 * eps * ref_m.abs())[x.abs() < 1e-3].all())  # relative, near 0
-    under = torch.tensor([-1e4, -800.0, -120.0, -90.0] * 4, dtype=dt)  # below the range: tiny, never NaN or negative
-    eu, mu = torch.empty_like(under), torch.empty_like(under)
-    fn(*(ctypes.c_void_p(t.data_ptr()) for t in (under, eu, mu)), ctypes.c_int64(16))
-    floor = 2.0 ** -(125 if dtype == "float32" else 1021)  # 2^-(bias - 2): where the argument is clamped
-    assert bool(((eu >= 0) & (eu.double() <= torch.clamp(torch.exp(under.double()) * (1 + 1e-6), min=floor * (1 + 1e-5)))).all())
+    err = (m.double() - ref).abs()
+    assert bool((err <= eps * (4 + x.double().abs()) * ref.abs()).all())  # |x| ulp: what an input rounding costs
+    assert bool((err <= 4 * eps * ref.abs())[x.abs() < 1e-3].all())  # relative, near 0
