@@ -71,6 +71,8 @@ class _Keys(NamedTuple):
     triangle_penalty: torch.Tensor  # (E, E, E) 0 where one of the triangle's three triples has functions, else 1
     native: Tuple[torch.Tensor, ...]  # kernel tables: ζ (C,) long, first sorted column of every (λ, ζ) (C+1,),
     # side of every key and its output column with keys sorted by (λ, ζ) (U_a,) each, penalty (E, E, E) bool
+    native_args: tuple  # label_columns' constant arguments: addresses of the tables above and their sizes
+    native_cutoff: tuple  # (r_c in Å, kind, norm) of the cutoff in the kernel, or () where it has not got it
 
 
 _KEYS: "weakref.WeakKeyDictionary[SymmetryFunctions, Dict]" = weakref.WeakKeyDictionary()
@@ -110,13 +112,17 @@ def _keys(sf: SymmetryFunctions, dtype: torch.dtype, device: torch.device) -> _K
     col = torch.argsort(angle_of_key, stable=True)  # (U_a,) keys grouped by (λ, ζ)
     run = torch.cumsum(torch.bincount(angle_of_key, minlength=len(angles)), 0)  # (C,)
     native = (t([round(c[1]) for c in angles], torch.long), torch.cat([run.new_zeros(1), run]),
-              side_of_key.index_select(0, col), col, pen.to(device) > 0)
+              side_of_key.index_select(0, col).contiguous(), col.contiguous(), pen.to(device) > 0)
+    rad_eta, rad_rs = (v.to(device=device, dtype=dtype).contiguous() for v in (sf.rad_eta, sf.rad_rs))
+    side_eta, side_rs, lam = t([s[0] for s in sides]), t([s[1] for s in sides]), t([c[0] for c in angles])
+    native_args = (rad_eta.data_ptr(), rad_rs.data_ptr(), sf.n_rad_keys, side_eta.data_ptr(), side_rs.data_ptr(),
+                   lam.data_ptr(), *(v.data_ptr() for v in native), len(sides), len(angles), sf.n_ang_keys)
     keys = _Keys(
-        rad_eta=sf.rad_eta.to(device=device, dtype=dtype), rad_rs=sf.rad_rs.to(device=device, dtype=dtype),
-        side_eta=t([s[0] for s in sides]), side_rs=t([s[1] for s in sides]),
-        side_of_key=side_of_key, lam=t([c[0] for c in angles]), zeta=t([c[1] for c in angles]),
+        rad_eta=rad_eta, rad_rs=rad_rs, side_eta=side_eta, side_rs=side_rs,
+        side_of_key=side_of_key, lam=lam, zeta=t([c[1] for c in angles]),
         angle_of_key=angle_of_key, zeta_runs=[tuple(r) for r in runs],
-        triangle_penalty=pen.to(device=device, dtype=dtype), native=native,
+        triangle_penalty=pen.to(device=device, dtype=dtype), native=native, native_args=native_args,
+        native_cutoff=() if _native_cutoff(sf.cutoff_fn) is None else (float(sf.cutoff), *_native_cutoff(sf.cutoff_fn)),
     )
     cache[key] = keys
     return keys
@@ -736,7 +742,17 @@ def native_module():
     on first use, then cached on disk), or None if it cannot be built (then a warning, once, and the torch path)."""
     from ekf_plugin.native import optional_library
 
-    return optional_library(_NATIVE_SOURCE, _NATIVE_FLAGS, "bpnn_feature_columns", "native feature-column kernel")
+    module = optional_library(_NATIVE_SOURCE, _NATIVE_FLAGS, "bpnn_feature_columns", "native feature-column kernel")
+    if module is not None and not getattr(module, "_ekf_typed", False):  # typed once: plain ints per call
+        P, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+        for name in ("label_columns_f64", "label_columns_f32"):
+            fn = getattr(module, name)
+            fn.argtypes = [P] * 12 + [I] + [P] * 8 + [I] * 7 + [D, I, D, P]
+            fn.restype = None
+        module.centre_ranges.argtypes = [P, I, P, I, P, P]
+        module.centre_ranges.restype = I
+        module._ekf_typed = True
+    return module
 
 
 def _native_cutoff(cutoff_fn) -> Optional[Tuple[int, float]]:
@@ -787,45 +803,27 @@ def _columns_native(module, sf, keys: _Keys, species, r_ij, idx_i, idx_j, atoms,
     beside the angular loop (10 labels, 192-atom water); here they are part of the loop."""
     ref = r_ij if r_ij is not None else positions
     dtype = ref.dtype
-    if dtype not in (torch.float64, torch.float32):
-        raise TypeError(f"native feature columns: float32/float64 only, got {dtype}")
+    if dtype not in (torch.float64, torch.float32) or ref.device.type != "cpu" or keys.side_eta.dtype != dtype:
+        raise TypeError(f"native feature columns: float32/float64 CPU tensors with keys of their dtype, got {dtype} "
+                        f"on {ref.device}")
     E, n_atoms, L = len(sf.elements), species.shape[0], atoms.shape[0]
     idx_i, atoms = idx_i.to(torch.int64).contiguous(), atoms.to(torch.int64).contiguous()
-    first, count = torch.empty_like(atoms), torch.empty_like(atoms)  # (L,) each
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    module.centre_ranges.restype = ctypes.c_int64
-    m = module.centre_ranges(vp(idx_i.data_ptr()), i64(idx_i.shape[0]), vp(atoms.data_ptr()), i64(L),
-                             vp(first.data_ptr()), vp(count.data_ptr()))  # one call for four torch ops (~35 µs)
+    ranges = torch.empty(2, L, dtype=torch.int64)  # (2, L): first pair and count of each label atom
+    first, count = ranges[0], ranges[1]
+    m = module.centre_ranges(idx_i.data_ptr(), idx_i.shape[0], atoms.data_ptr(), L, first.data_ptr(),
+                             count.data_ptr())  # one call for four torch ops (~35 µs)
     order = None
     if m < 0:  # not sorted by centre: sort once (torch)
         order, first, count, m = _centre_ranges(idx_i, atoms)
-    U_r, U_a = sf.n_rad_keys, sf.n_ang_keys
-    table = ref.new_zeros(L, n_atoms, E * U_r + E * E * U_a)  # (L, N, S)
+    table = ref.new_zeros(L, n_atoms, E * sf.n_rad_keys + E * E * sf.n_ang_keys)  # (L, N, S)
     if r_ij is not None:
-        vec, pos, off = r_ij, None, None  # (P, 3)
+        vec, pos, off = r_ij.contiguous(), None, None  # (P, 3)
     else:
-        vec, pos, off = None, positions, offsets.to(dtype)  # (N, 3), (P, 3) Å
-    kind, norm = _native_cutoff(sf.cutoff_fn)
-    zeta, run, k_sorted, col, pen = keys.native
-    longs = [idx_j, order, first, count, species, atoms, components]
-    floats = [vec, pos, off, keys.rad_eta, keys.rad_rs, keys.side_eta, keys.side_rs, keys.lam]
-    longs = [None if a is None else a.to(torch.int64).contiguous() for a in longs]  # kept alive until the call returns
-    floats = [None if a is None else a.contiguous() for a in floats]
-    tables = [zeta, run, k_sorted, col, pen]
-    for a in floats + tables:
-        if a is not None and (a.dtype not in (dtype, torch.int64, torch.bool) or a.device.type != "cpu"):
-            raise TypeError(f"native feature columns: unexpected {a.dtype} on {a.device}")
-
-    def ptr(a):
-        return vp(None) if a is None else vp(a.data_ptr())
-
+        vec, pos, off = None, positions.contiguous(), offsets.to(dtype).contiguous()  # (N, 3), (P, 3) Å
+    longs = [None if a is None else a.to(torch.int64).contiguous()  # kept alive until the call returns
+             for a in (idx_j, order, first, count, species, atoms, components)]
     fn = module.label_columns_f64 if dtype == torch.float64 else module.label_columns_f32
-    fn.restype = None
-    v_, p_, o_, reta, rrs, seta, srs, lam = floats
-    j_, ord_, fst, cnt, spc, at, comp = longs
-    fn(ptr(v_), ptr(p_), ptr(o_), ptr(j_), ptr(ord_), ptr(fst), ptr(cnt), ptr(spc), ptr(at), ptr(comp), ptr(reta),
-       ptr(rrs), i64(U_r), ptr(seta), ptr(srs), ptr(lam), ptr(zeta), ptr(run), ptr(k_sorted), ptr(col), ptr(pen),
-       i64(keys.side_eta.numel()), i64(keys.lam.numel()), i64(U_a), i64(L), i64(m), i64(E), i64(n_atoms),
-       ctypes.c_double(float(sf.cutoff)), i64(kind), ctypes.c_double(norm), vp(table.data_ptr()))
+    fn(*(None if a is None else a.data_ptr() for a in (vec, pos, off, *longs)), *keys.native_args, L, m, E, n_atoms,
+       *keys.native_cutoff, table.data_ptr())
     return table
 

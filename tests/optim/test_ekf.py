@@ -174,6 +174,41 @@ def test_error_falls_on_regression():
     assert opt.ekf_state["P"][0].dtype == torch.float64
 
 
+def test_step_hooks_and_profiler_range_as_torch_optim():
+    """EKF.step runs torch.optim's step hooks itself (global pre first, global post last; a pre-hook may replace
+    the closure) and records the profiler's Optimizer.step range while a profiler runs."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    net = mlp(dtype=torch.float32)
+    x, y = regression_data(8, dtype=torch.float32)
+    opt = EKF(net.parameters(), lr=0.1)
+    assert not hasattr(EKF.step, "__wrapped__"), "torch.optim must not wrap EKF.step again"
+    calls = []
+    closure = lambda: (net(x[:4]) - y[:4]).reshape(-1)  # noqa: E731
+    other = lambda: (net(x[4:]) - y[4:]).reshape(-1)  # noqa: E731
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", a[1] is closure))),
+        opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", a[1] is closure)) or ((o, other), {})),
+        opt.register_step_post_hook(lambda o, a, k: calls.append(("post", a[1] is other))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", a[1] is other))),
+    ]
+    with torch.no_grad():
+        expected = other().double()  # ξ before the update, of the pre-hook's closure
+    try:
+        xi = opt.step(closure)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [("global pre", True), ("pre", True), ("post", True), ("global post", True)]
+    torch.testing.assert_close(xi, expected)
+    assert opt.ekf_state["step"] == 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step(closure)
+    assert any(e.name == "Optimizer.step#EKF.step" for e in prof.events())
+    assert opt.ekf_state["step"] == 2
+
+
 # ----------------------------------------------------------------------------- guards
 def test_nan_label_is_rejected_and_state_kept(caplog):
     net = mlp()
