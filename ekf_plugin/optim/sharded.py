@@ -211,11 +211,31 @@ class ShardPlan:
         if self.world > 1:
             all_reduce_(t, self.group)
 
+    def own_diagonal(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(n,) diag P of this process's rows, zeros elsewhere (strided reads of the D pieces: the caller keeps it
+        while P's diagonal does not change)."""
+        out = torch.zeros(self.n, dtype=local[0].dtype, device=local[0].device) if local else torch.zeros(self.n)
+        for j, p in enumerate(self.pieces):
+            out[p.lo : p.hi] = self.kernel.diagonal(local[2 * j])
+        return out
+
+    def add_diagonal_(self, local: Sequence[torch.Tensor], g: torch.Tensor) -> None:
+        """Own rows of P ← P + diag(g) for g (n,) (the same g on every process)."""
+        for j, p in enumerate(self.pieces):
+            local[2 * j].diagonal().add_(g[p.lo : p.hi])
+
     # ------------------------------------------------------------------ one update
-    def xt_and_diag(self, local: Sequence[torch.Tensor], J: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(Xᵀ (m, n), diag P (n,)) for J (m, n), identical on every process (one all-reduce of (m+1)·n)."""
+    def xt_and_diag(self, local: Sequence[torch.Tensor], J: torch.Tensor,
+                    own_diag: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(Xᵀ (m, n), diag P (n,)) for J (m, n), identical on every process (one all-reduce of (m+1)·n);
+        ``own_diag``: :meth:`own_diagonal` where the caller has it (else read from the D pieces)."""
         m = J.shape[0]
-        Z = torch.zeros(m + 1, self.n, dtype=J.dtype, device=J.device)  # rows: Xᵀ, then diag P
+        Z = torch.empty(m + 1, self.n, dtype=J.dtype, device=J.device)  # rows: Xᵀ, then diag P
+        Z[:m].zero_()
+        if own_diag is not None:
+            Z[m] = own_diag
+        else:
+            Z[m].zero_()
         for j, p in enumerate(self.pieces):
             D, R = local[2 * j], local[2 * j + 1]
             Jlo = J[:, p.lo : p.hi]  # (m, h)
@@ -224,7 +244,8 @@ class ShardPlan:
                 X1, X2 = self.kernel.rect_xt(R, Jlo, J[:, p.hi : p.end])  # (m, h), (m, end − hi): one pass over R
                 Z[:m, p.lo : p.hi] += X1  # (R J_restᵀ)ᵀ
                 Z[:m, p.hi : p.end] += X2  # (Rᵀ J_loᵀ)ᵀ
-            Z[m, p.lo : p.hi] = self.kernel.diagonal(D)
+            if own_diag is None:
+                Z[m, p.lo : p.hi] = self.kernel.diagonal(D)
         self._all_reduce(Z)
         return Z[:m], Z[m]
 

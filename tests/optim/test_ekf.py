@@ -237,9 +237,9 @@ def test_nan_label_is_rejected_and_state_kept(caplog):
 
 @pytest.mark.parametrize("kernel,fading", [("auto", None), ("torch", None), ("auto", 0.97), ("native", 0.97)])
 def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel, fading):
-    """P = c(S − WᵀW) with rows applied every ``defer_rows``: the same weights and P as applying every update
-    at once (to round-off), whatever the label count per update, with the fading memory's 1/λ (c) and process
-    noise; reading P applies them; a rejected update leaves the deferred rows alone."""
+    """P = c(S + diag(g) − WᵀW) with rows and process noise g applied every ``defer_rows``: the same weights and
+    P as applying every update at once (to round-off), whatever the label count per update, with the fading
+    memory's 1/λ (c); reading P applies them; a rejected update leaves the deferred rows and noise alone."""
     x, y = regression_data()
     nets = [mlp(), mlp()]
     kw = dict(lr=0.2, q=1e-4, kernel=kernel, fading_lambda=fading, fading_nu=0.99)
@@ -259,15 +259,15 @@ def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel, fading)
         at += k
     assert None in seen and len(seen) > 2, f"rows were deferred and applied: {seen}"
     assert opts[1]._deferred[0] is not None, "the last rows are still pending here"
-    W = opts[1]._deferred[0].clone()
+    W, g = opts[1]._deferred[0].clone(), opts[1]._gdiag.clone()
     y_bad = y[:2].clone()
     y_bad[0, 0] = float("nan")
     opts[1].step(lambda: (nets[1](x[:2]) - y_bad).reshape(-1))  # rejected
-    assert torch.equal(opts[1]._deferred[0], W)
+    assert torch.equal(opts[1]._deferred[0], W) and torch.equal(opts[1]._gdiag, g)
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(opts[1].covariance(), opts[0].covariance(), rtol=1e-12, atol=1e-13)
-    assert opts[1]._deferred[0] is None, "covariance() applied the deferred rows"
+    assert opts[1]._deferred[0] is None and opts[1]._gdiag is None, "covariance() applied the deferred work"
     with pytest.raises(ValueError, match="defer_rows"):
         EKF(mlp().parameters(), defer_rows=-1)
 
