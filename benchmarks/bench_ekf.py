@@ -187,6 +187,88 @@ def shard_piece_figures(quick=False, n: int = 2827) -> Dict[str, float]:
     return out
 
 
+def _concurrent_passes(rank: int, world: int, P: torch.Tensor, barrier, queue, reps: int) -> None:
+    """In a child process: this rank's passes of a ``world``-process sharded P (X = P Jᵀ, m = 1 and 10, and
+    P −= VᵀV with m = 10), each repetition started with the other processes (``barrier``); medians (s) to
+    ``queue``."""
+    from ekf_plugin.optim.kernels import select_kernel
+    from ekf_plugin.optim.sharded import ShardPlan
+
+    torch.set_num_threads(1)
+    n = P.shape[0]
+    plan = ShardPlan([(0, n)], rank, world, None, select_kernel("auto", torch.device("cpu"), torch.float64))
+    plan._all_reduce = lambda t: None  # the passes alone
+    local = plan.scatter([P], torch.float64, "cpu")
+    g = torch.Generator().manual_seed(rank)
+    got = {}
+    for name, m in (("xt_m1", 1), ("xt_m10", 10), ("sub_gram_m10", 10)):
+        J = torch.randn(m, n, generator=g, dtype=torch.float64)  # (m, n)
+        V = 1e-4 * J  # (m, n), small: P stays positive
+        times = []
+        for _ in range(reps):
+            barrier.wait()
+            t = time.perf_counter()
+            plan.xt_and_diag(local, J) if name.startswith("xt") else plan.sub_gram_(local, V)
+            times.append(time.perf_counter() - t)
+        got[name] = statistics.median(times)
+    queue.put((rank, got))
+
+
+def shard_concurrent_figures(quick=False, n: int = 2827) -> Dict[str, float]:
+    """What two cores give the filter passes alone: the 2-process sharded passes run at the same time in two
+    processes (each repetition started together; no labels, no communication) against one process doing all
+    of P, float64, one thread each. Memory bandwidth is shared: X = P Jᵀ with m = 1 reads P once at ~1
+    flop per 8 bytes, so it speeds up by what a second core adds to the bandwidth, not 2× (``copy_bandwidth``
+    of one process against two at once is measured beside it). Figures: ``shard_concurrent_*``."""
+    import multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    P = A @ A.T / n + torch.eye(n, dtype=torch.float64)  # (n, n) symmetric positive definite
+    del A
+    reps = 5 if quick else 25
+    ctx = mp.get_context("fork")
+    out = _Figures()
+    for world in (1, 2):
+        barrier, queue = ctx.Barrier(world), ctx.Queue()
+        procs = [ctx.Process(target=_concurrent_passes, args=(r, world, P, barrier, queue, reps)) for r in range(world)]
+        for p in procs:
+            p.start()
+        res = dict(queue.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join()
+        for name in res[0]:
+            out[f"shard_concurrent_{world}proc_{name}_ms"] = 1e3 * max(r[name] for r in res.values())  # the slower rank
+    for name in ("xt_m1", "xt_m10", "sub_gram_m10"):
+        out[f"shard_concurrent_speedup_{name}"] = (out[f"shard_concurrent_1proc_{name}_ms"]
+                                                   / out[f"shard_concurrent_2proc_{name}_ms"])
+    # the copy bandwidth of one process against two copying at once (each its own 256 MiB; medians)
+    for world in (1, 2):
+        barrier, queue = ctx.Barrier(world), ctx.Queue()
+
+        def copy_at_once(barrier=barrier, queue=queue) -> None:
+            torch.set_num_threads(1)
+            src = torch.ones(32 * 2**20, dtype=torch.float64)  # 256 MiB
+            dst = torch.empty_like(src)
+            times = []
+            for _ in range(7):
+                barrier.wait()
+                t = time.perf_counter()
+                dst.copy_(src)
+                times.append(time.perf_counter() - t)
+            queue.put(2 * src.numel() * 8 / statistics.median(times[1:]) / 1e9)
+
+        procs = [ctx.Process(target=copy_at_once) for _ in range(world)]
+        for p in procs:
+            p.start()
+        out[f"shard_concurrent_copy_bandwidth_{world}proc_GBps"] = sum(queue.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join()
+    out["shard_concurrent_copy_bandwidth_ratio"] = (out["shard_concurrent_copy_bandwidth_2proc_GBps"]
+                                                    / out["shard_concurrent_copy_bandwidth_1proc_GBps"])
+    return out
+
+
 # ----------------------------------------------------------------------------- water BPNN
 def _frames(limit: Optional[int] = None):
     """revPBE0-D3 frames converted once to Å, eV, eV/Å (the file is Bohr/Hartree)."""
@@ -698,6 +780,7 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
     out.update(bpnn_figures(device, quick))
     if (device or "cpu") == "cpu":
         out.update(shard_piece_figures(quick))
+        out.update(shard_concurrent_figures(quick))
         out.update(spktrain_figures(quick))
         out.update(spktrain_figures(quick, README_PROTOCOL, "spktrain_readme_protocol_"))
         out.update(spktrain_figures(quick, README_PROTOCOL, "spktrain_adam_readme_protocol_", "water_bpnn_adam"))
