@@ -99,6 +99,11 @@ class NetworkJacobians:
         self._layout = native_rows.NetworkLayout(self._stacks, self.slots)
         self.native = True  # False: the torch path (tests compare the two)
 
+    def compiled(self, device: torch.device = torch.device("cpu")) -> bool:
+        """Whether rows of features on ``device`` go through the compiled kernel (as far as can be told before a
+        call: the kernel still declines networks wider than 256 float32 units or deeper than 8 layers)."""
+        return self.native and device.type == "cpu" and self._layout.disjoint and native_rows.rows_module() is not None
+
     def _module(self, s: torch.Tensor):
         """The compiled row kernel for features s, or None (torch path: off, CUDA, or no compiler)."""
         if not self.native or s.device.type != "cpu":

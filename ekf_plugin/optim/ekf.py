@@ -646,7 +646,8 @@ class EKF(torch.optim.Optimizer):
         if not defer:
             self.apply_deferred()
         Ws, c, g = self._deferred, self._c, self._gdiag  # P_b = c (S_b + diag(g_b) − W_bᵀ W_b), as in _update
-        XT, diag = self.shard.xt_and_diag(local, J, self._s_diagonal())  # (m, n), (n,) of the stored S (new tensors)
+        check = torch.stack([xi.sum(), J.sum(), xi.new_tensor(float(m))])  # (3,) the same ξ, J everywhere?
+        XT, diag = self.shard.xt_and_diag(local, J, self._s_diagonal(), check)  # (m, n), (n,) of the stored S
         if g is not None:
             XT += J * g  # (m, n)
             diag += g

@@ -225,17 +225,23 @@ class ShardPlan:
             local[2 * j].diagonal().add_(g[p.lo : p.hi])
 
     # ------------------------------------------------------------------ one update
-    def xt_and_diag(self, local: Sequence[torch.Tensor], J: torch.Tensor,
-                    own_diag: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def xt_and_diag(self, local: Sequence[torch.Tensor], J: torch.Tensor, own_diag: Optional[torch.Tensor] = None,
+                    check: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(Xᵀ (m, n), diag P (n,)) for J (m, n), identical on every process (one all-reduce of (m+1)·n);
-        ``own_diag``: :meth:`own_diagonal` where the caller has it (else read from the D pieces)."""
+        ``own_diag``: :meth:`own_diagonal` where the caller has it (else read from the D pieces). ``check`` (k,):
+        numbers that must agree on every process (e.g. sums of ξ and J), exchanged in the same all-reduce;
+        RuntimeError where they do not."""
         m = J.shape[0]
-        Z = torch.empty(m + 1, self.n, dtype=J.dtype, device=J.device)  # rows: Xᵀ, then diag P
+        k = 0 if check is None or self.world == 1 or check.numel() * self.world > self.n else check.numel()
+        Z = torch.empty(m + 1 + (k > 0), self.n, dtype=J.dtype, device=J.device)  # rows: Xᵀ, diag P, checks
         Z[:m].zero_()
         if own_diag is not None:
             Z[m] = own_diag
         else:
             Z[m].zero_()
+        if k:
+            Z[m + 1].zero_()
+            Z[m + 1, self.rank * k : (self.rank + 1) * k] = check.to(J.dtype)
         for j, p in enumerate(self.pieces):
             D, R = local[2 * j], local[2 * j + 1]
             Jlo = J[:, p.lo : p.hi]  # (m, h)
@@ -247,6 +253,14 @@ class ShardPlan:
             if own_diag is None:
                 Z[m, p.lo : p.hi] = self.kernel.diagonal(D)
         self._all_reduce(Z)
+        if k:
+            seen = Z[m + 1, : self.world * k].view(self.world, k)  # (W, k): every process's check
+            same = (seen == seen[self.rank]) | (torch.isnan(seen) & torch.isnan(seen[self.rank]))
+            if not bool(same.all()):
+                raise RuntimeError(
+                    "EKF: the processes of a sharded filter got different labels for one update (ξ, J must be the "
+                    "same on every process: label_split needs the same batch and label draws everywhere, "
+                    "trainer=ddp_cpu_split and one task.seed); checks per process: " + str(seen.tolist()))
         return Z[:m], Z[m]
 
     def sub_gram_(self, local: Sequence[torch.Tensor], V: torch.Tensor) -> None:

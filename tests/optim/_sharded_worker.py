@@ -7,8 +7,8 @@ Scenarios (each writes ``OUTDIR/<name>_r<RANK>.pt`` with the weights, the full P
   with ``EKF.split_rows`` (closed-form (ξ, J) from ``flat_jacobian``);
 * ``blocks``: blocks="tensor" (4 blocks, cut by rows), torch kernel, q > 0, fading memory;
 * ``streams_gloo``, ``split_gloo``: as ``streams``/``split`` with ``comm="torch"`` (gloo instead of shared memory);
-* ``mismatch``: ``split_rows`` and ``sum_rows`` with inputs that differ between the ranks (refused), and a
-  ``sum_rows`` of known parts;
+* ``mismatch``: ``split_rows`` and ``sum_rows`` with inputs that differ between the ranks (refused), a
+  ``sum_rows`` of known parts, and a filter step whose ξ differs between the ranks (refused);
 * ``resume``: 5 updates, ``state_dict()`` (written by rank 0 as ``resume_sd.pt``), a fresh sharded optimizer
   loads it and does 5 more; also loads ``OUTDIR/single_sd.pt`` (a 1-process state after 5 updates, if
   present) and continues from it.
@@ -58,7 +58,15 @@ def run(name: str, rank: int, world: int, out: Path) -> None:
             raised_sum = ""
         except RuntimeError as e:
             raised_sum = str(e)
-        torch.save({"raised": raised, "summed": summed, "raised_sum": raised_sum}, out / f"{name}_r{rank}.pt")
+        # the filter itself: ξ, J that differ between the ranks (a closure that does not share its rows) refused
+        xi, J = torch.full((2,), 0.1 * (rank + 1)), torch.full((2, opt.n), 0.01)
+        try:
+            opt.step(lambda: (xi, J))
+            raised_step = ""
+        except RuntimeError as e:
+            raised_step = str(e)
+        torch.save({"raised": raised, "summed": summed, "raised_sum": raised_sum, "raised_step": raised_step,
+                    "step": opt.ekf_state["step"]}, out / f"{name}_r{rank}.pt")
         return
     x, y = regression_data()
     net = mlp()

@@ -157,6 +157,7 @@ def test_two_gloo_processes_share_one_filter(tmp_path):
     for r in range(2):
         mm = torch.load(tmp_path / f"mismatch_r{r}.pt")
         assert "different labels" in mm["raised"] and "different inputs" in mm["raised_sum"]
+        assert "got different labels for one update" in mm["raised_step"] and mm["step"] == 0
         values, rows = mm["summed"]
         assert values.tolist() == [3.0] and bool((rows == 1.0).all()) and rows.shape == (1, opt.n)
 
