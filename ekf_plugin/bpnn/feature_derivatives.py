@@ -458,7 +458,7 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
     const int64_t base_l = l * M;
     // 1. triangles {a, p_m, p_n}, m < n, |u_n - u_m| < r_c, with functions; without branches on the distance
     //    (about half of the ~6000 pairs of a water atom pass: a branch there mispredicts; this step ~0.27 against
-    //    ~0.16 ms for 10 labels, the whole call 1.07 against 0.96 ms):
+    //    ~0.16 ms for 10 labels):
     //    each pair is written at n_tri and kept by advancing n_tri (the same triangles in the same order)
     for (int64_t e = 0; e < E; ++e)  // ok[e][n]: slot n valid and a function on (a, element e, element of n)
       for (int64_t n = 0; n < M; ++n) {
