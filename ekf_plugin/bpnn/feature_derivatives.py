@@ -567,10 +567,13 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
         const T g0 = dcs[i], g1 = dcs[CH + i], g2 = dcs[2 * CH + i];
         for (int64_t c = 0; c < NC; ++c) {
           V sk, dk;
+#if defined(__GNUC__) && !defined(__clang__)  /* a permute instruction; clang has no variable shuffle builtin */
           if (KV == 1) {
             sk = __builtin_shuffle(sv[0], kv[c]);
             dk = __builtin_shuffle(dv[0], kv[c]);
-          } else {
+          } else
+#endif
+          {
             const T* s1 = reinterpret_cast<const T*>(sv);
             const T* d1 = reinterpret_cast<const T*>(dv);
             for (int lane = 0; lane < NL; ++lane) { sk[lane] = s1[kv[c][lane]]; dk[lane] = d1[kv[c][lane]]; }
