@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -162,6 +163,9 @@ def plan_blocks(
             bounds.append((pos - cur, pos))
         return bounds
     raise ValueError(f"blocks must be 'dense', 'group', 'tensor' or a positive int, got {blocks!r}")
+
+
+_NATIVE_GAIN = os.environ.get("EKF_PLUGIN_NATIVE_GAIN", "1") != "0"  # "0": the torch algebra of an update everywhere
 
 
 def _optim_hooks(opt: torch.optim.Optimizer):
@@ -590,6 +594,13 @@ class EKF(torch.optim.Optimizer):
         dS = self._s_diagonal()  # (n,) diag S
         Js = [J[:, a:b].contiguous() for a, b in self.blocks]  # each (m, n_b)
         XTs = [kern.xt(Pb, Jb) for Pb, Jb in zip(Ps, Js)]  # each (m, n_b) = (S_b J_bᵀ)ᵀ
+        fast = self._compiled_gain(xi, Js[0], XTs[0], dS, c, Ws[0], self._wsq[0], g) if len(Ps) == 1 else None
+        if fast is not None:  # one block on the CPU: the algebra below in one compiled call; XTs[0] is now V
+            ok, info, dmin, A, dw = fast
+            if not ok:
+                return self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
+            self._finish(Ps, [XTs[0]], dw, defer, c)
+            return
         XTs = [XT if W is None else XT - (Jb @ W.T) @ W for XT, Jb, W in zip(XTs, Js, Ws)]
         if g is not None:
             XTs = [XT + Jb * g[a:b] for XT, Jb, (a, b) in zip(XTs, Js, self.blocks)]  # (P_b J_bᵀ)ᵀ / c
@@ -617,9 +628,14 @@ class EKF(torch.optim.Optimizer):
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
+        self._finish(Ps, Vs, torch.cat(dws), defer, c)
+
+    def _finish(self, Ps: List[torch.Tensor], Vs: List[torch.Tensor], dw: torch.Tensor, defer: bool, c: float) -> None:
+        """After an accepted update (one process's P): P −= VᵀV (deferred or now), w −= Δw, schedules."""
+        st, kern = self.state[_STATE_KEY], self.kernel
         if defer:
             self._defer(Vs, c)
-            self._apply_dw(torch.cat(dws))
+            self._apply_dw(dw)
             self._advance(Ps, faded=True)
             return
         fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
@@ -629,8 +645,19 @@ class EKF(torch.optim.Optimizer):
                 kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
             else:
                 kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
-        self._apply_dw(torch.cat(dws))
+        self._apply_dw(dw)
         self._advance(Ps, faded=fade is not None)
+
+    def _compiled_gain(self, xi: torch.Tensor, J: torch.Tensor, XT: torch.Tensor, dS: torch.Tensor, c: float,
+                       W: Optional[torch.Tensor], wsq: Optional[torch.Tensor], g: Optional[torch.Tensor]):
+        """(ok, info, dmin, A, Δw) of :func:`ekf_plugin.optim.native.gain` for one block (XT (m, n) = (S Jᵀ)ᵀ
+        becomes V in place), or None (CUDA, other layouts, no compiler, ``EKF_PLUGIN_NATIVE_GAIN=0``: the torch
+        algebra)."""
+        if not _NATIVE_GAIN or XT.device.type != "cpu":
+            return None
+        from ekf_plugin.optim import native  # noqa: PLC0415 - builds on first use
+
+        return native.gain(XT, J, xi, dS, c, self._noise(), self._big, self.innovation_gate, W, wsq, g)
 
     @torch.no_grad()
     def _update_sharded(self, xi: torch.Tensor, J: torch.Tensor) -> None:
@@ -648,6 +675,21 @@ class EKF(torch.optim.Optimizer):
         Ws, c, g = self._deferred, self._c, self._gdiag  # P_b = c (S_b + diag(g_b) − W_bᵀ W_b), as in _update
         check = torch.stack([xi.sum(), J.sum(), xi.new_tensor(float(m))])  # (3,) the same ξ, J everywhere?
         XT, diag = self.shard.xt_and_diag(local, J, self._s_diagonal(), check)  # (m, n), (n,) of the stored S
+        fast = self._compiled_gain(xi, J, XT, diag, c, Ws[0], self._wsq[0], g) if len(self.blocks) == 1 else None
+        if fast is not None:  # as in _update; XT is now V, the same on every process
+            ok, info, dmin, A, dw = fast
+            if not ok:
+                return self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
+            if defer:
+                self._defer([XT], c)
+                self._apply_dw(dw)
+                self._advance(local, faded=True)
+                return
+            self._sdiag = None  # S changes here
+            self.shard.sub_gram_(local, XT)  # own rows: P ← P − Vᵀ V
+            self._apply_dw(dw)
+            self._advance(local)
+            return
         if g is not None:
             XT += J * g  # (m, n)
             diag += g

@@ -40,7 +40,7 @@ import torch
 
 from ekf_plugin.optim.kernels import BlasKernel
 
-__all__ = ["NativeKernel", "load", "rect_xt", "SOURCE"]
+__all__ = ["NativeKernel", "load", "rect_xt", "gain", "SOURCE"]
 
 SOURCE = r"""
 #define restrict __restrict
@@ -337,6 +337,121 @@ static void rxt_blocked(const T *Rm, const T *Jl, const T *Jr, T *X1, T *X2, lon
 }
 #define BLOCKED_MIN_M 3
 
+#include <cmath>
+/* The small algebra of one update of one block (n weights, m <= MAXM labels), after X = S J^T:
+   X (m, n) holds (S J^T)^T on entry. With P = c (S + diag(g) - W^T W) (W: r deferred rows, wsq = diag(W^T W),
+   g and W optional): X <- c (X + J o g - (J W^T) W) = (P J^T)^T; A = sym(J X^T) + noise I (m, m, out);
+   L = chol(A); u = L^-1 xi (out); X <- V = L^-1 X (in place); dw = V^T u (n, out);
+   stats = [ok, info, dmin, max|V|, max |xi_k| / sqrt(A_kk)] with dmin = min_i c (dS_i + g_i - wsq_i) - sum_k V_ki^2,
+   ok = Cholesky succeeded, xi and u finite, max|V| <= big, dmin > 0 and (gate < 0 or the largest normalised
+   innovation <= gate). On a failed Cholesky info = the 1-based order of the first non-positive pivot and X,
+   u, dw are left as they are. The same sums as the torch path up to their order. */
+template <typename T>
+static T dotn(const T *restrict a, const T *restrict b, long n) {
+  T s = 0;
+  _Pragma("omp simd reduction(+:s)")
+  for (long i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long n, long m, const T *restrict W, long r,
+                 const T *restrict wsq, const T *restrict g, const T *restrict dS, T c, T noise, T big, T gate,
+                 T *restrict A, T *restrict u, T *restrict dw, double *stats) {
+  for (long k = 0; k < m; ++k) {
+    T *restrict Xk = X + k * n;
+    const T *restrict Jk = J + k * n;
+    for (long q = 0; q < r; ++q) {  /* X_k -= (J_k . W_q) W_q */
+      const T y = dotn<T>(Jk, W + q * n, n);
+      const T *restrict Wq = W + q * n;
+      _Pragma("omp simd")
+      for (long i = 0; i < n; ++i) Xk[i] -= y * Wq[i];
+    }
+    if (g) {
+      _Pragma("omp simd")
+      for (long i = 0; i < n; ++i) Xk[i] += Jk[i] * g[i];
+    }
+    if (c != T(1)) {
+      _Pragma("omp simd")
+      for (long i = 0; i < n; ++i) Xk[i] *= c;
+    }
+  }
+  for (long k = 0; k < m; ++k)
+    for (long l = 0; l <= k; ++l) {
+      const T a = T(0.5) * (dotn<T>(J + k * n, X + l * n, n) + dotn<T>(J + l * n, X + k * n, n));
+      A[k * m + l] = A[l * m + k] = a;
+    }
+  for (long k = 0; k < m; ++k) A[k * m + k] += noise;
+  T L[MAXM * MAXM];
+  long info = 0;
+  for (long j = 0; j < m && !info; ++j) {  /* Cholesky, lower */
+    T d = A[j * m + j];
+    for (long p = 0; p < j; ++p) d -= L[j * MAXM + p] * L[j * MAXM + p];
+    if (!(d > T(0))) { info = j + 1; break; }
+    const T ljj = std::sqrt(d);
+    L[j * MAXM + j] = ljj;
+    for (long i = j + 1; i < m; ++i) {
+      T s = A[i * m + j];
+      for (long p = 0; p < j; ++p) s -= L[i * MAXM + p] * L[j * MAXM + p];
+      L[i * MAXM + j] = s / ljj;
+    }
+  }
+  T zmax = 0;
+  for (long k = 0; k < m; ++k) {
+    const T z = std::fabs(xi[k]) / std::sqrt(A[k * m + k]);
+    zmax = z > zmax || z != z ? z : zmax;
+  }
+  stats[1] = double(info); stats[4] = double(zmax);
+  if (info) { stats[0] = 0; stats[2] = 0; stats[3] = 0; return; }
+  bool finite = true;
+  for (long k = 0; k < m; ++k) {  /* forward substitution: u = L^-1 xi, V = L^-1 X (rows in place) */
+    T uk = xi[k];
+    finite = finite && std::isfinite(xi[k]);
+    T *restrict Vk = X + k * n;
+    for (long p = 0; p < k; ++p) {
+      uk -= L[k * MAXM + p] * u[p];
+      const T lkp = L[k * MAXM + p];
+      const T *restrict Vp = X + p * n;
+      _Pragma("omp simd")
+      for (long i = 0; i < n; ++i) Vk[i] -= lkp * Vp[i];
+    }
+    const T inv = T(1) / L[k * MAXM + k];
+    u[k] = uk * inv;
+    finite = finite && std::isfinite(u[k]);
+    _Pragma("omp simd")
+    for (long i = 0; i < n; ++i) Vk[i] *= inv;
+  }
+  T dmin = T(INFINITY), vmax = 0;
+  for (long i0 = 0; i0 < n; i0 += 256) {  /* column chunks: V's m rows of a chunk stay in L1 */
+    const long i1 = i0 + 256 < n ? i0 + 256 : n;
+    for (long i = i0; i < i1; ++i) {
+      T s = 0, w = 0;
+      for (long k = 0; k < m; ++k) {
+        const T v = X[k * n + i];
+        s += v * v; w += u[k] * v;
+        const T av = std::fabs(v);
+        vmax = av > vmax || av != av ? av : vmax;
+      }
+      dw[i] = w;
+      const T d = c * (dS[i] + (g ? g[i] : T(0)) - (wsq ? wsq[i] : T(0))) - s;
+      dmin = d < dmin || d != d ? d : dmin;
+    }
+  }
+  const bool ok = finite && vmax <= big && dmin > T(0) && (gate < T(0) || zmax <= gate);
+  stats[0] = ok ? 1.0 : 0.0; stats[2] = double(dmin); stats[3] = double(vmax);
+}
+
+extern "C" {
+void ekf_gain_f32(float *X, const float *J, const float *xi, long n, long m, const float *W, long r, const float *wsq,
+                  const float *g, const float *dS, double c, double noise, double big, double gate, float *A, float *u,
+                  float *dw, double *stats) {
+  gain<float>(X, J, xi, n, m, W, r, wsq, g, dS, float(c), float(noise), float(big), float(gate), A, u, dw, stats); }
+void ekf_gain_f64(double *X, const double *J, const double *xi, long n, long m, const double *W, long r,
+                  const double *wsq, const double *g, const double *dS, double c, double noise, double big,
+                  double gate, double *A, double *u, double *dw, double *stats) {
+  gain<double>(X, J, xi, n, m, W, r, wsq, g, dS, c, noise, big, gate, A, u, dw, stats); }
+}
+
 extern "C" {
 void ekf_xt_f32(const float *P, const float *J, float *X, long n, long m) {
   if (m >= BLOCKED_MIN_M) xt_blocked<float>(P, J, X, n, m); else xt<float>(P, J, X, n, m); }
@@ -377,6 +492,8 @@ def load() -> Optional[ctypes.CDLL]:
             sg.argtypes, sg.restype = [vp, vp, L, L, real], None
             rxt = getattr(lib, f"ekf_rxt_{suffix}")
             rxt.argtypes, rxt.restype = [vp, vp, vp, vp, vp, L, L, L], None
+            gn, D = getattr(lib, f"ekf_gain_{suffix}"), ctypes.c_double
+            gn.argtypes, gn.restype = [vp, vp, vp, L, L, vp, L, vp, vp, vp, D, D, D, D, vp, vp, vp, vp], None
         why = ""
     _STATE["lib"], _STATE["error"] = lib, why
     return lib
@@ -427,6 +544,36 @@ def rect_xt(R: torch.Tensor, Jl: torch.Tensor, Jr: torch.Tensor) -> Optional[Tup
     getattr(lib, "ekf_rxt_" + ("f32" if R.dtype == torch.float32 else "f64"))(
         R.data_ptr(), Jl.data_ptr(), Jr.data_ptr(), X1.data_ptr(), X2.data_ptr(), R.shape[0], R.shape[1], Jl.shape[0])
     return X1, X2
+
+
+def gain(X: torch.Tensor, J: torch.Tensor, xi: torch.Tensor, dS: torch.Tensor, c: float, noise: float, big: float,
+         gate: Optional[float], W: Optional[torch.Tensor] = None, wsq: Optional[torch.Tensor] = None,
+         g: Optional[torch.Tensor] = None) -> Optional[Tuple[bool, int, float, torch.Tensor, torch.Tensor]]:
+    """The small algebra of an update of one block by one compiled call (the C++ comment above ``gain``): X (m, n),
+    on entry (S Jᵀ)ᵀ, becomes V = L⁻¹ Xᵀ_P in place; returns (ok, info, dmin, A (m, m), Δw = Vᵀ L⁻¹ ξ (n,)), or
+    None where it does not apply (not contiguous CPU float32/float64 tensors of one dtype, m > MAXM, or no
+    library): then the caller's torch algebra. The ~40 small tensor operations it replaces cost ~0.7 ms per
+    update of the study's BPNN after a pass over P."""
+    m, n = X.shape
+    parts = [t for t in (X, J, xi, dS, W, wsq, g) if t is not None]
+    if (m > MAXM or X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64)
+            or any(t.dtype != X.dtype or t.device != X.device or not t.is_contiguous() for t in parts)):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    A, u, dw = X.new_empty(m, m), X.new_empty(m), X.new_empty(n)  # (m, m), (m,), (n,)
+    stats = torch.empty(5, dtype=torch.float64)  # ok, info, dmin, max|V|, largest normalised innovation
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    getattr(lib, "ekf_gain_" + ("f32" if X.dtype == torch.float32 else "f64"))(
+        X.data_ptr(), J.data_ptr(), xi.data_ptr(), n, m, ptr(W), 0 if W is None else W.shape[0], ptr(wsq), ptr(g),
+        dS.data_ptr(), float(c), float(noise), float(big), -1.0 if gate is None else float(gate), A.data_ptr(),
+        u.data_ptr(), dw.data_ptr(), stats.data_ptr())
+    ok, info, dmin = stats[:3].tolist()
+    return bool(ok), int(info), dmin, A, dw
 
 
 class NativeKernel(BlasKernel):

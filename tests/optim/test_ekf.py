@@ -272,6 +272,43 @@ def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel, fading)
         EKF(mlp().parameters(), defer_rows=-1)
 
 
+@pytest.mark.parametrize("kw", [dict(q=1e-4), dict(fading_lambda=0.97, fading_nu=0.99, defer_rows=0),
+                                dict(q=1e-3, innovation_gate=3.0, dtype=torch.float32)])
+def test_compiled_update_algebra_equals_the_torch_algebra(monkeypatch, kw):
+    """The update's small algebra in one compiled call (native.gain: corrections of X for deferred rows and
+    noise, A, Cholesky, V, the checks, Δw) gives the torch algebra's weights and P, rejections included."""
+    from ekf_plugin.optim import ekf as ekf_module
+    from ekf_plugin.optim import native
+
+    if native.load() is None:
+        pytest.skip("no C++ compiler for the native kernels")
+    x, y = regression_data()
+    runs = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(ekf_module, "_NATIVE_GAIN", compiled)
+        calls = []
+        if compiled:
+            real = native.gain
+            monkeypatch.setattr(native, "gain", lambda *a, **k: calls.append(1) or real(*a, **k))
+        net = mlp()
+        opt = EKF(net.parameters(), lr=0.2, defer_rows=kw.get("defer_rows", 7), **{k: v for k, v in kw.items() if k != "defer_rows"})
+        for at, k in enumerate([1, 3, 1, 2, 3, 1, 1, 2, 3, 1]):
+            yb = y[at : at + k].clone()
+            if at == 4:
+                yb[0, 0] = float("nan")  # rejected: weights, P and the deferred rows unchanged
+            if at == 6 and "innovation_gate" in kw:
+                yb = yb + 1e3  # an outlier the gate refuses
+            opt.step(lambda: (net(x[at : at + k]) - yb).reshape(-1))
+        runs[compiled] = ([p.detach().clone() for p in net.parameters()], opt.covariance(), opt.rejected_updates)
+        assert (len(calls) > 0) == compiled
+    (w1, P1, r1), (w0, P0, r0) = runs[True], runs[False]
+    assert r1 == r0 >= 1
+    tol = dict(rtol=1e-5, atol=1e-6) if kw.get("dtype") == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    for a, b in zip(w1, w0):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(P1, P0, **tol)
+
+
 def test_plain_backward_use_is_rejected():
     net = mlp()
     x, y = regression_data()
