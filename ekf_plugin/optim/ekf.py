@@ -596,10 +596,10 @@ class EKF(torch.optim.Optimizer):
         XTs = [kern.xt(Pb, Jb) for Pb, Jb in zip(Ps, Js)]  # each (m, n_b) = (S_b J_bᵀ)ᵀ
         fast = self._compiled_gain(xi, Js[0], XTs[0], dS, c, Ws[0], self._wsq[0], g) if len(Ps) == 1 else None
         if fast is not None:  # one block on the CPU: the algebra below in one compiled call; XTs[0] is now V
-            ok, info, dmin, A, dw = fast
+            ok, info, dmin, A, dw, stepped = fast
             if not ok:
                 return self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
-            self._finish(Ps, [XTs[0]], dw, defer, c)
+            self._finish(Ps, [XTs[0]], None if stepped else dw, defer, c)
             return
         XTs = [XT if W is None else XT - (Jb @ W.T) @ W for XT, Jb, W in zip(XTs, Js, Ws)]
         if g is not None:
@@ -630,12 +630,15 @@ class EKF(torch.optim.Optimizer):
         dws = [(Vb.T @ u).squeeze(1) for Vb in Vs]  # each (n_b,) = K_b ξ
         self._finish(Ps, Vs, torch.cat(dws), defer, c)
 
-    def _finish(self, Ps: List[torch.Tensor], Vs: List[torch.Tensor], dw: torch.Tensor, defer: bool, c: float) -> None:
-        """After an accepted update (one process's P): P −= VᵀV (deferred or now), w −= Δw, schedules."""
+    def _finish(self, Ps: List[torch.Tensor], Vs: List[torch.Tensor], dw: Optional[torch.Tensor], defer: bool,
+                c: float) -> None:
+        """After an accepted update (one process's P): P −= VᵀV (deferred or now), w −= Δw (None: done already),
+        schedules."""
         st, kern = self.state[_STATE_KEY], self.kernel
         if defer:
             self._defer(Vs, c)
-            self._apply_dw(dw)
+            if dw is not None:
+                self._apply_dw(dw)
             self._advance(Ps, faded=True)
             return
         fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
@@ -645,7 +648,8 @@ class EKF(torch.optim.Optimizer):
                 kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
             else:
                 kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
-        self._apply_dw(dw)
+        if dw is not None:
+            self._apply_dw(dw)
         self._advance(Ps, faded=fade is not None)
 
     def _compiled_gain(self, xi: torch.Tensor, J: torch.Tensor, XT: torch.Tensor, dS: torch.Tensor, c: float,
@@ -657,7 +661,11 @@ class EKF(torch.optim.Optimizer):
             return None
         from ekf_plugin.optim import native  # noqa: PLC0415 - builds on first use
 
-        return native.gain(XT, J, xi, dS, c, self._noise(), self._big, self.innovation_gate, W, wsq, g)
+        got = native.gain(XT, J, xi, dS, c, self._noise(), self._big, self.innovation_gate, W, wsq, g,
+                          weights=self._params)
+        if got is not None and got[5]:  # w −= Δw was written through pointers: bump the parameters' versions as an
+            torch._foreach_mul_(self._params, 1.0)  # in-place update does (caches key on them; −0 and NaN kept)
+        return got
 
     @torch.no_grad()
     def _update_sharded(self, xi: torch.Tensor, J: torch.Tensor) -> None:
@@ -677,18 +685,17 @@ class EKF(torch.optim.Optimizer):
         XT, diag = self.shard.xt_and_diag(local, J, self._s_diagonal(), check)  # (m, n), (n,) of the stored S
         fast = self._compiled_gain(xi, J, XT, diag, c, Ws[0], self._wsq[0], g) if len(self.blocks) == 1 else None
         if fast is not None:  # as in _update; XT is now V, the same on every process
-            ok, info, dmin, A, dw = fast
+            ok, info, dmin, A, dw, stepped = fast
             if not ok:
                 return self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
             if defer:
                 self._defer([XT], c)
+            else:
+                self._sdiag = None  # S changes here
+                self.shard.sub_gram_(local, XT)  # own rows: P ← P − Vᵀ V
+            if not stepped:
                 self._apply_dw(dw)
-                self._advance(local, faded=True)
-                return
-            self._sdiag = None  # S changes here
-            self.shard.sub_gram_(local, XT)  # own rows: P ← P − Vᵀ V
-            self._apply_dw(dw)
-            self._advance(local)
+            self._advance(local, faded=defer)
             return
         if g is not None:
             XT += J * g  # (m, n)

@@ -38,7 +38,7 @@ kernel may be faster.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -361,7 +361,9 @@ static T dotn(const T *restrict a, const T *restrict b, long n) {
 template <typename T>
 static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long n, long m, const T *restrict W, long r,
                  const T *restrict wsq, const T *restrict g, const T *restrict dS, T c, T noise, T big, T gate,
-                 T *restrict A, T *restrict u, T *restrict dw, double *stats) {
+                 T *restrict A, T *restrict u, T *restrict dw, double *stats, const long *wptr, const long *wnum,
+                 long np, long wf32) {
+  stats[5] = 0.0;
   for (long k = 0; k < m; ++k) {
     T *restrict Xk = X + k * n;
     const T *restrict Jk = J + k * n;
@@ -443,17 +445,33 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
   }
   const bool ok = finite && vmax <= big && dmin > T(0) && (gate < T(0) || zmax <= gate);
   stats[0] = ok ? 1.0 : 0.0; stats[2] = double(dmin); stats[3] = double(vmax);
+  if (ok && np > 0) {  /* w <- w - dw into the parameters (np tensors of numel wnum, float32 or T) */
+    long off = 0;
+    for (long j = 0; j < np; ++j) {
+      if (wf32) {
+        float *restrict w = reinterpret_cast<float *>(wptr[j]);
+        for (long i = 0; i < wnum[j]; ++i) w[i] -= static_cast<float>(dw[off + i]);
+      } else {
+        T *restrict w = reinterpret_cast<T *>(wptr[j]);
+        for (long i = 0; i < wnum[j]; ++i) w[i] -= dw[off + i];
+      }
+      off += wnum[j];
+    }
+    stats[5] = 1.0;
+  }
 }
 
 extern "C" {
 void ekf_gain_f32(float *X, const float *J, const float *xi, long n, long m, const float *W, long r, const float *wsq,
                   const float *g, const float *dS, double c, double noise, double big, double gate, float *A, float *u,
-                  float *dw, double *stats) {
-  gain<float>(X, J, xi, n, m, W, r, wsq, g, dS, float(c), float(noise), float(big), float(gate), A, u, dw, stats); }
+                  float *dw, double *stats, const long *wptr, const long *wnum, long np, long wf32) {
+  gain<float>(X, J, xi, n, m, W, r, wsq, g, dS, float(c), float(noise), float(big), float(gate), A, u, dw, stats,
+              wptr, wnum, np, wf32); }
 void ekf_gain_f64(double *X, const double *J, const double *xi, long n, long m, const double *W, long r,
                   const double *wsq, const double *g, const double *dS, double c, double noise, double big,
-                  double gate, double *A, double *u, double *dw, double *stats) {
-  gain<double>(X, J, xi, n, m, W, r, wsq, g, dS, c, noise, big, gate, A, u, dw, stats); }
+                  double gate, double *A, double *u, double *dw, double *stats, const long *wptr, const long *wnum,
+                  long np, long wf32) {
+  gain<double>(X, J, xi, n, m, W, r, wsq, g, dS, c, noise, big, gate, A, u, dw, stats, wptr, wnum, np, wf32); }
 }
 
 extern "C" {
@@ -497,7 +515,7 @@ def load() -> Optional[ctypes.CDLL]:
             rxt = getattr(lib, f"ekf_rxt_{suffix}")
             rxt.argtypes, rxt.restype = [vp, vp, vp, vp, vp, L, L, L], None
             gn, D = getattr(lib, f"ekf_gain_{suffix}"), ctypes.c_double
-            gn.argtypes, gn.restype = [vp, vp, vp, L, L, vp, L, vp, vp, vp, D, D, D, D, vp, vp, vp, vp], None
+            gn.argtypes, gn.restype = [vp, vp, vp, L, L, vp, L, vp, vp, vp, D, D, D, D, vp, vp, vp, vp, vp, vp, L, L], None
         why = ""
     _STATE["lib"], _STATE["error"] = lib, why
     return lib
@@ -552,12 +570,15 @@ def rect_xt(R: torch.Tensor, Jl: torch.Tensor, Jr: torch.Tensor) -> Optional[Tup
 
 def gain(X: torch.Tensor, J: torch.Tensor, xi: torch.Tensor, dS: torch.Tensor, c: float, noise: float, big: float,
          gate: Optional[float], W: Optional[torch.Tensor] = None, wsq: Optional[torch.Tensor] = None,
-         g: Optional[torch.Tensor] = None) -> Optional[Tuple[bool, int, float, torch.Tensor, torch.Tensor]]:
+         g: Optional[torch.Tensor] = None, weights: Optional[Sequence[torch.Tensor]] = None
+         ) -> Optional[Tuple[bool, int, float, torch.Tensor, torch.Tensor, bool]]:
     """The small algebra of an update of one block by one compiled call (the C++ comment above ``gain``): X (m, n),
-    on entry (S Jᵀ)ᵀ, becomes V = L⁻¹ Xᵀ_P in place; returns (ok, info, dmin, A (m, m), Δw = Vᵀ L⁻¹ ξ (n,)), or
-    None where it does not apply (not contiguous CPU float32/float64 tensors of one dtype, m > MAXM, or no
-    library): then the caller's torch algebra. The ~40 small tensor operations it replaces cost ~0.7 ms per
-    update of the study's BPNN after a pass over P."""
+    on entry (S Jᵀ)ᵀ, becomes V = L⁻¹ Xᵀ_P in place; returns (ok, info, dmin, A (m, m), Δw = Vᵀ L⁻¹ ξ (n,),
+    stepped), or None where it does not apply (not contiguous CPU float32/float64 tensors of one dtype, m > MAXM,
+    or no library): then the caller's torch algebra. ``weights``: the parameters in J's column order; where they
+    are contiguous CPU tensors of X's dtype or float32, an accepted update also does w ← w − Δw in them
+    (``stepped``; the same cast and subtraction as the torch path). The ~40 small tensor operations it replaces
+    cost ~0.7 ms per update of the study's BPNN after a pass over P."""
     m, n = X.shape
     parts = [t for t in (X, J, xi, dS, W, wsq, g) if t is not None]
     if (m > MAXM or X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64)
@@ -567,7 +588,16 @@ def gain(X: torch.Tensor, J: torch.Tensor, xi: torch.Tensor, dS: torch.Tensor, c
     if lib is None:
         return None
     A, u, dw = X.new_empty(m, m), X.new_empty(m), X.new_empty(n)  # (m, m), (m,), (n,)
-    stats = torch.empty(5, dtype=torch.float64)  # ok, info, dmin, max|V|, largest normalised innovation
+    stats = torch.empty(6, dtype=torch.float64)  # ok, info, dmin, max|V|, largest normalised innovation, stepped
+    wptr = wnum = None
+    wf32 = 0
+    if weights is not None and sum(w.numel() for w in weights) == n:
+        kinds = {w.dtype for w in weights}
+        if (len(kinds) == 1 and kinds <= {X.dtype, torch.float32}
+                and all(w.device.type == "cpu" and w.is_contiguous() for w in weights)):
+            wf32 = int(weights[0].dtype == torch.float32 and X.dtype != torch.float32)
+            wptr = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64)  # (p,) kept alive for the call
+            wnum = torch.tensor([w.numel() for w in weights], dtype=torch.int64)  # (p,)
 
     def ptr(t):
         return None if t is None else t.data_ptr()
@@ -575,9 +605,9 @@ def gain(X: torch.Tensor, J: torch.Tensor, xi: torch.Tensor, dS: torch.Tensor, c
     getattr(lib, "ekf_gain_" + ("f32" if X.dtype == torch.float32 else "f64"))(
         X.data_ptr(), J.data_ptr(), xi.data_ptr(), n, m, ptr(W), 0 if W is None else W.shape[0], ptr(wsq), ptr(g),
         dS.data_ptr(), float(c), float(noise), float(big), -1.0 if gate is None else float(gate), A.data_ptr(),
-        u.data_ptr(), dw.data_ptr(), stats.data_ptr())
-    ok, info, dmin = stats[:3].tolist()
-    return bool(ok), int(info), dmin, A, dw
+        u.data_ptr(), dw.data_ptr(), stats.data_ptr(), ptr(wptr), ptr(wnum), 0 if wptr is None else wptr.numel(), wf32)
+    ok, info, dmin, _, _, stepped = stats.tolist()
+    return bool(ok), int(info), dmin, A, dw, bool(stepped)
 
 
 class NativeKernel(BlasKernel):

@@ -276,7 +276,8 @@ def test_deferred_rows_give_the_same_filter_as_immediate_updates(kernel, fading)
                                 dict(q=1e-3, innovation_gate=3.0, dtype=torch.float32)])
 def test_compiled_update_algebra_equals_the_torch_algebra(monkeypatch, kw):
     """The update's small algebra in one compiled call (native.gain: corrections of X for deferred rows and
-    noise, A, Cholesky, V, the checks, Δw) gives the torch algebra's weights and P, rejections included."""
+    noise, A, Cholesky, V, the checks, w −= Δw) gives the torch algebra's weights and P, rejections included,
+    and bumps the weights' version counters like an in-place update (the label predictor's caches key on them)."""
     from ekf_plugin.optim import ekf as ekf_module
     from ekf_plugin.optim import native
 
@@ -301,6 +302,9 @@ def test_compiled_update_algebra_equals_the_torch_algebra(monkeypatch, kw):
             opt.step(lambda: (net(x[at : at + k]) - yb).reshape(-1))
         runs[compiled] = ([p.detach().clone() for p in net.parameters()], opt.covariance(), opt.rejected_updates)
         assert (len(calls) > 0) == compiled
+        before = [p._version for p in net.parameters()]
+        opt.step(lambda: (net(x[:2]) - y[:2]).reshape(-1))
+        assert all(b < p._version for b, p in zip(before, net.parameters())), "an update bumps the weights' versions"
     (w1, P1, r1), (w0, P0, r0) = runs[True], runs[False]
     assert r1 == r0 >= 1
     tol = dict(rtol=1e-5, atol=1e-6) if kw.get("dtype") == torch.float32 else dict(rtol=1e-12, atol=1e-13)
