@@ -632,25 +632,28 @@ class EKF(torch.optim.Optimizer):
 
     def _finish(self, Ps: List[torch.Tensor], Vs: List[torch.Tensor], dw: Optional[torch.Tensor], defer: bool,
                 c: float) -> None:
-        """After an accepted update (one process's P): P −= VᵀV (deferred or now), w −= Δw (None: done already),
-        schedules."""
+        """After an accepted update: P −= VᵀV (deferred, or now on this process's blocks or, sharded, its rows),
+        w −= Δw (None: done already), schedules. Vs: V (m, n_b) of each block."""
         st, kern = self.state[_STATE_KEY], self.kernel
         if defer:
             self._defer(Vs, c)
-            if dw is not None:
-                self._apply_dw(dw)
-            self._advance(Ps, faded=True)
-            return
-        fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
-        self._sdiag = None  # S changes here
-        for Pb, Vb in zip(Ps, Vs):
-            if fade is None:
-                kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
-            else:
-                kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
+            faded = True
+        elif self.shard is not None:  # own rows: P ← P − Vᵀ V; 1/λ in _advance
+            self._sdiag = None  # S changes here
+            self.shard.sub_gram_(Ps, Vs[0] if len(Vs) == 1 else torch.cat(Vs, 1))
+            faded = False
+        else:
+            fade = 1.0 / st["lam"] if st["lam"] is not None and kern.fused_scale else None  # P /= λ in the same pass
+            self._sdiag = None  # S changes here
+            for Pb, Vb in zip(Ps, Vs):
+                if fade is None:
+                    kern.sub_gram_(Pb, Vb)  # P_b ← P_b − V_bᵀ V_b = (I − K_b J_b) P_b
+                else:
+                    kern.sub_gram_(Pb, Vb, fade)  # P_b ← (P_b − V_bᵀ V_b)/λ
+            faded = fade is not None
         if dw is not None:
             self._apply_dw(dw)
-        self._advance(Ps, faded=fade is not None)
+        self._advance(Ps, faded=faded)
 
     def _compiled_gain(self, xi: torch.Tensor, J: torch.Tensor, XT: torch.Tensor, dS: torch.Tensor, c: float,
                        W: Optional[torch.Tensor], wsq: Optional[torch.Tensor], g: Optional[torch.Tensor]):
@@ -688,14 +691,7 @@ class EKF(torch.optim.Optimizer):
             ok, info, dmin, A, dw, stepped = fast
             if not ok:
                 return self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
-            if defer:
-                self._defer([XT], c)
-            else:
-                self._sdiag = None  # S changes here
-                self.shard.sub_gram_(local, XT)  # own rows: P ← P − Vᵀ V
-            if not stepped:
-                self._apply_dw(dw)
-            self._advance(local, faded=defer)
+            self._finish(local, [XT], None if stepped else dw, defer, c)
             return
         if g is not None:
             XT += J * g  # (m, n)
@@ -719,15 +715,9 @@ class EKF(torch.optim.Optimizer):
             ok = ok & ((xi.abs() / A.diagonal().sqrt()).amax() <= self.innovation_gate)
         if not bool(ok):
             return self._reject(self._diagnose(xi, J, info, A, dmin))
-        if defer:  # as in _update; apply_deferred then updates the own rows
-            self._defer([V[:, a:e] for a, e in self.blocks], c)
-            self._apply_dw((V.T @ u).squeeze(1))  # (n,) = K ξ, the same on every process
-            self._advance(local, faded=True)
-            return
-        self._sdiag = None  # S changes here
-        self.shard.sub_gram_(local, V)  # own rows: P ← P − Vᵀ V
-        self._apply_dw((V.T @ u).squeeze(1))  # (n,) = K ξ, the same on every process
-        self._advance(local)
+        # as in _update (deferred: apply_deferred then updates the own rows); K ξ (n,) the same on every process
+        Vs = [V] if len(self.blocks) == 1 else [V[:, a:e] for a, e in self.blocks]
+        self._finish(local, Vs, (V.T @ u).squeeze(1), defer, c)
 
     def _defer(self, Vs: List[torch.Tensor], c: float) -> None:
         """Defer P ← (P − VᵀV)/λ = c/λ·(S + diag(g) − [W; V/√c]ᵀ[W; V/√c]) for the accepted rows V_b (m, n_b) of

@@ -428,20 +428,17 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
     for (long i = 0; i < n; ++i) Vk[i] *= inv;
   }
   T dmin = T(INFINITY), vmax = 0;
-  for (long i0 = 0; i0 < n; i0 += 256) {  /* column chunks: V's m rows of a chunk stay in L1 */
-    const long i1 = i0 + 256 < n ? i0 + 256 : n;
-    for (long i = i0; i < i1; ++i) {
-      T s = 0, w = 0;
-      for (long k = 0; k < m; ++k) {
-        const T v = X[k * n + i];
-        s += v * v; w += u[k] * v;
-        const T av = std::fabs(v);
-        vmax = av > vmax || av != av ? av : vmax;
-      }
-      dw[i] = w;
-      const T d = c * (dS[i] + (g ? g[i] : T(0)) - (wsq ? wsq[i] : T(0))) - s;
-      dmin = d < dmin || d != d ? d : dmin;
+  for (long i = 0; i < n; ++i) {  /* column by column: sum_k V_ki^2, dw_i, max |V| */
+    T s = 0, w = 0;
+    for (long k = 0; k < m; ++k) {
+      const T v = X[k * n + i];
+      s += v * v; w += u[k] * v;
+      const T av = std::fabs(v);
+      vmax = av > vmax || av != av ? av : vmax;
     }
+    dw[i] = w;
+    const T d = c * (dS[i] + (g ? g[i] : T(0)) - (wsq ? wsq[i] : T(0))) - s;
+    dmin = d < dmin || d != d ? d : dmin;
   }
   const bool ok = finite && vmax <= big && dmin > T(0) && (gate < T(0) || zmax <= gate);
   stats[0] = ok ? 1.0 : 0.0; stats[2] = double(dmin); stats[3] = double(vmax);
