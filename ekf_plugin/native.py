@@ -41,10 +41,12 @@ template <> struct VT<double> {
   static constexpr int mant = 52, bias = 1023;
 };
 
-/* y = n ln2 + r with n the nearest integer and |r| <= ln2/2 (ln2 split in two: n * hi is exact); returns r
-   and sets two_n = 2^n (n must lie in the normal exponent range: the callers clamp y). */
+/* expm1 of a vector, |y| below the exponent range: y = n ln2 + r with n the nearest integer and |r| <= ln2/2
+   (ln2 split in two: n * hi is exact), expm1(r) = r p(r) by its Taylor series (degree 8 float32, 14 float64:
+   p = 1 + r/2 (1 + r/3 (...))), expm1(y) = 2^n expm1(r) + (2^n - 1), exact in n = 0 (so tanh near 0 keeps its
+   relative accuracy). */
 template <typename T>
-inline typename VT<T>::v reduce_ln2(typename VT<T>::v y, typename VT<T>::v& two_n) {
+inline typename VT<T>::v expm1v(typename VT<T>::v y) {
   typedef typename VT<T>::v V;
   typedef typename VT<T>::vi VI;
   const V t = y * T(1.4426950408889634);
@@ -52,29 +54,12 @@ inline typename VT<T>::v reduce_ln2(typename VT<T>::v y, typename VT<T>::v& two_
   const V n = __builtin_convertvector(ni, V);
   V r = y - n * T(0.693145751953125);
   r = r - n * T(1.428606820309417232e-06);
-  two_n = (V)((ni + VT<T>::bias) << VT<T>::mant);
-  return r;
-}
-
-/* (e^r - 1) / r for |r| <= ln2/2 by its Taylor series (degree 8 float32, 14 float64):
-   1 + r/2 (1 + r/3 (...)) */
-template <typename T>
-inline typename VT<T>::v expm1_over_r(typename VT<T>::v r) {
-  typedef typename VT<T>::v V;
   constexpr int deg = sizeof(T) == 4 ? 8 : 14;
   V p = V{} + T(1);
 #pragma GCC unroll 16
   for (int k = deg; k >= 2; --k) p = p * (r * (T(1) / T(k))) + T(1);
-  return p;
-}
-
-/* expm1 of a vector, |y| below the exponent range: 2^n expm1(r) + (2^n - 1), exact in n = 0 (so tanh near 0
-   keeps its relative accuracy). */
-template <typename T>
-inline typename VT<T>::v expm1v(typename VT<T>::v y) {
-  typename VT<T>::v two_n;
-  const typename VT<T>::v r = reduce_ln2<T>(y, two_n);
-  return two_n * (expm1_over_r<T>(r) * r) + (two_n - T(1));
+  const V two_n = (V)((ni + VT<T>::bias) << VT<T>::mant);
+  return two_n * (p * r) + (two_n - T(1));
 }
 """
 
