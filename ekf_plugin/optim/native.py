@@ -351,11 +351,48 @@ static void rxt_blocked(const T *Rm, const T *Jl, const T *Jr, T *X1, T *X2, lon
    innovation <= gate). On a failed Cholesky info = the 1-based order of the first non-positive pivot and X,
    u, dw are left as they are. The same sums as the torch path up to their order. */
 template <typename T>
-static T dotn(const T *restrict a, const T *restrict b, long n) {
+static T dotn(const T *restrict a, const T *restrict b, long n) {  /* four vector accumulators: not latency bound */
+  typedef typename Vec<T>::type v;
+  enum { L = 32 / sizeof(T) };
+  v s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  long i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    s0 += *(const v *)(a + i) * *(const v *)(b + i);
+    s1 += *(const v *)(a + i + L) * *(const v *)(b + i + L);
+    s2 += *(const v *)(a + i + 2 * L) * *(const v *)(b + i + 2 * L);
+    s3 += *(const v *)(a + i + 3 * L) * *(const v *)(b + i + 3 * L);
+  }
+  for (; i + L <= n; i += L) s0 += *(const v *)(a + i) * *(const v *)(b + i);
+  const v t = (s0 + s1) + (s2 + s3);
   T s = 0;
-  _Pragma("omp simd reduction(+:s)")
-  for (long i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < L; ++l) s += t[l];
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+/* X_k <- c (X_k - sum_q Y_kq W_q + J_k o g) for the columns [i, i + 2L) (vectors) or one column (tail): every
+   element sees the same operations in the same order (q ascending, then g, then c); the r rows of W for these
+   columns stay in L1 while the m rows of X pass. */
+template <typename T>
+static inline void correct_cols(T *restrict X, const T *restrict J, const T *restrict W, const T *restrict Y,
+                                const T *restrict g, T c, long n, long m, long r, long i) {
+  typedef typename Vec<T>::type v;
+  enum { L = 32 / sizeof(T) };
+  for (long k = 0; k < m; ++k) {
+    T *restrict Xk = X + k * n;
+    const T *restrict Yk = Y + k * r;
+    v a0 = *(const v *)(Xk + i), a1 = *(const v *)(Xk + i + L);
+    for (long q = 0; q < r; ++q) {
+      const T y = Yk[q];
+      a0 -= y * *(const v *)(W + q * n + i); a1 -= y * *(const v *)(W + q * n + i + L);
+    }
+    if (g) {
+      a0 += *(const v *)(J + k * n + i) * *(const v *)(g + i);
+      a1 += *(const v *)(J + k * n + i + L) * *(const v *)(g + i + L);
+    }
+    if (c != T(1)) { a0 *= c; a1 *= c; }
+    *(v *)(Xk + i) = a0; *(v *)(Xk + i + L) = a1;
+  }
 }
 
 template <typename T>
@@ -363,23 +400,37 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
                  const T *restrict wsq, const T *restrict g, const T *restrict dS, T c, T noise, T big, T gate,
                  T *restrict A, T *restrict u, T *restrict dw, double *stats, const long *wptr, const long *wnum,
                  long np, long wf32) {
+  typedef typename Vec<T>::type v;
+  enum { L = 32 / sizeof(T), CW = 2 * L };
   stats[5] = 0.0;
-  for (long k = 0; k < m; ++k) {
-    T *restrict Xk = X + k * n;
-    const T *restrict Jk = J + k * n;
-    for (long q = 0; q < r; ++q) {  /* X_k -= (J_k . W_q) W_q */
-      const T y = dotn<T>(Jk, W + q * n, n);
-      const T *restrict Wq = W + q * n;
-      _Pragma("omp simd")
-      for (long i = 0; i < n; ++i) Xk[i] -= y * Wq[i];
+  const long nv = n - n % CW;  /* columns done by vectors; the rest one by one */
+  if (r > 0 || g || c != T(1)) {  /* X <- c (X - (J W^T) W + J o g): Y = J W^T first, then one pass over the columns */
+    T Y[MAXM * 64];
+    for (long r0 = 0; r0 < r; r0 += 64) {  /* at most 64 deferred rows of W at a time (Y on the stack) */
+      const long rb = r - r0 < 64 ? r - r0 : 64;
+      const T *restrict Wb = W + r0 * n;
+      for (long k = 0; k < m; ++k)
+        for (long q = 0; q < rb; ++q) Y[k * rb + q] = dotn<T>(J + k * n, Wb + q * n, n);
+      const bool last = r0 + rb >= r;
+      for (long i = 0; i < nv; i += CW) correct_cols<T>(X, J, Wb, Y, last ? g : nullptr, last ? c : T(1), n, m, rb, i);
+      for (long i = nv; i < n; ++i)
+        for (long k = 0; k < m; ++k) {
+          T a = X[k * n + i];
+          for (long q = 0; q < rb; ++q) a -= Y[k * rb + q] * Wb[q * n + i];
+          if (last && g) a += J[k * n + i] * g[i];
+          if (last && c != T(1)) a *= c;
+          X[k * n + i] = a;
+        }
     }
-    if (g) {
-      _Pragma("omp simd")
-      for (long i = 0; i < n; ++i) Xk[i] += Jk[i] * g[i];
-    }
-    if (c != T(1)) {
-      _Pragma("omp simd")
-      for (long i = 0; i < n; ++i) Xk[i] *= c;
+    if (r == 0) {  /* only g and c */
+      for (long i = 0; i < nv; i += CW) correct_cols<T>(X, J, W, Y, g, c, n, m, 0, i);
+      for (long i = nv; i < n; ++i)
+        for (long k = 0; k < m; ++k) {
+          T a = X[k * n + i];
+          if (g) a += J[k * n + i] * g[i];
+          if (c != T(1)) a *= c;
+          X[k * n + i] = a;
+        }
     }
   }
   for (long k = 0; k < m; ++k)
@@ -388,18 +439,18 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
       A[k * m + l] = A[l * m + k] = a;
     }
   for (long k = 0; k < m; ++k) A[k * m + k] += noise;
-  T L[MAXM * MAXM];
+  T L_[MAXM * MAXM];
   long info = 0;
   for (long j = 0; j < m && !info; ++j) {  /* Cholesky, lower */
     T d = A[j * m + j];
-    for (long p = 0; p < j; ++p) d -= L[j * MAXM + p] * L[j * MAXM + p];
+    for (long p = 0; p < j; ++p) d -= L_[j * MAXM + p] * L_[j * MAXM + p];
     if (!(d > T(0))) { info = j + 1; break; }
     const T ljj = std::sqrt(d);
-    L[j * MAXM + j] = ljj;
+    L_[j * MAXM + j] = ljj;
     for (long i = j + 1; i < m; ++i) {
       T s = A[i * m + j];
-      for (long p = 0; p < j; ++p) s -= L[i * MAXM + p] * L[j * MAXM + p];
-      L[i * MAXM + j] = s / ljj;
+      for (long p = 0; p < j; ++p) s -= L_[i * MAXM + p] * L_[j * MAXM + p];
+      L_[i * MAXM + j] = s / ljj;
     }
   }
   T zmax = 0;
@@ -410,30 +461,64 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
   stats[1] = double(info); stats[4] = double(zmax);
   if (info) { stats[0] = 0; stats[2] = 0; stats[3] = 0; return; }
   bool finite = true;
-  for (long k = 0; k < m; ++k) {  /* forward substitution: u = L^-1 xi, V = L^-1 X (rows in place) */
+  T inv[MAXM];
+  for (long k = 0; k < m; ++k) {  /* u = L^-1 xi */
     T uk = xi[k];
     finite = finite && std::isfinite(xi[k]);
-    T *restrict Vk = X + k * n;
-    for (long p = 0; p < k; ++p) {
-      uk -= L[k * MAXM + p] * u[p];
-      const T lkp = L[k * MAXM + p];
-      const T *restrict Vp = X + p * n;
-      _Pragma("omp simd")
-      for (long i = 0; i < n; ++i) Vk[i] -= lkp * Vp[i];
-    }
-    const T inv = T(1) / L[k * MAXM + k];
-    u[k] = uk * inv;
+    for (long p = 0; p < k; ++p) uk -= L_[k * MAXM + p] * u[p];
+    inv[k] = T(1) / L_[k * MAXM + k];
+    u[k] = uk * inv[k];
     finite = finite && std::isfinite(u[k]);
-    _Pragma("omp simd")
-    for (long i = 0; i < n; ++i) Vk[i] *= inv;
+  }
+  /* One pass over the columns: V = L^-1 X in place (row k: X_k - sum_{p<k} L_kp V_p, then times 1/L_kk), and per
+     column sum_k V_ki^2, dw_i = sum_k u_k V_ki, max |V|, d_i; per element the same operations in the same order
+     as row by row. */
+  v vmax0 = {}, dmin0;
+  for (int l = 0; l < L; ++l) dmin0[l] = T(INFINITY);
+  v vmax1 = vmax0, dmin1 = dmin0;
+  for (long i = 0; i < nv; i += CW) {
+    v s0 = {}, s1 = {}, w0 = {}, w1 = {};
+    for (long k = 0; k < m; ++k) {
+      T *restrict Vk = X + k * n;
+      v a0 = *(const v *)(Vk + i), a1 = *(const v *)(Vk + i + L);
+      for (long p = 0; p < k; ++p) {
+        const T lkp = L_[k * MAXM + p];
+        a0 -= lkp * *(const v *)(X + p * n + i); a1 -= lkp * *(const v *)(X + p * n + i + L);
+      }
+      a0 *= inv[k]; a1 *= inv[k];
+      *(v *)(Vk + i) = a0; *(v *)(Vk + i + L) = a1;
+      s0 += a0 * a0; s1 += a1 * a1; w0 += u[k] * a0; w1 += u[k] * a1;
+      const v b0 = a0 < 0 ? -a0 : a0, b1 = a1 < 0 ? -a1 : a1;  /* |V| (NaN stays NaN) */
+      vmax0 = (b0 > vmax0) | (b0 != b0) ? b0 : vmax0;
+      vmax1 = (b1 > vmax1) | (b1 != b1) ? b1 : vmax1;
+    }
+    *(v *)(dw + i) = w0; *(v *)(dw + i + L) = w1;
+    v e0 = *(const v *)(dS + i), e1 = *(const v *)(dS + i + L);
+    if (g) { e0 += *(const v *)(g + i); e1 += *(const v *)(g + i + L); }
+    else { e0 += T(0); e1 += T(0); }
+    if (wsq) { e0 -= *(const v *)(wsq + i); e1 -= *(const v *)(wsq + i + L); }
+    else { e0 -= T(0); e1 -= T(0); }
+    const v d0 = c * e0 - s0, d1 = c * e1 - s1;
+    dmin0 = (d0 < dmin0) | (d0 != d0) ? d0 : dmin0;
+    dmin1 = (d1 < dmin1) | (d1 != d1) ? d1 : dmin1;
   }
   T dmin = T(INFINITY), vmax = 0;
-  for (long i = 0; i < n; ++i) {  /* column by column: sum_k V_ki^2, dw_i, max |V| */
+  for (int l = 0; l < L; ++l) {
+    const T d0 = dmin0[l], d1 = dmin1[l], a0 = vmax0[l], a1 = vmax1[l];
+    dmin = d0 < dmin || d0 != d0 ? d0 : dmin;
+    dmin = d1 < dmin || d1 != d1 ? d1 : dmin;
+    vmax = a0 > vmax || a0 != a0 ? a0 : vmax;
+    vmax = a1 > vmax || a1 != a1 ? a1 : vmax;
+  }
+  for (long i = nv; i < n; ++i) {  /* the last n % 2L columns */
     T s = 0, w = 0;
     for (long k = 0; k < m; ++k) {
-      const T v = X[k * n + i];
-      s += v * v; w += u[k] * v;
-      const T av = std::fabs(v);
+      T a = X[k * n + i];
+      for (long p = 0; p < k; ++p) a -= L_[k * MAXM + p] * X[p * n + i];
+      a *= inv[k];
+      X[k * n + i] = a;
+      s += a * a; w += u[k] * a;
+      const T av = std::fabs(a);
       vmax = av > vmax || av != av ? av : vmax;
     }
     dw[i] = w;
@@ -593,8 +678,7 @@ def gain(X: torch.Tensor, J: torch.Tensor, xi: torch.Tensor, dS: torch.Tensor, c
         if (len(kinds) == 1 and kinds <= {X.dtype, torch.float32}
                 and all(w.device.type == "cpu" and w.is_contiguous() for w in weights)):
             wf32 = int(weights[0].dtype == torch.float32 and X.dtype != torch.float32)
-            wptr = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64)  # (p,) kept alive for the call
-            wnum = torch.tensor([w.numel() for w in weights], dtype=torch.int64)  # (p,)
+            wptr, wnum = _weight_pointers(weights)
 
     def ptr(t):
         return None if t is None else t.data_ptr()
@@ -605,6 +689,22 @@ def gain(X: torch.Tensor, J: torch.Tensor, xi: torch.Tensor, dS: torch.Tensor, c
         u.data_ptr(), dw.data_ptr(), stats.data_ptr(), ptr(wptr), ptr(wnum), 0 if wptr is None else wptr.numel(), wf32)
     ok, info, dmin, _, _, stepped = stats.tolist()
     return bool(ok), int(info), dmin, A, dw, bool(stepped)
+
+
+_POINTERS: dict = {}  # (addresses, sizes) of a weight list -> its (pointers (p,), sizes (p,)) int64 tensors
+
+
+def _weight_pointers(weights: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(addresses (p,), element counts (p,)) of ``weights`` as int64 tensors for :func:`gain`, kept per list of
+    addresses and sizes (the same parameters at every update: two tensor constructions saved per call)."""
+    key = tuple((w.data_ptr(), w.numel()) for w in weights)
+    got = _POINTERS.get(key)
+    if got is None:
+        if len(_POINTERS) >= 16:
+            _POINTERS.clear()
+        got = _POINTERS[key] = (torch.tensor([a for a, _ in key], dtype=torch.int64),
+                                torch.tensor([k for _, k in key], dtype=torch.int64))
+    return got
 
 
 class NativeKernel(BlasKernel):

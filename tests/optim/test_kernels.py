@@ -236,3 +236,67 @@ def test_portable_build_of_the_filter_kernels_gives_the_same_product(m):
     X = torch.empty(m, n, dtype=torch.float64)
     fn(stored.data_ptr(), J.data_ptr(), X.data_ptr(), n, m)
     torch.testing.assert_close(X, J @ P, rtol=1e-12, atol=1e-12)
+
+
+def _gain_reference(X, J, xi, dS, c, noise, W, wsq, g):
+    """native.gain's algebra in float64 torch (its C++ comment): X (S Jᵀ)ᵀ corrected to (P Jᵀ)ᵀ, A, L, u, V, Δw,
+    dmin and max |V|."""
+    X = X.double().clone()
+    if W is not None:
+        X -= (J.double() @ W.double().T) @ W.double()  # (m, n)
+    if g is not None:
+        X += J.double() * g.double()
+    X *= c
+    A = 0.5 * (J.double() @ X.T + X @ J.double().T) + noise * torch.eye(J.shape[0], dtype=torch.float64)  # (m, m)
+    L = torch.linalg.cholesky(A)
+    u = torch.linalg.solve_triangular(L, xi.double()[:, None], upper=False)[:, 0]  # (m,)
+    V = torch.linalg.solve_triangular(L, X, upper=False)  # (m, n)
+    extra = (g.double() if g is not None else 0) - (wsq.double() if wsq is not None else 0)
+    d = c * (dS.double() + extra) - (V * V).sum(0)  # (n,)
+    return A, V, V.T @ u, float(d.min()), float(V.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, m, r", [(37, 1, 0), (64, 3, 5), (203, 10, 70), (16, 10, 0), (101, 2, 1)])
+def test_compiled_gain_equals_its_reference_algebra(dtype, n, m, r):
+    """native.gain (the update's small algebra in one call: vector lanes over the columns with a tail, deferred rows
+    in groups of 64) against the same algebra in float64 torch: A, V, Δw, dmin, the checks on max |V| and dmin, a
+    NaN anywhere in X refused, and the weights stepped through their pointers."""
+    from ekf_plugin.optim import native
+
+    if native.load() is None:
+        pytest.skip("no C++ compiler for the native kernels")
+    g_ = torch.Generator().manual_seed(n + m + r)
+    J = torch.randn(m, n, generator=g_, dtype=dtype)  # (m, n)
+    X0 = (J @ torch.eye(n, dtype=dtype) * 0.5 + 0.01 * torch.randn(m, n, generator=g_, dtype=dtype)).contiguous()
+    xi = torch.randn(m, generator=g_, dtype=dtype)
+    W = (0.02 * torch.randn(r, n, generator=g_, dtype=dtype)) if r else None  # (r, n) deferred rows
+    wsq = (W * W).sum(0) if r else None  # (n,)
+    gd = 1e-3 * torch.rand(n, generator=g_, dtype=dtype)
+    dS = 0.5 + torch.rand(n, generator=g_, dtype=dtype)
+    c = 1.25
+    A_ref, V_ref, dw_ref, dmin_ref, vmax_ref = _gain_reference(X0, J, xi, dS, c, 0.1, W, wsq, gd)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+    weights = [torch.zeros(n // 2, dtype=dtype), torch.zeros(n - n // 2, dtype=dtype)]
+    X = X0.clone()
+    ok, info, dmin, A, dw, stepped = native.gain(X, J, xi, dS, c, 0.1, 1e30, None, W, wsq, gd, weights=weights)
+    assert ok and info == 0 and stepped
+    torch.testing.assert_close(A.double(), A_ref, **tol)
+    torch.testing.assert_close(X.double(), V_ref, **tol)  # V in place
+    torch.testing.assert_close(dw.double(), dw_ref, **tol)
+    assert dmin == pytest.approx(dmin_ref, rel=1e-4 if dtype == torch.float32 else 1e-10)
+    torch.testing.assert_close(torch.cat(weights).double(), -dw_ref, **tol)
+    for big, expect in ((0.999 * vmax_ref, False), (1.001 * vmax_ref, True)):  # the max |V| check, at its edge
+        X = X0.clone()
+        assert native.gain(X, J, xi, dS, c, 0.1, big, None, W, wsq, gd)[0] is expect
+    # dmin: the diagonal of P after the update must stay positive; lowering dS by more than dmin makes it not
+    shift = (dmin_ref + 1e-3 * abs(dmin_ref) + 1e-6) / c
+    X = X0.clone()
+    refused = native.gain(X, J, xi, dS - shift, c, 0.1, 1e30, None, W, wsq, gd)
+    assert not refused[0] and refused[2] < 0
+    for col in (0, n - 1, n // 2):  # a NaN in a vector lane or in the tail is refused, not stepped
+        X = X0.clone()
+        X[m - 1, col] = float("nan")
+        w = [torch.zeros(n, dtype=dtype)]
+        out = native.gain(X, J, xi, dS, c, 0.1, 1e30, None, W, wsq, gd, weights=w)
+        assert not out[0] and not out[5] and not bool(w[0].any())
