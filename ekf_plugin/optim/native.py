@@ -19,8 +19,9 @@ once per pass:
   (:attr:`~ekf_plugin.optim.kernels.FilterKernel.fused_scale`).
 * The small algebra of an update of one block (:func:`gain`): X corrected for the deferred rows and noise, A,
   its Cholesky factor, V = L⁻¹ Xᵀ in place, the safety checks and the weight step in one call, where the torch
-  algebra spends ~40 small operations (~0.7 ms per update of the study's BPNN right after a pass over P; ~0.3 ms
-  here). :class:`~ekf_plugin.optim.EKF` uses it for one block on the CPU (``EKF_PLUGIN_NATIVE_GAIN=0``: never).
+  algebra spends ~40 small operations (~0.7 ms per update of the study's BPNN right after a pass over P). Here
+  the columns go by vector lanes: one pass corrects X for the deferred rows, one computes V with its checks and
+  Δw (m = 10, n = 2827, float64, warm: 0.09 ms, 0.20 ms with 16 deferred rows). :class:`~ekf_plugin.optim.EKF` uses it for one block on the CPU (``EKF_PLUGIN_NATIVE_GAIN=0``: never).
 
 Same storage as :class:`~ekf_plugin.optim.kernels.BlasKernel` (row-major blocks, upper triangle valid), so the
 two kernels and their checkpoints are interchangeable. Results equal the dense algebra to round-off; the
