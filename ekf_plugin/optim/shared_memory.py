@@ -143,11 +143,15 @@ class SharedMemoryGroup:
         return t.device.type == "cpu" and t.numel() * t.element_size() <= self.capacity
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """In place: t ← Σ_r t_r, summed in rank order on every process (bitwise the same result everywhere)."""
+        """In place: t ← Σ_r t_r, summed in rank order on every process (bitwise the same result everywhere; with two
+        processes each adds the other's part to its own: a + b and b + a are the same number in IEEE arithmetic)."""
         if not self._fits(t):
             torch.distributed.all_reduce(t, group=self.process_group)
             return t
         parts = self._exchange(t)
+        if self.world == 2 and t.is_contiguous():  # t0 + t1 either way round is bitwise the same: one pass
+            t.add_(parts[1 - self.rank])
+            return t
         total = parts[0].clone()
         for p in parts[1:]:
             total += p
