@@ -351,6 +351,11 @@ static void rxt_blocked(const T *Rm, const T *Jl, const T *Jr, T *X1, T *X2, lon
    ok = Cholesky succeeded, xi and u finite, max|V| <= big, dmin > 0 and (gate < 0 or the largest normalised
    innovation <= gate). On a failed Cholesky info = the 1-based order of the first non-positive pivot and X,
    u, dw are left as they are. The same sums as the torch path up to their order. */
+/* m ? a : b per lane, m a vector comparison's result (all bits set where true): bit operations, which GCC and
+   Clang both take on vector types (a vector ?: is GCC's only). */
+template <typename V, typename M>
+static inline V vselect(M m, V a, V b) { return (V)((m & (M)a) | (~m & (M)b)); }
+
 template <typename T>
 static T dotn(const T *restrict a, const T *restrict b, long n) {  /* four vector accumulators: not latency bound */
   typedef typename Vec<T>::type v;
@@ -489,9 +494,9 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
       a0 *= inv[k]; a1 *= inv[k];
       *(v *)(Vk + i) = a0; *(v *)(Vk + i + L) = a1;
       s0 += a0 * a0; s1 += a1 * a1; w0 += u[k] * a0; w1 += u[k] * a1;
-      const v b0 = a0 < 0 ? -a0 : a0, b1 = a1 < 0 ? -a1 : a1;  /* |V| (NaN stays NaN) */
-      vmax0 = (b0 > vmax0) | (b0 != b0) ? b0 : vmax0;
-      vmax1 = (b1 > vmax1) | (b1 != b1) ? b1 : vmax1;
+      const v b0 = vselect(a0 < 0, -a0, a0), b1 = vselect(a1 < 0, -a1, a1);  /* |V| (NaN stays NaN) */
+      vmax0 = vselect((b0 > vmax0) | (b0 != b0), b0, vmax0);
+      vmax1 = vselect((b1 > vmax1) | (b1 != b1), b1, vmax1);
     }
     *(v *)(dw + i) = w0; *(v *)(dw + i + L) = w1;
     v e0 = *(const v *)(dS + i), e1 = *(const v *)(dS + i + L);
@@ -500,8 +505,8 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
     if (wsq) { e0 -= *(const v *)(wsq + i); e1 -= *(const v *)(wsq + i + L); }
     else { e0 -= T(0); e1 -= T(0); }
     const v d0 = c * e0 - s0, d1 = c * e1 - s1;
-    dmin0 = (d0 < dmin0) | (d0 != d0) ? d0 : dmin0;
-    dmin1 = (d1 < dmin1) | (d1 != d1) ? d1 : dmin1;
+    dmin0 = vselect((d0 < dmin0) | (d0 != d0), d0, dmin0);
+    dmin1 = vselect((d1 < dmin1) | (d1 != d1), d1, dmin1);
   }
   T dmin = T(INFINITY), vmax = 0;
   for (int l = 0; l < L; ++l) {
