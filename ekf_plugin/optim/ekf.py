@@ -594,12 +594,7 @@ class EKF(torch.optim.Optimizer):
         dS = self._s_diagonal()  # (n,) diag S
         Js = [J[:, a:b].contiguous() for a, b in self.blocks]  # each (m, n_b)
         XTs = [kern.xt(Pb, Jb) for Pb, Jb in zip(Ps, Js)]  # each (m, n_b) = (S_b J_bᵀ)ᵀ
-        fast = self._compiled_gain(xi, Js[0], XTs[0], dS, c, Ws[0], self._wsq[0], g) if len(Ps) == 1 else None
-        if fast is not None:  # one block on the CPU: the algebra below in one compiled call; XTs[0] is now V
-            ok, info, dmin, A, dw, stepped = fast
-            if not ok:
-                return self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
-            self._finish(Ps, [XTs[0]], None if stepped else dw, defer, c)
+        if self._compiled_update(xi, Js[0], XTs[0], dS, Ps, defer):  # one block on the CPU: the algebra below
             return
         XTs = [XT if W is None else XT - (Jb @ W.T) @ W for XT, Jb, W in zip(XTs, Js, Ws)]
         if g is not None:
@@ -655,20 +650,28 @@ class EKF(torch.optim.Optimizer):
             self._apply_dw(dw)
         self._advance(Ps, faded=faded)
 
-    def _compiled_gain(self, xi: torch.Tensor, J: torch.Tensor, XT: torch.Tensor, dS: torch.Tensor, c: float,
-                       W: Optional[torch.Tensor], wsq: Optional[torch.Tensor], g: Optional[torch.Tensor]):
-        """(ok, info, dmin, A, Δw) of :func:`ekf_plugin.optim.native.gain` for one block (XT (m, n) = (S Jᵀ)ᵀ
-        becomes V in place), or None (CUDA, other layouts, no compiler, ``EKF_PLUGIN_NATIVE_GAIN=0``: the torch
-        algebra)."""
-        if not _NATIVE_GAIN or XT.device.type != "cpu":
-            return None
+    def _compiled_update(self, xi: torch.Tensor, J: torch.Tensor, XT: torch.Tensor, dS: torch.Tensor,
+                         Ps: List[torch.Tensor], defer: bool) -> bool:
+        """The rest of an update of one block by :func:`ekf_plugin.optim.native.gain` (XT (m, n) = (S Jᵀ)ᵀ becomes V
+        in place; then rejected, or finished as :meth:`_finish` does); False where it does not apply (several
+        blocks, CUDA, other layouts, no compiler, ``EKF_PLUGIN_NATIVE_GAIN=0``): the caller's torch algebra."""
+        if not _NATIVE_GAIN or XT.device.type != "cpu" or len(self.blocks) != 1:
+            return False
         from ekf_plugin.optim import native  # noqa: PLC0415 - builds on first use
 
-        got = native.gain(XT, J, xi, dS, c, self._noise(), self._big, self.innovation_gate, W, wsq, g,
-                          weights=self._params)
-        if got is not None and got[5]:  # w −= Δw was written through pointers: bump the parameters' versions as an
-            torch._foreach_mul_(self._params, 1.0)  # in-place update does (caches key on them; −0 and NaN kept)
-        return got
+        c = self._c
+        got = native.gain(XT, J, xi, dS, c, self._noise(), self._big, self.innovation_gate, self._deferred[0],
+                          self._wsq[0], self._gdiag, weights=self._params)
+        if got is None:
+            return False
+        ok, info, dmin, A, dw, stepped = got
+        if stepped:  # w −= Δw was written through pointers: bump the parameters' versions as an in-place update
+            torch._foreach_mul_(self._params, 1.0)  # does (caches key on them; −0 and NaN kept)
+        if not ok:
+            self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
+        else:
+            self._finish(Ps, [XT], None if stepped else dw, defer, c)
+        return True
 
     @torch.no_grad()
     def _update_sharded(self, xi: torch.Tensor, J: torch.Tensor) -> None:
@@ -686,12 +689,7 @@ class EKF(torch.optim.Optimizer):
         Ws, c, g = self._deferred, self._c, self._gdiag  # P_b = c (S_b + diag(g_b) − W_bᵀ W_b), as in _update
         check = torch.stack([xi.sum(), J.sum(), xi.new_tensor(float(m))])  # (3,) the same ξ, J everywhere?
         XT, diag = self.shard.xt_and_diag(local, J, self._s_diagonal(), check)  # (m, n), (n,) of the stored S
-        fast = self._compiled_gain(xi, J, XT, diag, c, Ws[0], self._wsq[0], g) if len(self.blocks) == 1 else None
-        if fast is not None:  # as in _update; XT is now V, the same on every process
-            ok, info, dmin, A, dw, stepped = fast
-            if not ok:
-                return self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
-            self._finish(local, [XT], None if stepped else dw, defer, c)
+        if self._compiled_update(xi, J, XT, diag, local, defer):  # as in _update; V the same on every process
             return
         if g is not None:
             XT += J * g  # (m, n)
