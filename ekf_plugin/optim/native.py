@@ -410,9 +410,12 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
   enum { L = 32 / sizeof(T), CW = 2 * L };
   stats[5] = 0.0;
   const long nv = n - n % CW;  /* columns done by vectors; the rest one by one */
-  if (r > 0 || g || c != T(1)) {  /* X <- c (X - (J W^T) W + J o g): Y = J W^T first, then one pass over the columns */
+  if (r > 0 || g || c != T(1)) {  /* X <- c (X - (J W^T) W + J o g): per group of at most 64 rows of W, Y = J W^T
+                                      (on the stack) and one pass over the columns; g and c with the last group
+                                      (r = 0: one group of no rows) */
     T Y[MAXM * 64];
-    for (long r0 = 0; r0 < r; r0 += 64) {  /* at most 64 deferred rows of W at a time (Y on the stack) */
+    long r0 = 0;
+    do {
       const long rb = r - r0 < 64 ? r - r0 : 64;
       const T *restrict Wb = W + r0 * n;
       for (long k = 0; k < m; ++k)
@@ -427,17 +430,8 @@ static void gain(T *restrict X, const T *restrict J, const T *restrict xi, long 
           if (last && c != T(1)) a *= c;
           X[k * n + i] = a;
         }
-    }
-    if (r == 0) {  /* only g and c */
-      for (long i = 0; i < nv; i += CW) correct_cols<T>(X, J, W, Y, g, c, n, m, 0, i);
-      for (long i = nv; i < n; ++i)
-        for (long k = 0; k < m; ++k) {
-          T a = X[k * n + i];
-          if (g) a += J[k * n + i] * g[i];
-          if (c != T(1)) a *= c;
-          X[k * n + i] = a;
-        }
-    }
+      r0 += 64;
+    } while (r0 < r);
   }
   for (long k = 0; k < m; ++k)
     for (long l = 0; l <= k; ++l) {
