@@ -376,8 +376,8 @@ static T dotn(const T *restrict a, const T *restrict b, long n) {  /* four vecto
   return s;
 }
 
-/* X_k <- c (X_k - sum_q Y_kq W_q + J_k o g) for the columns [i, i + 2L) (vectors) or one column (tail): every
-   element sees the same operations in the same order (q ascending, then g, then c); the r rows of W for these
+/* X_k <- c (X_k - sum_q Y_kq W_q + J_k o g) for the columns [i, i + 2L) (two vectors; the caller does the last
+   n % 2L columns one by one the same way): every element sees the same operations in the same order (q ascending, then g, then c); the r rows of W for these
    columns stay in L1 while the m rows of X pass. */
 template <typename T>
 static inline void correct_cols(T *restrict X, const T *restrict J, const T *restrict W, const T *restrict Y,
