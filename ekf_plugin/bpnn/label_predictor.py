@@ -413,6 +413,8 @@ class BPNNLabelPredictor:
             s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
             e, r = rows.energy(s, self._network_species(structure, species), share)  # (1,), (1, n)
             values.append(e), out.append(r)
+        if len(values) == 1:  # one structure (the study's batch): no copy
+            return values[0], out[0]  # (1,), (1, n)
         return torch.cat(values), torch.cat(out)  # (B,), (B, n)
 
     def force_components_and_rows(

@@ -531,8 +531,8 @@ class EKF(torch.optim.Optimizer):
                 if not xi.requires_grad:
                     raise RuntimeError("EKF closure returned ξ without an autograd graph (build it with grad enabled)")
                 J = flat_jacobian(xi, self._params, vectorize=self.vectorize_jacobian)  # (m, n)
-        xi = xi.detach().to(self.dtype)  # (m,)
-        J = J.detach().to(self.dtype)  # (m, n)
+        xi = (xi.detach() if xi.requires_grad else xi).to(self.dtype)  # (m,)
+        J = (J.detach() if J.requires_grad else J).to(self.dtype)  # (m, n)
         if not self.label_split:
             xi, J = self._gather(xi, J)
         if self.shard is not None:

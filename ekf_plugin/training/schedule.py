@@ -262,6 +262,7 @@ def label_errors(
     Closed-form Jacobians: when ``energies`` returns ``(values (B,), rows (B, n))`` and
     ``force_components`` returns ``(values (k,), rows (k, n))`` (rows = ∂prediction/∂θ), the result is
     ``(ξ (m,), J (m, n))`` with J weighted like ξ, ready for ``EKF.step``; otherwise ξ with its graph.
+    The rows returned are label_errors' own: they are weighted in place (no copy of the (k, n) rows).
 
     The random draws (one ``randperm`` per force structure, in batch order) are those of
     :func:`weighted_errors`, so both give the same labels for the same generator state.
@@ -274,20 +275,28 @@ def label_errors(
     e_rows: Optional[torch.Tensor] = None
     idx_m = batch[IDX_M]  # (N_total,)
     n_atoms = batch[N_ATOMS]  # (B,)
+    one = n_atoms.numel() == 1  # one structure (the study's batch): no per-structure slices
+    nats: Optional[List[int]] = None  # N_b as Python ints (energy labels per atom)
     for b, kind in enumerate(kinds):
         if kind == ENERGY:
             if e_pred is None:
                 e_pred, e_rows = _with_rows(energies())  # (B,), (B, n) or None
-            ref = batch[energy_key].reshape(-1)[b : b + 1].to(e_pred.dtype)  # (1,)
-            err = e_pred[b : b + 1] - ref  # (1,)
-            nat = n_atoms[b : b + 1].to(err.dtype)
-            weight = c_energy**0.5 / (nat if energy_per_atom else 1.0)  # (1,) or scalar
+            ref = batch[energy_key].reshape(-1)  # (B,)
+            pred_b, ref_b = (e_pred, ref) if one else (e_pred[b : b + 1], ref[b : b + 1])  # (1,)
+            ref_b = ref_b.to(pred_b.dtype)
+            if energy_per_atom and nats is None:
+                nats = n_atoms.tolist()
+            per = float(nats[b]) if energy_per_atom else 1.0
+            weight = c_energy**0.5 / per
             if record is not None:
-                record.setdefault("energy", []).append((e_pred[b : b + 1].detach() / nat, ref / nat))
-            parts.append(err * weight)  # (1,)
-            rows.append(None if e_rows is None else e_rows[b : b + 1] * weight)  # (1, n)
+                record.setdefault("energy", []).append((pred_b.detach() / per, ref_b / per))
+            parts.append((pred_b - ref_b) * weight)  # (1,)
+            if e_rows is None:
+                rows.append(None)
+            else:  # the rows are the callable's fresh tensor: scaled in place where it is this label's alone
+                rows.append(_scaled(e_rows, weight) if one else e_rows[b : b + 1] * weight)  # (1, n)
         else:
-            ref_all = (batch[forces_key] if n_atoms.numel() == 1 else batch[forces_key][idx_m == b]).reshape(-1)  # (3N_b,)
+            ref_all = (batch[forces_key] if one else batch[forces_key][idx_m == b]).reshape(-1)  # (3N_b,)
             if selection is None:
                 pick = draw_components(ref_all.numel(), n_force_components, generator)  # (k,) CPU
             else:
@@ -303,12 +312,18 @@ def label_errors(
             ref = ref_all[pick.to(ref_all.device)].to(f.dtype)  # (k,)
             if record is not None:
                 record.setdefault("forces", []).append((f.detach(), ref))
-            parts.append((f - ref) * (c_forces / k) ** 0.5)  # (k,)
-            rows.append(None if f_rows is None else f_rows * (c_forces / k) ** 0.5)  # (k, n)
-    xi = torch.cat(parts)  # (m,)
+            weight = (c_forces / k) ** 0.5
+            parts.append((f - ref) * weight)  # (k,)
+            rows.append(None if f_rows is None else _scaled(f_rows, weight))  # (k, n)
+    xi = parts[0] if len(parts) == 1 else torch.cat(parts)  # (m,)
     if rows and all(r is not None for r in rows):
-        return xi, torch.cat(rows)  # (m,), (m, n)
+        return xi, rows[0] if len(rows) == 1 else torch.cat(rows)  # (m,), (m, n)
     return xi
+
+
+def _scaled(rows: torch.Tensor, weight: float) -> torch.Tensor:
+    """``rows * weight``, in place (no copy of the (k, n) rows) unless autograd needs the original."""
+    return rows * weight if rows.requires_grad else rows.mul_(weight)
 
 
 def _with_rows(value):

@@ -69,6 +69,39 @@ def test_weighted_errors_per_atom_energy_and_all_components():
     torch.testing.assert_close(xi[:9], (pred["forces"][:3] - batch["forces"][:3]).reshape(-1) / 3.0)
 
 
+@pytest.mark.parametrize("n_atoms", [(4,), (3, 4)])
+def test_label_errors_weight_closed_form_rows_like_their_values(n_atoms):
+    """(ξ, J) from callables that return (values, rows): every row is weighted as its label, √c_E/N_b for an energy
+    per atom and √(c_F/k) for a force component; one structure (rows weighted in place, no copy) as several."""
+    from ekf_plugin.training.schedule import label_errors
+
+    pred, batch = _fake(n_atoms)
+    n, g = 5, torch.Generator().manual_seed(3)
+    e_rows = torch.randn(len(n_atoms), n, generator=g, dtype=torch.float64)  # (B, n) ∂E_b/∂θ
+    f_rows = torch.randn(sum(n_atoms) * 3, n, generator=g, dtype=torch.float64)  # (3N, n) ∂F/∂θ, flat components
+    first = [0, *torch.tensor(n_atoms).cumsum(0).tolist()]
+
+    def forces(b, pick):
+        flat = 3 * first[b] + pick
+        return pred["forces"].reshape(-1)[flat].clone(), f_rows[flat].clone()
+
+    c_e, c_f, k = 2.0, 3.0, 4
+    for kinds in ([ENERGY] * len(n_atoms), [FORCES] * len(n_atoms)):
+        xi, J = label_errors(lambda: (pred["energy"].clone(), e_rows.clone()), forces, batch, kinds,
+                             torch.Generator().manual_seed(4), n_force_components=k, c_energy=c_e, c_forces=c_f,
+                             energy_per_atom=True)
+        xi_ref = weighted_errors(pred, batch, kinds, torch.Generator().manual_seed(4), n_force_components=k,
+                                 c_energy=c_e, c_forces=c_f, energy_per_atom=True)
+        torch.testing.assert_close(xi, xi_ref, rtol=1e-12, atol=0)
+        if kinds[0] == ENERGY:
+            want = e_rows * (c_e**0.5 / torch.tensor(n_atoms, dtype=torch.float64))[:, None]  # (B, n)
+        else:  # the drawn components: the rows whose values are the unweighted predictions
+            draws = torch.Generator().manual_seed(4)
+            picks = [torch.randperm(3 * nb, generator=draws)[:k] + 3 * first[b] for b, nb in enumerate(n_atoms)]
+            want = f_rows[torch.cat(picks)] * (c_f / k) ** 0.5  # (B·k, n)
+        torch.testing.assert_close(J, want, rtol=1e-12, atol=0)
+
+
 def test_reduced_rows_are_signed_sums_of_group_force_errors():
     """Row 0: √c_E mean_b|ΔE_b|/N_b; rows 1..G: √c_F mean |ΔF| of S atoms; ∂row/∂ŷ = signed (mean) weights."""
     from ekf_plugin.training.schedule import reduced_row_errors
