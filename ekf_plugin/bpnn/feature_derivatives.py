@@ -423,8 +423,7 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
   const T rc2 = rc * rc;
   const int64_t cap = M * (M - 1) / 2;
   std::vector<int32_t> tri_m(cap), tri_n(cap);
-  std::vector<T> r3v(cap), f3v(cap), h3v(K * cap), ux(M), uy(M), uz(M), xs(M), irs(M);
-  std::vector<int32_t> es(M);
+  std::vector<T> r3v(cap), f3v(cap), h3v(K * cap), ux(M), uy(M), uz(M);
   std::vector<unsigned char> ok(E * M);
   // step 3 works on vectors of NL keys (VT<T>: 16 float32 or 8 float64 lanes)
   typedef typename VT<T>::v V;
@@ -466,11 +465,9 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
         const int64_t sn = base_l + n;
         ok[e * M + n] = static_cast<unsigned char>(valid[sn] && !pen[(ea * E + e) * E + elem[sn]]);
       }
-    for (int64_t n = 0; n < M; ++n) {  // the label's slots as structure of arrays for step 3's vector loop
-      const int64_t sn = base_l + n;
-      const T* un = u + 3 * sn;
+    for (int64_t n = 0; n < M; ++n) {
+      const T* un = u + 3 * (base_l + n);
       ux[n] = un[0]; uy[n] = un[1]; uz[n] = un[2];
-      xs[n] = x[sn]; irs[n] = T(1) / r[sn]; es[n] = static_cast<int32_t>(elem[sn]);
     }
     int64_t n_tri = 0;
     for (int64_t m = 0; m < M; ++m) {
@@ -524,38 +521,27 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
       T* __restrict__ dcs = dcosv.data();  // (3, CH) their derivatives w.r.t. r_a,alpha
       const int32_t* __restrict__ tm = tri_m.data() + t0;
       const int32_t* __restrict__ tn = tri_n.data() + t0;
-      const T* __restrict__ pux = ux.data();
-      const T* __restrict__ puy = uy.data();
-      const T* __restrict__ puz = uz.data();
-      const T* __restrict__ pxs = xs.data();
-      const T* __restrict__ pir = irs.data();
-      const int32_t* __restrict__ pes = es.data();
-      int64_t* __restrict__ sa = slot_a.data();
-      int64_t* __restrict__ sp = slot_p.data();
-      int64_t* __restrict__ sq = slot_q.data();
-      // geometry of the chunk's triangles, vectorised over triangles (gathers from the label's slots)
-#pragma omp simd
       for (int64_t i = 0; i < nt; ++i) {
-        const int32_t m = tm[i], n = tn[i];
-        const T m0 = pux[m], m1 = puy[m], m2 = puz[m], n0 = pux[n], n1 = puy[n], n2 = puz[n];
-        const T d0 = n0 - m0, d1 = n1 - m1, d2 = n2 - m2;
-        const T i3 = T(1) / r3p[t0 + i], im = pir[m], in = pir[n], xm = pxs[m], xn = pxs[n];
+        const int64_t sm = base_l + tm[i], sn = base_l + tn[i];
+        const T* um = u + 3 * sm;
+        const T* un = u + 3 * sn;
+        const T d0 = un[0] - um[0], d1 = un[1] - um[1], d2 = un[2] - um[2];
+        const T r3 = r3p[t0 + i], rm = r[sm], xm = x[sm], rn = r[sn], xn = x[sn];
+        const T i3 = T(1) / r3, im = T(1) / rm, in = T(1) / rn;  // one division each
         const T x3 = (alpha == 0 ? d0 : (alpha == 1 ? d1 : d2)) * i3;
-        const T uw = m0 * n0 + m1 * n1 + m2 * n2;
-        const T ud = m0 * d0 + m1 * d1 + m2 * d2;
-        const T wd = n0 * d0 + n1 * d1 + n2 * d2;
+        const T uw = um[0] * un[0] + um[1] * un[1] + um[2] * un[2];
+        const T ud = um[0] * d0 + um[1] * d1 + um[2] * d2;
+        const T wd = un[0] * d0 + un[1] * d1 + un[2] * d2;
         const T ca = uw * (im * in), cp = -ud * (im * i3), cq = wd * (in * i3);
         cs[i] = ca; cs[CH + i] = cp; cs[2 * CH + i] = cq;
         dcs[i] = -((xn - ca * xm) * im + (xm - ca * xn) * in);
         dcs[CH + i] = (x3 + cp * xm) * im;
         dcs[2 * CH + i] = (cq * xn - x3) * in;
-        const int32_t em = pes[m], en = pes[n];
-        sa[i] = int64_t(em * E + en) * NC;  // centre a, neighbours of elements em, en
-        sp[i] = int64_t(m * E + en) * NC;  // centre p (slot m), neighbours a and q
-        sq[i] = int64_t(n * E + em) * NC;  // centre q (slot n), neighbours a and p
-      }
-      for (int64_t i = 0; i < nt; ++i) {  // the triangle's h3_k, k in the lanes
-        T* h3 = reinterpret_cast<T*>(sidev.data() + i * KV);
+        const int64_t em = elem[sm], en = elem[sn];
+        slot_a[i] = (em * E + en) * NC;  // centre a, neighbours of elements em, en
+        slot_p[i] = (tm[i] * E + en) * NC;  // centre p (slot m), neighbours a and q
+        slot_q[i] = (tn[i] * E + em) * NC;  // centre q (slot n), neighbours a and p
+        T* h3 = reinterpret_cast<T*>(sidev.data() + i * KV);  // the triangle's h3_k, k in the lanes
         for (int64_t k = 0; k < K; ++k) h3[k] = h3v[k * cap + t0 + i];
       }
       for (int64_t i = 0; i < nt; ++i) {  // side factors R_k and dR_k/dr_a,alpha of the triangle, k in the lanes
