@@ -262,7 +262,8 @@ def label_errors(
     Closed-form Jacobians: when ``energies`` returns ``(values (B,), rows (B, n))`` and
     ``force_components`` returns ``(values (k,), rows (k, n))`` (rows = ∂prediction/∂θ), the result is
     ``(ξ (m,), J (m, n))`` with J weighted like ξ, ready for ``EKF.step``; otherwise ξ with its graph.
-    The rows returned are label_errors' own: they are weighted in place (no copy of the (k, n) rows).
+    The rows the callables return must be tensors of their own (not views of state kept elsewhere): they are
+    weighted in place (no copy of the (k, n) rows).
 
     The random draws (one ``randperm`` per force structure, in batch order) are those of
     :func:`weighted_errors`, so both give the same labels for the same generator state.
@@ -293,7 +294,7 @@ def label_errors(
             parts.append((pred_b - ref_b) * weight)  # (1,)
             if e_rows is None:
                 rows.append(None)
-            else:  # the rows are the callable's fresh tensor: scaled in place where it is this label's alone
+            else:  # weighted in place where the rows are this label's alone (one structure)
                 rows.append(_scaled(e_rows, weight) if one else e_rows[b : b + 1] * weight)  # (1, n)
         else:
             ref_all = (batch[forces_key] if one else batch[forces_key][idx_m == b]).reshape(-1)  # (3N_b,)
