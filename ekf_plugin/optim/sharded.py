@@ -308,7 +308,13 @@ def split_rows(
     values, rows = fn(share) if share.numel() else (None, None)
     device = idx.device if values is None else values.device
     # row 0: header [value dtype, row dtype (-1: none here), key, idx...]; rows 1..: [value, row (n,)]
-    buf = torch.zeros(kmax + 1, max(1 + n, 3 + k), dtype=torch.float64, device=device)
+    shape = (kmax + 1, max(1 + n, 3 + k))
+    nbytes = shape[0] * shape[1] * 8
+    in_place = isinstance(group, SharedMemoryGroup) and device.type == "cpu" and nbytes <= group.capacity
+    if in_place:  # written straight into this process's slot of the segment; only the entries read are written
+        buf = group.outbox(nbytes).view(torch.float64).view(shape)
+    else:
+        buf = torch.zeros(shape, dtype=torch.float64, device=device)
     buf[0, :3] = torch.tensor([-1.0, -1.0, float(key)]) if values is None else torch.tensor(
         [float(_DTYPES.index(values.dtype)), float(_DTYPES.index(rows.dtype)), float(key)])
     buf[0, 3 : 3 + k] = idx.to(torch.float64)
@@ -317,8 +323,11 @@ def split_rows(
             raise ValueError(f"split_rows: rows of shape {tuple(rows.shape)}, expected ({share.numel()}, {n})")
         buf[1 : 1 + share.numel(), 0] = values.detach().to(torch.float64)
         buf[1 : 1 + share.numel(), 1 : 1 + n] = rows.detach().to(torch.float64)
-    out = [torch.empty_like(buf) for _ in range(world)]
-    all_gather(out, buf, group)
+    if in_place:
+        out = [part.view(torch.float64).view(shape) for part in group.post(nbytes)]  # views into the segment
+    else:
+        out = [torch.empty_like(buf) for _ in range(world)]
+        all_gather(out, buf, group)
     heads = [o[0, : 3 + k] for o in out]
     if any(not torch.equal(h[2:], heads[rank][2:]) for h in heads):
         raise RuntimeError(
@@ -327,7 +336,7 @@ def split_rows(
             "key and labels per process: " + "; ".join(f"{h[2]:g}: {h[3:].long().tolist()}" for h in heads)
         )
     vcode, rcode = (int(max(float(h[i]) for h in heads)) for i in range(2))
-    full = torch.cat([o[1 : 1 + cuts[r + 1] - cuts[r], : 1 + n] for r, o in enumerate(out)])  # (k, 1 + n)
+    full = torch.cat([o[1 : 1 + cuts[r + 1] - cuts[r], : 1 + n] for r, o in enumerate(out)])  # (k, 1 + n), a copy
     return full[:, 0].to(_DTYPES[vcode]), full[:, 1:].to(_DTYPES[rcode])
 
 

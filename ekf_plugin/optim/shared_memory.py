@@ -104,13 +104,23 @@ class SharedMemoryGroup:
             raise ValueError(f"SharedMemoryGroup: CPU tensors only, got one on {t.device}")
         flat = t.detach().contiguous().reshape(-1)
         nbytes = flat.numel() * flat.element_size()
+        self.outbox(nbytes).copy_(flat.view(torch.uint8))
+        return [part.view(t.dtype).view(t.shape) for part in self.post(nbytes)]
+
+    def outbox(self, nbytes: int) -> torch.Tensor:
+        """(nbytes,) uint8 view of this process's slot for the next collective: write a message into it, then
+        :meth:`post` it (a message built in place costs no copy). ValueError above the capacity."""
         if nbytes > self.capacity:
             raise ValueError(f"SharedMemoryGroup: a message of {nbytes} bytes exceeds the capacity {self.capacity}")
+        return self._slot(self.rank, self._seq + 1, nbytes)
+
+    def post(self, nbytes: int) -> List[torch.Tensor]:
+        """Publish the :meth:`outbox` (its first ``nbytes``), wait for every process's, and return them in rank order:
+        (nbytes,) uint8 views into the segment, valid until the next collective but one."""
         seq = self._seq = self._seq + 1
-        self._slot(self.rank, seq, nbytes).copy_(flat.view(torch.uint8))
         self._flags[self.rank, 0] = seq  # after the data (x86 keeps the order of stores)
         self._wait(seq)
-        return [self._slot(r, seq, nbytes).view(t.dtype).view(t.shape) for r in range(self.world)]
+        return [self._slot(r, seq, nbytes) for r in range(self.world)]
 
     def _wait(self, seq: int) -> None:
         """Until every process has published ``seq``: spin 50 µs, then yield the core, after 10 ms sleep 1 ms at a
