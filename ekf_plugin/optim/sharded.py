@@ -270,10 +270,7 @@ class ShardPlan:
             Vlo = V[:, p.lo : p.hi].contiguous()  # (m, h)
             self.kernel.sub_gram_(D, Vlo)
             if R.numel():
-                if V.shape[0] == 1:
-                    R.addr_(Vlo[0], V[0, p.hi : p.end], alpha=-1.0)
-                else:
-                    R.addmm_(Vlo.T, V[:, p.hi : p.end], alpha=-1.0)  # (h, end − hi)
+                self.kernel.rect_sub_gram_(R, Vlo, V[:, p.hi : p.end])  # (h, end − hi)
 
     def diagonal_blocks(self, local: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The D tensors (they hold P's diagonal: process noise and symmetrisation act on them)."""

@@ -213,6 +213,26 @@ def test_rectangle_product_of_a_sharded_p_in_one_pass_equals_the_two_torch_produ
     assert rect_xt(R.T, Jr, Jl) is None, "a non-contiguous rectangle goes to the torch products"
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("h,w,m", [(13, 29, 1), (16, 600, 10), (50, 301, 35)])
+def test_rectangle_update_of_a_sharded_p_equals_the_dense_product(dtype, tol, h, w, m):
+    """R −= Vlᵀ Vr (the rectangle's part of P −= Vᵀ V in the sharded filter): the BLAS kernel's ``?gemm`` on R's
+    column-major view and the torch kernel's ``addmm_`` both equal the float64 product; a non-contiguous R (no
+    column-major view) takes the torch way under the BLAS kernel too."""
+    g = torch.Generator().manual_seed(h * w + m)
+    R0, Vl, Vr = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((h, w), (m, h), (m, w)))
+    want = R0 - Vl.T @ Vr  # (h, w)
+    for kernel in (BlasKernel(), TorchKernel()):
+        R = R0.to(dtype, copy=True)
+        kernel.rect_sub_gram_(R, Vl.to(dtype), Vr.to(dtype))
+        assert R.dtype == dtype
+        torch.testing.assert_close(R.double(), want, rtol=tol, atol=tol * m)
+    big = R0.to(dtype).repeat(1, 2)  # (h, 2w): R as a non-contiguous view into it
+    BlasKernel().rect_sub_gram_(big[:, :w], Vl.to(dtype), Vr.to(dtype))
+    torch.testing.assert_close(big[:, :w].double(), want, rtol=tol, atol=tol * m)
+    torch.testing.assert_close(big[:, w:], R0.to(dtype), rtol=0, atol=0)  # nothing written beside it
+
+
 @pytest.mark.parametrize("m", [1, 3, 10])
 def test_portable_build_of_the_filter_kernels_gives_the_same_product(m):
     """Built without ``-march=native`` (the fallback of ``native.load`` for compilers that refuse it; no AVX, so
