@@ -94,6 +94,7 @@ import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.optim import optimizer as _torch_optimizer
 
 from ekf_plugin.jacobian import flat_jacobian
@@ -666,7 +667,7 @@ class EKF(torch.optim.Optimizer):
             return False
         ok, info, dmin, A, dw, stepped = got
         if stepped:  # w −= Δw was written through pointers: bump the parameters' versions as an in-place update
-            torch._foreach_mul_(self._params, 1.0)  # does (caches key on them; −0 and NaN kept)
+            increment_version(self._params)  # does (caches key on them), without a pass over the weights
         if not ok:
             self._reject(self._diagnose(xi, J, torch.tensor(info), A, torch.tensor(dmin)))
         else:
