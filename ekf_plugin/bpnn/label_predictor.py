@@ -25,6 +25,7 @@ import torch
 
 import schnetpack.properties as props
 from ..data import batch_dicts
+from .feature_derivatives import ColumnTable
 from .network_jacobian import NetworkJacobians, supports_closed_form
 from .representation import BehlerParrinello, FeatureRange, pair_vectors, species_of
 
@@ -316,6 +317,8 @@ class BPNNLabelPredictor:
             energy = self._energy_from(structure, s).sum()
             grad_s, = torch.autograd.grad(energy, s, create_graph=True)  # (N_b, W) eV per feature unit
         cols = self._chosen_columns(batch, b, structure, pick.to(grad_s.device), grad_s.dtype, check)  # (k, N_b, W)
+        if isinstance(cols, ColumnTable):  # gathered from closed-form candidates' columns
+            cols = cols.dense()  # (k, N_b, W)
         return -(grad_s.unsqueeze(0) * cols).sum(dim=(1, 2))  # (k,) eV/Å
 
     def energy_and_force_values(
@@ -353,6 +356,27 @@ class BPNNLabelPredictor:
             else:  # candidates of a threshold selection: the chosen ones' rows follow (force_components_and_rows)
                 self._candidates = (key, check.clone(), pick.clone(), cols)
         return energy.detach(), -torch.einsum("nw,knw->k", grad_s, cols)  # (1,), (k,)
+
+    def candidate_force_values(self, batch: Dict[str, torch.Tensor], b: int, pick: torch.Tensor,
+                               rows: NetworkJacobians) -> torch.Tensor:
+        """Force components (k,) in eV/Å of structure b at flat indices ``pick``, detached, without rows: a threshold
+        selection's candidates where the rows are closed-form (``rows``). Their columns are kept (the compiled
+        column table) for the chosen components' :meth:`force_components_and_rows` on this frame, which takes them
+        from here; the values are the compiled rows' own (bitwise those :meth:`force_components_and_rows` gives the
+        chosen components), not a second pass through the networks by autograd as in
+        :meth:`energy_and_force_values`."""
+        structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
+        s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
+        net_species = self._network_species(structure, species)  # (N_b,)
+        self._graph = None
+        pick = pick.to(s.device)
+        rep = self.representation
+        if net_species is species:  # the networks' element order: the table, read by the rows without a gather
+            cols = rep.feature_column_table(structure, pick // 3, pick % 3, species).to(s.dtype)  # (k, N_b, W) lazily
+        else:
+            cols = rep.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W)
+        self._candidates = (self._frame_key(batch, b), self._positions_of(structure).clone(), pick.clone(), cols)
+        return rows.force_values(s, net_species, cols)  # (k,)
 
     def _weight_versions(self) -> Tuple[int, ...]:
         return tuple(p._version for p in self._energy_modules()[0].parameters())  # bumped by every in-place update
@@ -454,7 +478,10 @@ class BPNNLabelPredictor:
         where = (cand.to(pick.device).unsqueeze(0) == pick.unsqueeze(1))  # (k, c)
         if not bool(where.any(dim=1).all()):
             return None
-        return cols[where.to(torch.int8).argmax(dim=1).to(cols.device)]  # (k, N_b, W)
+        sel = where.to(torch.int8).argmax(dim=1)  # (k,) position of each pick among the candidates
+        if isinstance(cols, ColumnTable):  # (k, N_b, S) of the table: the same columns, lazily
+            return cols._replace(table=cols.table.index_select(0, sel.to(cols.table.device)))
+        return cols[sel.to(cols.device)]  # (k, N_b, W)
 
     def _species(self, structure: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(N_b,) element index of each atom in the networks' element order."""

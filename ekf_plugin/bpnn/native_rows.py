@@ -10,7 +10,8 @@ This kernel does the same sums atom by atom:
 * force label k: for each atom i whose column c_{k,i} = ∂s_i/∂r_{a_k,α_k} is not all zero (an atom outside the
   cutoff sphere of a_k has a zero column: about half of them in water), the tangent t_l = σ'(z_l) ∘ (W_l t_{l−1})
   with t_0 = c_{k,i}, F_k −= scale · w · t_L, and the reverse sweep z̄_l = δ_l ∘ (W_l t_{l−1}) ∘ σ''/σ'(z_l) +
-  h̄_l ∘ σ'(z_l), h̄_{l−1} = W_lᵀ z̄_l, row_k −= scale · (δ_lᵀ t_{l−1} + z̄_lᵀ h_{l−1}, z̄_l, t_L, 0).
+  h̄_l ∘ σ'(z_l), h̄_{l−1} = W_lᵀ z̄_l, row_k −= scale · (δ_lᵀ t_{l−1} + z̄_lᵀ h_{l−1}, z̄_l, t_L, 0);
+* force components alone (:func:`force_values`, a threshold selection's candidates): the tangents only.
 
 Labels are the outer loop, atoms the inner, so a label's row slice of one element (1.5 k weights) stays in L1
 while its atoms add to it; the energy needs no per-atom state (one pass per atom). Columns come as a (k, N, W)
@@ -34,7 +35,7 @@ import torch
 from ..native import VECTOR_MATH
 from .feature_derivatives import ColumnTable
 
-__all__ = ["rows_module", "NATIVE_ROWS", "NetworkLayout", "energy_rows", "force_rows"]
+__all__ = ["rows_module", "NATIVE_ROWS", "NetworkLayout", "energy_rows", "force_rows", "force_values"]
 
 NATIVE_ROWS = os.environ.get("EKF_PLUGIN_NATIVE_ROWS", "1") != "0"  # "0": the torch path everywhere
 
@@ -379,8 +380,9 @@ void force_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, const T* c
   const int64_t last = net.n_lin - 1, top = nh, d0 = net.d[0];
   const V* wout = el.wp.p + el.wp_at[last];
   V t[MAXLIN * MAXV], dz[MAXLIN * MAXV], zbar[MAXV], hbar[MAXV];  // per layer (offsets el.off): tangents t_l, W t_{l-1}
+  const bool with_rows = rows != nullptr;  // else the values alone: the tangents' forward sweep, no gradient
   for (int64_t k = 0; k < n_labels; ++k) {
-    gr.zero();
+    if (with_rows) gr.zero();
     V fsum{};
     bool touched = false;
     for (int64_t a = 0; a < na; ++a) {
@@ -405,6 +407,10 @@ void force_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, const T* c
         for (int64_t q = 0; q < el.nv[l]; ++q) t[el.off[l] + q] = d1[el.off[l] + q] * dz[el.off[l] + q];
       }
       const V* tl = t + el.off[top];
+      if (!with_rows) {
+        for (int64_t q = 0; q < el.nv[top]; ++q) fsum += wout[q] * tl[q];
+        continue;
+      }
       V* gw = gr.buf.p + gr.w_at[last];
       for (int64_t q = 0; q < el.nv[top]; ++q) { fsum += wout[q] * tl[q]; gw[q] += tl[q]; }
       for (int64_t l = nh; l >= 1; --l) {  // reverse sweep over hidden layer l (weights W_{l-1})
@@ -427,7 +433,7 @@ void force_part(const Net& net, Element<T>& el, Grad<T>& gr, T scale, const T* c
     T f = T(0);
     for (int i = 0; i < L; ++i) f += fsum[i];
     force[k] -= scale * f;
-    gr.flush(net, el, -scale, rows + k * ldr);
+    if (with_rows) gr.flush(net, el, -scale, rows + k * ldr);
   }
 }
 
@@ -460,10 +466,10 @@ void rows_all(int64_t mode, int64_t E, const int64_t* species, int64_t N, const 
     const int64_t na = static_cast<int64_t>(atoms.size());
     if (mode == 0) {
       energy_part<T>(net, el, gr, s, lds, atoms.data(), na, scale, out_value, rows);
-    } else {
+    } else {  // 1: force components and rows; 2: the components alone
       forward<T>(net, s, lds, atoms.data(), na, el);
       force_part<T>(net, el, gr, scale, cols, n_labels, N, ldc, cslot ? cslot + e * ldf : nullptr,
-                    cfac ? cfac + e * ldf : nullptr, out_value, rows, ldr);
+                    cfac ? cfac + e * ldf : nullptr, out_value, mode == 2 ? nullptr : rows, ldr);
     }
   }
 }
@@ -577,7 +583,8 @@ class NetworkLayout:
 
 def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: torch.Tensor, share: Tuple[int, int],
           scale: float, atom_energy: Optional[torch.Tensor], cols=None, n: int = 0
-          ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+          ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """mode 0: energy and row; 1: force components and rows; 2: force components alone (rows None)."""
     dtype = s.dtype
     if dtype not in (torch.float32, torch.float64) or s.device.type != "cpu" or not layout.disjoint:
         return None
@@ -600,7 +607,7 @@ def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: to
         table = cols.to(dtype).contiguous()
         k = table.shape[0]
     value = s.new_zeros(k)  # (k,)
-    rows = s.new_zeros(k, n)  # (k, n)
+    rows = s.new_zeros(k, n) if mode != 2 else None  # (k, n); mode 2: the values alone
     status = layout._status
     desc, desc_at, ptr_at = layout._addresses
     fn = module.network_rows_f64 if dtype == torch.float64 else module.network_rows_f32
@@ -608,7 +615,8 @@ def _call(module, layout: NetworkLayout, mode: int, s: torch.Tensor, species: to
        ptrs.data_ptr(), ptr_at, layout.use(share).data_ptr(), float(scale), None if ae is None else ae.data_ptr(),
        int(ae is not None), None if table is None else table.data_ptr(), k, 0 if table is None else table.shape[2],
        None if slot is None else slot.data_ptr(), None if factor is None else factor.data_ptr(),
-       0 if slot is None else slot.shape[1], value.data_ptr(), rows.data_ptr(), n, ctypes.byref(status))
+       0 if slot is None else slot.shape[1], value.data_ptr(), None if rows is None else rows.data_ptr(), n,
+       ctypes.byref(status))
     return None if status.value else (value, rows)
 
 
@@ -627,3 +635,12 @@ def force_rows(module, layout: NetworkLayout, s: torch.Tensor, species: torch.Te
     :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` whose elements are the networks' (read without
     the gather); None where the kernel does not apply."""
     return _call(module, layout, 1, s, species, (0, 1), scale, None, columns, n)
+
+
+def force_values(module, layout: NetworkLayout, s: torch.Tensor, species: torch.Tensor, columns, scale: float
+                 ) -> Optional[torch.Tensor]:
+    """The force components (k,) of :func:`force_rows` alone (the tangents' forward sweep, no rows): bitwise the
+    values :func:`force_rows` gives for the same columns (the same sums in the same order); None where the kernel
+    does not apply. E.g. a threshold selection's candidates, whose rows are not needed."""
+    got = _call(module, layout, 2, s, species, (0, 1), scale, None, columns, 0)
+    return None if got is None else got[0]

@@ -190,6 +190,17 @@ class NetworkJacobians:
         return energy, self._assemble(1, s, per_element)  # (1,), (1, n)
 
     @torch.no_grad()
+    def force_values(self, s: torch.Tensor, species: torch.Tensor, columns) -> torch.Tensor:
+        """The force components (k,) in eV/Å of :meth:`forces` without their rows (compiled: the tangents' forward
+        sweep only, bitwise the values :meth:`forces` gives; else :meth:`forces`' values)."""
+        module = self._module(s)
+        if module is not None:
+            got = native_rows.force_values(module, self._layout, s, species, columns, float(self.networks.energy_scale))
+            if got is not None:
+                return got  # (k,)
+        return self.forces(s, species, columns)[0]  # (k,)
+
+    @torch.no_grad()
     def forces(
         self, s: torch.Tensor, species: torch.Tensor, columns: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:

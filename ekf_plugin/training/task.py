@@ -273,9 +273,11 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             else:
                 energies = lambda: predictor.energies(batch)  # noqa: E731
                 forces = lambda b, pick: predictor.force_components(batch, b, pick)  # noqa: E731
-            # autograd rows: the candidates' pass keeps its graph for the chosen components (one pass, not two)
-            graph = rows is None and torch.is_grad_enabled()
-            values = lambda b, pick: predictor.energy_and_force_values(batch, b, pick, graph=graph)[1]  # noqa: E731
+            if rows is not None:  # a threshold selection's candidates: compiled values, their columns kept
+                values = lambda b, pick: predictor.candidate_force_values(batch, b, pick, rows)  # noqa: E731
+            else:  # autograd rows: the candidates' pass keeps its graph for the chosen components (one pass, not two)
+                graph = torch.is_grad_enabled()
+                values = lambda b, pick: predictor.energy_and_force_values(batch, b, pick, graph=graph)[1]  # noqa: E731
             return label_errors(
                 energies, forces, batch, kinds, self.label_rng, self.energy_key, self.forces_key,
                 self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom, record=store["labels"],

@@ -203,6 +203,42 @@ def test_threshold_selection_computes_each_force_structures_columns_once(monkeyp
     assert xi.requires_grad and calls == [9, 9], "candidates only on the autograd path too"
 
 
+def test_closed_form_candidates_give_the_chosen_labels_values_and_rows_from_one_column_table(monkeypatch):
+    """A threshold selection's candidates with closed-form rows (``candidate_force_values``): their values equal
+    the autograd pass's (``energy_and_force_values``) to round-off; the chosen components' values are bitwise the
+    candidates' own, and their values and rows (``force_components_and_rows``) come from the candidates' column
+    table without computing columns again, bitwise equal to a fresh evaluation."""
+    model = _model()
+    batch = _batch(model, seed=5)
+    pred = BPNNLabelPredictor(model)
+    rows = pred.closed_form(list(model.parameters()))
+    cand = torch.tensor([7, 0, 13, 2, 25, 4, 19, 11])  # flat indices into structure 1
+    ref = pred.energy_and_force_values(batch, 1, cand)[1]
+    values = pred.candidate_force_values(batch, 1, cand, rows)
+    assert values.shape == (8,) and not values.requires_grad
+    torch.testing.assert_close(values, ref, rtol=1e-12, atol=1e-12)
+    rep = model.representation
+    calls = []
+    original = type(rep).feature_column_table
+
+    def counted(self, inputs, atoms, components, species=None):
+        calls.append(atoms.numel())
+        return original(self, inputs, atoms, components, species)
+
+    monkeypatch.setattr(type(rep), "feature_column_table", counted)
+    chosen = torch.tensor([5, 0, 3])  # positions among the candidates
+    f, jf = pred.force_components_and_rows(batch, 1, cand[chosen], rows)
+    assert calls == [], "the chosen columns come from the candidates' table"
+    assert torch.equal(f, values[chosen])
+    f_new, jf_new = pred.force_components_and_rows(batch, 1, cand[chosen], rows)  # computed anew
+    assert calls == [3] and torch.equal(f, f_new) and torch.equal(jf, jf_new)
+    # an autograd force label after closed-form candidates takes the same columns, gathered into the dense layout
+    pred.candidate_force_values(batch, 1, cand, rows)
+    f_grad = pred.force_components(batch, 1, cand[chosen])
+    assert calls == [3, 8]
+    torch.testing.assert_close(f_grad.detach(), f, rtol=1e-12, atol=1e-12)
+
+
 def test_the_autograd_path_takes_the_candidates_graph_once_and_bitwise(monkeypatch):
     """With ``graph=True`` the candidates' pass keeps ∇_s E with its graph and ``force_components`` of the chosen
     components uses it instead of a second pass through the networks: the same values and the same weight

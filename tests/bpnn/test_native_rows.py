@@ -142,3 +142,25 @@ def test_a_column_table_gives_the_rows_of_its_dense_columns(dtype):
     f_torch, jf_torch = rows.forces(s, species, cols)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(jf_torch, jf, rtol=tol, atol=tol * float(jf.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_force_values_alone_are_bitwise_the_values_of_the_rows(dtype):
+    """The force components without their rows (a threshold selection's candidates: the tangents' forward sweep
+    only) are bitwise those of the rows kernel, for dense columns and for a column table; the torch path gives the
+    torch closed form's values."""
+    nets, s, species, cols = _case((6, 5), dtype, seed=3, k=9)
+    rows = NetworkJacobians(nets, list(nets.parameters()))
+    f, _ = rows.forces(s, species, cols)
+    got = rows.force_values(s, species, cols)
+    assert got.shape == (9,) and got.dtype == dtype and torch.equal(got, f)
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(4, s.shape[0], 17, generator=g, dtype=dtype)  # (k, N, S)
+    table[1] = 0.0  # a label whose sphere holds no atom: F = 0
+    ct = ColumnTable(table, torch.randint(0, 17, (2, 13), generator=g), torch.rand(2, 13, generator=g, dtype=dtype),
+                     species)
+    f_t, _ = rows.forces(s, species, ct)
+    assert torch.equal(rows.force_values(s, species, ct), f_t) and f_t[1] == 0 and bool((f_t != 0).sum() == 3)
+    rows.native = False
+    torch.testing.assert_close(rows.force_values(s, species, cols), f, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=1e-5 if dtype == torch.float32 else 1e-12)
