@@ -467,6 +467,16 @@ class EKF(torch.optim.Optimizer):
         e.g. the structure index, and is checked to agree). For ``label_split=True``."""
         return split_rows(fn, idx, key, self.process_group, self.n)
 
+    def split_values(self, fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, key: float = 0.0
+                     ) -> torch.Tensor:
+        """Values ``fn(idx)`` (k,) without rows, each process computing a contiguous share of ``idx`` (k,),
+        all-gathered in the order of ``idx`` (e.g. a threshold selection's candidates; ``key`` is checked to
+        agree, as in :meth:`split_rows`). For ``label_split=True``."""
+        def share(i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            v = fn(i)  # (k_r,)
+            return v, v.new_empty(i.numel(), 0)  # no rows
+        return split_rows(share, idx, key, self.process_group, 0)[0]
+
     def sum_rows(self, fn: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]],
                  key: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
         """Labels and Jacobian rows that are sums of terms, ``fn(rank, world)`` → partial ((k,), (k, n)) of this

@@ -74,6 +74,12 @@ class ThresholdSelection:
         chosen = [next((i for i in g if float(err[i]) >= limit), g[-1]) for g in groups]
         return cand[torch.tensor(chosen, dtype=torch.long)]  # (k,)
 
+    @staticmethod
+    def slot_order(c: int, k: int) -> torch.Tensor:
+        """(c,) positions of :meth:`choose`'s c candidates for k slots (k = min(components asked for, c)) slot by
+        slot, trials in order within a slot: the candidates of slots [a, b) are one contiguous run of it."""
+        return torch.cat([torch.arange(j, c, k) for j in range(k)]) if k > 0 else torch.zeros(0, dtype=torch.long)
+
     def state_dict(self) -> Dict[str, Optional[float]]:
         return {"mean_square": self.mean_square}
 

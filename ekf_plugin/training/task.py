@@ -275,6 +275,8 @@ class PaperScheduleTask(spk.task.AtomisticTask):
                 forces = lambda b, pick: predictor.force_components(batch, b, pick)  # noqa: E731
             if rows is not None:  # a threshold selection's candidates: compiled values, their columns kept
                 values = lambda b, pick: predictor.candidate_force_values(batch, b, pick, rows)  # noqa: E731
+                if store.get("split_values") is not None:  # each process the candidates of its slots
+                    values = self._split_candidates(values, store["split_values"], batch)
             else:  # autograd rows: the candidates' pass keeps its graph for the chosen components (one pass, not two)
                 graph = torch.is_grad_enabled()
                 values = lambda b, pick: predictor.energy_and_force_values(batch, b, pick, graph=graph)[1]  # noqa: E731
@@ -308,6 +310,18 @@ class PaperScheduleTask(spk.task.AtomisticTask):
             pred, batch, kinds, self.label_rng, self.energy_key, self.forces_key,
             self.n_force_components, self.c_energy, self.c_forces, self.energy_per_atom, selection=self.selection,
         )
+
+    def _split_candidates(self, values, split_values, batch: Dict[str, torch.Tensor]):
+        """A threshold selection's candidate values (``values(b, cand)`` → (c,)) with every process evaluating the
+        candidates of a contiguous run of slots (:meth:`ThresholdSelection.slot_order`), gathered: the chosen
+        component of slot j is then among the candidates of the process whose share of the force rows holds slot j
+        (``EKF.split_rows`` shares the chosen components in slot order), so its columns are there already. The
+        values are the same on every process (the selection's state too)."""
+        def split(b: int, cand: torch.Tensor) -> torch.Tensor:
+            order = ThresholdSelection.slot_order(cand.numel(), min(self.n_force_components, cand.numel()))  # (c,)
+            got = split_values(lambda p: values(b, p), cand[order], float(batch[spk.properties.idx][b]))  # (c,) slot order
+            return torch.empty_like(got).index_copy_(0, order.to(got.device), got)  # (c,) in the order of cand
+        return split
 
     def _compiled_reduced_rows(self, batch: Dict[str, torch.Tensor], params: List[torch.Tensor]):
         """(ξ, J, outputs) from :class:`~ekf_plugin.training.compiled_rows.CompiledReducedRows` when
@@ -368,7 +382,7 @@ class PaperScheduleTask(spk.task.AtomisticTask):
         ekf = (opt.optimizer if hasattr(opt, "optimizer") else opt) if self._is_ekf() else None  # unwrapped EKF
         if ekf is not None:
             if ekf.label_split:  # sharded EKF under DDP, one structure per update: its rows shared out
-                store["split"], store["sum"] = ekf.split_rows, ekf.sum_rows
+                store["split"], store["sum"], store["split_values"] = ekf.split_rows, ekf.sum_rows, ekf.split_values
             xi = opt.step(closure=lambda: self._errors(batch, kinds, store, ekf.params))
             loss = (xi.detach() ** 2).sum()
         else:

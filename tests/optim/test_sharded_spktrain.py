@@ -60,3 +60,21 @@ def test_spktrain_two_processes_share_one_filter_and_equal_one_process(tmp_path,
     resumed = _spktrain(tmp_path, src, "resumed", epochs=2, devices=1,
                         extra=[f"run.ckpt_path={half / 'checkpoints' / 'last.ckpt'}"])
     _same(_last(resumed), (w2, s2, n2))
+
+
+@pytest.mark.slow
+def test_spktrain_two_processes_with_threshold_selection_equal_one_process(tmp_path, shared_data):
+    """The README's protocol (threshold selection of the force labels, one energy update in ten) on two processes:
+    each evaluates the candidates of its share of the slots, the candidates' values are gathered, and the run
+    equals a 1-process run (weights, P, the selection's running mean square)."""
+    src = shared_data("revpbe0-d3-cheng2019", "dataset_1400_au.extxyz")
+    protocol = ["task.energy_fraction=0.1", "task.force_selection=threshold"]
+    two = _spktrain(tmp_path, src, "two_thr", epochs=1, devices=2, extra=protocol)
+    # the reference evaluates every candidate itself (no label split: the path of a plain 1-process run)
+    one = _spktrain(tmp_path, src, "one_thr", epochs=1, devices=1, extra=protocol + ["task.optimizer_args.label_split=false"])
+    _same(_last(two), _last(one))
+    from ekf_plugin.training.task import _SELECTION_KEY
+
+    ms = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")[_SELECTION_KEY]
+          ["mean_square"] for run in (two, one)]
+    assert ms[0] is not None and ms[0] == pytest.approx(ms[1], rel=1e-12)
