@@ -370,11 +370,8 @@ class BPNNLabelPredictor:
         net_species = self._network_species(structure, species)  # (N_b,)
         self._graph = None
         pick = pick.to(s.device)
-        rep = self.representation
-        if net_species is species:  # the networks' element order: the table, read by the rows without a gather
-            cols = rep.feature_column_table(structure, pick // 3, pick % 3, species).to(s.dtype)  # (k, N_b, W) lazily
-        else:
-            cols = rep.feature_columns(structure, pick // 3, pick % 3).to(s.dtype)  # (k, N_b, W)
+        # in the networks' element order the table, read by the rows without a gather
+        cols = self._new_columns(structure, pick, s.dtype, species if net_species is species else None)
         self._candidates = (self._frame_key(batch, b), self._positions_of(structure).clone(), pick.clone(), cols)
         return rows.force_values(s, net_species, cols)  # (k,)
 
@@ -460,12 +457,16 @@ class BPNNLabelPredictor:
         (given the representation's species (N_b,) as ``table``, as a
         :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` for the closed-form rows)."""
         cols = self._candidate_columns(batch, b, check, pick)
-        if cols is None:
-            rep = self.representation
-            if table is not None:
-                return rep.feature_column_table(structure, pick // 3, pick % 3, table).to(dtype)  # (k, N_b, W) lazily
-            cols = rep.feature_columns(structure, pick // 3, pick % 3)  # (k, N_b, W)
-        return cols.to(dtype)
+        return self._new_columns(structure, pick, dtype, table) if cols is None else cols.to(dtype)
+
+    def _new_columns(self, structure, pick: torch.Tensor, dtype: torch.dtype, table: Optional[torch.Tensor] = None):
+        """(k, N_b, W) dG/dr columns per Å of the force components ``pick`` of ``structure``, computed, in ``dtype``;
+        given the representation's species (N_b,) as ``table``, as a
+        :class:`~ekf_plugin.bpnn.feature_derivatives.ColumnTable` (lazily)."""
+        rep = self.representation
+        if table is not None:
+            return rep.feature_column_table(structure, pick // 3, pick % 3, table).to(dtype)  # (k, N_b, W) lazily
+        return rep.feature_columns(structure, pick // 3, pick % 3).to(dtype)  # (k, N_b, W)
 
     def _candidate_columns(self, batch, b: int, check: torch.Tensor, pick: torch.Tensor) -> Optional[torch.Tensor]:
         """(k, N_b, W) columns of ``pick`` gathered from the last candidates' columns (taken once) when ``pick`` is

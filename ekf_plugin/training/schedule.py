@@ -69,16 +69,21 @@ class ThresholdSelection:
         ms = float((err * err).mean())
         self.mean_square = ms if self.mean_square is None else (1.0 - self.memory) * self.mean_square + self.memory * ms
         limit = self.threshold * self.mean_square**0.5
-        k = min(k, n_total)
-        groups = [list(range(j, cand.numel(), k)) for j in range(k)]  # candidate j, j + k, ...: trials per slot
+        groups = self.slots(cand.numel(), min(k, n_total))
         chosen = [next((i for i in g if float(err[i]) >= limit), g[-1]) for g in groups]
         return cand[torch.tensor(chosen, dtype=torch.long)]  # (k,)
 
     @staticmethod
-    def slot_order(c: int, k: int) -> torch.Tensor:
-        """(c,) positions of :meth:`choose`'s c candidates for k slots (k = min(components asked for, c)) slot by
-        slot, trials in order within a slot: the candidates of slots [a, b) are one contiguous run of it."""
-        return torch.cat([torch.arange(j, c, k) for j in range(k)]) if k > 0 else torch.zeros(0, dtype=torch.long)
+    def slots(c: int, k: int) -> List[List[int]]:
+        """The positions among :meth:`choose`'s c candidates of each of its k slots (k = min(components asked for,
+        c)), trials in order: candidate j, j + k, j + 2k, ... of slot j."""
+        return [list(range(j, c, k)) for j in range(k)]
+
+    @classmethod
+    def slot_order(cls, c: int, k: int) -> torch.Tensor:
+        """(c,) the positions of :meth:`slots` slot by slot: the candidates of slots [a, b) are one contiguous run
+        of it."""
+        return torch.tensor([i for g in cls.slots(c, k) for i in g], dtype=torch.long)
 
     def state_dict(self) -> Dict[str, Optional[float]]:
         return {"mean_square": self.mean_square}
