@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ekf_plugin.optim.sharded import split_rows
 from ekf_plugin.optim.shared_memory import SharedMemoryGroup, all_gather, all_reduce_
+
+
+def _label_rows(idx: torch.Tensor, dtype: torch.dtype, n: int):
+    """Values (k,) and rows (k, n) in ``dtype`` that depend on the labels ``idx`` alone (the same on every process)."""
+    g = torch.Generator().manual_seed(17)
+    table = torch.randn(16, n + 1, generator=g, dtype=torch.float64).to(dtype)  # (16, n + 1)
+    return table[idx, 0].to(torch.float64 if dtype == torch.float64 else torch.float32), table[idx, 1:]
 
 
 def main() -> None:
@@ -37,6 +45,15 @@ def main() -> None:
         dist.all_gather(ref, t)
         gathers.append((parts, ref))
     res["sums"], res["gathers"] = sums, gathers
+    # split_rows through the segment and through gloo: k = 1 (one process has no share), 3 (uneven), 10; rows
+    # in float32 (sent as such), float64 and float16 (sent as float64)
+    splits = []
+    for k in (1, 3, 10):
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            idx = torch.arange(k) * 3 % 16
+            fn = lambda i, dtype=dtype: _label_rows(i, dtype, 2827)  # noqa: E731
+            splits.append((split_rows(fn, idx, 5.0, shm, 2827), split_rows(fn, idx, 5.0, None, 2827), fn(idx)))
+    res["splits"] = splits
     src = torch.full((5,), float(rank))
     res["broadcast"] = shm.broadcast_(src.clone(), src=1)
     dist.barrier()

@@ -18,8 +18,8 @@ def test_without_a_process_group_there_is_none():
 
 
 def test_two_processes_get_gloos_results(tmp_path):
-    """All-reduce, all-gather (also above the capacity: gloo's way), broadcast; no file left; a collective the
-    other process does not join raises after the timeout."""
+    """All-reduce, all-gather (also above the capacity: gloo's way), broadcast, ``split_rows`` (rows of several
+    dtypes, uneven shares); no file left; a collective the other process does not join raises after the timeout."""
     from tests.optim.test_sharded import _free_port
 
     port = _free_port()
@@ -37,5 +37,9 @@ def test_two_processes_get_gloos_results(tmp_path):
         assert torch.equal(r["broadcast"], torch.ones(5))
     for (a0, _), (a1, _) in zip(res[0]["sums"], res[1]["sums"]):
         assert torch.equal(a0, a1), "every process holds bitwise the same sum"
+    for r in res:  # split_rows: each process's share gathered, in the rows' own dtype, through either way
+        for got_shm, got_gloo, ref in r["splits"]:
+            for got in (got_shm, got_gloo):
+                assert all(g.dtype == f.dtype and torch.equal(g, f) for g, f in zip(got, ref))
     assert "did not reach" in res[0]["raised"] and "[1]" in res[0]["raised"]
     assert res[0]["shm_files"] == [] and res[1]["shm_files"] == [], "no segment name left in /dev/shm"
