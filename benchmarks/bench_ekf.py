@@ -503,6 +503,7 @@ def spktrain_figures(quick=False, overrides=(), prefix="spktrain_", experiment="
     if len(opt_steps) > first:  # the first step's updates are left out of steps_s too
         out[f"{prefix}optimizer_step_ms_mean"] = 1e3 * statistics.fmean(opt_steps[first:])
         out[f"{prefix}loop_ms_per_update"] = out[f"{prefix}step_ms_mean"] - out[f"{prefix}optimizer_step_ms_mean"]
+        out.update(_labels_in_loop(rec, first, prefix))
     train_steps = rec.get("training_steps_s", [])
     if len(train_steps) > 1 and len(opt_steps) > first:  # the loop split: the task's own work / Lightning and data
         task_ms = 1e3 * sum(train_steps[1:]) / sum(updates) - out[f"{prefix}optimizer_step_ms_mean"]
@@ -517,6 +518,23 @@ def spktrain_figures(quick=False, overrides=(), prefix="spktrain_", experiment="
         out[f"{prefix}first_validation_s"] = vals[0]
         out[f"{prefix}validation_s"] = statistics.median(vals[1:] or vals)
         out[f"{prefix}validation_over_epoch"] = out[f"{prefix}validation_s"] / out[f"{prefix}epoch_s"]
+    return out
+
+
+def _labels_in_loop(rec: Dict, first: int, prefix: str) -> Dict[str, float]:
+    """An EKF's labels and Jacobian rows inside ``spktrain`` (ms): each optimizer step's time minus its filter's
+    (:mod:`benchmarks.step_timer`), means over the timed updates (the first step's left out) of the energy
+    updates (one label), of the force updates (more) and of all of them (the study's mix as it was drawn:
+    item 1's per-update budget); {} without filter records (not an EKF)."""
+    steps, filters, labels = rec.get("optimizer_steps_s", []), rec.get("filters_s", []), rec.get("filter_labels", [])
+    if not filters or len(filters) != len(steps) or len(steps) <= first:
+        return {}
+    rest = [(s - f, m) for s, f, m in zip(steps[first:], filters[first:], labels[first:])]
+    out = {f"{prefix}labels_and_rows_ms_per_update": 1e3 * statistics.fmean(r for r, _ in rest)}
+    for name, pick in (("energy", lambda m: m == 1), ("force", lambda m: m > 1)):
+        sel = [r for r, m in rest if pick(m)]
+        if sel:
+            out[f"{prefix}{name}_labels_and_rows_ms"] = 1e3 * statistics.fmean(sel)
     return out
 
 

@@ -8,7 +8,10 @@ of one training batch to the end of the next: data loading, ``training_step`` wi
 callbacks — the whole loop) with the updates each step made (``updates``: the ``global_step`` increments; more than
 one with ``task.updates_per_step``; ``first_step_updates`` for the first, untimed, step), the time of each step inside the optimizer's ``step`` (the EKF's labels,
 Jacobian rows and filter; the rest of a step is the loop around it), the training time of each epoch and
-the validation time of each epoch.
+the validation time of each epoch; for an EKF, also the filter's share of each optimizer step (``filters_s``, the
+update's algebra on P, from ξ and J on) with the update's label count (``filter_labels``: 1 for an energy update
+of the study's mix, 10 for a force update), so that a step's labels and Jacobian rows are its time minus its
+filter's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class StepTimer(pl.Callback):
         self.first_update_s = None
         self.steps, self.epochs, self.validations, self.optimizer_steps, self.training_steps = [], [], [], [], []
         self.updates, self.first_step_updates, self._global_step = [], 0, 0
+        self.filters, self.filter_labels = [], []
         self._last = self._epoch0 = self._val0 = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -45,7 +49,21 @@ class StepTimer(pl.Callback):
         self._global_step = int(trainer.global_step)  # a resumed run starts above 0
         for opt in trainer.optimizers:
             opt.step = timed(opt.step, self.optimizer_steps)
+            for attr in ("_update", "_update_sharded"):  # the EKF's filter (one of them per step)
+                if hasattr(opt, attr):
+                    setattr(opt, attr, self._counted(getattr(opt, attr)))
         pl_module.training_step = timed(pl_module.training_step, self.training_steps)
+
+    def _counted(self, inner):
+        """``inner(xi, J)`` (an EKF filter) timed into ``filters`` with ξ's length into ``filter_labels``."""
+        def call(xi, J):
+            t = time.perf_counter()
+            try:
+                return inner(xi, J)
+            finally:
+                self.filters.append(time.perf_counter() - t)
+                self.filter_labels.append(int(xi.numel()))
+        return call
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch0 = self._last = time.perf_counter()
@@ -83,4 +101,5 @@ class StepTimer(pl.Callback):
                                          "epochs_s": self.epochs, "validations_s": self.validations,
                                          "optimizer_steps_s": self.optimizer_steps,
                                          "training_steps_s": self.training_steps, "updates": self.updates,
-                                         "first_step_updates": self.first_step_updates}))
+                                         "first_step_updates": self.first_step_updates,
+                                         "filters_s": self.filters, "filter_labels": self.filter_labels}))
