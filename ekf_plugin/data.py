@@ -326,7 +326,7 @@ def _make_datamodule():
             source_format: ``"extxyz"``/``"n2p2"``; guessed from the file name when ``None``.
             max_frames: use only the first ``max_frames`` frames of ``source`` (small runs).
             cutoff: neighbour-list cutoff in Å for the default transforms
-                ``[MemoryCachedNeighborList(MatScipyNeighborList(cutoff)), CastTo32]`` (used when
+                ``[MemoryCachedNeighborList(MatScipyNeighborList(cutoff), offsets_dtype=float32), CastTo32]`` (used when
                 ``transforms`` is not given; each frame's list is computed once and kept in memory).
             source_length_unit, source_energy_unit: units of ``source``.
             outlier_threshold: robust z of the E/atom and abs(F) outlier test (``None``: off).
@@ -347,9 +347,13 @@ def _make_datamodule():
                      outlier_threshold: Optional[float] = OUTLIER_Z, cache_rows: bool = True, shuffle_seed: int = 0,
                      **kwargs) -> None:
             if transforms is None:
+                import torch
+
                 from .transforms import MemoryCachedNeighborList
 
-                transforms = [MemoryCachedNeighborList(trn.MatScipyNeighborList(cutoff=float(cutoff))), trn.CastTo32()]
+                # the offsets in float32 already: the numbers CastTo32 would make of them, without a float64 pass
+                transforms = [MemoryCachedNeighborList(trn.MatScipyNeighborList(cutoff=float(cutoff)),
+                                                       offsets_dtype=torch.float32), trn.CastTo32()]
             kwargs.setdefault("distance_unit", "Ang")
             kwargs.setdefault("property_units", dict(PROPERTY_UNITS))
             super().__init__(datapath=datapath, transforms=transforms, **kwargs)

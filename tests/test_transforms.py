@@ -77,3 +77,17 @@ def test_distinct_shift_form_is_bitwise_on_skewed_cells_and_stored_compactly():
         _, _, _, distinct, codes = cached._cache[5]
         assert codes is not None and codes.shape[0] == ref[props.offsets].shape[0]
         assert 1 < distinct.shape[0] <= 27 and len(torch.unique(ref[props.offsets], dim=0)) == distinct.shape[0]
+
+
+def test_float32_offsets_are_what_a_cast_gives_on_a_miss_and_a_hit():
+    """``offsets_dtype=float32`` (the data module's setting, before CastTo32): hit and miss give the offsets that
+    casting the wrapped list's float64 offsets gives, bitwise; the indices as before."""
+    plain = trn.MatScipyNeighborList(cutoff=4.0)
+    cached = MemoryCachedNeighborList(trn.MatScipyNeighborList(cutoff=4.0), offsets_dtype=torch.float32)
+    ref = plain(_frame(2, seed=2))
+    for _ in range(2):  # miss, then hit (the distinct-shift form: cutoff > box/2)
+        out = cached(_frame(2, seed=2))
+        assert out[props.offsets].dtype == torch.float32
+        assert torch.equal(out[props.offsets], ref[props.offsets].to(torch.float32))
+        assert torch.equal(out[props.idx_i], ref[props.idx_i]) and torch.equal(out[props.idx_j], ref[props.idx_j])
+    assert (cached.misses, cached.hits) == (1, 1) and cached._cache[2][4] is not None
