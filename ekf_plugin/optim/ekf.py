@@ -362,6 +362,7 @@ class EKF(torch.optim.Optimizer):
         self._wsq: List[Optional[torch.Tensor]] = [None] * len(self.blocks)  # Σ_rows W_b∘W_b (n_b,), kept with W_b
         self._gdiag: Optional[torch.Tensor] = None  # (n,) g: process noise not yet added to diag S
         self._sdiag: Optional[torch.Tensor] = None  # (n,) diag S (sharded: own rows, 0 elsewhere); None: read again
+        self._sdiag_all: Optional[torch.Tensor] = None  # sharded: (n,) the whole diag S, all-reduced once after it changed
         self._c = 1.0
 
     def _s_diagonal(self) -> torch.Tensor:
@@ -371,6 +372,7 @@ class EKF(torch.optim.Optimizer):
             Ps = self.state[_STATE_KEY]["P"]
             if self.shard is not None:
                 self._sdiag = self.shard.own_diagonal(Ps)
+                self._sdiag_all = None  # exchanged again with the next X
             else:
                 self._sdiag = torch.cat([self.kernel.diagonal(Pb) for Pb in Ps])  # a copy
         return self._sdiag
@@ -699,9 +701,13 @@ class EKF(torch.optim.Optimizer):
             self.apply_deferred()
         Ws, c, g = self._deferred, self._c, self._gdiag  # P_b = c (S_b + diag(g_b) − W_bᵀ W_b), as in _update
         check = torch.stack([xi.sum(), J.sum(), xi.new_tensor(float(m))])  # (3,) the same ξ, J everywhere?
-        XT, diag = self.shard.xt_and_diag(local, J, self._s_diagonal(), check)  # (m, n), (n,) of the stored S
+        own, kept = self._s_diagonal(), self._sdiag_all  # (n,) own rows' diag S; the whole one while unchanged
+        XT, diag = self.shard.xt_and_diag(local, J, own, check, kept)  # (m, n), (n,) of the stored S
+        if kept is None:
+            self._sdiag_all = diag.clone()  # the same numbers on every process (one all-reduce)
         if self._compiled_update(xi, J, XT, diag, local, defer):  # as in _update; V the same on every process
             return
+        diag = diag.clone()  # (n,) the algebra below adds to it in place
         if g is not None:
             XT += J * g  # (m, n)
             diag += g

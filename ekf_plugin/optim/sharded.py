@@ -19,7 +19,7 @@ One update (every process; ξ (m,) and J (m, n) identical on all of them)::
 
     Z[:m] = Xᵀ contributions:  D J_loᵀ (symm)  +  R J_restᵀ  into the own rows,  Rᵀ J_loᵀ  into the rows right
                                (both R products in one pass over R: FilterKernel.rect_xt)
-    Z[m]  = diag D             (the own rows' diagonal of P)
+    Z[m]  = diag D             (the own rows' diagonal of P; only after P's diagonal changed, else kept)
     all_reduce(Z, SUM)         # (m+1, n): X = P Jᵀ and diag P, identical on every process
     A = J X + R, L = chol(A), V = L⁻¹ Xᵀ, Δw = Vᵀ L⁻¹ ξ        # computed identically everywhere
     D −= V_loᵀ V_lo (syrk),  R −= V_loᵀ V_rest (gemm)           # own rows only
@@ -42,6 +42,7 @@ processes drew the same labels of the same input.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -226,42 +227,48 @@ class ShardPlan:
 
     # ------------------------------------------------------------------ one update
     def xt_and_diag(self, local: Sequence[torch.Tensor], J: torch.Tensor, own_diag: Optional[torch.Tensor] = None,
-                    check: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(Xᵀ (m, n), diag P (n,)) for J (m, n), identical on every process (one all-reduce of (m+1)·n);
-        ``own_diag``: :meth:`own_diagonal` where the caller has it (else read from the D pieces). ``check`` (k,):
-        numbers that must agree on every process (e.g. sums of ξ and J), exchanged in the same all-reduce;
-        RuntimeError where they do not."""
-        m = J.shape[0]
-        k = 0 if check is None or self.world == 1 or check.numel() * self.world > self.n else check.numel()
-        Z = torch.empty(m + 1 + (k > 0), self.n, dtype=J.dtype, device=J.device)  # rows: Xᵀ, diag P, checks
-        Z[:m].zero_()
-        if own_diag is not None:
-            Z[m] = own_diag
-        else:
-            Z[m].zero_()
+                    check: Optional[torch.Tensor] = None, diag: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(Xᵀ (m, n), diag P (n,)) for J (m, n), identical on every process (one all-reduce of Xᵀ and what is
+        listed below); ``own_diag``: :meth:`own_diagonal` where the caller has it (else read from the D pieces);
+        ``diag``: the whole diag P (n,) where the caller kept it from an earlier call and P's diagonal has not
+        changed since (then it is not exchanged, and returned as given). ``check`` (k,): numbers that must agree
+        on every process (e.g. sums of ξ and J), exchanged in the same all-reduce; RuntimeError where they do not."""
+        m, n = J.shape[0], self.n
+        k = 0 if check is None or self.world == 1 else check.numel()
+        d = 0 if diag is not None else n
+        Z = torch.empty(m * n + d + self.world * k, dtype=J.dtype, device=J.device)  # Xᵀ, [diag P], checks
+        XT = Z[: m * n].view(m, n)  # (m, n)
+        XT.zero_()
+        if d:
+            diag = Z[m * n : m * n + n]  # (n,)
+            if own_diag is not None:
+                diag.copy_(own_diag)
+            else:
+                diag.zero_()
         if k:
-            Z[m + 1].zero_()
-            Z[m + 1, self.rank * k : (self.rank + 1) * k] = check.to(J.dtype)
+            seen = Z[m * n + d :]  # (W·k,)
+            seen.zero_()
+            seen[self.rank * k : (self.rank + 1) * k] = check.to(J.dtype)
         for j, p in enumerate(self.pieces):
             D, R = local[2 * j], local[2 * j + 1]
             Jlo = J[:, p.lo : p.hi]  # (m, h)
-            Z[:m, p.lo : p.hi] += self.kernel.xt(D, Jlo.contiguous())  # (m, h) = (D J_loᵀ)ᵀ
+            XT[:, p.lo : p.hi] += self.kernel.xt(D, Jlo.contiguous())  # (m, h) = (D J_loᵀ)ᵀ
             if R.numel():
                 X1, X2 = self.kernel.rect_xt(R, Jlo, J[:, p.hi : p.end])  # (m, h), (m, end − hi): one pass over R
-                Z[:m, p.lo : p.hi] += X1  # (R J_restᵀ)ᵀ
-                Z[:m, p.hi : p.end] += X2  # (Rᵀ J_loᵀ)ᵀ
-            if own_diag is None:
-                Z[m, p.lo : p.hi] = self.kernel.diagonal(D)
+                XT[:, p.lo : p.hi] += X1  # (R J_restᵀ)ᵀ
+                XT[:, p.hi : p.end] += X2  # (Rᵀ J_loᵀ)ᵀ
+            if d and own_diag is None:
+                diag[p.lo : p.hi] = self.kernel.diagonal(D)
         self._all_reduce(Z)
         if k:
-            seen = Z[m + 1, : self.world * k].view(self.world, k)  # (W, k): every process's check
-            same = (seen == seen[self.rank]) | (torch.isnan(seen) & torch.isnan(seen[self.rank]))
-            if not bool(same.all()):
+            got = Z[m * n + d :].view(self.world, k).tolist()  # (W, k): every process's check
+            if any(not _same_numbers(row, got[self.rank]) for row in got):
                 raise RuntimeError(
                     "EKF: the processes of a sharded filter got different labels for one update (ξ, J must be the "
                     "same on every process: label_split needs the same batch and label draws everywhere, "
-                    "trainer=ddp_cpu_split and one task.seed); checks per process: " + str(seen.tolist()))
-        return Z[:m], Z[m]
+                    "trainer=ddp_cpu_split and one task.seed); checks per process: " + str(got))
+        return XT, diag
 
     def sub_gram_(self, local: Sequence[torch.Tensor], V: torch.Tensor) -> None:
         """Own rows of P ← P − Vᵀ V for V (m, n) (the same V on every process)."""
@@ -275,6 +282,11 @@ class ShardPlan:
     def diagonal_blocks(self, local: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The D tensors (they hold P's diagonal: process noise and symmetrisation act on them)."""
         return list(local[0::2])
+
+
+def _same_numbers(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two lists of floats are equal entry by entry, NaN equal to NaN."""
+    return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
 
 
 def split_rows(

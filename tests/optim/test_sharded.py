@@ -69,6 +69,30 @@ def test_sharded_algebra_with_one_process_equals_plain_filter(kw):
     assert plain.ekf_state["step"] == rows.ekf_state["step"] == 10
 
 
+@pytest.mark.parametrize("kw", [{"defer_rows": 32}, {"defer_rows": 0}, {"kernel": "torch", "symmetrize_every": 3},
+                                {"fading_lambda": 0.97, "fading_nu": 0.99}, {"blocks": "tensor", "defer_rows": 24}])
+def test_the_kept_diagonal_is_the_stored_one_at_every_update(kw):
+    """The sharded filter exchanges diag S only after S changed and keeps it in between: at every update the
+    diagonal it uses is the one stored in the pieces then (a stale one would pass or reject updates wrongly)."""
+    net = mlp()
+    opt = EKF(net.parameters(), shard="rows", **KW, **kw)
+    shard, calls = opt.shard, []
+    inner = shard.xt_and_diag
+
+    def xt_and_diag(local, J, own_diag=None, check=None, diag=None):
+        XT, got = inner(local, J, own_diag, check, diag)
+        calls.append((diag is not None, got.clone(), shard.own_diagonal(local)))  # world 1: the whole diagonal
+        return XT, got
+
+    shard.xt_and_diag = xt_and_diag
+    _train(opt, net, steps=range(0, 40, 2))
+    assert len(calls) == 20
+    for kept, used, stored in calls:
+        assert torch.equal(used, stored)
+    if kw.get("defer_rows") != 0 and "fading_lambda" not in kw and "symmetrize_every" not in kw:
+        assert any(kept for kept, _, _ in calls), "the diagonal is kept between changes of S"
+
+
 def test_auto_without_process_group_is_the_plain_filter_and_state_dicts_match():
     net_a, net_b = mlp(), mlp()
     auto, rows = EKF(net_a.parameters(), **KW), EKF(net_b.parameters(), shard="rows", **KW)
