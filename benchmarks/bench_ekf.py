@@ -615,7 +615,7 @@ def CpuStepTimer(path: str):  # noqa: N802 - a Hydra target that builds the call
 
 def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None, overrides=(),
                            prefix="spktrain_2proc_", runs=("1proc", "split", "streams"),
-                           run_overrides=()) -> Dict[str, float]:
+                           run_overrides=(), repeats: Optional[int] = None) -> Dict[str, float]:
     """One process against two (Lightning DDP, gloo, one thread each) sharing one EKF, through ``spktrain
     experiment=water_bpnn_ekf`` on the revPBE0-D3 frames (80 % training frames), the study's mix,
     validation on 2 frames (not timed), updates timed by :mod:`benchmarks.step_timer` (mean step after the first, 2 epochs):
@@ -633,6 +633,9 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
     are 0.1·1 + 0.9·10); the figures' names start with ``prefix``; ``runs``: which of the three to time;
     ``run_overrides``: overrides of the timed (DDP) runs only, e.g. ``("task.optimizer_args.comm=torch",
     "trainer.strategy.shared_memory_check=false")`` for the exchanges through gloo as before session 25.
+    ``repeats``: the runs are made this many times in turn (1proc, split, ..., 1proc, split, ...; default 3, 1
+    when ``quick``): each figure is the median over the repeats and each ratio the median of the repeats' ratios
+    (one run times ~2.5 s of updates; this VM's speed drifts by 10–15 % between minutes).
     """
     if not DATA.exists():
         return {f"{prefix}skipped_no_data": 1.0}
@@ -658,44 +661,56 @@ def spktrain_2proc_figures(quick=False, frames: Optional[int] = None, pause=None
             raise RuntimeError("spktrain did not build the database")
         if pause:
             pause(True)
+        repeats = repeats or (1 if quick else 3)
+        per_rep: List[Dict[str, float]] = []
         try:
-            for name, extra in runs.items():
-                path = f"{tmp}/steps_{name}_" + "${oc.env:LOCAL_RANK,0}.json"  # one file per process
-                res = subprocess.run(base + extra + list(run_overrides) + [f"run.id={name}",
-                                                                           f"+callbacks.step_timer.path={path}"],
-                                     cwd=tmp, env=env, capture_output=True, text=True, timeout=3600)
-                if res.returncode != 0:
-                    raise RuntimeError(res.stderr[-3000:])
-                recs = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"steps_{name}_*.json"))]
-                steps, updates, first = _timed_updates(recs[0])  # rank 0; the processes wait for each other every update
-                per_update = 2 * labels if name == "streams" else labels
-                step_s = sum(steps) / sum(updates)  # per update
-                out[f"{prefix}{name}_updates"] = float(sum(updates) + first)
-                out[f"{prefix}{name}_step_ms_mean"] = 1e3 * step_s
-                out[f"{prefix}{name}_updates_per_s"] = 1 / step_s
-                out[f"{prefix}{name}_labels_per_s"] = per_update / step_s
-                # CPU time per update of the busiest process: the step time of a machine with a free core each
-                out[f"{prefix}{name}_cpu_ms_per_update"] = 1e3 * max(sum(r["steps_cpu_s"]) / sum(_timed_updates(r)[1])
-                                                                     for r in recs)
-                # where each process's update goes (wall ms per update, mean over the run): training_step, and in it
-                # the filter, the force rows, X = P Jᵀ with its all-reduce and the all-reduce alone
-                for rank, r in enumerate(recs):
-                    n_up = sum(_timed_updates(r)[1]) + int(r.get("first_step_updates", 1))  # all calls' updates
-                    out[f"{prefix}{name}_rank{rank}_training_step_ms"] = 1e3 * sum(r["training_steps_s"]) / n_up
-                    for phase_name, calls in sorted(r.get("phases_s", {}).items()):
-                        out[f"{prefix}{name}_rank{rank}_{phase_name}_ms"] = 1e3 * sum(calls) / n_up
+            for rep in range(repeats):  # the runs in turn, repeats times
+                out = _Figures()
+                for name, extra in runs.items():
+                    path = f"{tmp}/steps_{name}_r{rep}_" + "${oc.env:LOCAL_RANK,0}.json"  # one file per process
+                    res = subprocess.run(base + extra + list(run_overrides) + [f"run.id={name}_r{rep}",
+                                                                               f"+callbacks.step_timer.path={path}"],
+                                         cwd=tmp, env=env, capture_output=True, text=True, timeout=3600)
+                    if res.returncode != 0:
+                        raise RuntimeError(res.stderr[-3000:])
+                    recs = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"steps_{name}_r{rep}_*.json"))]
+                    steps, updates, first = _timed_updates(recs[0])  # rank 0; the processes wait for each other every update
+                    per_update = 2 * labels if name == "streams" else labels
+                    step_s = sum(steps) / sum(updates)  # per update
+                    out[f"{prefix}{name}_updates"] = float(sum(updates) + first)
+                    out[f"{prefix}{name}_step_ms_mean"] = 1e3 * step_s
+                    out[f"{prefix}{name}_updates_per_s"] = 1 / step_s
+                    out[f"{prefix}{name}_labels_per_s"] = per_update / step_s
+                    # CPU time per update of the busiest process: the step time of a machine with a free core each
+                    out[f"{prefix}{name}_cpu_ms_per_update"] = 1e3 * max(sum(r["steps_cpu_s"]) / sum(_timed_updates(r)[1])
+                                                                         for r in recs)
+                    # where each process's update goes (wall ms per update, mean over the run): training_step, and in it
+                    # the filter, the force rows, X = P Jᵀ with its all-reduce and the all-reduce alone
+                    for rank, r in enumerate(recs):
+                        n_up = sum(_timed_updates(r)[1]) + int(r.get("first_step_updates", 1))  # all calls' updates
+                        out[f"{prefix}{name}_rank{rank}_training_step_ms"] = 1e3 * sum(r["training_steps_s"]) / n_up
+                        for phase_name, calls in sorted(r.get("phases_s", {}).items()):
+                            out[f"{prefix}{name}_rank{rank}_{phase_name}_ms"] = 1e3 * sum(calls) / n_up
+                for name in runs:
+                    if name != "1proc" and "1proc" in runs:
+                        one = out[f"{prefix}1proc_updates_per_s"]
+                        out[f"{prefix}{name}_over_1proc_updates_per_s"] = out[f"{prefix}{name}_updates_per_s"] / one
+                        out[f"{prefix}{name}_over_1proc_labels_per_s"] = (out[f"{prefix}{name}_labels_per_s"]
+                                                                         / out[f"{prefix}1proc_labels_per_s"])
+                        out[f"{prefix}{name}_over_1proc_cpu_per_update"] = (out[f"{prefix}1proc_cpu_ms_per_update"]
+                                                                           / out[f"{prefix}{name}_cpu_ms_per_update"])
+                per_rep.append(out)
         finally:
             if pause:
                 pause(False)
+    out = _Figures({key: statistics.median(r[key] for r in per_rep)  # medians over the repeats
+                    for key in per_rep[0] if all(key in r for r in per_rep)})
+    for i, r in enumerate(per_rep):  # each repeat's ratio, as measured
+        for key in r:
+            if key.endswith("_over_1proc_updates_per_s"):
+                out[f"{key}_repeat{i}"] = r[key]
+    out[f"{prefix}repeats"] = float(repeats)
     out[f"{prefix}frames"] = float(frames)
-    for name in runs:
-        if name != "1proc" and "1proc" in runs:
-            one = out[f"{prefix}1proc_updates_per_s"]
-            out[f"{prefix}{name}_over_1proc_updates_per_s"] = out[f"{prefix}{name}_updates_per_s"] / one
-            out[f"{prefix}{name}_over_1proc_labels_per_s"] = (out[f"{prefix}{name}_labels_per_s"]
-                                                             / out[f"{prefix}1proc_labels_per_s"])
-            out[f"{prefix}{name}_over_1proc_cpu_per_update"] = (out[f"{prefix}1proc_cpu_ms_per_update"]
-                                                               / out[f"{prefix}{name}_cpu_ms_per_update"])
     out[f"{prefix}load_average_1min"] = os.getloadavg()[0]
     return out
 
