@@ -322,7 +322,7 @@ def split_rows(
     # float64 message: [value dtype code, row dtype code (-1: no share here), key, idx (k,), values (kmax,)], then
     # the rows (kmax, n) in their own dtype (float32 rows fill the first half of that part: half the bytes to write
     # and read; the size is the same on every process, whatever dtype each has). The small part is built and read
-    # as Python numbers: one tensor operation each way instead of a dozen (~5 µs each)
+    # as Python numbers: one operation each way instead of a dozen tensor operations (~5 µs each)
     head, v0 = 3 + k, 3 + k + kmax
     size = v0 + kmax * n  # float64 entries
     in_place = isinstance(group, SharedMemoryGroup) and device.type == "cpu" and size * 8 <= group.capacity
@@ -334,14 +334,18 @@ def split_rows(
     if values is not None:
         small[:2] = float(_DTYPES.index(values.dtype)), float(_DTYPES.index(rows.dtype))
         small += values.detach().tolist()  # float32 and float64 values are exact as Python floats
-        _rows_part(buf, v0, share.numel(), n, rows.dtype).copy_(rows.detach())
-    buf[: len(small)] = torch.tensor(small, dtype=torch.float64, device=device)
+        if n:
+            _rows_part(buf, v0, share.numel(), n, rows.dtype).copy_(rows.detach())
+    if device.type == "cpu":  # through NumPy's view of the same memory: ~1 µs against ~5 for a tensor operation
+        buf.numpy()[: len(small)] = small
+    else:
+        buf[: len(small)] = torch.tensor(small, dtype=torch.float64, device=device)
     if in_place:
         out = [part.view(torch.float64) for part in group.post(size * 8)]  # views into the segment
     else:
         out = [torch.empty_like(buf) for _ in range(world)]
         all_gather(out, buf, group)
-    heads = [o[:v0].tolist() for o in out]  # each process's small part
+    heads = [(o.numpy() if device.type == "cpu" else o)[:v0].tolist() for o in out]  # each process's small part
     if any(h[2:head] != heads[rank][2:head] for h in heads):
         raise RuntimeError(
             "split_rows: the processes drew different labels or structures (label_split needs the same batch "
@@ -353,7 +357,7 @@ def split_rows(
                               dtype=_DTYPES[vcode], device=device)  # (k,)
     all_rows = torch.empty(k, n, dtype=_DTYPES[rcode], device=device)  # (k, n): each share copied once
     for r, o in enumerate(out):
-        if cuts[r + 1] > cuts[r]:
+        if n and cuts[r + 1] > cuts[r]:
             all_rows[cuts[r] : cuts[r + 1]] = _rows_part(o, v0, cuts[r + 1] - cuts[r], n, _DTYPES[int(heads[r][1])])
     return all_values, all_rows
 

@@ -70,7 +70,8 @@ class ThresholdSelection:
         self.mean_square = ms if self.mean_square is None else (1.0 - self.memory) * self.mean_square + self.memory * ms
         limit = self.threshold * self.mean_square**0.5
         groups = self.slots(cand.numel(), min(k, n_total))
-        chosen = [next((i for i in g if float(err[i]) >= limit), g[-1]) for g in groups]
+        errs = err.tolist()  # Python floats: the same numbers, no tensor operation per comparison
+        chosen = [next((i for i in g if errs[i] >= limit), g[-1]) for g in groups]
         return cand[torch.tensor(chosen, dtype=torch.long)]  # (k,)
 
     @staticmethod
