@@ -30,7 +30,7 @@ filter to round-off (the sums of X are split differently): 1e-10 after many upda
 
 Memory per process for one dense block of n weights: the pieces (k-th range: h_k × (n − c_k) entries, the
 diagonal block stored square) plus Z ((m+1)·n) and, while ``state_dict()`` runs, one full block. For W = 2
-and n = 2827 (the study's water BPNN, float64, rows [0, 828) and [828, 2827)): 17.9 MiB and 30.5 MiB against
+and n = 2827 (the study's water BPNN, float64, rows [0, 852) and [852, 2827)): 18.4 MiB and 29.8 MiB against
 61.0 MiB for the whole P
 (:meth:`ShardPlan.local_bytes`).
 
@@ -65,7 +65,7 @@ def process_group_info(group: Any = None) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-TRIANGLE_COST = 1.0  # cost of a stored triangle entry (thin_xt + syrk) over a rectangle entry (rect_xt + gemm), measured
+TRIANGLE_COST = 1.06  # cost of a stored triangle entry (thin_xt + syrk) over a rectangle entry (rect_xt + gemm), measured
 
 
 def triangle_row_split(nb: int, world: int, tri_cost: float = TRIANGLE_COST) -> List[int]:
@@ -74,8 +74,11 @@ def triangle_row_split(nb: int, world: int, tri_cost: float = TRIANGLE_COST) -> 
     its diagonal block goes through the symmetric kernels (``thin_xt``/``syrk``), per stored entry ``tri_cost``
     times the cost of an entry of the rectangle right of it (``rect_xt``, one pass, and ``gemm``). Measured on
     this project's CPU (n = 2827, one thread, float64): 0.86 (m = 10) and 1.09 (m = 1) since the rectangle has
-    its own kernel (1.6 with two MKL GEMMs); the default 1 gives ranges of equal area (the first rows are
-    longer, so their ranges are shorter)."""
+    its own kernel (1.6 with two MKL GEMMs); 1 gives ranges of equal area (the first rows are longer, so their
+    ranges are shorter). The default 1.06 (session 33, n = 2827, two processes passing over their pieces at the
+    same time, medians of 40): X = P Jᵀ at m = 10 2.30–2.31 / 2.35 ms per process against 2.28–2.38 / 2.39–2.50
+    with 1, P −= VᵀV 1.12–1.16 / 1.14 against 1.10–1.13 / 1.16–1.19, m = 1 0.73 / 0.67–0.69 against 0.71–0.73 /
+    0.69–0.71 (the ranks' times: the slower sets the pace)."""
     if nb == 0:
         return [0] * (world + 1)
 

@@ -31,6 +31,7 @@ import torch
 __all__ = ["SharedMemoryGroup", "all_reduce_", "all_gather"]
 
 _LINE = 64  # bytes per process flag (one cache line each)
+_NUMPY = (torch.float64, torch.float32)  # dtypes summed through NumPy (IEEE addition: the same numbers as torch's)
 _SPIN_S = 50e-6  # spin this long before yielding the core
 
 
@@ -60,6 +61,8 @@ class SharedMemoryGroup:
         self._flags[self.rank, 1] = os.getpid()
         self._bytes = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=2 * world * self.capacity,
                                        offset=_LINE * world)  # (2·W·capacity,) the message slots
+        self._np = np.ndarray((2 * world * self.capacity,), dtype=np.uint8, buffer=self._shm.buf,
+                              offset=_LINE * world)  # the same bytes for NumPy (~1 µs an operation, not ~5)
         self._seq = 0
 
     # ------------------------------------------------------------------ construction
@@ -96,6 +99,11 @@ class SharedMemoryGroup:
     def _slot(self, r: int, seq: int, nbytes: int) -> torch.Tensor:
         start = ((seq % 2) * self.world + r) * self.capacity
         return self._bytes[start : start + nbytes]
+
+    def _np_slot(self, r: int, seq: int, nbytes: int) -> np.ndarray:
+        """:meth:`_slot` as a NumPy uint8 view."""
+        start = ((seq % 2) * self.world + r) * self.capacity
+        return self._np[start : start + nbytes]
 
     def _exchange(self, t: torch.Tensor) -> List[torch.Tensor]:
         """Every process's ``t`` (same shape and dtype everywhere, CPU), in rank order; views into the segment,
@@ -158,10 +166,17 @@ class SharedMemoryGroup:
         if not self._fits(t):
             torch.distributed.all_reduce(t, group=self.process_group)
             return t
-        parts = self._exchange(t)
-        if self.world == 2 and t.is_contiguous():  # t0 + t1 either way round is bitwise the same: one pass
-            t.add_(parts[1 - self.rank])
+        if self.world == 2 and t.is_contiguous() and t.dtype in _NUMPY:  # one pass, through NumPy's views
+            mine = t.detach().numpy().reshape(-1)  # (numel,) the same memory as t
+            nbytes = mine.nbytes  # within the capacity (_fits)
+            seq = self._seq + 1
+            np.copyto(self._np_slot(self.rank, seq, nbytes).view(mine.dtype), mine)
+            self._seq = seq
+            self._flags[self.rank, 0] = seq  # after the data (x86 keeps the order of stores)
+            self._wait(seq)
+            np.add(mine, self._np_slot(1 - self.rank, seq, nbytes).view(mine.dtype), out=mine)  # t0 + t1 = t1 + t0
             return t
+        parts = self._exchange(t)
         total = parts[0].clone()
         for p in parts[1:]:
             total += p
