@@ -38,7 +38,8 @@ class MemoryCachedNeighborList(Transform):
         offsets_dtype: the dtype of the ``_offsets`` it returns (None: the wrapped list's, i.e. the positions').
             ``torch.float32`` before a ``CastTo32``, as :class:`~ekf_plugin.data.WaterDataModule` has it: the
             numbers that cast gives (a hit casts the K distinct offsets, then gathers P of them), without a
-            (P, 3) float64 tensor and its cast on every hit (~0.08 of ~0.25 ms per 192-atom frame, one core).
+            (P, 3) float64 tensor and its cast on every hit (a 192-atom item with cold caches, one core, neighbour
+            list and cast: 0.150 → 0.133 ms).
     """
 
     is_preprocessor: bool = True
