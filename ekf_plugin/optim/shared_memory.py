@@ -96,13 +96,17 @@ class SharedMemoryGroup:
         return made
 
     # ------------------------------------------------------------------ collectives
+    def _start(self, r: int, seq: int) -> int:
+        """Byte offset of process r's slot for collective ``seq`` (two slots per process, alternating)."""
+        return ((seq % 2) * self.world + r) * self.capacity
+
     def _slot(self, r: int, seq: int, nbytes: int) -> torch.Tensor:
-        start = ((seq % 2) * self.world + r) * self.capacity
+        start = self._start(r, seq)
         return self._bytes[start : start + nbytes]
 
     def _np_slot(self, r: int, seq: int, nbytes: int) -> np.ndarray:
         """:meth:`_slot` as a NumPy uint8 view."""
-        start = ((seq % 2) * self.world + r) * self.capacity
+        start = self._start(r, seq)
         return self._np[start : start + nbytes]
 
     def _exchange(self, t: torch.Tensor) -> List[torch.Tensor]:
@@ -125,10 +129,16 @@ class SharedMemoryGroup:
     def post(self, nbytes: int) -> List[torch.Tensor]:
         """Publish the :meth:`outbox` (its first ``nbytes``), wait for every process's, and return them in rank order:
         (nbytes,) uint8 views into the segment, valid until the next collective but one."""
+        seq = self._publish()
+        return [self._slot(r, seq, nbytes) for r in range(self.world)]
+
+    def _publish(self) -> int:
+        """Publish this process's message of the next collective (written into its slot) and wait for every
+        process's; returns the collective's sequence number."""
         seq = self._seq = self._seq + 1
         self._flags[self.rank, 0] = seq  # after the data (x86 keeps the order of stores)
         self._wait(seq)
-        return [self._slot(r, seq, nbytes) for r in range(self.world)]
+        return seq
 
     def _wait(self, seq: int) -> None:
         """Until every process has published ``seq``: spin 50 µs, then yield the core, after 10 ms sleep 1 ms at a
@@ -169,11 +179,8 @@ class SharedMemoryGroup:
         if self.world == 2 and t.is_contiguous() and t.dtype in _NUMPY:  # one pass, through NumPy's views
             mine = t.detach().numpy().reshape(-1)  # (numel,) the same memory as t
             nbytes = mine.nbytes  # within the capacity (_fits)
-            seq = self._seq + 1
-            np.copyto(self._np_slot(self.rank, seq, nbytes).view(mine.dtype), mine)
-            self._seq = seq
-            self._flags[self.rank, 0] = seq  # after the data (x86 keeps the order of stores)
-            self._wait(seq)
+            np.copyto(self._np_slot(self.rank, self._seq + 1, nbytes).view(mine.dtype), mine)
+            seq = self._publish()
             np.add(mine, self._np_slot(1 - self.rank, seq, nbytes).view(mine.dtype), out=mine)  # t0 + t1 = t1 + t0
             return t
         parts = self._exchange(t)
