@@ -406,9 +406,70 @@ _NATIVE_SOURCE = r"""
 #include <cstdint>
 #include <algorithm>
 #include <vector>
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#endif
 
 namespace {
 constexpr int64_t CH = 256;  // triangles per chunk of the angular loop
+constexpr int64_t PAIR_PAD = 16;  // slack after the triangle buffers: the vector pair loop stores whole vectors
+
+/* Step 1 of angular() for the slots n >= n0 of slot m, a vector of slots at a time where AVX-512 has them: the pairs
+   (m, n) with ok[n] and |u_n - u_m|^2 < rc2 appended at n_tri in n order (squared distance, m, n), as the scalar
+   loop after it does (the same fused sum). Returns the new n_tri; n0 becomes the first slot left to the scalar loop.
+   10 force labels, 192-atom water, float32: this step 0.19 of 0.62 ms of angular() as a scalar loop. */
+template <typename T>
+inline int64_t pairs_wide(const T*, const T*, const T*, const unsigned char*, T, int64_t, int64_t&, int64_t, int32_t*,
+                          int32_t*, T*, int64_t n_tri) {
+  return n_tri;
+}
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+template <>
+inline int64_t pairs_wide<float>(const float* ux, const float* uy, const float* uz, const unsigned char* ok, float rc2,
+                                 int64_t m, int64_t& n0, int64_t M, int32_t* tm, int32_t* tn, float* r3, int64_t n_tri) {
+  const __m512 xm = _mm512_set1_ps(ux[m]), ym = _mm512_set1_ps(uy[m]), zm = _mm512_set1_ps(uz[m]);
+  const __m512 r2 = _mm512_set1_ps(rc2);
+  const __m512i mv = _mm512_set1_epi32(static_cast<int>(m));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = n0;
+  for (; n + 16 <= M; n += 16) {
+    const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(ux + n), xm), d1 = _mm512_sub_ps(_mm512_loadu_ps(uy + n), ym),
+                 d2 = _mm512_sub_ps(_mm512_loadu_ps(uz + n), zm);
+    const __m512 q = _mm512_fmadd_ps(d2, d2, _mm512_fmadd_ps(d1, d1, _mm512_mul_ps(d0, d0)));
+    const __m512i okv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ok + n)));
+    const __mmask16 keep = _mm512_test_epi32_mask(okv, okv) & _mm512_cmp_ps_mask(q, r2, _CMP_LT_OQ);
+    _mm512_storeu_ps(r3 + n_tri, _mm512_maskz_compress_ps(keep, q));
+    _mm512_storeu_si512(tn + n_tri, _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(n)), lane)));
+    _mm512_storeu_si512(tm + n_tri, mv);
+    n_tri += __builtin_popcount(static_cast<unsigned>(keep));
+  }
+  n0 = n;
+  return n_tri;
+}
+template <>
+inline int64_t pairs_wide<double>(const double* ux, const double* uy, const double* uz, const unsigned char* ok,
+                                  double rc2, int64_t m, int64_t& n0, int64_t M, int32_t* tm, int32_t* tn, double* r3,
+                                  int64_t n_tri) {
+  const __m512d xm = _mm512_set1_pd(ux[m]), ym = _mm512_set1_pd(uy[m]), zm = _mm512_set1_pd(uz[m]);
+  const __m512d r2 = _mm512_set1_pd(rc2);
+  const __m256i mv = _mm256_set1_epi32(static_cast<int>(m)), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t n = n0;
+  for (; n + 8 <= M; n += 8) {
+    const __m512d d0 = _mm512_sub_pd(_mm512_loadu_pd(ux + n), xm), d1 = _mm512_sub_pd(_mm512_loadu_pd(uy + n), ym),
+                  d2 = _mm512_sub_pd(_mm512_loadu_pd(uz + n), zm);
+    const __m512d q = _mm512_fmadd_pd(d2, d2, _mm512_fmadd_pd(d1, d1, _mm512_mul_pd(d0, d0)));
+    const __m512i okv = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ok + n)));
+    const __mmask8 keep = _mm512_test_epi64_mask(okv, okv) & _mm512_cmp_pd_mask(q, r2, _CMP_LT_OQ);
+    _mm512_storeu_pd(r3 + n_tri, _mm512_maskz_compress_pd(keep, q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tn + n_tri),
+                        _mm256_maskz_compress_epi32(keep, _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tm + n_tri), mv);
+    n_tri += __builtin_popcount(static_cast<unsigned>(keep));
+  }
+  n0 = n;
+  return n_tri;
+}
+#endif
 
 """ + VECTOR_MATH + r"""
 
@@ -422,8 +483,8 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
   // keys in sorted position v (grouped by angle combo): side k_of[v], output column col[v]
   const T rc2 = rc * rc;
   const int64_t cap = M * (M - 1) / 2;
-  std::vector<int32_t> tri_m(cap), tri_n(cap);
-  std::vector<T> r3v(cap), f3v(cap), h3v(K * cap), ux(M), uy(M), uz(M);
+  std::vector<int32_t> tri_m(cap + PAIR_PAD), tri_n(cap + PAIR_PAD);
+  std::vector<T> r3v(cap + PAIR_PAD), f3v(cap), h3v(K * cap), ux(M), uy(M), uz(M);
   std::vector<unsigned char> ok(E * M);
   // step 3 works on vectors of NL keys (VT<T>: 16 float32 or 8 float64 lanes)
   typedef typename VT<T>::v V;
@@ -475,9 +536,12 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
       if (!valid[sm]) continue;
       const T xm = ux[m], ym = uy[m], zm = uz[m];
       const unsigned char* ok_m = ok.data() + elem[sm] * M;
-      for (int64_t n = m + 1; n < M; ++n) {
+      int64_t n0 = m + 1;  // a vector of slots at a time where AVX-512 has them, the rest here
+      n_tri = pairs_wide<T>(ux.data(), uy.data(), uz.data(), ok_m, rc2, m, n0, M, tri_m.data(), tri_n.data(), r3v.data(),
+                            n_tri);
+      for (int64_t n = n0; n < M; ++n) {
         const T d0 = ux[n] - xm, d1 = uy[n] - ym, d2 = uz[n] - zm;
-        const T r3sq = d0 * d0 + d1 * d1 + d2 * d2;
+        const T r3sq = std::fma(d2, d2, std::fma(d1, d1, d0 * d0));  // as pairs_wide
         tri_m[n_tri] = static_cast<int32_t>(m);
         tri_n[n_tri] = static_cast<int32_t>(n);
         r3v[n_tri] = r3sq;
