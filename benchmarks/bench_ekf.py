@@ -556,16 +556,21 @@ def _cpu_step_timer():
             super().__init__(path)
             self.steps_cpu, self._cpu_last, self._cpu_val0 = [], None, None
             self.phases: Dict[str, list] = {}  # name -> wall seconds of each call
+            self._in_step = False  # between on_train_batch_start and on_train_batch_end
 
         def on_train_start(self, trainer, pl_module) -> None:
             """Also time the EKF's phases on its instance (nothing changes for other processes): the filter
             (``_update`` or ``_update_sharded``), the force rows (``split_rows``, one call per force update) and,
-            with a shared P, X = P Jᵀ with its all-reduce (``xt_and_diag``) and the all-reduce alone."""
+            with a shared P, X = P Jᵀ with its all-reduce (``xt_and_diag``) and the all-reduce alone. Only calls
+            inside a training step count: a checkpoint's assembly of the full P goes through the same all-reduce
+            (tens of ms at an epoch's end), which is not an update's."""
             super().on_train_start(trainer, pl_module)
 
             def phase(obj, attr: str, name: str) -> None:
                 if obj is not None and hasattr(obj, attr):
-                    setattr(obj, attr, timed(getattr(obj, attr), self.phases.setdefault(name, [])))
+                    inner, record = getattr(obj, attr), self.phases.setdefault(name, [])
+                    during_step = timed(inner, record)
+                    setattr(obj, attr, lambda *a, **k: (during_step if self._in_step else inner)(*a, **k))
 
             for opt in trainer.optimizers:
                 phase(opt, "_update", "filter")
@@ -583,7 +588,11 @@ def _cpu_step_timer():
             super().on_train_epoch_start(trainer, pl_module)
             self._cpu_last = time.process_time()
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._in_step = True
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._in_step = False
             now, first = time.process_time(), self.first_update_s is None
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             if not first:
