@@ -362,9 +362,9 @@ class BPNNLabelPredictor:
         """Force components (k,) in eV/Å of structure b at flat indices ``pick``, detached, without rows: a threshold
         selection's candidates where the rows are closed-form (``rows``). Their columns are kept (the compiled
         column table) for the chosen components' :meth:`force_components_and_rows` on this frame, which takes them
-        from here; the values are the compiled rows' own (bitwise those :meth:`force_components_and_rows` gives the
-        chosen components), not a second pass through the networks by autograd as in
-        :meth:`energy_and_force_values`."""
+        from here; the values come from the compiled rows kernel by reverse mode (:meth:`NetworkJacobians.force_values`:
+        those :meth:`force_components_and_rows` gives the chosen components to round-off, which the update's ξ then
+        takes), not from a second pass through the networks by autograd as in :meth:`energy_and_force_values`."""
         structure = self._structure(batch, b, with_rij=False)  # the columns form their labels' pairs only
         s, species = self._features_and_species(batch, b, structure)  # (N_b, W), (N_b,)
         net_species = self._network_species(structure, species)  # (N_b,)

@@ -191,8 +191,9 @@ class NetworkJacobians:
 
     @torch.no_grad()
     def force_values(self, s: torch.Tensor, species: torch.Tensor, columns) -> torch.Tensor:
-        """The force components (k,) in eV/Å of :meth:`forces` without their rows (compiled: the tangents' forward
-        sweep only, bitwise the values :meth:`forces` gives; else :meth:`forces`' values)."""
+        """The force components (k,) in eV/Å of :meth:`forces` without their rows (compiled: by reverse mode, each
+        atom's energy gradient dotted with its columns, :meth:`forces`' values to round-off; else :meth:`forces`'
+        values)."""
         module = self._module(s)
         if module is not None:
             got = native_rows.force_values(module, self._layout, s, species, columns, float(self.networks.energy_scale))

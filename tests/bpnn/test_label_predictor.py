@@ -205,9 +205,10 @@ def test_threshold_selection_computes_each_force_structures_columns_once(monkeyp
 
 def test_closed_form_candidates_give_the_chosen_labels_values_and_rows_from_one_column_table(monkeypatch):
     """A threshold selection's candidates with closed-form rows (``candidate_force_values``): their values equal
-    the autograd pass's (``energy_and_force_values``) to round-off; the chosen components' values are bitwise the
-    candidates' own, and their values and rows (``force_components_and_rows``) come from the candidates' column
-    table without computing columns again, bitwise equal to a fresh evaluation."""
+    the autograd pass's (``energy_and_force_values``) to round-off; the chosen components' values equal the
+    candidates' own to round-off (those by reverse mode, these with their rows by forward tangents), and their values
+    and rows (``force_components_and_rows``) come from the candidates' column table without computing columns again,
+    bitwise equal to a fresh evaluation."""
     model = _model()
     batch = _batch(model, seed=5)
     pred = BPNNLabelPredictor(model)
@@ -229,7 +230,7 @@ def test_closed_form_candidates_give_the_chosen_labels_values_and_rows_from_one_
     chosen = torch.tensor([5, 0, 3])  # positions among the candidates
     f, jf = pred.force_components_and_rows(batch, 1, cand[chosen], rows)
     assert calls == [], "the chosen columns come from the candidates' table"
-    assert torch.equal(f, values[chosen])
+    torch.testing.assert_close(f, values[chosen], rtol=1e-12, atol=1e-12)
     f_new, jf_new = pred.force_components_and_rows(batch, 1, cand[chosen], rows)  # computed anew
     assert calls == [3] and torch.equal(f, f_new) and torch.equal(jf, jf_new)
     # an autograd force label after closed-form candidates takes the same columns, gathered into the dense layout
