@@ -414,6 +414,17 @@ namespace {
 constexpr int64_t CH = 256;  // triangles per chunk of the angular loop
 constexpr int64_t PAIR_PAD = 16;  // slack after the triangle buffers: the vector pair loop stores whole vectors
 
+/* a^2 + b^2 + c^2 summed as pairs_wide's vectors do (two fused multiply-adds) where the CPU has FMA; without it
+   (and without pairs_wide) the plain sum: std::fma would be a library call on every pair. */
+template <typename T>
+inline T norm2(T a, T b, T c) {
+#if defined(__FMA__)
+  return std::fma(c, c, std::fma(b, b, a * a));
+#else
+  return a * a + b * b + c * c;
+#endif
+}
+
 /* Step 1 of angular() for the slots n >= n0 of slot m, a vector of slots at a time where AVX-512 has them: the pairs
    (m, n) with ok[n] and |u_n - u_m|^2 < rc2 appended at n_tri in n order (squared distance, m, n), as the scalar
    loop after it does (the same fused sum). Returns the new n_tri; n0 becomes the first slot left to the scalar loop.
@@ -541,7 +552,7 @@ void angular(const T* u, const bool* valid, const int64_t* atom, const int64_t* 
                             n_tri);
       for (int64_t n = n0; n < M; ++n) {
         const T d0 = ux[n] - xm, d1 = uy[n] - ym, d2 = uz[n] - zm;
-        const T r3sq = std::fma(d2, d2, std::fma(d1, d1, d0 * d0));  // as pairs_wide
+        const T r3sq = norm2(d0, d1, d2);
         tri_m[n_tri] = static_cast<int32_t>(m);
         tri_n[n_tri] = static_cast<int32_t>(n);
         r3v[n_tri] = r3sq;
